@@ -1,0 +1,67 @@
+"""explorer CLI for scripts: `python -m explorer attribute --index DIR --image FILE.png --timestep T`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from explorer.errors import ExplorerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m explorer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    attribute = commands.add_parser("attribute", help="top positive and negative training influencers of an image")
+    attribute.add_argument("--index", required=True, help="index directory written by `python -m precompute featurize`")
+    attribute.add_argument("--model", default=None, help="model directory (default: the one recorded in the index)")
+    attribute.add_argument("--image", required=True, help="query image file (any size or mode; resized to the model's)")
+    attribute.add_argument("--timestep", type=int, required=True, help="train timestep 0..T-1 to attribute at")
+    attribute.add_argument("--top-k", type=int, default=10)
+    attribute.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def run_attribute(args) -> dict:
+    from explorer.attribution import Explorer
+    from explorer.classifier import load_classifier
+    from explorer.data import load_image_file
+    from explorer.index import AttributionIndex, read_meta
+    from explorer.model import load_model
+
+    model_dir = args.model if args.model is not None else read_meta(Path(args.index))["model_path"]
+    model = load_model(model_dir)
+    index = AttributionIndex.load(args.index, model_hash=model.weights_hash)
+    classifier = load_classifier(Path(model_dir) / "classifier")
+    explorer = Explorer(model, {args.index: index}, classifier)
+    image = load_image_file(args.image, model.sample_size)
+    result = explorer.attribute_image(image, args.timestep, args.index, args.top_k)
+
+    def rows(search) -> list[dict]:
+        return [{"id": int(i), "label": index.class_names[int(index.train_labels[p])], "score": float(s)}
+                for i, p, s in zip(search.ids, search.positions, search.scores)]
+
+    return {"timestep": result.timestep, "bucket": result.bucket, "positive": rows(result.positive), "negative": rows(result.negative)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_attribute(args)
+    except ExplorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"timestep {result['timestep']} (bucket {result['bucket']})")
+        for side in ("positive", "negative"):
+            print(f"{side}:")
+            for row in result[side]:
+                print(f"  id {row['id']:>6}  label {row['label']:>3}  score {row['score']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

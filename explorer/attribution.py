@@ -1,0 +1,152 @@
+"""The query side: attribute every step of a trajectory, or a real image, against an index.
+
+At generate time the query features of all steps are computed in one batched pass (the x0hat of
+step s featurized at the bucket of its timestep, with the shared noise bank), whitened, and
+scored against every training row; scrubbing the steps afterwards is a lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from explorer.classifier import FeatureClassifier, load_classifier
+from explorer.data import image_to_array, to_model_range
+from explorer.errors import ExplorerError
+from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
+from explorer.index import AttributionIndex, SearchResult
+from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
+from explorer.model import DiffusionModel, load_model
+from explorer.sampler import Trajectory, generate
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 100
+
+
+@dataclass
+class StepAttribution:
+    """Influencers of one query at one step."""
+
+    timestep: int
+    bucket: int
+    positive: SearchResult
+    negative: SearchResult
+    scores: np.ndarray  # (N,) every training row's score, for percentiles and curves
+
+    def percentile(self, position: int) -> float:
+        """Share of training rows (in %) whose score is <= this row's score."""
+        return float((self.scores <= self.scores[position]).mean() * 100.0)
+
+
+@dataclass
+class TrajectoryAttribution:
+    trajectory: Trajectory
+    index_name: str
+    steps: list[StepAttribution]
+    proxy: np.ndarray  # (S, classes) classifier probabilities of x0hat
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def score_curve(self, position: int) -> np.ndarray:
+        """(S,) the score of one training row at every step: when did this image matter?"""
+        return np.array([step.scores[position] for step in self.steps])
+
+
+def check_top_k(top_k: int) -> int:
+    if isinstance(top_k, bool) or not float(top_k).is_integer() or not 1 <= int(top_k) <= MAX_TOP_K:
+        raise ExplorerError(f"top-k {top_k!r} is out of range: use a whole number from 1 to {MAX_TOP_K}")
+    return int(top_k)
+
+
+class Explorer:
+    """A model, its feature classifier and one or more attribution indexes."""
+
+    def __init__(self, model: DiffusionModel, indexes: dict[str, AttributionIndex], classifier: FeatureClassifier):
+        if not indexes:
+            raise ExplorerError("no attribution index given: pass --index DIR")
+        self.model, self.indexes, self.classifier = model, indexes, classifier
+        self._computers: dict[str, FeatureComputer] = {}
+        faiss.omp_set_num_threads(1)  # single queries: threads only add overhead (and a 2nd OpenMP pool)
+
+    @classmethod
+    def from_dirs(cls, model_dir: str | Path, index_dirs: list[str | Path], classifier_dir: str | Path | None = None) -> "Explorer":
+        model = load_model(model_dir)
+        indexes = {}
+        for directory in index_dirs:
+            index = AttributionIndex.load(directory, model_hash=model.weights_hash)
+            name = f"{Path(directory).name} ({index.label})"
+            indexes[name] = index
+        classifier = load_classifier(classifier_dir if classifier_dir is not None else Path(model_dir) / "classifier")
+        return cls(model, indexes, classifier)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classifier.config.class_names)
+
+    def index(self, name: str | None = None) -> tuple[str, AttributionIndex]:
+        if name is None:
+            name = next(iter(self.indexes))
+        if name not in self.indexes:
+            raise ExplorerError(f"unknown index {name!r}: choose one of {', '.join(self.indexes)}")
+        return name, self.indexes[name]
+
+    def computer(self, name: str) -> FeatureComputer:
+        if name not in self._computers:
+            self._computers[name] = FeatureComputer(self.model, FeatureSpec(**self.indexes[name].meta["spec"]))
+        return self._computers[name]
+
+    def _attribute(self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int) -> list[StepAttribution]:
+        """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,)."""
+        top_k = check_top_k(top_k)
+        _, index = self.index(name)
+        T = int(index.meta["num_train_timesteps"])
+        buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
+        phi = self.computer(name).features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
+        queries = index.query_vectors(phi, buckets)
+        results = []
+        for query, bucket, timestep in zip(queries, buckets, timesteps):
+            positive, negative = index.search(query, int(bucket), top_k)
+            results.append(StepAttribution(int(timestep), int(bucket), positive, negative, index.scores(query, int(bucket))))
+        return results
+
+    def generate(self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8) -> TrajectoryAttribution:
+        """Sample, then attribute every step and compute the x0hat likelihood proxy."""
+        name, _ = self.index(index_name)
+        timings = {}
+        started = time.perf_counter()
+        trajectory = generate(self.model, seed, steps)
+        timings["sample_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        steps_attr = self._attribute(name, trajectory.x0hat, trajectory.timesteps, top_k)
+        timings["attribute_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        proxy = proxy_curves(self.classifier, trajectory)
+        timings["proxy_s"] = time.perf_counter() - started
+        return TrajectoryAttribution(trajectory, name, steps_attr, proxy, timings)
+
+    def reattribute(self, attribution: TrajectoryAttribution, index_name: str, top_k: int) -> TrajectoryAttribution:
+        """The same trajectory against another index or top-k (no resampling)."""
+        name, _ = self.index(index_name)
+        started = time.perf_counter()
+        steps_attr = self._attribute(name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k)
+        timings = dict(attribution.timings, attribute_s=time.perf_counter() - started)
+        return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
+
+    def rollouts(self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0) -> RolloutCurves:
+        return rollout_curves(self.model, self.classifier, trajectory, evenly_spaced_steps(trajectory.steps, count), completions, seed)
+
+    def attribute_image(self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8) -> StepAttribution:
+        """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep."""
+        name, _ = self.index(index_name)
+        if not isinstance(image, np.ndarray):
+            image = image_to_array(image, self.model.sample_size)
+        if image.ndim != 2 or image.shape != (self.model.sample_size, self.model.sample_size):
+            raise ExplorerError(f"query image of shape {image.shape} must be ({self.model.sample_size}, {self.model.sample_size}) grayscale: resize it first")
+        tensor = torch.from_numpy(to_model_range(image[None]))
+        return self._attribute(name, tensor, np.array([int(timestep)]), top_k)[0]

@@ -1,0 +1,150 @@
+"""Per-example projected gradients of an output function at timestep buckets (torch.func vmap).
+
+For bucket b with timesteps S_b and R noise draws (DESIGN section 1):
+
+    phi_i^b = P^T grad_theta mean_{t in S_b, r < R} f(theta; x_i, t, eps_{t,r})
+
+The noise eps_{t,r} comes from a bank seeded by (noise_seed, t, r) and is the same for every
+training example and for every query, so training and query features share it (D-TRAK).
+The same code featurizes training images and query images (a real image, or the x0 estimate of a
+sampler step), which keeps the two sides consistent by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from explorer.errors import ExplorerError
+from explorer.model import DiffusionModel
+from explorer.outputs import get_output_function
+from explorer.projector import make_projector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that defines a feature vector, recorded in the index metadata."""
+
+    output: str = "square"  # output function, see explorer.outputs
+    buckets: int = 10  # timestep buckets over [0, T)
+    timesteps_per_bucket: int = 1  # evenly spaced timesteps inside each bucket
+    noise_draws: int = 1  # R noise draws per timestep
+    noise_seed: int = 0  # seeds the shared noise bank
+    projector: str = "countsketch"  # countsketch | gaussian
+    proj_dim: int = 2048  # k
+    proj_seed: int = 0  # seeds the projector
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bucket_timesteps(spec: FeatureSpec, num_train_timesteps: int) -> list[list[int]]:
+    """Bucket b covers [b T/B, (b+1) T/B); its timesteps are the centres of m equal sub-ranges."""
+    if not 1 <= spec.buckets <= num_train_timesteps:
+        raise ExplorerError(f"--buckets {spec.buckets} must be between 1 and {num_train_timesteps}")
+    width = num_train_timesteps / spec.buckets
+    if spec.timesteps_per_bucket < 1 or spec.timesteps_per_bucket > width:
+        raise ExplorerError(f"--timesteps-per-bucket {spec.timesteps_per_bucket} must be between 1 and {int(width)}")
+    m = spec.timesteps_per_bucket
+    return [[int(b * width + (j + 0.5) * width / m) for j in range(m)] for b in range(spec.buckets)]
+
+
+def bucket_of_timestep(timestep: int, buckets: int, num_train_timesteps: int) -> int:
+    """The bucket whose range holds a train timestep."""
+    if not 0 <= timestep < num_train_timesteps:
+        raise ExplorerError(f"timestep {timestep} is out of range: use 0 <= t < {num_train_timesteps}")
+    return min(buckets - 1, timestep * buckets // num_train_timesteps)
+
+
+def noise_bank(spec: FeatureSpec, timesteps: list[list[int]], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(buckets, m R, C, H, W): eps_{t,r} from a generator seeded by (noise_seed, t, r)."""
+    bank = []
+    for bucket in timesteps:
+        draws = []
+        for t in bucket:
+            for r in range(spec.noise_draws):
+                generator = torch.Generator().manual_seed((spec.noise_seed * 1000 + t) * 1000 + r)
+                draws.append(torch.randn(shape, generator=generator))
+        bank.append(torch.stack(draws))
+    return torch.stack(bank)
+
+
+class FeatureComputer:
+    """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
+
+    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64):
+        self.model, self.spec, self.chunk_size = model, spec, chunk_size
+        self.output_fn = get_output_function(spec.output)
+        T = model.num_train_timesteps
+        self.timesteps = bucket_timesteps(spec, T)
+        shape = (model.channels, model.sample_size, model.sample_size)
+        self.noise = noise_bank(spec, self.timesteps, shape)  # (B_n, mR, C, H, W)
+        per_draw = torch.tensor(self.timesteps).repeat_interleave(spec.noise_draws, dim=1)  # (B_n, mR)
+        self.draw_timesteps = per_draw
+        self.abar = model.scheduler.alphas_cumprod.to(torch.float32)
+        self.names = [name for name, _ in model.unet.named_parameters()]
+        self.params = {name: p.detach() for name, p in model.unet.named_parameters()}
+        self.num_params = sum(p.numel() for p in self.params.values())
+        self.projector = make_projector(spec.projector, self.num_params, spec.proj_dim, spec.proj_seed)
+        self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
+
+    def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        abar = self.abar[timesteps].view(-1, 1, 1, 1)
+        return abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4
+
+    def _output(self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """f averaged over one example's (t, r) pairs; x0 (C, H, W), timesteps (mR,), noise (mR, C, H, W)."""
+        prediction = functional_call(self.model.unet, params, (self._noisy(x0, timesteps, noise), timesteps)).sample
+        return self.output_fn(prediction, noise)
+
+    def _check(self, images: torch.Tensor) -> None:
+        expected = (self.model.channels, self.model.sample_size, self.model.sample_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ExplorerError(f"images of shape {tuple(images.shape)} do not fit the model: expected (N, {', '.join(map(str, expected))})")
+        if not torch.isfinite(images).all():
+            raise ExplorerError("images contain NaN or infinite values")
+
+    def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket) pair."""
+        self._check(images)
+        out = []
+        for start in range(0, len(images), self.chunk_size):
+            x0 = images[start : start + self.chunk_size]
+            b = buckets[start : start + self.chunk_size]
+            grads = self._per_example_grad(self.params, x0, self.draw_timesteps[b], self.noise[b])
+            out.append(self.projector.project([grads[name] for name in self.names]))
+        return torch.cat(out) if out else torch.zeros(0, self.spec.proj_dim)
+
+    def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, H, W) -> phi (N, buckets, k)."""
+        n, nb = len(images), self.spec.buckets
+        pairs = images.repeat_interleave(nb, dim=0)  # (N nb, C, H, W), example-major
+        buckets = torch.arange(nb).repeat(n)
+        return self.features(pairs, buckets).view(n, nb, -1)
+
+    @torch.no_grad()
+    def residual_norms(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, buckets): RMS of eps_theta(x_t, t) - eps over each bucket's (t, r) pairs.
+
+        DAS weights each training example's influence by its residual (the Newton step of
+        removing it moves the output by J_q H^-1 J_i^T r_i); this is the per-bucket magnitude.
+        """
+        self._check(images)
+        nb, draws = self.spec.buckets, self.draw_timesteps.shape[1]
+        out = torch.zeros(len(images), nb)
+        for b in range(nb):
+            t = self.draw_timesteps[b]  # (mR,)
+            for start in range(0, len(images), self.chunk_size):
+                x0 = images[start : start + self.chunk_size]  # (c, C, H, W)
+                c = len(x0)
+                abar = self.abar[t].view(1, -1, 1, 1, 1)
+                noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * self.noise[b].unsqueeze(0)  # (c, mR, C, H, W)
+                prediction = self.model.unet(noisy.flatten(0, 1), t.repeat(c)).sample.view(c, draws, -1)
+                residual = prediction - self.noise[b].flatten(1).unsqueeze(0)
+                out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt()
+        return out

@@ -1,0 +1,222 @@
+"""The index directory: the one on-disk format between precompute (writer) and explorer (reader).
+
+    meta.json            format version, model-weights hash, dataset, feature spec, projector,
+                         lambda, normalization, DAS, counts, and a sha256 per file below
+    bucket_BB.faiss      one FAISS inner-product index per timestep bucket (rows = training items)
+    whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 phi_q)
+    train_images.npy     uint8 (N, H, W) training images at model resolution
+    train_labels.npy     int64 (N,)
+    train_ids.npy        int64 (N,) stable dataset ids of the rows
+
+meta.json is written last, so a directory without it is an unfinished featurize and is never
+loaded. Inner products of stored rows and whitened queries are exact attribution scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
+from explorer.errors import ExplorerError
+from explorer.whitening import normalize_rows, whiten
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+STORAGES = ("float32", "float16")
+
+
+def bucket_file(bucket: int) -> str:
+    return f"bucket_{bucket:02d}.faiss"
+
+
+def factor_file(bucket: int) -> str:
+    return f"whiten_{bucket:02d}.npy"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _build_faiss(vectors: np.ndarray, storage: str) -> faiss.Index:
+    dim = vectors.shape[1]
+    if storage == "float32":
+        index = faiss.IndexFlatIP(dim)
+    elif storage == "float16":
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def write_index(
+    directory: str | Path,
+    meta: dict,
+    bucket_vectors: list[np.ndarray],
+    factors: list[np.ndarray],
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    train_ids: np.ndarray,
+    storage: str = "float32",
+) -> Path:
+    """Write every file atomically, then meta.json (with their sha256) last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def record(name: str) -> None:
+        files[name] = sha256_file(directory / name)
+
+    for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
+        index = _build_faiss(vectors, storage)
+        write_atomic(directory / bucket_file(bucket), lambda tmp, index=index: faiss.write_index(index, tmp))
+        record(bucket_file(bucket))
+        save_npy_atomic(directory / factor_file(bucket), factor.astype(np.float64))
+        record(factor_file(bucket))
+    for name, array in (("train_images.npy", train_images.astype(np.uint8)), ("train_labels.npy", train_labels.astype(np.int64)),
+                        ("train_ids.npy", train_ids.astype(np.int64))):
+        save_npy_atomic(directory / name, array)
+        record(name)
+    meta = dict(meta, format_version=FORMAT_VERSION, storage=storage, files=files, count=int(len(train_ids)))
+    write_json_atomic(directory / META_NAME, meta)
+    return directory
+
+
+@dataclass
+class SearchResult:
+    """Top-k of one query: positions are rows of the index, ids are dataset ids."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    scores: np.ndarray
+
+
+class AttributionIndex:
+    """A loaded, validated index directory."""
+
+    def __init__(self, directory: Path, meta: dict, indexes: list[faiss.Index], factors: list[np.ndarray],
+                 train_images: np.ndarray, train_labels: np.ndarray, train_ids: np.ndarray):
+        self.directory, self.meta = directory, meta
+        self.indexes, self.factors = indexes, factors
+        self.train_images, self.train_labels, self.train_ids = train_images, train_labels, train_ids
+        self._vectors: dict[int, np.ndarray] = {}
+
+    @property
+    def buckets(self) -> int:
+        return len(self.indexes)
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.meta["normalize"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["dataset"]["class_names"])
+
+    @property
+    def label(self) -> str:
+        """A short human name of the method, e.g. 'square, normalized'."""
+        parts = [self.meta["spec"]["output"], "normalized" if self.normalize else "raw"]
+        if self.meta.get("das"):
+            parts.append("DAS")
+        return ", ".join(parts)
+
+    @classmethod
+    def load(cls, directory: str | Path, model_hash: str | None = None) -> "AttributionIndex":
+        directory = Path(directory)
+        meta = read_meta(directory)
+        if model_hash is not None and meta["model_hash"] != model_hash:
+            raise ExplorerError(
+                f"index {str(directory)!r} was built for the model with weights hash {meta['model_hash']} "
+                f"({meta.get('model_path', '?')}), but the loaded model has hash {model_hash}: pass the matching "
+                "--model, or rebuild the index with `python -m precompute featurize --model YOUR_MODEL ...`"
+            )
+        for name, digest in meta["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise ExplorerError(f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute featurize`")
+            if sha256_file(path) != digest:
+                raise ExplorerError(f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the index with `python -m precompute featurize`")
+        count, buckets = int(meta["count"]), int(meta["spec"]["buckets"])
+        indexes, factors = [], []
+        for bucket in range(buckets):
+            try:
+                index = faiss.read_index(str(directory / bucket_file(bucket)))
+            except RuntimeError as error:
+                raise ExplorerError(f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index") from error
+            if index.ntotal != count or index.d != int(meta["spec"]["proj_dim"]):
+                raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {meta['spec']['proj_dim']}: rebuild the index")
+            indexes.append(index)
+            factors.append(np.load(directory / factor_file(bucket), allow_pickle=False))
+        images = np.load(directory / "train_images.npy", allow_pickle=False)
+        labels = np.load(directory / "train_labels.npy", allow_pickle=False)
+        ids = np.load(directory / "train_ids.npy", allow_pickle=False)
+        if not (len(images) == len(labels) == len(ids) == count):
+            raise ExplorerError(f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} ids for {count} rows: rebuild it")
+        loaded = cls(directory, meta, indexes, factors, images, labels, ids)
+        for bucket in range(buckets):
+            if not np.isfinite(loaded.vectors(bucket)).all():
+                raise ExplorerError(f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: rebuild the index")
+        return loaded
+
+    def vectors(self, bucket: int) -> np.ndarray:
+        """All stored rows of a bucket, (N, k) float32 (decoded once, then cached)."""
+        if bucket not in self._vectors:
+            self._vectors[bucket] = self.indexes[bucket].reconstruct_n(0, self.indexes[bucket].ntotal)
+        return self._vectors[bucket]
+
+    def query_vectors(self, features: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+        """Raw projected query features phi (P, k) at buckets (P,) -> search vectors (P, k)."""
+        features = np.asarray(features, dtype=np.float64)
+        out = np.empty(features.shape, dtype=np.float32)
+        for bucket in np.unique(buckets):
+            rows = np.flatnonzero(buckets == bucket)
+            out[rows] = whiten(features[rows], self.factors[int(bucket)])
+        return normalize_rows(out) if self.normalize else out
+
+    def scores(self, query: np.ndarray, bucket: int) -> np.ndarray:
+        """Attribution scores of every training row for one search vector: (N,)."""
+        return self.vectors(bucket) @ np.asarray(query, dtype=np.float32)
+
+    def search(self, query: np.ndarray, bucket: int, top_k: int) -> tuple[SearchResult, SearchResult]:
+        """Top-k positive and top-k negative influencers of one search vector (k,)."""
+        top_k = min(top_k, self.indexes[bucket].ntotal)
+        queries = np.stack([query, -query]).astype(np.float32)  # negatives: search with -query
+        scores, positions = self.indexes[bucket].search(queries, top_k)
+        positive = SearchResult(self.train_ids[positions[0]], positions[0], scores[0])
+        negative = SearchResult(self.train_ids[positions[1]], positions[1], -scores[1])
+        return positive, negative
+
+
+def read_meta(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise ExplorerError(f"index directory {str(directory)!r} does not exist: build one with `python -m precompute featurize --out {directory}` or pass --index DIR")
+    meta_path = directory / META_NAME
+    if not meta_path.is_file():
+        partial = " (an unfinished featurize: run the same command again to resume)" if (directory / ".partial").exists() else ""
+        raise ExplorerError(f"{str(directory)!r} is not a complete index directory: it has no {META_NAME}{partial}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExplorerError(f"{str(meta_path)!r} is not valid JSON ({error}): rebuild the index") from error
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise ExplorerError(f"{str(meta_path)!r} has no format_version: it is not an index written by precompute")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ExplorerError(f"index {str(directory)!r} has format version {meta['format_version']!r}, this explorer reads version {FORMAT_VERSION}: rebuild it with this version's `python -m precompute featurize`")
+    for key in ("model_hash", "spec", "files", "count", "normalize", "dataset"):
+        if key not in meta:
+            raise ExplorerError(f"{str(meta_path)!r} lacks the key {key!r}: rebuild the index")
+    return meta

@@ -1,0 +1,48 @@
+"""Feature-likelihood curves p(class | x_t) along a trajectory (Journey-TRAK section 3.1).
+
+Two estimates per recorded step:
+- rollout: run the stochastic sampler from x_t to the end M times (seeded) and average the
+  classifier's probabilities over the M completions: an estimate of p(feature | x_t);
+- proxy: classify the one-step estimate x0hat^(t) alone (cheap, available at every step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from explorer.classifier import FeatureClassifier
+from explorer.errors import ExplorerError
+from explorer.model import DiffusionModel
+from explorer.sampler import Trajectory, complete_from_steps
+
+
+@dataclass
+class RolloutCurves:
+    steps: np.ndarray  # (n,) trajectory step indices the rollouts started from
+    probabilities: np.ndarray  # (n, classes) mean classifier probability over the completions
+    completions: int  # M per step
+
+
+def proxy_curves(classifier: FeatureClassifier, trajectory: Trajectory) -> np.ndarray:
+    """(S, classes): classifier probabilities of x0hat at every step."""
+    return classifier.probabilities(trajectory.x0hat).numpy()
+
+
+def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
+    """`count` step indices spread over 0..total_steps-1, both ends included."""
+    if count < 2:
+        raise ExplorerError(f"rollout step count {count} must be >= 2")
+    return sorted(set(np.linspace(0, total_steps - 1, min(count, total_steps)).round().astype(int).tolist()))
+
+
+def rollout_curves(model: DiffusionModel, classifier: FeatureClassifier, trajectory: Trajectory,
+                   steps: list[int], completions: int = 16, seed: int = 0) -> RolloutCurves:
+    """p(class | x_t) from `completions` seeded stochastic completions at each of `steps`."""
+    if completions < 1:
+        raise ExplorerError(f"completions {completions} must be >= 1")
+    finals = complete_from_steps(model, trajectory, steps, completions, seed=seed)  # (n, M, C, H, W)
+    n, m = finals.shape[:2]
+    probabilities = classifier.probabilities(finals.flatten(0, 1)).view(n, m, -1).mean(1).numpy()
+    return RolloutCurves(steps=np.asarray(steps), probabilities=probabilities, completions=completions)

@@ -1,0 +1,165 @@
+"""Load and save a diffusers DDPM (UNet2DModel + DDPMScheduler) as safetensors.
+
+A model directory is laid out like a diffusers DDPMPipeline folder, so either side can read the
+other's:
+
+    model_dir/model_index.json
+    model_dir/unet/config.json + diffusion_pytorch_model.safetensors
+    model_dir/scheduler/scheduler_config.json
+
+A bare UNet folder (config.json + weights, no scheduler) loads too, with a default scheduler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from explorer.errors import ExplorerError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class UNetConfig:
+    """The small UNet of the embedded default (~1.06M parameters at 16x16)."""
+
+    sample_size: int = 16  # image side in pixels
+    channels: int = 1  # grayscale
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
+    layers_per_block: int = 1  # resnets per level
+    norm_num_groups: int = 8  # GroupNorm groups; must divide every block width
+
+    def build(self) -> UNet2DModel:
+        # Down/UpBlock2D only and no mid-block attention: diffusers' attention has no vmap
+        # batching rule on CPU, and per-example gradients need vmap.
+        levels = len(self.block_out_channels)
+        return UNet2DModel(
+            sample_size=self.sample_size,
+            in_channels=self.channels,
+            out_channels=self.channels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            down_block_types=("DownBlock2D",) * levels,
+            up_block_types=("UpBlock2D",) * levels,
+            add_attention=False,
+            norm_num_groups=self.norm_num_groups,
+        )
+
+
+def tiny_config(sample_size: int = 8) -> UNetConfig:
+    """A UNet small enough for tests (~100k parameters)."""
+    return UNetConfig(sample_size=sample_size, block_out_channels=(16, 32), norm_num_groups=8)
+
+
+def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
+
+
+@dataclass
+class DiffusionModel:
+    """A frozen eps-prediction UNet, its scheduler and where it came from."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    weights_hash: str
+    path: str
+
+    @property
+    def sample_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: str | Path) -> Path:
+    """Write a DDPMPipeline-compatible folder with safetensors weights."""
+    out_dir = Path(out_dir)
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    scheduler.save_pretrained(out_dir / "scheduler")
+    index = {
+        "_class_name": "DDPMPipeline",
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _unet_folder(model_dir: Path) -> Path:
+    if (model_dir / "unet" / "config.json").is_file():
+        return model_dir / "unet"
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    raise ExplorerError(
+        f"model directory {str(model_dir)!r} has neither unet/config.json nor config.json: pass a "
+        "folder written by `python -m precompute train` or a diffusers DDPM pipeline/UNet2DModel folder"
+    )
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load a UNet2DModel (safetensors only, never pickle) and its DDPMScheduler, frozen in eval mode."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExplorerError(
+            f"model directory {str(model_dir)!r} does not exist: train one with "
+            "`python -m precompute train --data mnist5k --out assets/model` or pass --model DIR"
+        )
+    unet_dir = _unet_folder(model_dir)
+    weights = unet_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ExplorerError(
+            f"{str(unet_dir)!r} has no {WEIGHTS_NAME}: only safetensors weights are loaded (pickled .bin "
+            "files can run code); convert them with diffusers' save_pretrained(safe_serialization=True)"
+        )
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as error:
+        raise ExplorerError(f"could not load the UNet from {str(unet_dir)!r}: {error}") from error
+    scheduler_dir = model_dir / "scheduler"
+    if (scheduler_dir / "scheduler_config.json").is_file():
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+    else:
+        logger.info("no scheduler/ in %s: using a linear-beta DDPM scheduler with 1000 steps", model_dir)
+        scheduler = make_scheduler()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type != "epsilon":
+        raise ExplorerError(
+            f"scheduler prediction_type {prediction_type!r} is not supported: the output functions "
+            "assume an epsilon-prediction DDPM"
+        )
+    disable_attention_for_vmap(unet)
+    unet.to(device).eval().requires_grad_(False)
+    return DiffusionModel(unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir))
+
+
+def disable_attention_for_vmap(unet: UNet2DModel) -> None:
+    """Give every diffusers Attention the plain AttnProcessor: the SDPA one has no vmap rule on CPU."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())

@@ -1,0 +1,185 @@
+"""precompute CLI: `train`, `featurize`, `evaluate`. Run `python -m precompute COMMAND --help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from explorer.errors import ExplorerError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def add_train(commands) -> None:
+    from precompute.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser = commands.add_parser("train", help="train the DDPM (EMA) and the feature classifier")
+    parser.add_argument("--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders")
+    parser.add_argument("--out", required=True, help="model directory to write (DDPM pipeline layout)")
+    parser.add_argument("--size", type=positive_int, default=None, help="image side (default: 16 for mnist5k, 8 for digits)")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every)
+    parser.add_argument("--classifier-epochs", type=positive_int, default=defaults.classifier_epochs)
+    parser.add_argument("--tiny", action="store_true", help="a ~160k-parameter UNet (for tests and quick trials)")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args) -> None:
+    from explorer.data import load_dataset, train_heldout_split
+    from explorer.model import UNetConfig, tiny_config
+    from precompute.train import TrainConfig, train_classifier, train_ddpm
+
+    size = args.size if args.size is not None else (8 if args.data == "digits" else 16)
+    train, heldout = train_heldout_split(load_dataset(args.data, size))
+    unet_config = tiny_config(size) if args.tiny else UNetConfig(sample_size=size)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, classifier_epochs=args.classifier_epochs)
+    train_ddpm(train, args.out, config, unet_config)
+    accuracy = train_classifier(train, heldout, f"{args.out}/classifier", config)
+    print(f"model written to {args.out}; classifier held-out accuracy {accuracy:.4f} ({len(heldout)} images)")
+
+
+def add_featurize(commands) -> None:
+    from explorer.features import FeatureSpec
+
+    spec = FeatureSpec()
+    parser = commands.add_parser("featurize", help="per-example projected gradients -> an index directory")
+    parser.add_argument("--model", required=True, help="model directory (ours, or a diffusers DDPM/UNet2DModel folder)")
+    parser.add_argument("--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders")
+    parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument("--split", choices=("train", "all"), default="train",
+                        help="train: the fixed 90%% training split the model was trained on (default); all: every image")
+    parser.add_argument("--output", choices=("loss", "square", "mean", "l1", "l2"), default=spec.output,
+                        help="output function (default square, D-TRAK)")
+    parser.add_argument("--buckets", type=positive_int, default=spec.buckets)
+    parser.add_argument("--timesteps-per-bucket", type=positive_int, default=spec.timesteps_per_bucket)
+    parser.add_argument("--noise-draws", type=positive_int, default=spec.noise_draws)
+    parser.add_argument("--noise-seed", type=non_negative_int, default=spec.noise_seed)
+    parser.add_argument("--proj-dim", type=positive_int, default=spec.proj_dim)
+    parser.add_argument("--projector", choices=("countsketch", "gaussian"), default=spec.projector)
+    parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                        help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
+    parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
+    parser.add_argument("--lambda", dest="relative_lambda", type=positive_float, default=None,
+                        help="ridge lambda relative to the mean eigenvalue of Phi^T Phi (default: chosen by GCV "
+                             "on held-out training features)")
+    parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
+    parser.add_argument("--keep-features", action="store_true",
+                        help="also keep the raw projected features, so `reindex` can try other settings without gradients")
+    parser.set_defaults(run=run_featurize)
+
+    parser = commands.add_parser("reindex", help="a new index from kept raw features (other normalization, DAS, lambda, storage)")
+    parser.add_argument("--features-from", required=True, help="an index directory featurized with --keep-features")
+    parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--das-weights", action="store_true")
+    parser.add_argument("--lambda", dest="relative_lambda", type=positive_float, default=None)
+    parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
+    parser.set_defaults(run=run_reindex)
+
+
+def run_featurize(args) -> None:
+    from explorer.data import load_dataset, train_heldout_split
+    from explorer.features import FeatureSpec
+    from explorer.model import load_model
+    from precompute.featurize import FeaturizeOptions, featurize
+
+    model = load_model(args.model)
+    dataset = load_dataset(args.data, model.sample_size)
+    if args.split == "train":
+        dataset, _ = train_heldout_split(dataset)
+    spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
+                       noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
+                       proj_dim=args.proj_dim, proj_seed=args.proj_seed)
+    options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
+                               storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features)
+    report = featurize(model, dataset, args.out, spec, options)
+    print(f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in {report.seconds:.1f} s "
+          f"= {report.pairs_per_second:.1f} gradient-examples/s ({report.pairs_per_second / spec.buckets:.1f} images/s); "
+          f"index written to {report.directory}")
+
+
+def run_reindex(args) -> None:
+    from precompute.featurize import FeaturizeOptions, reindex
+
+    options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights,
+                               relative_lambda=args.relative_lambda, storage=args.storage)
+    print(f"index written to {reindex(args.features_from, args.out, options)}")
+
+
+def add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="evaluate attributions")
+    kinds = parser.add_subparsers(dest="evaluation", required=True)
+    agreement = kinds.add_parser("label-agreement", help="share of top-10 positive influencers with the query's label")
+    agreement.add_argument("--model", required=True)
+    agreement.add_argument("--index", required=True, nargs="+", help="one or more index directories to compare")
+    agreement.add_argument("--data", default="mnist5k", help="dataset whose held-out split gives the queries")
+    agreement.add_argument("--timesteps", type=non_negative_int, nargs="+", default=[100, 500, 900])
+    agreement.add_argument("--top-k", type=positive_int, default=10)
+    agreement.add_argument("--queries", type=positive_int, default=None, help="use only the first N held-out images")
+    agreement.set_defaults(run=run_label_agreement)
+
+
+def run_label_agreement(args) -> None:
+    from precompute.evaluate import label_agreement_table
+
+    print(label_agreement_table(args.model, args.index, args.data, args.timesteps, args.top_k, args.queries))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m precompute", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_train(commands)
+    add_featurize(commands)
+    add_evaluate(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except ExplorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

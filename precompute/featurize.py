@@ -1,0 +1,200 @@
+"""Featurize a training set into an index directory; resumable and deterministic.
+
+Work happens in OUT/.partial/: the raw projected features of every (example, bucket) pair go
+into a memmap chunk by chunk, and a chunk is marked done only after its rows are on disk. A run
+that is killed and started again recomputes only the chunks not marked done; every chunk's
+result depends only on its images and the seeds, so the final index is the same bit for bit.
+Whitening, normalization, DAS weights and the FAISS files come last; meta.json is written last
+of all, and only then is .partial/ removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from explorer.atomic import save_npy_atomic, write_json_atomic
+from explorer.data import Dataset, to_model_range
+from explorer.errors import ExplorerError
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.index import META_NAME, STORAGES, AttributionIndex, write_index
+from explorer.model import DiffusionModel
+from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_DIR = ".partial"
+FEATURES_NAME = "raw_features.npy"  # (B, N, k) float32, only with --keep-features
+RESIDUALS_NAME = "raw_residuals.npy"  # (B, N) float32, only with --keep-features --das-weights
+
+
+@dataclass
+class FeaturizeOptions:
+    normalize: bool = True  # Diffusion-ReTrac: L2-normalize stored and query vectors
+    das_weights: bool = False  # DAS: scale each training row by its residual weight
+    relative_lambda: float | None = None  # None: choose by GCV on held-out training features
+    storage: str = "float32"  # float32 (exact) or float16 (half the disk)
+    chunk_size: int = 64  # examples per resumable unit
+    max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
+    keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
+
+
+@dataclass
+class FeaturizeReport:
+    directory: Path
+    pairs: int  # (example, bucket) gradients computed in this run
+    seconds: float
+    complete: bool
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def _partial_config(model: DiffusionModel, dataset: Dataset, spec: FeatureSpec, options: FeaturizeOptions) -> dict:
+    """What the partial features depend on: a resumed run must match it exactly."""
+    return {"model_hash": model.weights_hash, "dataset_fingerprint": dataset.fingerprint(), "count": len(dataset),
+            "spec": spec.to_dict(), "das_weights": options.das_weights, "chunk_size": options.chunk_size}
+
+
+def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das: bool):
+    partial = out_dir / PARTIAL_DIR
+    config_path = partial / "config.json"
+    if config_path.is_file():
+        recorded = json.loads(config_path.read_text())
+        if recorded != config:
+            changed = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
+            raise ExplorerError(
+                f"{str(partial)!r} holds an unfinished featurize with other settings (differs in {', '.join(changed)}): "
+                f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
+            )
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        for name in ("features.npy", "residuals.npy", "done.npy"):
+            (partial / name).unlink(missing_ok=True)
+        write_json_atomic(config_path, config)
+    n_chunks = -(-shape[1] // config["chunk_size"])
+    features_path, done_path = partial / "features.npy", partial / "done.npy"
+    mode = "r+" if features_path.is_file() else "w+"
+    features = np.lib.format.open_memmap(features_path, mode=mode, dtype=np.float32, shape=shape)  # (B, N, k)
+    residuals = None
+    if das:
+        residuals_path = partial / "residuals.npy"
+        residuals = np.lib.format.open_memmap(residuals_path, mode="r+" if residuals_path.is_file() else "w+",
+                                              dtype=np.float32, shape=shape[:2])  # (B, N)
+    done = np.load(done_path) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
+    return features, residuals, done, done_path
+
+
+def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec: FeatureSpec,
+              options: FeaturizeOptions = FeaturizeOptions()) -> FeaturizeReport:
+    """Compute, whiten and index the features of every (training example, bucket) pair."""
+    out_dir = Path(out_dir)
+    if options.storage not in STORAGES:
+        raise ExplorerError(f"unknown storage {options.storage!r}: use one of {', '.join(STORAGES)}")
+    if dataset.resolution != model.sample_size:
+        raise ExplorerError(f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
+                            f"{model.sample_size}x{model.sample_size}: load the data at the model's size")
+    if (out_dir / META_NAME).is_file() and not (out_dir / PARTIAL_DIR).exists():
+        raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
+    computer = FeatureComputer(model, spec, chunk_size=options.chunk_size)
+    n, nb, k = len(dataset), spec.buckets, spec.proj_dim
+    config = _partial_config(model, dataset, spec, options)
+    features, residuals, done, done_path = _open_partial(out_dir, config, (nb, n, k), options.das_weights)
+    images = torch.from_numpy(to_model_range(dataset.images))  # (N, C, H, W)
+
+    todo = np.flatnonzero(~done)
+    if options.max_chunks is not None:
+        todo = todo[: options.max_chunks]
+    started, pairs = time.time(), 0
+    progress = tqdm(total=int(len(todo)) * options.chunk_size, desc="featurize", unit="ex")
+    for chunk in todo:
+        rows = slice(int(chunk) * options.chunk_size, min(n, (int(chunk) + 1) * options.chunk_size))
+        batch = images[rows]
+        features[:, rows] = computer.all_bucket_features(batch).numpy().transpose(1, 0, 2)  # (B, c, k)
+        if residuals is not None:
+            residuals[:, rows] = computer.residual_norms(batch).numpy().T
+        features.flush()
+        if residuals is not None:
+            residuals.flush()
+        done[chunk] = True
+        save_npy_atomic(done_path, done)  # only after the rows are on disk
+        pairs += len(batch) * nb
+        progress.update(len(batch))
+        progress.set_postfix(grads_per_s=f"{pairs / (time.time() - started):.1f}")
+    progress.close()
+    seconds = time.time() - started
+    if not done.all():
+        return FeaturizeReport(out_dir, pairs, seconds, complete=False)
+
+    meta = {
+        "model_hash": model.weights_hash,
+        "model_path": model.path,
+        "dataset": {"name": dataset.name, "size": len(dataset), "fingerprint": dataset.fingerprint(),
+                    "class_names": dataset.class_names, "resolution": dataset.resolution},
+        "spec": spec.to_dict(),
+        "timesteps": computer.timesteps,
+        "num_train_timesteps": model.num_train_timesteps,
+        "num_params": computer.num_params,
+    }
+    if options.keep_features:
+        save_npy_atomic(out_dir / FEATURES_NAME, np.asarray(features))
+        if residuals is not None:
+            save_npy_atomic(out_dir / RESIDUALS_NAME, np.asarray(residuals))
+    build_index(out_dir, meta, features, residuals, dataset, options)
+    del features, residuals
+    shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    return FeaturizeReport(out_dir, pairs, seconds, complete=True)
+
+
+def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.ndarray | None, dataset: Dataset,
+                options: FeaturizeOptions) -> None:
+    """Raw features (B, N, k) [+ residuals (B, N)] -> lambda, whitening, normalization, DAS, FAISS files."""
+    bucket_vectors, factors, lambdas = [], [], []
+    for bucket in tqdm(range(features.shape[0]), desc="whiten", unit="bucket"):
+        phi = np.asarray(features[bucket])  # (N, k)
+        if not np.isfinite(phi).all():
+            raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
+        choice: LambdaChoice = (choose_lambda_gcv(phi, seed=meta["spec"]["proj_seed"]) if options.relative_lambda is None
+                                else given_lambda(phi, options.relative_lambda))
+        factor = cholesky_factor(phi, choice.value)
+        psi = whiten(phi, factor)
+        if options.normalize:
+            psi = normalize_rows(psi)
+        if residuals is not None and options.das_weights:
+            weights = np.asarray(residuals[bucket], dtype=np.float64)
+            psi = (psi * (weights / weights.mean())[:, None]).astype(np.float32)
+        bucket_vectors.append(psi)
+        factors.append(factor)
+        lambdas.append({"value": choice.value, "relative": choice.relative, "method": choice.method, "gcv_curve": choice.curve})
+    meta = dict(meta, **{"lambda": lambdas, "normalize": options.normalize, "das": bool(options.das_weights)})
+    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids, storage=options.storage)
+
+
+def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions) -> Path:
+    """A new index from the raw features an earlier featurize kept (--keep-features): no gradients."""
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    index = AttributionIndex.load(source_dir)
+    features_path = source_dir / FEATURES_NAME
+    if not features_path.is_file():
+        raise ExplorerError(f"{str(source_dir)!r} kept no raw features: featurize it again with --keep-features")
+    if options.das_weights and not (source_dir / RESIDUALS_NAME).is_file():
+        raise ExplorerError(f"{str(source_dir)!r} kept no DAS residuals: featurize it again with --keep-features --das-weights")
+    if (out_dir / META_NAME).is_file():
+        raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
+    features = np.load(features_path, mmap_mode="r")
+    residuals = np.load(source_dir / RESIDUALS_NAME, mmap_mode="r") if options.das_weights else None
+    dataset = Dataset(name=index.meta["dataset"]["name"], images=index.train_images, labels=index.train_labels,
+                      ids=index.train_ids, class_names=index.class_names)
+    base = {key: value for key, value in index.meta.items()
+            if key not in ("lambda", "normalize", "das", "files", "count", "storage", "format_version")}
+    build_index(out_dir, base, features, residuals, dataset, options)
+    return out_dir
