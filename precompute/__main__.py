@@ -154,6 +154,37 @@ def add_evaluate(commands) -> None:
     agreement.add_argument("--queries", type=positive_int, default=None, help="use only the first N held-out images")
     agreement.set_defaults(run=run_label_agreement)
 
+    lds = kinds.add_parser("lds", help="linear datamodeling score of every method (trains and caches subset models)")
+    lds.add_argument("--benchmark", choices=("digits",), default="digits", help="the benchmark data (digits: sklearn 8x8)")
+    lds.add_argument("--subsets", type=positive_int, default=None, help="subset models M (default 64; 4 with --smoke)")
+    lds.add_argument("--smoke", action="store_true", help="tiny end-to-end run of the harness (~1-3 min)")
+    lds.add_argument("--cache", default=None, help="cache of models/features (default bench/cache/lds-digits[-smoke])")
+    lds.add_argument("--results", default=None, help="where the JSON/NPZ results go (default bench/results; the "
+                     "smoke run writes into its cache)")
+    lds.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    lds.set_defaults(run=run_lds)
+
+
+def run_lds(args) -> None:
+    import time
+
+    from precompute.eval_report import lds_markdown
+    from precompute.lds import LDSConfig, run_lds as run_benchmark, save_run, smoke_config
+    from precompute.retrain import torch_threads
+
+    torch_threads(args.threads)
+    config = smoke_config() if args.smoke else LDSConfig()
+    if args.subsets is not None:
+        config.subsets = args.subsets
+    cache = args.cache or f"bench/cache/lds-{args.benchmark}{'-smoke' if args.smoke else ''}"
+    results = args.results or (f"{cache}/results" if args.smoke else "bench/results")
+    started = time.perf_counter()
+    run = run_benchmark(config, cache)
+    run.results["timings_s"]["total (this call)"] = round(time.perf_counter() - started, 1)
+    paths = save_run(run, results, cache)
+    print(lds_markdown(run.results))
+    print(f"\n{run.trained_subsets} subset models trained in this call; results written to {', '.join(map(str, paths))}")
+
 
 def run_label_agreement(args) -> None:
     from precompute.evaluate import label_agreement_table

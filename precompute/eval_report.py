@@ -1,0 +1,74 @@
+"""Markdown tables and a plot of the evaluation results (the JSON written by `evaluate lds` / `counterfactual`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GROUPS = ("all", "heldout", "generated", "journey")
+
+
+def _cell(entry: dict) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def lds_markdown(results: dict) -> str:
+    """The LDS table (mean and 95% bootstrap CI over subsets), then the claims and the ablations."""
+    q = results["queries"]
+    header = "| method | " + " | ".join(f"{g} ({q[g]})" for g in GROUPS) + " | distinct top-10 (heldout / journey) | sign check |"
+    lines = [f"LDS on digits: {results['subsets']} subset models of {results['train_size'] // 2} images "
+             f"(alpha 0.5 of {results['train_size']}); mean over queries [95% bootstrap CI over subsets]", "",
+             header, "|---|" + "---|" * (len(GROUPS) + 2)]
+    order = sorted(results["methods"], key=lambda m: -results["methods"][m]["lds"]["all"]["mean"])
+    for name in order:
+        method = results["methods"][name]
+        distinct = method["distinctness"]
+        sign = method["sign_check"]
+        lines.append(f"| {name}: {method['label']} | " + " | ".join(_cell(method["lds"][g]) for g in GROUPS)
+                     + f" | {distinct['heldout']:.2f} / {distinct['journey']:.2f} | {sign['top50_positive']:+.2f} |")
+    lines += ["", "Claims (paired bootstrap over subsets):", "", "| difference | " + " | ".join(GROUPS) + " |",
+              "|---|" + "---|" * len(GROUPS)]
+    for name, entry in results["claims"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(entry[g]) for g in GROUPS) + " |")
+    if results.get("ablations"):
+        lines += ["", f"Ablations of {results['best_journey_method']} (one setting changed; difference from it):", "",
+                  "| variant | " + " | ".join(GROUPS) + " | journey minus base |", "|---|" + "---|" * (len(GROUPS) + 1)]
+        for name, entry in results["ablations"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(entry["lds"][g]) for g in GROUPS)
+                         + f" | {_cell(entry['minus_base']['journey'])} |")
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
+    lines += ["", f"wall times: {timings}"]
+    return "\n".join(lines)
+
+
+def lds_plot(results: dict, path: str | Path) -> Path | None:
+    """A horizontal bar chart of LDS per method and query kind with CI whiskers (PNG); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import numpy as np
+
+    methods = sorted(results["methods"], key=lambda m: results["methods"][m]["lds"]["all"]["mean"])
+    kinds = ("heldout", "generated", "journey")
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(methods) + 1.2))
+    y = np.arange(len(methods))
+    for offset, kind in zip((-0.27, 0.0, 0.27), kinds):
+        entries = [results["methods"][m]["lds"][kind] for m in methods]
+        means = np.array([e["mean"] for e in entries])
+        errors = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in entries]).T
+        ax.barh(y + offset, means, height=0.26, xerr=errors, label=f"{kind} ({results['queries'][kind]})", capsize=2)
+    ax.set_yticks(y, methods, fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("LDS (Spearman over subset models), mean over queries, 95% bootstrap CI")
+    ax.set_title(f"digits LDS, {results['subsets']} subsets, alpha 0.5")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
