@@ -23,7 +23,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(handle)
     except OSError as error:
-        raise _explain(error, path) from error
+        raise explain_os_error(error, path) from error
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -31,7 +31,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except OSError as error:
-        raise _explain(error, path) from error
+        raise explain_os_error(error, path) from error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -62,7 +62,7 @@ def write_json_atomic(path: str | Path, value: object) -> None:
     write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _explain(error: OSError, path: Path) -> ExplorerError:
+def explain_os_error(error: OSError, path: Path) -> ExplorerError:
     if error.errno == errno.ENOSPC:
         return ExplorerError(f"no space left on the device while writing {str(path)!r}: free disk space, then run the same command again to resume")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

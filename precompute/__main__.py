@@ -99,6 +99,7 @@ def add_featurize(commands) -> None:
                              "on held-out training features)")
     parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
+    parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
     parser.add_argument("--keep-features", action="store_true",
                         help="also keep the raw projected features, so `reindex` can try other settings without gradients")
     parser.set_defaults(run=run_featurize)
@@ -114,6 +115,8 @@ def add_featurize(commands) -> None:
 
 
 def run_featurize(args) -> None:
+    import numpy as np
+
     from explorer.data import load_dataset, train_heldout_split
     from explorer.features import FeatureSpec
     from explorer.model import load_model
@@ -123,6 +126,8 @@ def run_featurize(args) -> None:
     dataset = load_dataset(args.data, model.sample_size)
     if args.split == "train":
         dataset, _ = train_heldout_split(dataset)
+    if args.limit is not None:
+        dataset = dataset.subset(np.arange(min(args.limit, len(dataset))), f"first{args.limit}")
     spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
                        proj_dim=args.proj_dim, proj_seed=args.proj_seed)
@@ -163,6 +168,51 @@ def add_evaluate(commands) -> None:
                      "smoke run writes into its cache)")
     lds.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     lds.set_defaults(run=run_lds)
+
+    counterfactual = kinds.add_parser("counterfactual", help="retrain without a query's top influencers; compare with "
+                                      "random and pixel-nearest removals")
+    counterfactual.add_argument("--queries", type=positive_int, default=None, help="generated queries (default 20)")
+    counterfactual.add_argument("--step", type=non_negative_int, default=None, help="sampler step of 50 (default 35)")
+    counterfactual.add_argument("--method", default="best", help="TRAK-family method id (e.g. dtrak-square-norm), or "
+                                "'best': the best journey method of the LDS results (default)")
+    counterfactual.add_argument("--smoke", action="store_true", help="tiny end-to-end run on the smoke LDS cache")
+    counterfactual.add_argument("--cache", default=None, help="model cache, shared with `evaluate lds` "
+                                "(default bench/cache/lds-digits[-smoke])")
+    counterfactual.add_argument("--results", default=None, help="where the JSON goes (default bench/results)")
+    counterfactual.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    counterfactual.set_defaults(run=run_counterfactual)
+
+
+def run_counterfactual(args) -> None:
+    import json
+    from pathlib import Path
+
+    from explorer.atomic import write_json_atomic
+    from explorer.errors import ExplorerError
+    from precompute.counterfactual import CounterfactualConfig, counterfactual_markdown, run_counterfactual as run_test
+    from precompute.counterfactual import smoke_counterfactual
+    from precompute.retrain import torch_threads
+
+    torch_threads(args.threads)
+    config = smoke_counterfactual() if args.smoke else CounterfactualConfig()
+    cache = args.cache or f"bench/cache/lds-digits{'-smoke' if args.smoke else ''}"
+    results_dir = Path(args.results or (f"{cache}/results" if args.smoke else "bench/results"))
+    if args.queries is not None:
+        config.queries = args.queries
+    if args.step is not None:
+        config.step = args.step
+    if args.method == "best":
+        lds_path = results_dir / "lds_digits.json"
+        if not lds_path.is_file():
+            raise ExplorerError(f"--method best reads the LDS results {str(lds_path)!r}, which do not exist: run "
+                                "`python -m precompute evaluate lds` first, or pass --method dtrak-square-norm")
+        config.method = json.loads(lds_path.read_text())["best_journey_method"]
+    else:
+        config.method = args.method
+    results = run_test(config, cache)
+    write_json_atomic(results_dir / "counterfactual_digits.json", results)
+    print(counterfactual_markdown(results))
+    print(f"\nresults written to {results_dir / 'counterfactual_digits.json'}")
 
 
 def run_lds(args) -> None:

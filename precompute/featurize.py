@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from explorer.atomic import save_npy_atomic, write_json_atomic
+from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
@@ -77,21 +78,41 @@ def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das:
                 f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
             )
     else:
-        partial.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise explain_os_error(error, partial) from error
         for name in ("features.npy", "residuals.npy", "done.npy"):
             (partial / name).unlink(missing_ok=True)
         write_json_atomic(config_path, config)
     n_chunks = -(-shape[1] // config["chunk_size"])
-    features_path, done_path = partial / "features.npy", partial / "done.npy"
-    mode = "r+" if features_path.is_file() else "w+"
-    features = np.lib.format.open_memmap(features_path, mode=mode, dtype=np.float32, shape=shape)  # (B, N, k)
-    residuals = None
-    if das:
-        residuals_path = partial / "residuals.npy"
-        residuals = np.lib.format.open_memmap(residuals_path, mode="r+" if residuals_path.is_file() else "w+",
-                                              dtype=np.float32, shape=shape[:2])  # (B, N)
+    done_path = partial / "done.npy"
+    features = _open_memmap(partial / "features.npy", shape)  # (B, N, k)
+    residuals = _open_memmap(partial / "residuals.npy", shape[:2]) if das else None  # (B, N)
     done = np.load(done_path) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
+    if done.shape != (n_chunks,):
+        raise ExplorerError(f"{str(done_path)!r} does not match this run: delete {str(partial)!r} to start over")
     return features, residuals, done, done_path
+
+
+def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """Open (or create, with its disk space reserved) a float32 .npy memmap."""
+    if path.is_file():
+        array = np.lib.format.open_memmap(path, mode="r+")
+        if array.shape != shape or array.dtype != np.float32:
+            raise ExplorerError(f"{str(path)!r} holds {array.shape} {array.dtype}, expected {shape} float32: "
+                                f"delete {str(path.parent)!r} to start over")
+        return array
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        # Reserve the blocks now: writing into a memmap on a full disk kills the process (SIGBUS)
+        # instead of raising, so a full disk must show up here, before any work is done.
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise explain_os_error(error, path) from error
+    return array
 
 
 def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec: FeatureSpec,

@@ -125,7 +125,8 @@ def train_ddpm(dataset: Dataset, out_dir: str | Path, config: TrainConfig, unet_
         losses.append(loss.item())
         if step % 25 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            # The last one too: a later run with a larger --steps continues from it.
             _save_checkpoint(checkpoint_dir, step + 1, unet, ema, optimizer, config, unet_config)
     elapsed = time.time() - started
     logger.info("trained %d steps in %.0f s", config.steps - start, elapsed)

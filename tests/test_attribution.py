@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explorer.errors import ExplorerError
+
+
+def test_generate_attributes_every_step(tiny_explorer):
+    result = tiny_explorer.generate(seed=3, steps=20, top_k=5)
+    assert len(result.steps) == 20 and result.proxy.shape == (20, 10)
+    for step in result.steps:
+        assert len(step.positive.ids) == 5 and len(step.negative.ids) == 5
+        assert np.all(np.diff(step.positive.scores) <= 1e-6) and np.all(np.diff(step.negative.scores) >= -1e-6)
+        assert step.positive.scores[0] == pytest.approx(step.scores.max(), rel=1e-4)
+        assert step.negative.scores[0] == pytest.approx(step.scores.min(), rel=1e-4)
+        assert step.percentile(int(step.positive.positions[0])) == 100.0
+    buckets = [s.bucket for s in result.steps]
+    assert buckets[0] == 3 and buckets[-1] == 0, "noisy steps use the last bucket, clean steps the first"
+    curve = result.score_curve(int(result.steps[-1].positive.positions[0]))
+    assert curve.shape == (20,) and curve[-1] == pytest.approx(result.steps[-1].positive.scores[0], rel=1e-4)
+
+
+def test_attribute_a_real_image_of_any_size(tiny_explorer, digits_splits):
+    _, heldout = digits_splits
+    image = Image.fromarray(heldout.images[0]).resize((40, 40)).convert("RGB")
+    result = tiny_explorer.attribute_image(image, timestep=100, top_k=4)
+    assert result.bucket == 0 and len(result.positive.ids) == 4
+    with pytest.raises(ExplorerError, match="top-k 0"):
+        tiny_explorer.attribute_image(heldout.images[0], 100, top_k=0)
+    with pytest.raises(ExplorerError, match="timestep 5000"):
+        tiny_explorer.attribute_image(heldout.images[0], 5000)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
+    model_dir, index_dir = tiny_assets
+    path = tmp_path / "query.png"
+    Image.fromarray(digits_splits[1].images[2]).save(path)
+    done = _run("explorer", "attribute", "--index", str(index_dir), "--model", str(model_dir), "--image", str(path),
+                "--timestep", "300", "--top-k", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [len(result["positive"]), len(result["negative"])] == [3, 3]
+    assert set(result["positive"][0]) == {"id", "label", "score"}
+    assert result["positive"][0]["score"] >= result["positive"][-1]["score"]
+
+
+def test_attribute_cli_bad_input_is_one_clear_line(tiny_assets, tmp_path):
+    model_dir, index_dir = tiny_assets
+    done = _run("explorer", "attribute", "--index", str(index_dir), "--model", str(model_dir),
+                "--image", str(tmp_path / "missing.png"), "--timestep", "3")
+    assert done.returncode == 2 and "missing.png" in done.stderr and "Traceback" not in done.stderr
+    done = _run("explorer", "attribute", "--index", str(tmp_path), "--model", str(model_dir),
+                "--image", "x.png", "--timestep", "3")
+    assert done.returncode == 2 and "not a complete index directory" in done.stderr
+
+
+def test_label_agreement_beats_chance(tiny_assets):
+    model_dir, index_dir = tiny_assets
+    done = _run("precompute", "evaluate", "label-agreement", "--model", str(model_dir), "--index", str(index_dir),
+                "--data", "digits", "--timesteps", "100", "--queries", "40")
+    assert done.returncode == 0, done.stderr
+    value = float(done.stdout.strip().splitlines()[-1].split("|")[-2])
+    assert value > 0.3, done.stdout

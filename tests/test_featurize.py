@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pytest
+
+from explorer.errors import ExplorerError
+from explorer.features import FeatureSpec
+from explorer.index import META_NAME, AttributionIndex
+from precompute.featurize import PARTIAL_DIR, FeaturizeOptions, featurize
+
+SPEC = FeatureSpec(output="loss", buckets=3, proj_dim=32)
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_interrupted_featurize_resumes_to_an_identical_index(tiny_model, tiny_train_subset, tmp_path):
+    data = tiny_train_subset.subset(np.arange(90), "resume")
+    options = FeaturizeOptions(chunk_size=20, das_weights=True)
+    clean = featurize(tiny_model, data, tmp_path / "clean", SPEC, options)
+    assert clean.complete and clean.pairs == 90 * 3
+
+    first = featurize(tiny_model, data, tmp_path / "resumed", SPEC, FeaturizeOptions(chunk_size=20, das_weights=True, max_chunks=2))
+    assert not first.complete and first.pairs == 40 * 3
+    assert not (tmp_path / "resumed" / META_NAME).exists()
+    with pytest.raises(ExplorerError, match="unfinished featurize"):
+        AttributionIndex.load(tmp_path / "resumed")
+    second = featurize(tiny_model, data, tmp_path / "resumed", SPEC, options)
+    assert second.complete and second.pairs == 50 * 3, "only the chunks not done are recomputed"
+    assert not (tmp_path / "resumed" / PARTIAL_DIR).exists()
+    clean_files, resumed_files = _files(tmp_path / "clean"), _files(tmp_path / "resumed")
+    assert clean_files.keys() == resumed_files.keys()
+    for name in clean_files:
+        assert clean_files[name] == resumed_files[name], f"{name} differs after resuming"
+    meta = json.loads(clean_files[META_NAME])
+    assert meta["das"] is True and meta["lambda"][0]["method"] == "gcv"
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, tiny_train_subset, tmp_path):
+    data = tiny_train_subset.subset(np.arange(40), "mismatch")
+    featurize(tiny_model, data, tmp_path / "x", SPEC, FeaturizeOptions(chunk_size=20, max_chunks=1))
+    other = FeatureSpec(output="square", buckets=3, proj_dim=32)
+    with pytest.raises(ExplorerError, match="differs in spec"):
+        featurize(tiny_model, data, tmp_path / "x", other, FeaturizeOptions(chunk_size=20))
+
+
+def test_complete_index_is_not_overwritten(tiny_index_dir, tiny_model, tiny_train_subset):
+    with pytest.raises(ExplorerError, match="already holds a complete index"):
+        featurize(tiny_model, tiny_train_subset, tiny_index_dir, SPEC)
+
+
+def test_wrong_resolution_is_refused(tiny_model, tmp_path):
+    from explorer.data import load_builtin
+
+    with pytest.raises(ExplorerError, match="16x16 but the model expects 8x8"):
+        featurize(tiny_model, load_builtin("digits", size=16), tmp_path / "y", SPEC)
