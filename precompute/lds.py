@@ -183,6 +183,16 @@ def sign_check(masks: np.ndarray, truth: np.ndarray, scores: np.ndarray, top: in
             f"top{top}_negative": float(np.nanmean(spearman_columns(truth, count(negative))))}
 
 
+def prepare_full_model(cache: Path, train, heldout, config: LDSConfig) -> tuple[Path, list[Path]]:
+    """The recipe on the whole training set (+ raw weights at its checkpoints) and the feature classifier."""
+    full_dir = Path(cache) / "full"
+    tracin_files = train_full_with_checkpoints(train, full_dir, config.recipe)
+    if not (full_dir / "classifier" / "classifier.json").is_file():
+        train_classifier(train, heldout, full_dir / "classifier",
+                         TrainConfig(batch_size=64, seed=config.recipe.seed, classifier_epochs=config.classifier_epochs))
+    return full_dir, tracin_files
+
+
 def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     """Run (or resume) the benchmark; every expensive piece is cached under `cache`."""
     cache = Path(cache)
@@ -198,11 +208,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
 
     # 1. the full model, its TracIn checkpoints and the feature classifier
     started = time.perf_counter()
-    full_dir = cache / "full"
-    tracin_files = train_full_with_checkpoints(train, full_dir, config.recipe)
-    if not (full_dir / "classifier" / "classifier.json").is_file():
-        train_classifier(train, heldout, full_dir / "classifier",
-                         TrainConfig(batch_size=64, seed=config.recipe.seed, classifier_epochs=config.classifier_epochs))
+    full_dir, tracin_files = prepare_full_model(cache, train, heldout, config)
     timings["full model"] = round(time.perf_counter() - started, 1)
 
     # 2. queries and their fixed (t, eps) pairs
