@@ -159,12 +159,15 @@ class AttributionIndex:
                 raise ExplorerError(f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index") from error
             if index.ntotal != count or index.d != int(meta["spec"]["proj_dim"]):
                 raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {meta['spec']['proj_dim']}: rebuild the index")
+            factor = np.load(directory / factor_file(bucket), allow_pickle=False)
+            if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
+                raise ExplorerError(f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} matrix: rebuild the index")
             indexes.append(index)
-            factors.append(np.load(directory / factor_file(bucket), allow_pickle=False))
+            factors.append(factor)
         images = np.load(directory / "train_images.npy", allow_pickle=False)
         labels = np.load(directory / "train_labels.npy", allow_pickle=False)
         ids = np.load(directory / "train_ids.npy", allow_pickle=False)
-        if not (len(images) == len(labels) == len(ids) == count):
+        if images.ndim != 3 or images.dtype != np.uint8 or not (len(images) == len(labels) == len(ids) == count):
             raise ExplorerError(f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} ids for {count} rows: rebuild it")
         loaded = cls(directory, meta, indexes, factors, images, labels, ids)
         for bucket in range(buckets):
@@ -216,7 +219,57 @@ def read_meta(directory: Path) -> dict:
         raise ExplorerError(f"{str(meta_path)!r} has no format_version: it is not an index written by precompute")
     if meta["format_version"] != FORMAT_VERSION:
         raise ExplorerError(f"index {str(directory)!r} has format version {meta['format_version']!r}, this explorer reads version {FORMAT_VERSION}: rebuild it with this version's `python -m precompute featurize`")
-    for key in ("model_hash", "spec", "files", "count", "normalize", "dataset"):
-        if key not in meta:
-            raise ExplorerError(f"{str(meta_path)!r} lacks the key {key!r}: rebuild the index")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ExplorerError(f"{str(meta_path)!r} is malformed ({problem}): rebuild the index with `python -m precompute featurize`")
     return meta
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a meta.json's structure, or None. Checked before anything is trusted."""
+    from explorer.features import FeatureSpec
+    from explorer.outputs import OUTPUT_FUNCTIONS
+
+    if not isinstance(meta.get("model_hash"), str):
+        return "model_hash must be a string"
+    if not _is_int(meta.get("count")):
+        return "count must be a non-negative integer"
+    if not _is_int(meta.get("num_train_timesteps"), 1):
+        return "num_train_timesteps must be a positive integer"
+    if not isinstance(meta.get("normalize"), bool) or not isinstance(meta.get("das", False), bool):
+        return "normalize and das must be true or false"
+    if meta.get("storage") not in STORAGES:
+        return f"storage must be one of {', '.join(STORAGES)}"
+    spec = meta.get("spec")
+    if not isinstance(spec, dict) or set(spec) != set(FeatureSpec().to_dict()):
+        return "spec must hold exactly the FeatureSpec fields"
+    for key in ("buckets", "timesteps_per_bucket", "noise_draws", "proj_dim"):
+        if not _is_int(spec[key], 1):
+            return f"spec.{key} must be a positive integer"
+    if spec["buckets"] > meta["num_train_timesteps"]:
+        return "spec.buckets exceeds num_train_timesteps"
+    for key in ("noise_seed", "proj_seed"):
+        if not _is_int(spec[key]):
+            return f"spec.{key} must be a non-negative integer"
+    if spec["output"] not in OUTPUT_FUNCTIONS or spec["projector"] not in ("countsketch", "gaussian"):
+        return "spec.output or spec.projector is unknown"
+    dataset = meta.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("class_names"), list) \
+            or not all(isinstance(name, str) for name in dataset["class_names"]) or not dataset["class_names"]:
+        return "dataset.class_names must be a non-empty list of strings"
+    lambdas = meta.get("lambda")
+    if not isinstance(lambdas, list) or len(lambdas) != spec["buckets"] or not all(
+            isinstance(item, dict) and isinstance(item.get("value"), (int, float)) and not isinstance(item.get("value"), bool)
+            for item in lambdas):
+        return "lambda must list one {value: number} per bucket"
+    files = meta.get("files")
+    expected = {bucket_file(b) for b in range(spec["buckets"])} | {factor_file(b) for b in range(spec["buckets"])} \
+        | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
+    if not isinstance(files, dict) or set(files) != expected or not all(isinstance(v, str) for v in files.values()):
+        # Only these plain names: a crafted meta.json cannot make the loader read other paths.
+        return "files must list exactly the bucket, whitening and training-data files with their sha256"
+    return None
