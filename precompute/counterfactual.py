@@ -161,8 +161,10 @@ def run_counterfactual(config: CounterfactualConfig, cache: str | Path) -> dict:
     started = time.perf_counter()
     root = cache / "counterfactual" / f"step{config.step}_{config.method}"
     per_query: dict[str, list[dict]] = {}
-    jobs = [(kind, k, q) for k in ks for kind in ("topk", "pixel") for q in range(config.queries)]
-    jobs += [("random", k, r) for k in ks for r in range(config.random_sets)]
+    # Shared random sets first, then query by query: a stopped run leaves whole queries done, and
+    # `--queries n` then reports the first n from the cache.
+    jobs = [("random", k, r) for k in ks for r in range(config.random_sets)]
+    jobs += [(kind, k, q) for q in range(config.queries) for k in ks for kind in ("topk", "pixel")]
     for kind, k, index in tqdm(jobs, desc="counterfactual models", unit="model"):
         if kind == "random":
             removed = np.random.default_rng([k, index]).choice(len(train), k, replace=False)
