@@ -6,10 +6,9 @@ the sampler runs: from pure noise (large t, left) to the clean image (t = 0, rig
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -23,7 +22,7 @@ from explorer.likelihood import RolloutCurves
 CLASS_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
                 "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#7f7f7f"]
 MARKER_COLOR = "#222222"
-FIGURE_HEIGHT = 340
+FIGURE_HEIGHT = 380
 
 
 def upscale(image: np.ndarray, size: int) -> np.ndarray:
@@ -37,23 +36,11 @@ def tensor_image(tensor: torch.Tensor, size: int) -> np.ndarray:
     return upscale(to_uint8(tensor[None].numpy())[0], size)
 
 
-class PngStore:
-    """Content-addressed PNG files: each distinct image is encoded once, then reused by every session."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def path(self, image: np.ndarray) -> str:
-        """The path of a PNG holding `image` (uint8 (H, W)), written on first use."""
-        image = np.ascontiguousarray(image, dtype=np.uint8)
-        digest = hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()
-        path = self.directory / f"{digest}.png"
-        if not path.exists():
-            partial = path.with_name(f"{digest}.{os.getpid()}.{id(image)}.tmp")
-            Image.fromarray(image).save(partial, format="PNG")
-            os.replace(partial, path)  # atomic: a concurrent reader never sees half a file
-        return str(path)
+def png_data_uri(image: np.ndarray) -> str:
+    """A uint8 (H, W) image as a base64 PNG data URI (fast compression: these images are tiny)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _layout(figure: go.Figure, title: str, y_title: str) -> go.Figure:
@@ -63,7 +50,7 @@ def _layout(figure: go.Figure, title: str, y_title: str) -> go.Figure:
         margin=dict(l=50, r=10, t=40, b=40),
         xaxis=dict(title="train timestep t  (noisy → clean)", autorange="reversed", zeroline=False),
         yaxis=dict(title=y_title),
-        legend=dict(title="class", tracegroupgap=0),
+        legend=dict(title=dict(text="class"), tracegroupgap=0, font=dict(size=11)),
         template="plotly_white",
         font=dict(family="system-ui, sans-serif"),
         uirevision="keep",  # keep the user's zoom and legend toggles across marker moves
@@ -108,7 +95,8 @@ def likelihood_figure(timesteps: np.ndarray, proxy: np.ndarray, class_names: lis
                                     line=dict(color=color, width=2),
                                     hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>"))
         if rollouts is not None:
-            figure.add_trace(go.Scatter(x=timesteps[rollouts.steps].tolist(), y=rollouts.probabilities[:, c].tolist(), mode="lines+markers",
+            figure.add_trace(go.Scatter(x=timesteps[rollouts.steps].tolist(), y=rollouts.probabilities[:, c].tolist(),
+                                        mode="lines+markers",
                                         name=f"{name} (rollouts)", legendgroup=name, showlegend=False,
                                         line=dict(color=color, width=1.5, dash="dash"), marker=dict(size=6),
                                         hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t)=%{{y:.3f}}<extra></extra>"))

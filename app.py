@@ -1,0 +1,50 @@
+"""Serve the Diffusion Attribution Explorer: `python app.py` opens the shipped default (assets/)."""
+
+import argparse
+import logging
+import os
+import sys
+
+# Offline by design: set before gradio is imported (no analytics, no Hub calls, no proxy for localhost).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+DEFAULT_MODEL, DEFAULT_INDEX = "assets/model", "assets/index"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: %(default)s)")
+    parser.add_argument("--index", action="append", metavar="DIR",
+                        help=f"attribution index directory; repeat to offer several methods (default: {DEFAULT_INDEX})")
+    parser.add_argument("--classifier", default=None, help="feature classifier directory (default: MODEL/classifier)")
+    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    args = parser.parse_args(argv)
+    args.index = args.index or [DEFAULT_INDEX]
+    if args.host is None:
+        args.host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks
+    from explorer.attribution import Explorer  # heavy imports (torch, faiss, gradio) only now
+    from explorer.errors import ExplorerError
+
+    try:
+        explorer = Explorer.from_dirs(args.model, args.index, args.classifier)
+    except ExplorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from explorer import ui
+
+    ui.launch(ui.build(explorer), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

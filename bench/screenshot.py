@@ -1,0 +1,88 @@
+"""Screenshot of the explorer after generating, scrubbing and selecting an influencer (docs/screenshot.png).
+
+    python bench/screenshot.py                      # shipped default (assets/), else --model/--index
+    python bench/screenshot.py --model M --index I --seed 3 --step 18
+
+Runs the real app on 127.0.0.1 and drives Debian's chromium (/usr/bin/chromium) with Playwright.
+"""
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: assets/model, else the tiny /tmp/proto/tiny)")
+    parser.add_argument("--index", help="index directory (default: assets/index, else the tiny /tmp/proto/tidx)")
+    parser.add_argument("--out", default=str(ROOT / "docs/screenshot.png"))
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--step", type=int, default=18, help="step to scrub to (0 = pure noise)")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    args = parser.parse_args()
+    shipped = (ROOT / "assets/index/meta.json").is_file()
+    args.model = args.model or str(ROOT / "assets/model" if shipped else "/tmp/proto/tiny")
+    args.index = args.index or str(ROOT / "assets/index" if shipped else "/tmp/proto/tidx")
+
+    from playwright.sync_api import sync_playwright
+
+    from explorer import ui
+    from explorer.attribution import Explorer
+
+    explorer = Explorer.from_dirs(args.model, [args.index])
+    demo = ui.build(explorer)
+    _, url, _ = ui.launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    classes = len(explorer.class_names)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, device_scale_factor=1)
+            page.set_default_timeout(180_000)
+            page.goto(url)
+            page.get_by_role("button", name="Generate", exact=True).wait_for()  # the page has rendered
+            seed = page.get_by_label(f"seed (0 to {2**31 - 1})")
+            seed.fill(str(args.seed))
+            seed.press("Enter")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+            page.wait_for_function(f"() => {{ const p = document.querySelector('#likelihood .js-plotly-plot');"
+                                   f" return p && p.data.length === {2 * classes}; }}")
+            slider = page.locator("#step-slider input[type=range]")
+            slider.focus()
+            slider.press("Home")
+            for _ in range(args.step):
+                slider.press("ArrowRight")
+            page.wait_for_function(f"() => document.querySelector('#step-slider').textContent.includes('step {args.step} of')")
+            time.sleep(1.0)  # let the last scrub's images load
+            page.locator("#positive button.thumbnail-item").first.click()
+            page.wait_for_function("() => document.querySelector('#chosen-info').textContent.includes('influencer #1')")
+            time.sleep(1.0)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=args.out, full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    print(f"wrote {args.out} (model {args.model}, index {args.index}, seed {args.seed}, step {args.step})")
+
+
+if __name__ == "__main__":
+    main()

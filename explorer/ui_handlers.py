@@ -1,0 +1,269 @@
+"""The web UI's event handlers and per-session state (the layout and wiring are in ui.py).
+
+Every handler is a few lines around one engine call. All steps are attributed at generate
+time, so moving the step slider only reads the session's state (no gradients). Each browser
+session keeps its own `Session` in a gr.State; sessions never see each other's trajectory.
+
+Handlers return their outputs already serialized (events use postprocess=False), with images
+inlined as base64 PNG data URIs (`ImageData.url`, which gradio documents as "publicly available
+url or base64 encoded image"). The images are a few hundred bytes each; as files, gradio would
+write, path-check and serve every gallery image of every slider update separately.
+"""
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+from gradio.components.plot import PlotData
+
+from explorer import plots
+from explorer.attribution import MAX_TOP_K, Explorer, StepAttribution, TrajectoryAttribution
+from explorer.data import load_image_file
+from explorer.errors import ExplorerError
+from explorer.index import AttributionIndex, SearchResult
+from explorer.likelihood import RolloutCurves
+from explorer.sampler import MAX_SEED
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PX = 160  # x_t, x0hat and the final image, upscaled nearest (16 px -> 160 px)
+THUMB_PX = 112  # influencer thumbnails
+LARGE_PX = 224  # the selected influencer
+STRIP_COUNT = 10  # x_t thumbnails along the trajectory
+ROLLOUT_STEPS, ROLLOUT_COMPLETIONS = 12, 16  # rollout curves: 16 completions at 12 steps
+NO_INFLUENCER = "Click an influencer to see when it mattered."
+
+
+def user_errors(handler: Callable) -> Callable:
+    """Show ExplorerError messages in the page (gr.Error), never a stack trace."""
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except ExplorerError as error:
+            logger.info("user error in %s: %s", handler.__name__, error)
+            raise gr.Error(str(error)) from None
+    return wrapper
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or an ExplorerError naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ExplorerError(f"{name} {value!r} is not a number: use a whole number from {low} to {high}") from None
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
+    return int(number)
+
+
+# -- serialized outputs (the events run with postprocess=False) -------------------------------
+def image_payload(data_uri: str) -> dict:
+    """gr.Image's value for an inline PNG; no `meta` file marker, so gradio moves no file."""
+    return {"path": None, "url": data_uri, "size": None, "orig_name": "image.png", "mime_type": "image/png",
+            "is_stream": False, "meta": {}}
+
+
+def gallery_payload(items: list[tuple[str, str]]) -> list[dict]:
+    """gr.Gallery's value for (data URI, caption) pairs."""
+    return [{"image": image_payload(uri), "caption": caption} for uri, caption in items]
+
+
+def plot_payload(figure_json: str) -> dict:
+    """gr.Plot's value for a plotly figure already serialized to JSON."""
+    return PlotData(type="plotly", plot=figure_json).model_dump()
+
+
+@dataclass(eq=False)
+class Session:
+    """One browser session's generation: every step's attribution, later the rollout curves."""
+
+    attribution: TrajectoryAttribution
+    plot: dict  # the likelihood figure as JSON (plots.figure_template); scrubbing only moves its marker
+    step: int  # the step on screen
+    rollouts: RolloutCurves | None = None
+    rollout_s: float | None = None
+
+    @property
+    def strip_steps(self) -> list[int]:
+        """The steps shown in the trajectory strip, noisiest first."""
+        last = self.attribution.trajectory.steps - 1
+        return sorted(set(np.linspace(0, last, min(STRIP_COUNT, last + 1)).round().astype(int).tolist()))
+
+    def status(self) -> str:
+        a, t = self.attribution, self.attribution.timings
+        parts = [f"seed {a.trajectory.seed} · {a.trajectory.steps} steps · {a.index_name}",
+                 f"sample {t['sample_s']:.2f} s · attribute {t['attribute_s']:.2f} s · proxy {t['proxy_s']:.2f} s"]
+        if self.rollouts is None:
+            parts.append("rollout curves: computing…")
+        else:
+            parts.append(f"rollouts ({len(self.rollouts.steps)} steps × {self.rollouts.completions} completions) "
+                         f"{self.rollout_s:.1f} s")
+        return " · ".join(parts)
+
+
+class Handlers:
+    """The event handlers, bound to one Explorer (shared, read-only) and given per-session state."""
+
+    def __init__(self, explorer: Explorer):
+        self.explorer = explorer
+        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, shared by all sessions
+
+    def warm_thumbnails(self) -> None:
+        """Encode every training thumbnail once (a background thread at start-up), so that slider
+        updates never encode influencer images."""
+        started, count = time.perf_counter(), 0
+        for index in self.explorer.indexes.values():
+            for position in range(len(index.train_ids)):
+                self._thumbnail(index, position)
+                count += 1
+        logger.info("encoded %d training thumbnails in %.1f s", count, time.perf_counter() - started)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _index(self, name: str | None) -> AttributionIndex:
+        return self.explorer.index(name)[1]
+
+    def _thumbnail(self, index: AttributionIndex, position: int) -> str:
+        key = (id(index), position)
+        if key not in self._thumbnails:
+            self._thumbnails[key] = plots.png_data_uri(plots.upscale(index.train_images[position], THUMB_PX))
+        return self._thumbnails[key]
+
+    def _caption(self, index: AttributionIndex, step: StepAttribution, position: int, score: float) -> str:
+        label = index.class_names[int(index.train_labels[position])]
+        return f"id {int(index.train_ids[position])} · label {label} · score {score:.3f} · p{step.percentile(position):.1f}"
+
+    def _gallery(self, index: AttributionIndex, step: StepAttribution, result: SearchResult) -> list[dict]:
+        return gallery_payload([(self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s)))
+                                for p, s in zip(result.positions, result.scores)])
+
+    def _likelihood(self, attribution: TrajectoryAttribution, rollouts: RolloutCurves | None) -> dict:
+        figure = plots.likelihood_figure(attribution.trajectory.timesteps, attribution.proxy,
+                                         self.explorer.class_names, rollouts)
+        return plots.figure_template(figure)
+
+    def step_view(self, session: Session, step: int) -> tuple:
+        """Outputs for one step: slider label, x_t, x0hat, both galleries, the plot, a step line
+        that ends with this handler's own time."""
+        started = time.perf_counter()
+        attribution = session.attribution
+        last = attribution.trajectory.steps - 1
+        step = session.step = whole_number(step, "step", 0, last)
+        current, index = attribution.steps[step], self._index(attribution.index_name)
+        frame = lambda images: image_payload(plots.png_data_uri(plots.tensor_image(images[step], IMAGE_PX)))  # noqa: E731
+        outputs = (
+            gr.update(label=f"denoising step {step} of {last} · train timestep t = {current.timestep}"),
+            frame(attribution.trajectory.xt),
+            frame(attribution.trajectory.x0hat),
+            self._gallery(index, current, current.positive),
+            self._gallery(index, current, current.negative),
+            plot_payload(plots.with_marker(session.plot, current.timestep)),
+        )
+        proxy = attribution.proxy[step]
+        top = int(proxy.argmax())
+        info = (f"step {step} · t = {current.timestep} · index bucket {current.bucket} · classifier on x0hat: "
+                f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · handler {1e3 * (time.perf_counter() - started):.1f} ms")
+        return (*outputs, info)
+
+    # -- events ----------------------------------------------------------------------------
+    def random_seed(self) -> int:
+        return random.randint(0, MAX_SEED)
+
+    @user_errors
+    def generate(self, seed, steps, top_k, index_name, progress=gr.Progress()) -> tuple:
+        """Sample, attribute every step, classify every x0hat (one engine call)."""
+        progress(0.05, desc="sampling, then attributing every step")
+        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
+        attribution = self.explorer.generate(seed, steps, index_name, top_k)
+        trajectory, last = attribution.trajectory, attribution.trajectory.steps - 1
+        session = Session(attribution, self._likelihood(attribution, None), last)
+        strip = gallery_payload([(plots.png_data_uri(plots.tensor_image(trajectory.xt[s], THUMB_PX)),
+                                  f"t={trajectory.timesteps[s]}") for s in session.strip_steps])
+        final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.final, IMAGE_PX)))
+        slider, *view = self.step_view(session, last)
+        slider = gr.update(maximum=last, value=last, label=slider["label"])
+        return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER)
+
+    @user_errors
+    def rollouts(self, session: Session | None, progress=gr.Progress()) -> tuple:
+        """Feature likelihoods from stochastic completions (>= 16 at >= 10 steps); shown when ready."""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        progress(0.05, desc=f"{ROLLOUT_COMPLETIONS} completions from {ROLLOUT_STEPS} steps")
+        started = time.perf_counter()
+        curves = self.explorer.rollouts(session.attribution.trajectory, count=ROLLOUT_STEPS, completions=ROLLOUT_COMPLETIONS)
+        session.rollouts, session.rollout_s = curves, time.perf_counter() - started
+        session.plot = self._likelihood(session.attribution, curves)
+        timestep = session.attribution.trajectory.timesteps[session.step]
+        return plot_payload(plots.with_marker(session.plot, timestep)), session.status()
+
+    @user_errors
+    def scrub(self, session: Session | None, step) -> tuple:
+        """Show one recorded step: a lookup in the session, no gradients."""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        return self.step_view(session, step)
+
+    @user_errors
+    def reattribute(self, session: Session | None, step, index_name, top_k) -> tuple:
+        """The same trajectory against another index or top-k (no resampling)."""
+        if session is None:
+            return (gr.skip(),) * 12
+        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
+        attribution = self.explorer.reattribute(session.attribution, index_name, top_k)
+        new = Session(attribution, session.plot, session.step, session.rollouts, session.rollout_s)
+        return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER)
+
+    def jump(self, session: Session | None, evt: gr.SelectData) -> dict:
+        """A click on the trajectory strip moves the step slider there."""
+        if session is None:
+            return gr.skip()
+        return gr.update(value=session.strip_steps[evt.index])
+
+    def pick(self, evt: gr.SelectData) -> tuple[str, int]:
+        """A click in either influencer gallery: which one (by elem_id) and which rank."""
+        return ("negative" if getattr(evt.target, "elem_id", None) == "negative" else "positive"), evt.index
+
+    @user_errors
+    def select_influencer(self, session: Session | None, step, sign, rank) -> tuple:
+        """A larger view of one influencer and its score at every step: when did it matter?"""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        attribution = session.attribution
+        step = whole_number(step, "step", 0, attribution.trajectory.steps - 1)
+        if sign not in ("positive", "negative"):
+            raise ExplorerError(f"influencer sign {sign!r} is unknown: use 'positive' or 'negative'")
+        current = attribution.steps[step]
+        result = current.positive if sign == "positive" else current.negative
+        rank = whole_number(rank, "influencer rank", 0, len(result.positions) - 1)
+        position, index = int(result.positions[rank]), self._index(attribution.index_name)
+        curve = attribution.score_curve(position)  # (S,)
+        peak = int(curve.argmax() if sign == "positive" else curve.argmin())
+        timesteps = attribution.trajectory.timesteps
+        caption = self._caption(index, current, position, float(result.scores[rank]))
+        figure = plots.score_curve_figure(timesteps, curve, step, f"{caption.split(' · score')[0]}: score at every step")
+        text = (f"**{sign} influencer #{rank + 1} at t = {current.timestep}**: {caption}. "
+                f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f}).")
+        large = image_payload(plots.png_data_uri(plots.upscale(index.train_images[position], LARGE_PX)))
+        return large, plot_payload(figure.to_json()), text
+
+    @user_errors
+    def attribute_image(self, image, timestep, top_k, index_name) -> tuple:
+        """An uploaded image (any size or mode) as the query at one train timestep."""
+        if not image:
+            raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
+        path = image.get("path") if isinstance(image, dict) else image  # preprocess=False: the upload's FileData
+        array = load_image_file(path, self.explorer.model.sample_size)
+        timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
+        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
+        started = time.perf_counter()
+        step = self.explorer.attribute_image(array, timestep, index_name, top_k)
+        index = self._index(index_name)
+        status = f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · attributed in {time.perf_counter() - started:.2f} s"
+        seen = image_payload(plots.png_data_uri(plots.upscale(array, IMAGE_PX)))
+        return seen, self._gallery(index, step, step.positive), self._gallery(index, step, step.negative), status

@@ -1,0 +1,73 @@
+"""Shared fixtures for the web-app tests: one real app on 127.0.0.1, launched once per test run.
+
+Import this module before gradio (it sets the offline environment). The assets come from the
+`tiny_assets` fixture of tests/conftest.py when it exists ((model_dir, index_dir) of a tiny
+digits model and index); otherwise from $EXPLORER_TEST_MODEL and $EXPLORER_TEST_INDEX.
+"""
+
+import atexit
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+import pytest  # noqa: E402
+
+FALLBACK_MODEL, FALLBACK_INDEX = "/tmp/proto/tiny", "/tmp/proto/tidx"
+
+
+@dataclass
+class RunningApp:
+    url: str
+    explorer: object  # explorer.attribution.Explorer
+    demo: object  # gradio.Blocks
+
+
+_apps: dict[tuple[str, str], RunningApp] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(model_dir: str | Path, index_dir: str | Path) -> RunningApp:
+    """Load the explorer and launch the UI in this process (non-blocking); reused across test files."""
+    key = (str(model_dir), str(index_dir))
+    if key not in _apps:
+        from explorer import ui
+        from explorer.attribution import Explorer
+
+        explorer = Explorer.from_dirs(model_dir, [index_dir])
+        demo = ui.build(explorer)
+        _, url, _ = ui.launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+        atexit.register(demo.close)
+        _apps[key] = RunningApp(url.rstrip("/") + "/", explorer, demo)
+    return _apps[key]
+
+
+@pytest.fixture(scope="session")
+def app_assets(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """(model_dir, index_dir): $EXPLORER_TEST_MODEL/$EXPLORER_TEST_INDEX when both are set (a quick
+    way to test the app on assets built once), else conftest's `tiny_assets`, else /tmp/proto."""
+    if os.environ.get("EXPLORER_TEST_MODEL") and os.environ.get("EXPLORER_TEST_INDEX"):
+        return Path(os.environ["EXPLORER_TEST_MODEL"]), Path(os.environ["EXPLORER_TEST_INDEX"])
+    try:
+        model_dir, index_dir = request.getfixturevalue("tiny_assets")
+    except pytest.FixtureLookupError:
+        model_dir, index_dir = FALLBACK_MODEL, FALLBACK_INDEX
+        if not (Path(model_dir).is_dir() and (Path(index_dir) / "meta.json").is_file()):
+            pytest.skip(f"no tiny_assets fixture and no model/index at {model_dir} / {index_dir}: "
+                        "set EXPLORER_TEST_MODEL and EXPLORER_TEST_INDEX")
+    return Path(model_dir), Path(index_dir)
+
+
+@pytest.fixture(scope="session")
+def running_app(app_assets: tuple[Path, Path]) -> RunningApp:
+    """The real app, served on 127.0.0.1 at a free port."""
+    return start_app(*app_assets)

@@ -1,0 +1,87 @@
+"""The page in a real headless Chromium: load it, click Generate, move the step slider with the
+keyboard, and check that the influencer galleries and the likelihood plot change.
+
+Needs Debian's chromium at /usr/bin/chromium (tests/setup.sh installs it; CI runs this test).
+"""
+
+from pathlib import Path
+
+import pytest
+from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh (apt-get install chromium)"),
+]
+
+CAPTIONS_JS = "sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).map(e => e.textContent)"
+MARKER_JS = ("() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
+             " return p && p.layout.shapes.length ? p.layout.shapes[0].x0 : null; }")
+TRACES_JS = "() => { const p = document.querySelector('#likelihood .js-plotly-plot'); return p ? p.data.length : 0; }"
+
+
+@pytest.fixture(scope="module")
+def page(running_app):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.outside_requests = []
+        page.on("request", lambda request: None if request.url.startswith((running_app.url, "data:", "blob:"))
+                else page.outside_requests.append(request.url))
+        page.goto(running_app.url)
+        yield page
+        browser.close()
+
+
+def wait_until_changed(page, js: str, before, argument=None) -> None:
+    page.wait_for_function(f"([arg, before]) => JSON.stringify(({js})(arg)) !== JSON.stringify(before)",
+                           arg=[argument, before])
+
+
+def test_generate_then_scrub_changes_galleries_and_plot(page, running_app) -> None:  # noqa: F811
+    from explorer.sampler import make_sampling_scheduler
+
+    timesteps = make_sampling_scheduler(running_app.explorer.model, 50).timesteps.tolist()  # the default 50 steps
+    classes = len(running_app.explorer.class_names)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function(f"() => document.querySelectorAll('#positive .caption-label').length === 8 && ({TRACES_JS})() >= {classes}")
+    positive, negative = page.evaluate(CAPTIONS_JS, "#positive"), page.evaluate(CAPTIONS_JS, "#negative")
+    assert len(negative) == 8 and all(caption.startswith("id ") and "score" in caption for caption in positive + negative)
+    assert page.evaluate(MARKER_JS) == timesteps[-1]  # the last step is shown first
+
+    slider = page.locator("#step-slider input[type=range]")
+    slider.focus()
+    slider.press("Home")  # the noisiest step, by keyboard: fires the slider's input and change events
+    page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[0]}")
+    wait_until_changed(page, CAPTIONS_JS, positive, "#positive")
+    scrubbed = page.evaluate(CAPTIONS_JS, "#positive")
+    assert len(scrubbed) == 8 and scrubbed != positive
+
+    for _ in range(5):  # quick moves: only the last one has to land (trigger_mode="always_last")
+        slider.press("ArrowRight")
+    page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[5]}")
+    assert page.locator("#step-slider").get_by_text(f"t = {timesteps[5]}").count() == 1
+
+
+def test_rollout_curves_appear_when_ready(page, running_app) -> None:  # noqa: F811
+    classes = len(running_app.explorer.class_names)
+    page.wait_for_function(f"() => ({TRACES_JS})() === {2 * classes}")  # proxy + dashed rollout curve per class
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+
+
+def test_clicking_an_influencer_shows_when_it_mattered(page) -> None:
+    page.locator("#positive button.thumbnail-item").first.click()
+    page.wait_for_function("() => document.querySelector('#chosen-info').textContent.includes('influencer #1')")
+
+
+def test_page_fetches_nothing_from_outside(page) -> None:
+    assert page.outside_requests == []
