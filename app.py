@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"attribution index directory; repeat to offer several methods (default: {DEFAULT_INDEX})")
     parser.add_argument("--classifier", default=None, help="feature classifier directory (default: MODEL/classifier)")
     parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
     args = parser.parse_args(argv)
     args.index = args.index or [DEFAULT_INDEX]
     if args.host is None:
@@ -30,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("explorer").setLevel(logging.INFO)  # ours only: not faiss's loader or gradio's httpx
     from explorer.attribution import Explorer  # heavy imports (torch, faiss, gradio) only now
     from explorer.errors import ExplorerError
 

@@ -90,11 +90,10 @@ def build(explorer: Explorer) -> gr.Blocks:
                     image_top_k = gr.Slider(1, UI_MAX_TOP_K, value=8, step=1, label="top-k influencers")
                     image_index = gr.Dropdown(names, value=names[0], label="method / index", visible=len(names) > 1)
                     attribute_button = gr.Button("Attribute", variant="primary")
+                    seen = gr.Image(label="what the model sees", height=IMAGE_PX + 40, **pixel)
                 with gr.Column(scale=4):
                     image_status = gr.Markdown("Upload an image, pick a timestep, click **Attribute**.")
-                    with gr.Row():
-                        seen = gr.Image(label="what the model sees", height=IMAGE_PX + 40, scale=1, **pixel)
-                        image_positive = gr.Gallery(label="top positive influencers", columns=6, scale=4, **influencers)
+                    image_positive = gr.Gallery(label="top positive influencers", columns=8, **influencers)
                     image_negative = gr.Gallery(label="top negative influencers", columns=8, **influencers)
 
         # Handlers return serialized outputs (see ui_handlers), hence postprocess=False; the heavy

@@ -47,7 +47,7 @@ def user_errors(handler: Callable) -> Callable:
             return handler(*args, **kwargs)
         except ExplorerError as error:
             logger.info("user error in %s: %s", handler.__name__, error)
-            raise gr.Error(str(error)) from None
+            raise gr.Error(str(error), print_exception=False) from None
     return wrapper
 
 

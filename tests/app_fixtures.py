@@ -27,7 +27,7 @@ class RunningApp:
     demo: object  # gradio.Blocks
 
 
-_apps: dict[tuple[str, str], RunningApp] = {}
+_apps: dict[tuple[str, ...], RunningApp] = {}
 
 
 def free_port() -> int:
@@ -36,14 +36,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(model_dir: str | Path, index_dir: str | Path) -> RunningApp:
+def start_app(model_dir: str | Path, *index_dirs: str | Path) -> RunningApp:
     """Load the explorer and launch the UI in this process (non-blocking); reused across test files."""
-    key = (str(model_dir), str(index_dir))
+    key = (str(model_dir), *map(str, index_dirs))
     if key not in _apps:
         from explorer import ui
         from explorer.attribution import Explorer
 
-        explorer = Explorer.from_dirs(model_dir, [index_dir])
+        explorer = Explorer.from_dirs(model_dir, list(index_dirs))
         demo = ui.build(explorer)
         _, url, _ = ui.launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
         atexit.register(demo.close)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
+from app_fixtures import app_assets, running_app, start_app  # noqa: F401  (fixtures; also sets the offline env)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -149,6 +149,28 @@ def test_sessions_do_not_share_trajectories(running_app, index_name: str, client
     other.predict(SEED + 1, STEPS, TOP_K, index_name, api_name="/generate")
     mine = dict(zip(SCRUB_OUTPUTS, client.predict(STEPS - 1, api_name="/scrub")))
     assert parse(mine["positive"]) == parse(generated["positive"])
+
+
+def test_reattribute_with_another_top_k_keeps_the_trajectory(running_app, index_name: str) -> None:  # noqa: F811
+    other = Client(running_app.url, verbose=False)
+    before = dict(zip(GENERATE_OUTPUTS, other.predict(SEED, STEPS, TOP_K, index_name, api_name="/generate")))
+    after = other.predict(STEPS - 1, index_name, 3, api_name="/reattribute_top_k")
+    positive, status = after[3], after[7]
+    assert [row[:3] for row in parse(positive)] == [row[:3] for row in parse(before["positive"])[:3]]
+    assert status.split(" · sample")[0] == before["status"].split(" · sample")[0]  # same seed, steps, index
+
+
+def test_several_indexes_offer_a_method_dropdown(app_assets, tmp_path: Path) -> None:  # noqa: F811
+    model_dir, index_dir = app_assets
+    (tmp_path / "second").symlink_to(Path(index_dir).resolve(), target_is_directory=True)
+    app = start_app(model_dir, index_dir, tmp_path / "second")
+    first, second = app.explorer.indexes
+    client = Client(app.url, verbose=False)
+    client.predict(SEED, STEPS, TOP_K, first, api_name="/generate")
+    status = client.predict(STEPS - 1, second, TOP_K, api_name="/reattribute_index")[7]
+    assert second in status
+    with pytest.raises(AppError):
+        client.predict(STEPS - 1, "no such index", TOP_K, api_name="/reattribute_index")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**40, "abc", 1.5])
