@@ -6,7 +6,7 @@ session keeps its own `Session` in a gr.State; sessions never see each other's t
 
 Handlers return their outputs already serialized (events use postprocess=False), with images
 inlined as base64 PNG data URIs (`ImageData.url`, which gradio documents as "publicly available
-url or base64 encoded image"). The images are a few hundred bytes each; as files, gradio would
+url or base64 encoded image"). The images are under a kilobyte each; as files, gradio would
 write, path-check and serve every gallery image of every slider update separately.
 """
 
@@ -55,7 +55,7 @@ def whole_number(value, name: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], or an ExplorerError naming it."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ExplorerError(f"{name} {value!r} is not a number: use a whole number from {low} to {high}") from None
     if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
         raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")

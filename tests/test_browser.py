@@ -6,6 +6,7 @@ Needs Debian's chromium at /usr/bin/chromium (tests/setup.sh installs it; CI run
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
 
@@ -42,29 +43,42 @@ def page(running_app):  # noqa: F811
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def timesteps(running_app) -> list[int]:  # noqa: F811
+    """The train timesteps of the page's default 50 sampler steps."""
+    from explorer.sampler import make_sampling_scheduler
+
+    return make_sampling_scheduler(running_app.explorer.model, 50).timesteps.tolist()
+
+
+@pytest.fixture(scope="module")
+def generated(page, running_app) -> dict:  # noqa: F811
+    """Click Generate once; wait for both galleries and the likelihood curves."""
+    classes = len(running_app.explorer.class_names)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8"
+                           f" && ({TRACES_JS})() >= {classes}")
+    return {"positive": page.evaluate(CAPTIONS_JS, "#positive"), "negative": page.evaluate(CAPTIONS_JS, "#negative"),
+            "marker": page.evaluate(MARKER_JS)}
+
+
 def wait_until_changed(page, js: str, before, argument=None) -> None:
     page.wait_for_function(f"([arg, before]) => JSON.stringify(({js})(arg)) !== JSON.stringify(before)",
                            arg=[argument, before])
 
 
-def test_generate_then_scrub_changes_galleries_and_plot(page, running_app) -> None:  # noqa: F811
-    from explorer.sampler import make_sampling_scheduler
-
-    timesteps = make_sampling_scheduler(running_app.explorer.model, 50).timesteps.tolist()  # the default 50 steps
-    classes = len(running_app.explorer.class_names)
-    page.get_by_role("button", name="Generate", exact=True).click()
-    page.wait_for_function(f"() => document.querySelectorAll('#positive .caption-label').length === 8 && ({TRACES_JS})() >= {classes}")
-    positive, negative = page.evaluate(CAPTIONS_JS, "#positive"), page.evaluate(CAPTIONS_JS, "#negative")
-    assert len(negative) == 8 and all(caption.startswith("id ") and "score" in caption for caption in positive + negative)
-    assert page.evaluate(MARKER_JS) == timesteps[-1]  # the last step is shown first
+def test_generate_then_scrub_changes_galleries_and_plot(page, generated: dict, timesteps: list[int]) -> None:
+    captions = generated["positive"] + generated["negative"]
+    assert len(captions) == 16 and all(caption.startswith("id ") and "score" in caption for caption in captions)
+    assert generated["marker"] == timesteps[-1]  # the last step is shown first
 
     slider = page.locator("#step-slider input[type=range]")
     slider.focus()
     slider.press("Home")  # the noisiest step, by keyboard: fires the slider's input and change events
     page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[0]}")
-    wait_until_changed(page, CAPTIONS_JS, positive, "#positive")
+    wait_until_changed(page, CAPTIONS_JS, generated["positive"], "#positive")
     scrubbed = page.evaluate(CAPTIONS_JS, "#positive")
-    assert len(scrubbed) == 8 and scrubbed != positive
+    assert len(scrubbed) == 8 and scrubbed != generated["positive"]
 
     for _ in range(5):  # quick moves: only the last one has to land (trigger_mode="always_last")
         slider.press("ArrowRight")
@@ -72,16 +86,23 @@ def test_generate_then_scrub_changes_galleries_and_plot(page, running_app) -> No
     assert page.locator("#step-slider").get_by_text(f"t = {timesteps[5]}").count() == 1
 
 
-def test_rollout_curves_appear_when_ready(page, running_app) -> None:  # noqa: F811
+def test_rollout_curves_appear_when_ready(page, generated: dict, running_app) -> None:  # noqa: F811
     classes = len(running_app.explorer.class_names)
     page.wait_for_function(f"() => ({TRACES_JS})() === {2 * classes}")  # proxy + dashed rollout curve per class
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
 
 
-def test_clicking_an_influencer_shows_when_it_mattered(page) -> None:
+def test_clicking_an_influencer_shows_when_it_mattered(page, generated: dict) -> None:
     page.locator("#positive button.thumbnail-item").first.click()
     page.wait_for_function("() => document.querySelector('#chosen-info').textContent.includes('influencer #1')")
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 2")  # the score curve
 
 
-def test_page_fetches_nothing_from_outside(page) -> None:
+def test_clicking_the_trajectory_strip_jumps_to_that_step(page, generated: dict, timesteps: list[int]) -> None:
+    step = int(np.linspace(0, len(timesteps) - 1, 10).round()[2])  # the strip's third thumbnail (ui_handlers.Session)
+    page.locator(".strip button.thumbnail-item").nth(2).click()
+    page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[step]}")
+
+
+def test_page_fetches_nothing_from_outside(page, generated: dict) -> None:
     assert page.outside_requests == []
