@@ -36,6 +36,17 @@ def lds_markdown(results: dict) -> str:
         for name, entry in results["ablations"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(entry["lds"][g]) for g in GROUPS)
                          + f" | {_cell(entry['minus_base']['journey'])} |")
+    if results.get("lambda_sweep"):
+        lines += ["", "Lambda sweep (diagnostic: lambda picked on the benchmark itself; 'inf' = no whitening, "
+                  "i.e. gradient dot / cosine); mean LDS, raw | ReTrac-normalized:", "",
+                  "| output | relative lambda | heldout | generated | journey | heldout (norm) | generated (norm) | journey (norm) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for output, entry in results["lambda_sweep"].items():
+            for label, values in entry.items():
+                if label == "gcv":
+                    label = "GCV (" + ", ".join(f"{v:.2g}" for v in values["relative_lambda"].values()) + ")"
+                cells = [f"{values[kind][g]:.3f}" for kind in ("raw", "norm") for g in ("heldout", "generated", "journey")]
+                lines.append(f"| {output} | {label} | " + " | ".join(cells) + " |")
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     lines += ["", f"wall times: {timings}"]
     return "\n".join(lines)

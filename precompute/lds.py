@@ -31,7 +31,8 @@ from explorer.features import FeatureSpec
 from explorer.model import load_model
 from precompute.baselines import embedding_cosine, pixel_cosine, random_scores
 from precompute.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
-from precompute.methods import cached_features, spec_key, tracin_scores, trak_scores, variant, whiten_features
+from precompute.methods import (cached_features, inner_product_scores, load_feature_set, spec_key, tracin_scores,
+                                trak_scores, variant, whiten_features)
 from precompute.metrics import LDSBootstrap, distinctness, predictions, spearman_columns
 from precompute.retrain import Recipe, load_raw_weights, subset_masks, train_cached, train_full_with_checkpoints
 from precompute.train import TrainConfig, train_classifier
@@ -61,6 +62,8 @@ class LDSConfig:
     outputs: tuple[str, ...] = ("loss", "square", "mean", "l1", "l2")
     das_outputs: tuple[str, ...] = ("square", "mean")
     ablations: tuple[tuple[str, int], ...] = (("buckets", 5), ("buckets", 20), ("noise_draws", 4), ("proj_dim", 512))
+    sweep_outputs: tuple[str, ...] = ("loss", "square", "mean")  # lambda sweep (a diagnostic: chosen on the benchmark)
+    sweep_lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue
     bootstrap: int = 1000
     top: int = 10  # distinctness top-list length
     classifier_epochs: int = 12
@@ -75,7 +78,8 @@ def smoke_config(subsets: int = 4) -> LDSConfig:
     return LDSConfig(subsets=subsets, recipe=Recipe(steps=30, checkpoint_every=10), train_size=160, heldout_queries=6,
                      generated=2, trajectories=1, journey_steps=(2, 5, 8), sampler_steps=10, truth_pairs=16,
                      spec=FeatureSpec(output="loss", buckets=4, proj_dim=64), das_outputs=("square",),
-                     ablations=(("buckets", 2),), bootstrap=50, classifier_epochs=1)
+                     ablations=(("buckets", 2),), sweep_outputs=("loss",), sweep_lambdas=(1.0,), bootstrap=50,
+                     classifier_epochs=1)
 
 
 @dataclass
@@ -251,13 +255,17 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     ablations = ablate(config, cache, full_dir, train_images, queries, masks, truth, groups, best, methods[best], scores, predicted)
     timings["ablations"] = round(time.perf_counter() - started, 1)
 
+    started = time.perf_counter()
+    sweep = lambda_sweep(config, cache, masks, truth, groups, methods)
+    timings["lambda sweep"] = round(time.perf_counter() - started, 1)
+
     claims = {
         "square_minus_loss": {g: boot.difference("dtrak-square", "trak-loss", g).to_dict() for g in groups},
         "square_norm_minus_loss_norm": {g: boot.difference("dtrak-square-norm", "trak-loss-norm", g).to_dict() for g in groups},
     }
     results = {"benchmark": "digits", "config": config.to_dict(), "train_size": len(train), "subsets": config.subsets,
                "queries": {kind: int(len(rows)) for kind, rows in groups.items()}, "methods": methods,
-               "claims": claims, "ablations": ablations, "best_journey_method": best, "timings_s": timings,
+               "claims": claims, "ablations": ablations, "lambda_sweep": sweep, "best_journey_method": best, "timings_s": timings,
                "truth_full_model": query_losses(full_model, queries, pairs).tolist()}
     return LDSRun(results, scores, predicted, truth, masks, queries, trained, complete=True)
 
@@ -282,6 +290,36 @@ def ablate(config: LDSConfig, cache: Path, full_dir: Path, train_images: np.ndar
     for key in keys:
         out[key] = {"base": best_name, "lds": {g: boot.interval(key, g).to_dict() for g in groups},
                     "minus_base": {g: boot.difference(key, best_name, g).to_dict() for g in groups}}
+    return out
+
+
+def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.ndarray, groups: dict, methods: dict) -> dict:
+    """Mean LDS over a grid of relative lambdas, and without whitening ("inf": gradient dot / cosine).
+
+    A diagnostic, not a method: picking lambda here would tune it on the benchmark, which is what
+    D-TRAK and DAS did and what the GCV choice avoids. It shows how much that tuning is worth.
+    """
+    out = {}
+    for output in config.sweep_outputs:
+        spec = variant(config.spec, output=output)
+        features = load_feature_set(cache / "features" / f"full_{spec_key(spec)}.npz", spec)
+        family = "trak" if output == "loss" else "dtrak"
+        entry = {"gcv": {"relative_lambda": methods[f"{family}-{output}"]["lambda"],
+                         "raw": {g: methods[f"{family}-{output}"]["lds"][g]["mean"] for g in groups},
+                         "norm": {g: methods[f"{family}-{output}-norm"]["lds"][g]["mean"] for g in groups}}}
+        grid = [(f"{value:g}", value) for value in config.sweep_lambdas] + [("inf", None)]
+        for label, value in grid:
+            if value is None:
+                train, query = features.train, features.query
+            else:
+                whitened = whiten_features(features, relative_lambda=value)
+                train, query = whitened.train, whitened.query
+            entry[label] = {}
+            for normalize, name in ((False, "raw"), (True, "norm")):
+                tau = inner_product_scores(train, query, features.query_bucket, normalize)
+                per_query = spearman_columns(truth, predictions(masks, tau))
+                entry[label][name] = {g: float(np.nanmean(per_query[rows])) for g, rows in groups.items()}
+        out[output] = entry
     return out
 
 

@@ -30,7 +30,7 @@ from explorer.atomic import write_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
-from explorer.whitening import choose_lambda_gcv, cholesky_factor, normalize_rows, whiten
+from explorer.whitening import choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
 from precompute.ground_truth import QuerySet
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,13 @@ class Whitened:
     relative_lambda: dict[int, float]  # GCV's choice per key
 
 
-def whiten_features(features: FeatureSet) -> Whitened:
-    """Per key: lambda by GCV on the training features alone, Cholesky whitening of both sides."""
+def whiten_features(features: FeatureSet, relative_lambda: float | None = None) -> Whitened:
+    """Per key: lambda by GCV on the training features alone (or the given relative lambda), Cholesky
+    whitening of both sides."""
     train, query, lambdas = {}, np.zeros_like(features.query), {}
     for b, phi in features.train.items():
-        choice = choose_lambda_gcv(phi, seed=features.spec.proj_seed)
+        choice = (choose_lambda_gcv(phi, seed=features.spec.proj_seed) if relative_lambda is None
+                  else given_lambda(phi, relative_lambda))
         factor = cholesky_factor(phi, choice.value)
         train[b] = whiten(phi, factor)
         rows = np.flatnonzero(features.query_bucket == b)

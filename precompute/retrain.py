@@ -26,7 +26,9 @@ from precompute.train import CHECKPOINT_DIR, TrainConfig, train_ddpm
 
 logger = logging.getLogger(__name__)
 
-TRACIN_DIR = "tracin"  # raw (non-EMA) weights of the full model at its TracIn checkpoints
+TRACIN_DIR = "tracin"
+EMA_DECAY = 0.999  # fixed here, not taken from TrainConfig's default, so the recipe cannot drift
+WEIGHT_SETTINGS = ("steps", "batch_size", "learning_rate", "ema_decay", "seed")  # what the DDPM weights depend on  # raw (non-EMA) weights of the full model at its TracIn checkpoints
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Recipe:
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
         return TrainConfig(steps=self.steps if steps is None else steps, batch_size=self.batch_size,
-                           learning_rate=self.learning_rate, seed=self.seed, checkpoint_every=self.checkpoint_every)
+                           learning_rate=self.learning_rate, ema_decay=EMA_DECAY, seed=self.seed,
+                           checkpoint_every=self.checkpoint_every)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -54,8 +57,10 @@ def is_trained(model_dir: Path, dataset: Dataset, recipe: Recipe) -> bool:
     if not record_path.is_file():
         return False
     record = json.loads(record_path.read_text())
-    expected = {"train": asdict(recipe.train_config()), "fingerprint": dataset.fingerprint()}
-    found = {"train": record.get("train"), "fingerprint": record.get("dataset_fingerprint")}
+    wanted = asdict(recipe.train_config())
+    expected = {"train": {key: wanted[key] for key in WEIGHT_SETTINGS}, "fingerprint": dataset.fingerprint()}
+    found = {"train": {key: record.get("train", {}).get(key) for key in WEIGHT_SETTINGS},
+             "fingerprint": record.get("dataset_fingerprint")}
     if found != expected:
         raise ExplorerError(
             f"{str(model_dir)!r} holds a model trained with other settings or data ({found}, expected {expected}): "
