@@ -143,8 +143,9 @@ def method_scores(config: LDSConfig, cache: Path, full_dir: Path, tracin_files: 
         started = time.perf_counter()
         spec = variant(config.spec, output=output)
         das = output in config.das_outputs
-        features = cached_features(features_dir / f"full_{spec_key(spec)}.npz", model, spec, train_images, queries, das)
-        whitened = whiten_features(features)
+        path = features_dir / f"full_{spec_key(spec)}.npz"
+        features = cached_features(path, model, spec, train_images, queries, das)
+        whitened = whiten_features(features, gcv_cache=path.with_suffix(".gcv.json"))
         lambdas = {str(b): v for b, v in whitened.relative_lambda.items()}
         family = "trak" if output == "loss" else "dtrak"
         for normalize in (False, True):
@@ -279,8 +280,9 @@ def ablate(config: LDSConfig, cache: Path, full_dir: Path, train_images: np.ndar
     out = {}
     for name, value in config.ablations:
         spec = variant(base, **{name: value})
-        features = cached_features(cache / "features" / f"full_{spec_key(spec)}.npz", model, spec, train_images, queries)
-        whitened = whiten_features(features)
+        path = cache / "features" / f"full_{spec_key(spec)}.npz"
+        features = cached_features(path, model, spec, train_images, queries)
+        whitened = whiten_features(features, gcv_cache=path.with_suffix(".gcv.json"))
         key = f"{best['output']}{'-norm' if best['normalize'] else ''}@{name}={value}"
         scores[key] = trak_scores(whitened, features.query_bucket, best["normalize"])
         predicted[key] = predictions(masks, scores[key])

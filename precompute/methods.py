@@ -18,6 +18,7 @@ the features of its timestep's bucket, like the explorer does.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from explorer.atomic import write_atomic
+from explorer.atomic import write_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
-from explorer.whitening import choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
 from precompute.ground_truth import QuerySet
 
 logger = logging.getLogger(__name__)
@@ -133,20 +134,28 @@ class Whitened:
     relative_lambda: dict[int, float]  # GCV's choice per key
 
 
-def whiten_features(features: FeatureSet, relative_lambda: float | None = None) -> Whitened:
+def whiten_features(features: FeatureSet, relative_lambda: float | None = None, gcv_cache: Path | None = None) -> Whitened:
     """Per key: lambda by GCV on the training features alone (or the given relative lambda), Cholesky
-    whitening of both sides."""
+    whitening of both sides. GCV's choices are kept in `gcv_cache` (JSON), so a rerun skips the eigh."""
     train, query, lambdas = {}, np.zeros_like(features.query), {}
+    chosen = json.loads(gcv_cache.read_text()) if gcv_cache is not None and gcv_cache.is_file() else {}
     for b, phi in features.train.items():
-        choice = (choose_lambda_gcv(phi, seed=features.spec.proj_seed) if relative_lambda is None
-                  else given_lambda(phi, relative_lambda))
+        if relative_lambda is not None:
+            choice = given_lambda(phi, relative_lambda)
+        elif str(b) in chosen:
+            choice = LambdaChoice(value=chosen[str(b)]["value"], relative=chosen[str(b)]["relative"], method="gcv")
+        else:
+            choice = choose_lambda_gcv(phi, seed=features.spec.proj_seed)
+            chosen[str(b)] = {"value": choice.value, "relative": choice.relative}
         factor = cholesky_factor(phi, choice.value)
         train[b] = whiten(phi, factor)
         rows = np.flatnonzero(features.query_bucket == b)
         if len(rows):
             query[rows] = whiten(features.query[rows], factor)
         lambdas[b] = choice.relative
-        logger.info("%s bucket %d: GCV relative lambda %.3g", features.spec.output, b, choice.relative)
+        logger.info("%s bucket %d: %s relative lambda %.3g", features.spec.output, b, choice.method, choice.relative)
+    if gcv_cache is not None and relative_lambda is None:
+        write_json_atomic(gcv_cache, chosen)
     return Whitened(train=train, query=query, relative_lambda=lambdas)
 
 
