@@ -50,7 +50,8 @@ class FeatureClassifier(nn.Module):
         return self.embed(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedding(images))
+        # Dropout only while training: 4,500 images are few for this head.
+        return self.head(nn.functional.dropout(self.embedding(images), p=0.3, training=self.training))
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -54,6 +54,7 @@ def add_train(commands) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every)
     parser.add_argument("--classifier-epochs", type=positive_int, default=defaults.classifier_epochs)
     parser.add_argument("--tiny", action="store_true", help="a ~160k-parameter UNet (for tests and quick trials)")
+    parser.add_argument("--classifier-only", action="store_true", help="(re)train only the feature classifier into OUT/classifier")
     parser.set_defaults(run=run_train)
 
 
@@ -67,7 +68,8 @@ def run_train(args) -> None:
     unet_config = tiny_config(size) if args.tiny else UNetConfig(sample_size=size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, classifier_epochs=args.classifier_epochs)
-    train_ddpm(train, args.out, config, unet_config)
+    if not args.classifier_only:
+        train_ddpm(train, args.out, config, unet_config)
     accuracy = train_classifier(train, heldout, f"{args.out}/classifier", config)
     print(f"model written to {args.out}; classifier held-out accuracy {accuracy:.4f} ({len(heldout)} images)")
 

@@ -39,7 +39,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # the saved model is the EMA of the weights
     seed: int = 0
     checkpoint_every: int = 250  # steps between resumable checkpoints
-    classifier_epochs: int = 12
+    classifier_epochs: int = 30  # enough for >= 97% held-out accuracy on mnist5k
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
