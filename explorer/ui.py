@@ -5,8 +5,6 @@ the handlers in ui_handlers.py; `launch` serves it offline (system fonts, no ana
 server-side rendering). Only this module, ui_handlers.py and plots.py import gradio or plotly.
 """
 
-import threading
-
 import gradio as gr
 
 from explorer.attribution import Explorer
@@ -39,7 +37,6 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs)
 def build(explorer: Explorer) -> gr.Blocks:
     """The explorer page: a 'Generate & scrub' tab and an 'Attribute an image' tab."""
     h = Handlers(explorer)
-    threading.Thread(target=h.warm_thumbnails, name="warm-thumbnails", daemon=True).start()
     names = list(explorer.indexes)
     T = explorer.model.num_train_timesteps
     pixel = dict(elem_classes=["pixelated"], buttons=[], interactive=False)

@@ -112,17 +112,7 @@ class Handlers:
 
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
-        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, shared by all sessions
-
-    def warm_thumbnails(self) -> None:
-        """Encode every training thumbnail once (a background thread at start-up), so that slider
-        updates never encode influencer images."""
-        started, count = time.perf_counter(), 0
-        for index in self.explorer.indexes.values():
-            for position in range(len(index.train_ids)):
-                self._thumbnail(index, position)
-                count += 1
-        logger.info("encoded %d training thumbnails in %.1f s", count, time.perf_counter() - started)
+        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, encoded once for all sessions
 
     # -- helpers ---------------------------------------------------------------------------
     def _index(self, name: str | None) -> AttributionIndex:
