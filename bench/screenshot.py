@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--index", help="index directory (default: assets/index, else the tiny /tmp/proto/tidx)")
     parser.add_argument("--out", default=str(ROOT / "docs/screenshot.png"))
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--step", type=int, default=18, help="step to scrub to (0 = pure noise)")
+    parser.add_argument("--step", type=int, default=28, help="step to scrub to (0 = pure noise)")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
     shipped = (ROOT / "assets/index/meta.json").is_file()
