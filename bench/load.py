@@ -1,0 +1,136 @@
+"""Load test: N concurrent gradio_client sessions on 127.0.0.1, each generating and scrubbing.
+
+Starts `python app.py` (the shipped default unless --model/--index are given) on a free local
+port, runs the sessions in threads (bounded: --sessions, --scrubs per session, --timeout), checks
+that every session sees only its own trajectory, and prints p50/p95 latencies and the error count.
+
+    python bench/load.py --sessions 8 --scrubs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+ROOT = Path(__file__).resolve().parents[1]
+STEP_INFO = re.compile(r"step (\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float) -> float:
+    import urllib.request
+
+    started = time.time()
+    while time.time() - started < timeout:
+        if process.poll() is not None:
+            raise SystemExit(f"the app exited with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return time.time() - started
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the app did not answer on {url} within {timeout:.0f} s")
+
+
+def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, results: dict, lock: threading.Lock) -> None:
+    from gradio_client import Client
+
+    latencies = {"generate": [], "scrub": []}
+    errors: list[str] = []
+    try:
+        client = Client(url, verbose=False)
+        started = time.perf_counter()
+        outputs = client.predict(seed, steps, 8, None, api_name="/generate")
+        latencies["generate"].append(time.perf_counter() - started)
+        own_start = client.predict(0, api_name="/scrub")[1]["url"]  # x_t at step 0: this session's noise
+        rng = __import__("random").Random(seed)
+        for _ in range(scrubs):
+            if time.time() > deadline:
+                errors.append("deadline reached")
+                break
+            step = rng.randrange(steps)
+            started = time.perf_counter()
+            view = client.predict(step, api_name="/scrub")
+            latencies["scrub"].append(time.perf_counter() - started)
+            shown = STEP_INFO.search(view[-1] or "")
+            if shown is None or int(shown[1]) != step:
+                errors.append(f"scrub to {step} showed {view[-1]!r}")
+        # isolation: after every other session generated, this one still sees its own trajectory
+        if client.predict(0, api_name="/scrub")[1]["url"] != own_start:
+            errors.append(f"session {seed} sees another trajectory")
+        with lock:
+            results["starts"].append(own_start)
+    except Exception as error:  # the bench counts every failure instead of stopping
+        errors.append(f"{type(error).__name__}: {error}")
+    with lock:
+        for kind, values in latencies.items():
+            results[kind].extend(values)
+        results["errors"].extend(errors)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--scrubs", type=int, default=20, help="slider updates per session")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps per generation")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before every session stops")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--index", default=None)
+    args = parser.parse_args()
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1"]
+    if args.model:
+        command += ["--model", args.model]
+    if args.index:
+        command += ["--index", args.index]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        print(f"app served after {wait_for(url, process, 120):.1f} s")
+        results: dict = {"generate": [], "scrub": [], "errors": [], "starts": []}
+        lock = threading.Lock()
+        deadline = time.time() + args.timeout
+        threads = [threading.Thread(target=session, args=(url, 100 + i, args.steps, args.scrubs, deadline, results, lock))
+                   for i in range(args.sessions)]
+        started = time.time()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=max(1.0, deadline - time.time() + 30))
+        wall = time.time() - started
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(f"{args.sessions} concurrent sessions, {args.scrubs} scrubs each, {args.steps}-step generations, wall {wall:.1f} s")
+    for kind in ("generate", "scrub"):
+        values = results[kind]
+        print(f"{kind:>8}: n={len(values)}  p50={percentile(values, 50) * 1000:.0f} ms  p95={percentile(values, 95) * 1000:.0f} ms"
+              "  (client round trip on 127.0.0.1, queueing included)")
+    if len(set(results["starts"])) != len(results["starts"]):
+        results["errors"].append("two sessions showed the same trajectory")
+    print(f"errors: {len(results['errors'])}")
+    for error in results["errors"][:10]:
+        print(f"  {error}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
