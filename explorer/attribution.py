@@ -58,10 +58,16 @@ class TrajectoryAttribution:
         return np.array([step.scores[position] for step in self.steps])
 
 
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """An int in [low, high] from an int or an integral float; anything else is a clear error."""
+    integral = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not integral or not low <= int(value) <= high:
+        raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
+    return int(value)
+
+
 def check_top_k(top_k: int) -> int:
-    if isinstance(top_k, bool) or not float(top_k).is_integer() or not 1 <= int(top_k) <= MAX_TOP_K:
-        raise ExplorerError(f"top-k {top_k!r} is out of range: use a whole number from 1 to {MAX_TOP_K}")
-    return int(top_k)
+    return whole_number(top_k, "top-k", 1, MAX_TOP_K)
 
 
 class Explorer:
@@ -81,6 +87,10 @@ class Explorer:
         for directory in index_dirs:
             index = AttributionIndex.load(directory, model_hash=model.weights_hash)
             name = f"{Path(directory).name} ({index.label})"
+            if name in indexes:  # two folders with the same name and method: tell them apart by path
+                name = f"{directory} ({index.label})"
+            if name in indexes:
+                raise ExplorerError(f"index {str(directory)!r} is given twice: pass each --index once")
             indexes[name] = index
         classifier = load_classifier(classifier_dir if classifier_dir is not None else Path(model_dir) / "classifier")
         return cls(model, indexes, classifier)
@@ -143,7 +153,8 @@ class Explorer:
 
     def attribute_image(self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8) -> StepAttribution:
         """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep."""
-        name, _ = self.index(index_name)
+        name, index = self.index(index_name)
+        timestep = whole_number(timestep, "timestep", 0, int(index.meta["num_train_timesteps"]) - 1)
         if not isinstance(image, np.ndarray):
             image = image_to_array(image, self.model.sample_size)
         if image.ndim != 2 or image.shape != (self.model.sample_size, self.model.sample_size):

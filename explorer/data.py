@@ -91,7 +91,9 @@ def load_image_file(path: str | Path, size: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             return image_to_array(image, size)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except Image.DecompressionBombError as error:
+        raise ExplorerError(f"image file {str(path)!r} is too large to decode safely ({error}): pass a smaller image") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ExplorerError(
             f"image file {str(path)!r} could not be read as an image ({error}): pass a valid PNG/JPEG file"
         ) from error

@@ -89,7 +89,7 @@ def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das:
     done_path = partial / "done.npy"
     features = _open_memmap(partial / "features.npy", shape)  # (B, N, k)
     residuals = _open_memmap(partial / "residuals.npy", shape[:2]) if das else None  # (B, N)
-    done = np.load(done_path) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
+    done = np.load(done_path, allow_pickle=False) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
     if done.shape != (n_chunks,):
         raise ExplorerError(f"{str(done_path)!r} does not match this run: delete {str(partial)!r} to start over")
     return features, residuals, done, done_path
@@ -211,8 +211,8 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         raise ExplorerError(f"{str(source_dir)!r} kept no DAS residuals: featurize it again with --keep-features --das-weights")
     if (out_dir / META_NAME).is_file():
         raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
-    features = np.load(features_path, mmap_mode="r")
-    residuals = np.load(source_dir / RESIDUALS_NAME, mmap_mode="r") if options.das_weights else None
+    features = np.load(features_path, mmap_mode="r", allow_pickle=False)
+    residuals = np.load(source_dir / RESIDUALS_NAME, mmap_mode="r", allow_pickle=False) if options.das_weights else None
     dataset = Dataset(name=index.meta["dataset"]["name"], images=index.train_images, labels=index.train_labels,
                       ids=index.train_ids, class_names=index.class_names)
     base = {key: value for key, value in index.meta.items()
