@@ -18,7 +18,7 @@ import torch
 
 from explorer.classifier import FeatureClassifier, load_classifier
 from explorer.data import image_to_array, to_model_range
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, whole_number
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
@@ -56,14 +56,6 @@ class TrajectoryAttribution:
     def score_curve(self, position: int) -> np.ndarray:
         """(S,) the score of one training row at every step: when did this image matter?"""
         return np.array([step.scores[position] for step in self.steps])
-
-
-def whole_number(value, name: str, low: int, high: int) -> int:
-    """An int in [low, high] from an int or an integral float; anything else is a clear error."""
-    integral = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
-    if isinstance(value, bool) or not integral or not low <= int(value) <= high:
-        raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
-    return int(value)
 
 
 def check_top_k(top_k: int) -> int:

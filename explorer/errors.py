@@ -3,3 +3,14 @@
 
 class ExplorerError(ValueError):
     """A user-facing error. The message names the offending value and how to fix it."""
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or an ExplorerError naming it and the valid range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ExplorerError(f"{name} {value!r} is not a number: use a whole number from {low} to {high}") from None
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
+    return int(number)

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
+import gradio.utils as gr_utils
 import numpy as np
 from gradio.components.plot import PlotData
 
 from explorer import plots
 from explorer.attribution import MAX_TOP_K, Explorer, StepAttribution, TrajectoryAttribution
 from explorer.data import load_image_file
-from explorer.errors import ExplorerError
+from explorer.errors import ExplorerError, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
@@ -49,17 +50,6 @@ def user_errors(handler: Callable) -> Callable:
             logger.info("user error in %s: %s", handler.__name__, error)
             raise gr.Error(str(error), print_exception=False) from None
     return wrapper
-
-
-def whole_number(value, name: str, low: int, high: int) -> int:
-    """`value` as an int in [low, high], or an ExplorerError naming it."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ExplorerError(f"{name} {value!r} is not a number: use a whole number from {low} to {high}") from None
-    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
-        raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
-    return int(number)
 
 
 # -- serialized outputs (the events run with postprocess=False) -------------------------------
@@ -248,6 +238,10 @@ class Handlers:
         if not image:
             raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
         path = image.get("path") if isinstance(image, dict) else image  # preprocess=False: the upload's FileData
+        # preprocess=False skips gradio's own path check, so do it here: only files gradio received
+        # as uploads are read, never an arbitrary server path named by a crafted request.
+        if not isinstance(path, str) or not gr_utils.is_in_or_equal(path, gr_utils.get_upload_folder()):
+            raise ExplorerError(f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page")
         array = load_image_file(path, self.explorer.model.sample_size)
         timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
         top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)

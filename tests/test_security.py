@@ -62,3 +62,26 @@ def test_no_shell_and_no_pickle_in_code():
                     keywords = {k.arg: k.value for k in node.keywords}
                     value = keywords.get("allow_pickle")
                     assert isinstance(value, ast.Constant) and value.value is False, f"{path.name}:{node.lineno} np.load without allow_pickle=False"
+
+
+def _call(url: str, api_name: str, data: list) -> str:
+    """A raw API call (no gradio_client, which would upload local files itself): the SSE stream's text."""
+    import json
+
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
+        return response.read().decode()
+
+
+def test_attribute_image_refuses_server_paths(running_app):  # noqa: F811
+    """preprocess=False skips gradio's own path check: a crafted FileData path must still be refused."""
+    name = next(iter(running_app.explorer.indexes))
+    digit = ROOT / "docs" / "screenshot.png"  # a real image on the server, outside the upload folder
+    for path in (str(digit), SECRET, "../../../etc/passwd"):
+        stream = _call(running_app.url, "attribute_image", [{"path": path, "meta": {"_type": "gradio.FileData"}}, 100, 5, name])
+        # gradio refuses to move a non-uploaded file into its cache; the handler's own check backs it up
+        assert "event: error" in stream and "event: complete" not in stream, stream[:300]
+        assert "root:x" not in stream and "data:image/png" not in stream
