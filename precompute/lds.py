@@ -29,6 +29,7 @@ from explorer.data import load_builtin, to_model_range, train_heldout_split
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.model import load_model
+from precompute.eval_report import lds_plot
 from precompute.baselines import embedding_cosine, pixel_cosine, random_scores
 from precompute.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
 from precompute.methods import (cached_features, inner_product_scores, load_feature_set, spec_key, tracin_scores,
@@ -344,4 +345,5 @@ def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str 
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **payload)
         tmp.replace(path)
-    return [json_path, npz_path]
+    plot = lds_plot(run.results, results_dir / f"{name}.png")
+    return [json_path, npz_path] + ([plot] if plot is not None else [])
