@@ -32,16 +32,13 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model directory (default: assets/model, else the tiny /tmp/proto/tiny)")
-    parser.add_argument("--index", help="index directory (default: assets/index, else the tiny /tmp/proto/tidx)")
+    parser.add_argument("--model", default=str(ROOT / "assets/model"), help="model directory (default: the shipped one)")
+    parser.add_argument("--index", default=str(ROOT / "assets/index"), help="index directory (default: the shipped one)")
     parser.add_argument("--out", default=str(ROOT / "docs/screenshot.png"))
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--step", type=int, default=28, help="step to scrub to (0 = pure noise)")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
-    shipped = (ROOT / "assets/index/meta.json").is_file()
-    args.model = args.model or str(ROOT / "assets/model" if shipped else "/tmp/proto/tiny")
-    args.index = args.index or str(ROOT / "assets/index" if shipped else "/tmp/proto/tidx")
 
     from playwright.sync_api import sync_playwright
 

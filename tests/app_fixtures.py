@@ -17,7 +17,6 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import pytest  # noqa: E402
 
-FALLBACK_MODEL, FALLBACK_INDEX = "/tmp/proto/tiny", "/tmp/proto/tidx"
 
 
 @dataclass
@@ -52,19 +51,12 @@ def start_app(model_dir: str | Path, *index_dirs: str | Path) -> RunningApp:
 
 
 @pytest.fixture(scope="session")
-def app_assets(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+def app_assets(tiny_assets: tuple[Path, Path]) -> tuple[Path, Path]:
     """(model_dir, index_dir): $EXPLORER_TEST_MODEL/$EXPLORER_TEST_INDEX when both are set (a quick
-    way to test the app on assets built once), else conftest's `tiny_assets`, else /tmp/proto."""
+    way to test the app on assets built once), else conftest's `tiny_assets`."""
     if os.environ.get("EXPLORER_TEST_MODEL") and os.environ.get("EXPLORER_TEST_INDEX"):
         return Path(os.environ["EXPLORER_TEST_MODEL"]), Path(os.environ["EXPLORER_TEST_INDEX"])
-    try:
-        model_dir, index_dir = request.getfixturevalue("tiny_assets")
-    except pytest.FixtureLookupError:
-        model_dir, index_dir = FALLBACK_MODEL, FALLBACK_INDEX
-        if not (Path(model_dir).is_dir() and (Path(index_dir) / "meta.json").is_file()):
-            pytest.skip(f"no tiny_assets fixture and no model/index at {model_dir} / {index_dir}: "
-                        "set EXPLORER_TEST_MODEL and EXPLORER_TEST_INDEX")
-    return Path(model_dir), Path(index_dir)
+    return tiny_assets
 
 
 @pytest.fixture(scope="session")
