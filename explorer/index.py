@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
+from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.whitening import normalize_rows, whiten
 
@@ -82,7 +82,8 @@ def write_index(
 
     for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
         index = _build_faiss(vectors, storage)
-        write_atomic(directory / bucket_file(bucket), lambda tmp, index=index: faiss.write_index(index, tmp))
+        # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
+        write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
         record(bucket_file(bucket))
         save_npy_atomic(directory / factor_file(bucket), factor.astype(np.float64))
         record(factor_file(bucket))

@@ -29,7 +29,7 @@ def test_gcv_picks_a_grid_value_at_the_curve_minimum():
 
 def test_given_lambda_and_bad_values():
     phi = np.eye(4)
-    assert given_lambda(phi, 2.0).value == pytest.approx(2.0 * 0.25 * 4 / 4)
+    assert given_lambda(phi, 2.0).value == pytest.approx(2.0 * 1.0)  # mean eigenvalue of I_4 is 1
     with pytest.raises(ExplorerError, match="must be > 0"):
         given_lambda(phi, 0.0)
     with pytest.raises(ExplorerError, match="all zero"):
