@@ -174,7 +174,7 @@ def add_evaluate(commands) -> None:
     counterfactual.add_argument("--queries", type=positive_int, default=None, help="generated queries (default 20)")
     counterfactual.add_argument("--step", type=non_negative_int, default=None, help="sampler step of 50 (default 35)")
     counterfactual.add_argument("--method", default="best", help="TRAK-family method id (e.g. dtrak-square-norm), or "
-                                "'best': the best journey method of the LDS results (default)")
+                                "'best': the best TRAK-family method of the LDS results (default)")
     counterfactual.add_argument("--smoke", action="store_true", help="tiny end-to-end run on the smoke LDS cache")
     counterfactual.add_argument("--cache", default=None, help="model cache, shared with `evaluate lds` "
                                 "(default bench/cache/lds-digits[-smoke])")
@@ -206,7 +206,7 @@ def run_counterfactual(args) -> None:
         if not lds_path.is_file():
             raise ExplorerError(f"--method best reads the LDS results {str(lds_path)!r}, which do not exist: run "
                                 "`python -m precompute evaluate lds` first, or pass --method dtrak-square-norm")
-        config.method = json.loads(lds_path.read_text())["best_journey_method"]
+        config.method = json.loads(lds_path.read_text())["best_method"]
     else:
         config.method = args.method
     results = run_test(config, cache)

@@ -31,7 +31,7 @@ def lds_markdown(results: dict) -> str:
     for name, entry in results["claims"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(entry[g]) for g in GROUPS) + " |")
     if results.get("ablations"):
-        lines += ["", f"Ablations of {results['best_journey_method']} (one setting changed; difference from it):", "",
+        lines += ["", f"Ablations of {results['best_method']} (one setting changed; difference from it):", "",
                   "| variant | " + " | ".join(GROUPS) + " | journey minus base |", "|---|" + "---|" * (len(GROUPS) + 1)]
         for name, entry in results["ablations"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(entry["lds"][g]) for g in GROUPS)

@@ -251,9 +251,9 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
                              sign_check=sign_check(masks, truth, tau))
     timings["lds + bootstrap"] = round(time.perf_counter() - started, 1)
 
-    # 6. ablations of the feature spec, for the output function with the best journey LDS
+    # 6. ablations of the feature spec, for the TRAK/D-TRAK configuration with the best LDS over all queries
     started = time.perf_counter()
-    best = max((m for m in methods if m.startswith(("trak-", "dtrak-"))), key=lambda m: methods[m]["lds"]["journey"]["mean"])
+    best = max((m for m in methods if m.startswith(("trak-", "dtrak-"))), key=lambda m: methods[m]["lds"]["all"]["mean"])
     ablations = ablate(config, cache, full_dir, train_images, queries, masks, truth, groups, best, methods[best], scores, predicted)
     timings["ablations"] = round(time.perf_counter() - started, 1)
 
@@ -267,7 +267,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     }
     results = {"benchmark": "digits", "config": config.to_dict(), "train_size": len(train), "subsets": config.subsets,
                "queries": {kind: int(len(rows)) for kind, rows in groups.items()}, "methods": methods,
-               "claims": claims, "ablations": ablations, "lambda_sweep": sweep, "best_journey_method": best, "timings_s": timings,
+               "claims": claims, "ablations": ablations, "lambda_sweep": sweep, "best_method": best, "timings_s": timings,
                "truth_full_model": query_losses(full_model, queries, pairs).tolist()}
     return LDSRun(results, scores, predicted, truth, masks, queries, trained, complete=True)
 

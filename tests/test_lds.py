@@ -120,8 +120,8 @@ def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
         assert all(0 < d <= 1 for d in method["distinctness"].values())
     for name in run.results["methods"]:  # cached features give the same scores
         np.testing.assert_allclose(third.scores[name], run.scores[name], rtol=1e-5, atol=1e-6)
-    assert set(run.results["ablations"]) == {f"{run.results['methods'][run.results['best_journey_method']]['output']}"
-                                             f"{'-norm' if run.results['methods'][run.results['best_journey_method']]['normalize'] else ''}@buckets=2"}
+    assert set(run.results["ablations"]) == {f"{run.results['methods'][run.results['best_method']]['output']}"
+                                             f"{'-norm' if run.results['methods'][run.results['best_method']]['normalize'] else ''}@buckets=2"}
     paths = save_run(run, tmp_path, cache)
     with np.load(paths[1]) as data:
         masks = np.unpackbits(data["masks_packed"], axis=1)[:, :n].astype(bool)
