@@ -258,7 +258,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     timings["ablations"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
-    sweep = lambda_sweep(config, cache, masks, truth, groups, methods)
+    sweep = lambda_sweep(config, cache, masks, truth, groups, methods, scores)
     timings["lambda sweep"] = round(time.perf_counter() - started, 1)
 
     claims = {
@@ -296,13 +296,22 @@ def ablate(config: LDSConfig, cache: Path, full_dir: Path, train_images: np.ndar
     return out
 
 
-def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.ndarray, groups: dict, methods: dict) -> dict:
+def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.ndarray, groups: dict, methods: dict,
+                 scores: dict[str, np.ndarray]) -> dict:
     """Mean LDS over a grid of relative lambdas, and without whitening ("inf": gradient dot / cosine).
 
-    A diagnostic, not a method: picking lambda here would tune it on the benchmark, which is what
-    D-TRAK and DAS did and what the GCV choice avoids. It shows how much that tuning is worth.
+    A diagnostic, not a method: picking lambda on these numbers would tune it on the benchmark,
+    which is what D-TRAK and DAS did and what the GCV choice avoids. It shows how much that tuning
+    is worth. "validated" is the fair version of it: lambda picked on half of the queries scored
+    with half of the subset models, and reported on the other queries with the other models.
     """
     out = {}
+    rng = np.random.default_rng(config.mask_seed)
+    half = np.arange(len(masks)) % 2 == 0  # subset models: even j pick lambda, odd j test it
+    pick = np.zeros(truth.shape[1], dtype=bool)
+    for rows in (groups["heldout"], groups["generated"], groups["journey"]):
+        pick[rng.permutation(rows)[: len(rows) // 2]] = True  # half of each query kind picks lambda
+    test_groups = {g: np.intersect1d(rows, np.flatnonzero(~pick)) for g, rows in groups.items()}
     for output in config.sweep_outputs:
         spec = variant(config.spec, output=output)
         features = load_feature_set(cache / "features" / f"full_{spec_key(spec)}.npz", spec)
@@ -310,6 +319,8 @@ def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.nd
         entry = {"gcv": {"relative_lambda": methods[f"{family}-{output}"]["lambda"],
                          "raw": {g: methods[f"{family}-{output}"]["lds"][g]["mean"] for g in groups},
                          "norm": {g: methods[f"{family}-{output}-norm"]["lds"][g]["mean"] for g in groups}}}
+        split = {"gcv": {name: _split_lds(masks, truth, half, scores[f"{family}-{output}{suffix}"])
+                         for name, suffix in (("raw", ""), ("norm", "-norm"))}}
         grid = [(f"{value:g}", value) for value in config.sweep_lambdas] + [("inf", None)]
         for label, value in grid:
             if value is None:
@@ -317,13 +328,28 @@ def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.nd
             else:
                 whitened = whiten_features(features, relative_lambda=value)
                 train, query = whitened.train, whitened.query
-            entry[label] = {}
+            entry[label], split[label] = {}, {}
             for normalize, name in ((False, "raw"), (True, "norm")):
                 tau = inner_product_scores(train, query, features.query_bucket, normalize)
                 per_query = spearman_columns(truth, predictions(masks, tau))
                 entry[label][name] = {g: float(np.nanmean(per_query[rows])) for g, rows in groups.items()}
+                split[label][name] = _split_lds(masks, truth, half, tau)
+        validated = {}
+        for name in ("raw", "norm"):
+            candidates = [label for label in split if label != "gcv"]
+            chosen = max(candidates, key=lambda label: np.nanmean(split[label][name][0][pick]))
+            validated[name] = {"chosen": chosen,
+                               "test": {g: float(np.nanmean(split[chosen][name][1][rows])) for g, rows in test_groups.items()},
+                               "gcv_test": {g: float(np.nanmean(split["gcv"][name][1][rows])) for g, rows in test_groups.items()}}
+        entry["validated"] = validated
         out[output] = entry
     return out
+
+
+def _split_lds(masks: np.ndarray, truth: np.ndarray, half: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query LDS on the subset models of `half`, and on the others."""
+    g = predictions(masks, tau)
+    return spearman_columns(truth[half], g[half]), spearman_columns(truth[~half], g[~half])
 
 
 def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:

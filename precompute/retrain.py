@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 TRACIN_DIR = "tracin"
 EMA_DECAY = 0.999  # fixed here, not taken from TrainConfig's default, so the recipe cannot drift
+# train_ddpm ignores classifier_epochs, but its checkpoints record it and refuse to resume when it
+# differs: pinned here so a new TrainConfig default cannot strand a half-trained cached model.
+CHECKPOINT_CLASSIFIER_EPOCHS = 12
 WEIGHT_SETTINGS = ("steps", "batch_size", "learning_rate", "ema_decay", "seed")  # what the DDPM weights depend on  # raw (non-EMA) weights of the full model at its TracIn checkpoints
 
 
@@ -45,7 +48,7 @@ class Recipe:
     def train_config(self, steps: int | None = None) -> TrainConfig:
         return TrainConfig(steps=self.steps if steps is None else steps, batch_size=self.batch_size,
                            learning_rate=self.learning_rate, ema_decay=EMA_DECAY, seed=self.seed,
-                           checkpoint_every=self.checkpoint_every)
+                           checkpoint_every=self.checkpoint_every, classifier_epochs=CHECKPOINT_CLASSIFIER_EPOCHS)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
