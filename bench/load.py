@@ -11,38 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-ROOT = Path(__file__).resolve().parents[1]
+from app_latency import ROOT, free_port, percentile, wait_for_page  # noqa: E402  (bench/ is on sys.path)
+
 STEP_INFO = re.compile(r"step (\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout: float) -> float:
-    import urllib.request
-
-    started = time.time()
-    while time.time() - started < timeout:
-        if process.poll() is not None:
-            raise SystemExit(f"the app exited with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return time.time() - started
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"the app did not answer on {url} within {timeout:.0f} s")
 
 
 def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, results: dict, lock: threading.Lock) -> None:
@@ -56,7 +35,7 @@ def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, resul
         outputs = client.predict(seed, steps, 8, None, api_name="/generate")
         latencies["generate"].append(time.perf_counter() - started)
         own_start = client.predict(0, api_name="/scrub")[1]["url"]  # x_t at step 0: this session's noise
-        rng = __import__("random").Random(seed)
+        rng = random.Random(seed)
         for _ in range(scrubs):
             if time.time() > deadline:
                 errors.append("deadline reached")
@@ -81,11 +60,6 @@ def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, resul
         results["errors"].extend(errors)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=8)
@@ -104,7 +78,7 @@ def main() -> int:
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        print(f"app served after {wait_for(url, process, 120):.1f} s")
+        print(f"app served after {wait_for_page(url, process, 120):.1f} s")
         results: dict = {"generate": [], "scrub": [], "errors": [], "starts": []}
         lock = threading.Lock()
         deadline = time.time() + args.timeout
@@ -122,6 +96,9 @@ def main() -> int:
     print(f"{args.sessions} concurrent sessions, {args.scrubs} scrubs each, {args.steps}-step generations, wall {wall:.1f} s")
     for kind in ("generate", "scrub"):
         values = results[kind]
+        if not values:
+            print(f"{kind:>8}: n=0")
+            continue
         print(f"{kind:>8}: n={len(values)}  p50={percentile(values, 50) * 1000:.0f} ms  p95={percentile(values, 95) * 1000:.0f} ms"
               "  (client round trip on 127.0.0.1, queueing included)")
     if len(set(results["starts"])) != len(results["starts"]):
