@@ -339,11 +339,17 @@ def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.nd
             candidates = [label for label in split if label != "gcv"]
             chosen = max(candidates, key=lambda label: np.nanmean(split[label][name][0][pick]))
             validated[name] = {"chosen": chosen,
-                               "test": {g: float(np.nanmean(split[chosen][name][1][rows])) for g, rows in test_groups.items()},
-                               "gcv_test": {g: float(np.nanmean(split["gcv"][name][1][rows])) for g, rows in test_groups.items()}}
+                               "test": {g: _mean(split[chosen][name][1][rows]) for g, rows in test_groups.items()},
+                               "gcv_test": {g: _mean(split["gcv"][name][1][rows]) for g, rows in test_groups.items()}}
         entry["validated"] = validated
         out[output] = entry
     return out
+
+
+def _mean(values: np.ndarray) -> float:
+    """nanmean that gives NaN for an empty or all-NaN group without a warning."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
 
 
 def _split_lds(masks: np.ndarray, truth: np.ndarray, half: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
