@@ -359,20 +359,21 @@ def _split_lds(masks: np.ndarray, truth: np.ndarray, half: np.ndarray, tau: np.n
 
 
 def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:
-    """Small results to results_dir (JSON + NPZ: masks, truth, predictions, per-query LDS); the full
-    score matrices (Q x N per method, for re-scoring with other subsets) to the cache."""
+    """Small results to results_dir (JSON; NPZ: masks, truth, the queries, per-query LDS of every method),
+    a PNG plot; the score matrices tau (Q x N per method) and predictions g (M x Q) to the cache."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path, npz_path = results_dir / f"{name}.json", results_dir / f"{name}.npz"
     write_json_atomic(json_path, run.results)
+    queries = run.queries.to_arrays()
     arrays = {"masks_packed": np.packbits(run.masks, axis=1), "masks_shape": np.array(run.masks.shape),
-              "truth": run.truth.astype(np.float32), **{k: v for k, v in run.queries.to_arrays().items() if k != "query_images"}}
-    for method, g in run.predictions.items():
-        arrays[f"pred:{method}"] = g.astype(np.float32)
-    boot_methods = run.results["methods"]
-    arrays["method_names"] = np.array(sorted(boot_methods))
-    arrays["lds_per_query"] = np.stack([spearman_columns(run.truth, run.predictions[m]) for m in sorted(boot_methods)])
-    for path, payload in ((npz_path, arrays), (Path(cache) / "scores.npz", run.scores)):
+              "truth": run.truth.astype(np.float32), **queries, "query_images": queries["query_images"].astype(np.float16)}
+    names = sorted(run.predictions)
+    arrays["method_names"] = np.array(names)
+    arrays["lds_per_query"] = np.stack([spearman_columns(run.truth, run.predictions[m]) for m in names])  # (methods, Q)
+    predictions_by_method = {name: g.astype(np.float32) for name, g in run.predictions.items()}
+    for path, payload in ((npz_path, arrays), (Path(cache) / "scores.npz", run.scores),
+                          (Path(cache) / "predictions.npz", predictions_by_method)):
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **payload)

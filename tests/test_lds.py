@@ -126,7 +126,7 @@ def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
     with np.load(paths[1]) as data:
         masks = np.unpackbits(data["masks_packed"], axis=1)[:, :n].astype(bool)
         np.testing.assert_array_equal(masks, run.masks)
-        assert data["lds_per_query"].shape == (len(run.results["methods"]), q)
+        assert data["lds_per_query"].shape == (len(run.predictions), q)
     assert "trak-loss" in lds_markdown(run.results)
 
 
