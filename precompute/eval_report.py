@@ -41,10 +41,10 @@ def lds_markdown(results: dict) -> str:
                   "i.e. gradient dot / cosine); mean LDS, raw | ReTrac-normalized:", "",
                   "| output | relative lambda | heldout | generated | journey | heldout (norm) | generated (norm) | journey (norm) |",
                   "|---|---|---|---|---|---|---|---|"]
+        order = lambda label: (0, 0.0) if label == "gcv" else (2, 0.0) if label == "inf" else (1, float(label))  # noqa: E731
         for output, entry in results["lambda_sweep"].items():
-            for label, values in entry.items():
-                if label == "validated":
-                    continue
+            for label in sorted((k for k in entry if k != "validated"), key=order):
+                values = entry[label]
                 if label == "gcv":
                     label = "GCV (" + ", ".join(f"{v:.2g}" for v in values["relative_lambda"].values()) + ")"
                 cells = [f"{values[kind][g]:.3f}" for kind in ("raw", "norm") for g in ("heldout", "generated", "journey")]
