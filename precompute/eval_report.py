@@ -58,8 +58,59 @@ def lds_markdown(results: dict) -> str:
             for name, values in entry["validated"].items():
                 cells = [f"{values[key][g]:.3f}" for key in ("test", "gcv_test") for g in ("heldout", "generated", "journey")]
                 lines.append(f"| {output} | {name} | {values['chosen']} | " + " | ".join(cells) + " |")
+    if results.get("defaults"):
+        lines += ["", defaults_markdown(results["defaults"])]
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     lines += ["", f"wall times: {timings}"]
+    return "\n".join(lines)
+
+
+def _lambda_order(label: str) -> float:
+    return -1.0 if label == "gcv" else float(label)
+
+
+def defaults_markdown(defaults: dict) -> str:
+    """The tables of the shipped-default study (precompute/lds_defaults.py)."""
+    config = defaults["config"]
+    lines = [f"Shipped-default study: count-sketch features folded from k = {config['folded_from_k']}; lambda relative "
+             "to the mean eigenvalue of Phi^T Phi; mean LDS [95% bootstrap CI over all subset models]; last column: "
+             f"minus the same row at lambda {config['reference']:g} (paired)", "",
+             "| method | k | lambda | " + " | ".join(GROUPS) + f" | all minus lambda {config['reference']:g} |",
+             "|---|---|---|" + "---|" * (len(GROUPS) + 1)]
+    plain = {key: row for key, row in defaults["rows"].items() if "storage" not in row}
+    order = sorted(plain, key=lambda key: (plain[key]["output"] != config["output"], plain[key]["output"], plain[key]["k"],
+                                           not plain[key]["normalize"], _lambda_order(plain[key]["lambda"])))
+    for key in order:
+        row = plain[key]
+        label = row["lambda"]
+        if label == "gcv":
+            label = "GCV (" + ", ".join(f"{v:.2g}" for v in row["relative_lambda"].values()) + ")"
+        minus = _cell(row["minus_reference"]["all"]) if "minus_reference" in row else "-"
+        lines.append(f"| {key.split('@')[0]} | {row['k']} | {label} | " + " | ".join(_cell(row["lds"][g]) for g in GROUPS)
+                     + f" | {minus} |")
+    lines += ["", "Fair protocol: lambda (GCV or fixed) picked on half of the queries with the even subset models; "
+              "LDS on the other queries with the odd models [95% CI over the odd models]:", "",
+              "| method | k | chosen lambda (pick LDS) | " + " | ".join(GROUPS) + " | GCV: all | lambda "
+              f"{config['reference']:g}: all |", "|---|---|---|" + "---|" * (len(GROUPS) + 2)]
+    reference = f"{config['reference']:g}"
+    for family, entry in defaults["fair"].items():
+        chosen = entry["chosen"]
+        test = entry["test"][chosen]
+        lines.append(f"| {family.split('@')[0]} | {entry['k']} | {chosen} ({entry['pick_lds'][chosen]:.3f}) | "
+                     + " | ".join(_cell(test[g]) for g in GROUPS) + f" | {_cell(entry['test']['gcv']['all'])} | "
+                     + (f"{_cell(entry['test'][reference]['all'])} |" if reference in entry["test"] else "- |"))
+    lines += ["", "Paired differences on the whole benchmark at the fairly chosen lambdas:", "",
+              "| difference | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
+    for name, entry in defaults["differences"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(entry[g]) for g in GROUPS) + " |")
+    stored = {key: row for key, row in defaults["rows"].items() if "storage" in row}
+    if stored:
+        lines += ["", "Stored-vector precision (FAISS scalar quantizer on the normalized training rows; queries float32):",
+                  "", "| method | k | lambda | storage | all | heldout | journey | all minus float32 |", "|---|---|---|---|---|---|---|---|"]
+        for key, row in stored.items():
+            lines.append(f"| {key.split('@')[0]} | {row['k']} | {row['lambda']} | {row['storage']} | "
+                         + " | ".join(_cell(row["lds"][g]) for g in ("all", "heldout", "journey"))
+                         + f" | {_cell(row['minus_float32']['all'])} |")
     return "\n".join(lines)
 
 

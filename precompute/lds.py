@@ -23,18 +23,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from explorer.atomic import save_npy_atomic, write_json_atomic
+from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
 from explorer.classifier import load_classifier
 from explorer.data import load_builtin, to_model_range, train_heldout_split
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.model import load_model
-from precompute.eval_report import lds_plot
+from precompute.eval_report import lds_markdown, lds_plot
 from precompute.baselines import embedding_cosine, pixel_cosine, random_scores
 from precompute.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
+from precompute.lds_defaults import DefaultsConfig, shipped_defaults
 from precompute.methods import (cached_features, inner_product_scores, load_feature_set, spec_key, tracin_scores,
                                 trak_scores, variant, whiten_features)
-from precompute.metrics import LDSBootstrap, distinctness, predictions, spearman_columns
+from precompute.metrics import LDSBootstrap, distinctness, fair_split, predictions, spearman_columns
 from precompute.retrain import Recipe, load_raw_weights, subset_masks, train_cached, train_full_with_checkpoints
 from precompute.train import TrainConfig, train_classifier
 
@@ -65,6 +66,7 @@ class LDSConfig:
     ablations: tuple[tuple[str, int], ...] = (("buckets", 5), ("buckets", 20), ("noise_draws", 4), ("proj_dim", 512))
     sweep_outputs: tuple[str, ...] = ("loss", "square", "mean")  # lambda sweep (a diagnostic: chosen on the benchmark)
     sweep_lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue
+    defaults: DefaultsConfig | None = field(default_factory=DefaultsConfig)  # the shipped-default study (needs >= 6 subsets)
     bootstrap: int = 1000
     top: int = 10  # distinctness top-list length
     classifier_epochs: int = 12
@@ -80,7 +82,8 @@ def smoke_config(subsets: int = 4) -> LDSConfig:
                      generated=2, trajectories=1, journey_steps=(2, 5, 8), sampler_steps=10, truth_pairs=16,
                      spec=FeatureSpec(output="loss", buckets=4, proj_dim=64), das_outputs=("square",),
                      ablations=(("buckets", 2),), sweep_outputs=("loss",), sweep_lambdas=(1.0,), bootstrap=50,
-                     classifier_epochs=1)
+                     classifier_epochs=1, defaults=DefaultsConfig(dims=(32, 64), shippable=(32,), compare=("square",),
+                                                                  lambdas=(1.0,), reference=1.0, storages=("int8",)))
 
 
 @dataclass
@@ -261,6 +264,15 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     sweep = lambda_sweep(config, cache, masks, truth, groups, methods, scores)
     timings["lambda sweep"] = round(time.perf_counter() - started, 1)
 
+    # 7. the shipped default: k x lambda rule x output, lambda chosen by the fair protocol
+    started, defaults = time.perf_counter(), {}
+    if config.defaults is not None and config.subsets >= 6:
+        defaults = shipped_defaults(config.defaults, config.spec, cache / "features", masks, truth, groups,
+                                    fair_split(config.subsets, groups, config.mask_seed), config.bootstrap)
+    elif config.defaults is not None:
+        logger.info("the shipped-default study needs 3 subset models on each side of its split: use --subsets 6 or more")
+    timings["shipped defaults"] = round(time.perf_counter() - started, 1)
+
     compared = {"square_minus_loss": ("dtrak-square", "trak-loss"),  # D-TRAK's headline claim
                 "square_norm_minus_loss_norm": ("dtrak-square-norm", "trak-loss-norm"),
                 "mean_minus_loss": ("dtrak-mean", "trak-loss"), "mean_minus_square": ("dtrak-mean", "dtrak-square"),
@@ -272,7 +284,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
               for name, (first, second) in compared.items() if first in scores and second in scores}
     results = {"benchmark": "digits", "config": config.to_dict(), "train_size": len(train), "subsets": config.subsets,
                "queries": {kind: int(len(rows)) for kind, rows in groups.items()}, "methods": methods,
-               "claims": claims, "ablations": ablations, "lambda_sweep": sweep, "best_method": best, "timings_s": timings,
+               "claims": claims, "ablations": ablations, "lambda_sweep": sweep, "defaults": defaults, "best_method": best, "timings_s": timings,
                "truth_full_model": query_losses(full_model, queries, pairs).tolist()}
     return LDSRun(results, scores, predicted, truth, masks, queries, trained, complete=True)
 
@@ -311,12 +323,8 @@ def lambda_sweep(config: LDSConfig, cache: Path, masks: np.ndarray, truth: np.nd
     with half of the subset models, and reported on the other queries with the other models.
     """
     out = {}
-    rng = np.random.default_rng(config.mask_seed)
-    half = np.arange(len(masks)) % 2 == 0  # subset models: even j pick lambda, odd j test it
-    pick = np.zeros(truth.shape[1], dtype=bool)
-    for rows in (groups["heldout"], groups["generated"], groups["journey"]):
-        pick[rng.permutation(rows)[: len(rows) // 2]] = True  # half of each query kind picks lambda
-    test_groups = {g: np.intersect1d(rows, np.flatnonzero(~pick)) for g, rows in groups.items()}
+    fair = fair_split(len(masks), groups, config.mask_seed)
+    half, pick, test_groups = fair.pick_models, fair.pick, fair.test_groups  # even j / half of each kind pick lambda
     for output in config.sweep_outputs:
         spec = variant(config.spec, output=output)
         features = load_feature_set(cache / "features" / f"full_{spec_key(spec)}.npz", spec)
@@ -364,12 +372,14 @@ def _split_lds(masks: np.ndarray, truth: np.ndarray, half: np.ndarray, tau: np.n
 
 
 def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:
-    """Small results to results_dir (JSON; NPZ: masks, truth, the queries, per-query LDS of every method),
-    a PNG plot; the score matrices tau (Q x N per method) and predictions g (M x Q) to the cache."""
+    """Small results to results_dir (JSON; Markdown tables; NPZ: masks, truth, the queries, per-query LDS of every
+    method), a PNG plot; the score matrices tau (Q x N per method) and predictions g (M x Q) to the cache."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path, npz_path = results_dir / f"{name}.json", results_dir / f"{name}.npz"
     write_json_atomic(json_path, run.results)
+    markdown_path = results_dir / f"{name}.md"
+    write_atomic(markdown_path, lambda tmp: Path(tmp).write_text(lds_markdown(run.results) + "\n"))
     queries = run.queries.to_arrays()
     arrays = {"masks_packed": np.packbits(run.masks, axis=1), "masks_shape": np.array(run.masks.shape),
               "truth": run.truth.astype(np.float32), **queries, "query_images": queries["query_images"].astype(np.float16)}
@@ -384,4 +394,4 @@ def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str 
             np.savez_compressed(handle, **payload)
         tmp.replace(path)
     plot = lds_plot(run.results, results_dir / f"{name}.png")
-    return [json_path, npz_path] + ([plot] if plot is not None else [])
+    return [json_path, npz_path, markdown_path] + ([plot] if plot is not None else [])

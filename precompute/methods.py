@@ -194,6 +194,23 @@ def tracin_scores(checkpoints: list[FeatureSet], learning_rate: float, normalize
     return total
 
 
+def fold_features(features: FeatureSet, dim: int) -> FeatureSet:
+    """Count-sketch features at k -> the same sketch at k' = `dim` (k' divides k), without new gradients.
+
+    The projector draws h(j) with torch.randint(0, k) from a generator seeded by proj_seed, so the
+    hash at k' is the hash at k modulo k' and the signs are the same draws: column c of the k'
+    sketch is the sum of columns c, c + k', c + 2k', ... of the k sketch (checked against features
+    computed at k' in tests/test_lds.py). Bucket means commute with the sum. DAS residuals are kept.
+    """
+    k = features.spec.proj_dim
+    if features.spec.projector != "countsketch" or dim < 1 or k % dim:
+        raise ExplorerError(f"cannot fold {features.spec.projector} features of k={k} to k={dim}: folding needs the "
+                            "count-sketch projector and a k' that divides k")
+    fold = lambda phi: phi.reshape(len(phi), k // dim, dim).sum(1)  # noqa: E731  (n, k) -> (n, k')
+    return FeatureSet(spec=variant(features.spec, proj_dim=dim), train={b: fold(phi) for b, phi in features.train.items()},
+                      query=fold(features.query), query_bucket=features.query_bucket, residuals=features.residuals)
+
+
 def spec_key(spec: FeatureSpec) -> str:
     return f"{spec.output}_B{spec.buckets}_m{spec.timesteps_per_bucket}_R{spec.noise_draws}_k{spec.proj_dim}"
 

@@ -84,3 +84,24 @@ def distinctness(scores: np.ndarray, top: int = 10) -> float:
         raise ExplorerError(f"scores of shape {scores.shape} cannot give top-{top} lists")
     best = np.argpartition(-scores, top - 1, axis=1)[:, :top]  # (Q, top)
     return float(len(np.unique(best)) / best.size)
+
+
+@dataclass
+class FairSplit:
+    """Validation without peeking: a setting is picked on the `pick` queries scored with the `pick_models`
+    subset models, and reported on the other queries (`test_groups`) with the other models."""
+
+    pick_models: np.ndarray  # (M,) bool: even j
+    pick: np.ndarray  # (Q,) bool: half of each query kind
+    test_groups: dict[str, np.ndarray]  # group -> query rows not in `pick`
+
+
+def fair_split(subsets: int, groups: dict[str, np.ndarray], seed: int, kinds=("heldout", "generated", "journey")) -> FairSplit:
+    """Even subset models pick, odd ones test; a seeded random half of every query kind picks."""
+    rng = np.random.default_rng(seed)
+    pick = np.zeros(len(groups["all"]), dtype=bool)  # groups["all"] is every query
+    for kind in kinds:
+        rows = groups[kind]
+        pick[rng.permutation(rows)[: len(rows) // 2]] = True
+    test_groups = {g: np.intersect1d(rows, np.flatnonzero(~pick)) for g, rows in groups.items()}
+    return FairSplit(pick_models=np.arange(subsets) % 2 == 0, pick=pick, test_groups=test_groups)

@@ -138,3 +138,64 @@ def test_cache_of_other_settings_is_refused(smoke_runs):
     cache, config, *_ = smoke_runs
     with pytest.raises(ExplorerError, match="other settings"):
         run_lds(replace(config, truth_pairs=config.truth_pairs + 1), cache)
+
+
+def test_folded_count_sketch_equals_features_computed_at_the_smaller_k():
+    from explorer.errors import ExplorerError
+    from explorer.features import FeatureSpec
+    from precompute.methods import compute_features, fold_features
+
+    rng = np.random.default_rng(0)
+    queries = QuerySet(images=rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32), kinds=np.array(["heldout", "journey"]),
+                       timesteps=np.array([-1, 600]), sources=np.arange(2), steps=np.array([-1, 20]))
+    train = rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32)
+    model = _untrained_model()
+    spec = FeatureSpec(output="mean", buckets=4, proj_dim=64)
+    folded = fold_features(compute_features(model, spec, train, queries), 16)
+    direct = compute_features(model, replace(spec, proj_dim=16), train, queries)
+    assert folded.spec == direct.spec and set(folded.train) == set(direct.train)
+    for b in direct.train:
+        np.testing.assert_allclose(folded.train[b], direct.train[b], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(folded.query, direct.query, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ExplorerError, match="divides"):
+        fold_features(direct, 5)
+
+
+def test_shipped_defaults_picks_the_lambda_that_generated_the_truth(tmp_path):
+    """Synthetic features whose truth is an exact linear datamodel of one (k, lambda) row: the fair protocol
+    must pick that lambda, with LDS 1 on the test half."""
+    from explorer.features import FeatureSpec
+    from precompute.eval_report import defaults_markdown
+    from precompute.lds_defaults import DefaultsConfig, shipped_defaults
+    from precompute.methods import GLOBAL, FeatureSet, fold_features, save_feature_set, spec_key, trak_scores, whiten_features
+    from precompute.metrics import fair_split
+
+    rng = np.random.default_rng(0)
+    n, q, m = 40, 12, 12
+    bucket = np.array([GLOBAL] * 8 + [1] * 4)  # 6 heldout + 2 generated whole-image queries, 4 journey queries
+    groups = {"all": np.arange(q), "heldout": np.arange(6), "generated": np.arange(6, 8), "journey": np.arange(8, 12)}
+    base = FeatureSpec(output="loss", buckets=4, proj_dim=16)
+    for output in ("mean", "square"):
+        spec = replace(base, output=output)
+        features = FeatureSet(spec=spec, train={GLOBAL: rng.normal(size=(n, 16)).astype(np.float32),
+                                                1: rng.normal(size=(n, 16)).astype(np.float32)},
+                              query=rng.normal(size=(q, 16)).astype(np.float32), query_bucket=bucket, residuals=None)
+        save_feature_set(features, tmp_path / f"full_{spec_key(spec)}.npz")
+        if output == "mean":
+            small = fold_features(features, 8)
+            tau = trak_scores(whiten_features(small, relative_lambda=1.0), bucket, normalize=True)
+    masks = subset_masks(m, n, 0.5, seed=0)
+    truth = -(masks @ tau.T)  # f_j(q) exactly linear in the mean-norm k=8 lambda=1 scores
+    config = DefaultsConfig(dims=(8, 16), shippable=(8,), compare=("square",), lambdas=(1e-3, 1.0), reference=1.0, storages=("float16", "int8"))
+    defaults = shipped_defaults(config, base, tmp_path, masks, truth, groups, fair_split(m, groups, 0), resamples=20)
+    exact = defaults["fair"]["dtrak-mean-norm@k=8"]
+    assert exact["chosen"] == "1" and exact["test"]["1"]["all"]["mean"] == pytest.approx(1.0)
+    assert set(defaults["fair"]) == {"dtrak-mean@k=8", "dtrak-mean-norm@k=8", "dtrak-mean@k=16", "dtrak-mean-norm@k=16",
+                                     "dtrak-square-norm@k=8"}
+    assert len(defaults["rows"]) == (4 + 1) * 3 + 2  # (4 mean + 1 square variants) x 3 lambdas + 2 storages
+    for row in defaults["rows"].values():
+        assert all(-1 <= e["ci95"][0] <= e["ci95"][1] <= 1 for e in row["lds"].values())
+    fp16 = defaults["rows"]["dtrak-mean-norm@k=8,lambda=1,float16"]
+    assert fp16["lds"]["all"]["mean"] == pytest.approx(1.0, abs=0.02), "fp16 storage barely changes the scores"
+    assert "@k=8: mean-norm minus square-norm (chosen lambdas)" in defaults["differences"]
+    assert "dtrak-square-norm" in defaults_markdown(defaults)
