@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from explorer.errors import ExplorerError
@@ -32,9 +33,19 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
     return value
+
+
+def lambda_rule(text: str) -> float | None:
+    """--lambda: `gcv` (None) or a number > 0, relative to the mean eigenvalue of Phi^T Phi."""
+    if text.strip().lower() == "gcv":
+        return None
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}: use a number > 0 such as 0.01, or gcv") from None
 
 
 def add_train(commands) -> None:
@@ -74,6 +85,7 @@ def run_train(args) -> None:
 
 def add_featurize(commands) -> None:
     from explorer.features import FeatureSpec
+    from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 
     spec = FeatureSpec()
     parser = commands.add_parser("featurize", help="per-example projected gradients -> an index directory")
@@ -94,9 +106,9 @@ def add_featurize(commands) -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
     parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
-    parser.add_argument("--lambda", dest="relative_lambda", type=positive_float, default=None,
-                        help="ridge lambda relative to the mean eigenvalue of Phi^T Phi (default: chosen by GCV "
-                             "on held-out training features)")
+    parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
+                        help=f"ridge lambda relative to the mean eigenvalue of Phi^T Phi (default {DEFAULT_RELATIVE_LAMBDA:g}, "
+                             "validated on the digits LDS benchmark), or gcv: chosen by GCV on held-out training features")
     parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
     parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
@@ -109,7 +121,8 @@ def add_featurize(commands) -> None:
     parser.add_argument("--out", required=True, help="index directory to write")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--das-weights", action="store_true")
-    parser.add_argument("--lambda", dest="relative_lambda", type=positive_float, default=None)
+    parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
+                        help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv")
     parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
     parser.set_defaults(run=run_reindex)
 

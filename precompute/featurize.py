@@ -28,7 +28,7 @@ from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, STORAGES, AttributionIndex, write_index
 from explorer.model import DiffusionModel
-from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.whitening import DEFAULT_RELATIVE_LAMBDA, LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ RESIDUALS_NAME = "raw_residuals.npy"  # (B, N) float32, only with --keep-feature
 class FeaturizeOptions:
     normalize: bool = True  # Diffusion-ReTrac: L2-normalize stored and query vectors
     das_weights: bool = False  # DAS: scale each training row by its residual weight
-    relative_lambda: float | None = None  # None: choose by GCV on held-out training features
+    relative_lambda: float | None = DEFAULT_RELATIVE_LAMBDA  # None: choose by GCV on held-out training features
     storage: str = "float32"  # float32 (exact) or float16 (half the disk)
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)

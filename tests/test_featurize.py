@@ -17,11 +17,11 @@ def _files(directory):
 
 def test_interrupted_featurize_resumes_to_an_identical_index(tiny_model, tiny_train_subset, tmp_path):
     data = tiny_train_subset.subset(np.arange(90), "resume")
-    options = FeaturizeOptions(chunk_size=20, das_weights=True)
+    options = FeaturizeOptions(chunk_size=20, das_weights=True, relative_lambda=None)  # None: lambda by GCV
     clean = featurize(tiny_model, data, tmp_path / "clean", SPEC, options)
     assert clean.complete and clean.pairs == 90 * 3
 
-    first = featurize(tiny_model, data, tmp_path / "resumed", SPEC, FeaturizeOptions(chunk_size=20, das_weights=True, max_chunks=2))
+    first = featurize(tiny_model, data, tmp_path / "resumed", SPEC, FeaturizeOptions(chunk_size=20, das_weights=True, relative_lambda=None, max_chunks=2))
     assert not first.complete and first.pairs == 40 * 3
     assert not (tmp_path / "resumed" / META_NAME).exists()
     with pytest.raises(ExplorerError, match="unfinished featurize"):
@@ -55,3 +55,28 @@ def test_wrong_resolution_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(ExplorerError, match="16x16 but the model expects 8x8"):
         featurize(tiny_model, load_builtin("digits", size=16), tmp_path / "y", SPEC)
+
+
+def test_default_lambda_is_the_validated_relative_value(tiny_index_dir):
+    from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
+
+    lambdas = json.loads((tiny_index_dir / META_NAME).read_text())["lambda"]
+    assert {entry["method"] for entry in lambdas} == {"given"}
+    assert all(entry["relative"] == DEFAULT_RELATIVE_LAMBDA and entry["value"] > 0 for entry in lambdas)
+
+
+@pytest.mark.parametrize("text, expected", [("gcv", None), ("GCV", None), ("0.5", 0.5), ("1e-3", 1e-3)])
+def test_lambda_argument_takes_gcv_or_a_positive_number(text, expected):
+    from precompute.__main__ import lambda_rule
+
+    assert lambda_rule(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "small", "nan", "inf"])
+def test_bad_lambda_argument_names_the_value_and_the_fix(text):
+    import argparse
+
+    from precompute.__main__ import lambda_rule
+
+    with pytest.raises(argparse.ArgumentTypeError, match="or gcv"):
+        lambda_rule(text)
