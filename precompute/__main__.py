@@ -85,6 +85,7 @@ def run_train(args) -> None:
 
 def add_featurize(commands) -> None:
     from explorer.features import FeatureSpec
+    from explorer.index import STORAGES
     from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 
     spec = FeatureSpec()
@@ -95,7 +96,7 @@ def add_featurize(commands) -> None:
     parser.add_argument("--split", choices=("train", "all"), default="train",
                         help="train: the fixed 90%% training split the model was trained on (default); all: every image")
     parser.add_argument("--output", choices=("loss", "square", "mean", "l1", "l2"), default=spec.output,
-                        help="output function (default square, D-TRAK)")
+                        help="output function (default mean: D-TRAK's best on the LDS benchmark, docs/evaluation.md)")
     parser.add_argument("--buckets", type=positive_int, default=spec.buckets)
     parser.add_argument("--timesteps-per-bucket", type=positive_int, default=spec.timesteps_per_bucket)
     parser.add_argument("--noise-draws", type=positive_int, default=spec.noise_draws)
@@ -109,7 +110,8 @@ def add_featurize(commands) -> None:
     parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
                         help=f"ridge lambda relative to the mean eigenvalue of Phi^T Phi (default {DEFAULT_RELATIVE_LAMBDA:g}, "
                              "validated on the digits LDS benchmark), or gcv: chosen by GCV on held-out training features")
-    parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--storage", choices=STORAGES, default="float32",
+                        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
     parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
     parser.add_argument("--keep-features", action="store_true",
@@ -123,7 +125,8 @@ def add_featurize(commands) -> None:
     parser.add_argument("--das-weights", action="store_true")
     parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
                         help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv")
-    parser.add_argument("--storage", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--storage", choices=STORAGES, default="float32",
+                        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
     parser.set_defaults(run=run_reindex)
 
 
