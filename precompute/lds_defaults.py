@@ -41,7 +41,7 @@ class DefaultsConfig:
     dims: tuple[int, ...] = (256, 512, 2048)  # k studied for `output` (each divides the cached k)
     shippable: tuple[int, ...] = (256, 512)  # k's whose index fits the size budget: `compare` and storage run here
     compare: tuple[str, ...] = ("square", "loss")  # the other outputs, ReTrac-normalized, at the shippable k's
-    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # fixed lambdas relative to the mean eigenvalue of Phi^T Phi
+    lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 1e-1, 1.0)  # fixed lambdas relative to the mean eigenvalue of Phi^T Phi
     reference: float = 1e-2  # every lambda is also reported minus this one (paired)
     storages: tuple[str, ...] = ("float16", "int8")  # stored-vector precisions, `output` normalized at the reference
 
