@@ -2,7 +2,9 @@
 
     meta.json            format version, model-weights hash, dataset, feature spec, projector,
                          lambda, normalization, DAS, counts, and a sha256 per file below
-    bucket_BB.faiss      one FAISS inner-product index per timestep bucket (rows = training items)
+    bucket_BB.faiss      one FAISS inner-product index per timestep bucket (rows = training items):
+                         exact (flat) or, for large training sets, IVF (index_type "ivf": inverted
+                         lists, nlist and nprobe recorded in meta.json)
     whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 phi_q)
     train_images.npy     uint8 (N, H, W) training images at model resolution
     train_labels.npy     int64 (N,)
@@ -25,16 +27,22 @@ import numpy as np
 
 from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
+from explorer.ivf import IVFParams, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
 from explorer.whitening import normalize_rows, whiten
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Version 2 added IVF buckets. Flat indexes are still written as version 1, which every explorer
+# reads; IVF ones as version 2, so an older explorer refuses them instead of searching with nprobe 1.
+FORMAT_VERSION = 2
+FLAT_FORMAT_VERSION = 1
+READABLE_VERSIONS = (1, 2)
 META_NAME = "meta.json"
 STORAGES = ("float32", "float16", "int8")
 # The whitening factor is kept at the precision of the stored vectors: exact with float32, and
 # float32 (error ~1e-6, far below the quantization's) with the lossy storages, which halves its size.
 FACTOR_DTYPES = {"float32": np.float64, "float16": np.float32, "int8": np.float32}
+INDEX_TYPES = ("flat", "ivf")
 
 
 def bucket_file(bucket: int) -> str:
@@ -53,19 +61,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _build_faiss(vectors: np.ndarray, storage: str) -> faiss.Index:
+def _build_faiss(vectors: np.ndarray, storage: str, ivf: IVFParams | None = None, nprobe: int | None = None) -> faiss.Index:
+    """A flat index of the rows, or with `ivf` an IVF index trained on them (nprobe calibrated unless
+    given; the choice is appended to `ivf`)."""
     dim = vectors.shape[1]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if storage not in STORAGES:
+        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
+    if ivf is not None:
+        index = build_ivf(vectors, storage, ivf.nlist)
+        index.add(vectors)
+        ivf.add_bucket(calibrate_nprobe(index, vectors, nprobe))
+        return index
     if storage == "float32":
         index = faiss.IndexFlatIP(dim)
     elif storage == "float16":
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    elif storage == "int8":
-        # 8 bits per dimension with a per-dimension range learned from the vectors themselves
+    else:  # int8: 8 bits per dimension with a per-dimension range learned from the vectors themselves
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        index.train(np.ascontiguousarray(vectors, dtype=np.float32))
-    else:
-        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        index.train(vectors)
+    index.add(vectors)
     return index
 
 
@@ -78,9 +93,22 @@ def write_index(
     train_labels: np.ndarray,
     train_ids: np.ndarray,
     storage: str = "float32",
+    index_type: str = "flat",
+    ivf_nlist: int | None = None,
+    ivf_nprobe: int | None = None,
 ) -> Path:
-    """Write every file atomically, then meta.json (with their sha256) last."""
+    """Write every file atomically, then meta.json (with their sha256) last.
+
+    index_type "ivf" builds IVF buckets: nlist by the rule of explorer.ivf unless given, nprobe
+    calibrated per bucket unless given; both recorded in meta.json["ivf"].
+    """
     directory = Path(directory)
+    if index_type not in INDEX_TYPES:
+        raise ExplorerError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
+    ivf = None
+    if index_type == "ivf":
+        nlist = check_ivf_request(len(train_ids), ivf_nlist, ivf_nprobe)
+        ivf = IVFParams(nlist, rule=rule_text(ivf_nlist is not None, ivf_nprobe is not None))
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
 
@@ -88,7 +116,7 @@ def write_index(
         files[name] = sha256_file(directory / name)
 
     for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
-        index = _build_faiss(vectors, storage)
+        index = _build_faiss(vectors, storage, ivf, ivf_nprobe)
         # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
         write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
         record(bucket_file(bucket))
@@ -98,7 +126,10 @@ def write_index(
                         ("train_ids.npy", train_ids.astype(np.int64))):
         save_npy_atomic(directory / name, array)
         record(name)
-    meta = dict(meta, format_version=FORMAT_VERSION, storage=storage, files=files, count=int(len(train_ids)))
+    meta = dict(meta, format_version=FLAT_FORMAT_VERSION if ivf is None else FORMAT_VERSION, storage=storage,
+                index_type=index_type, files=files, count=int(len(train_ids)))
+    if ivf is not None:
+        meta["ivf"] = ivf.to_meta()
     write_json_atomic(directory / META_NAME, meta)
     return directory
 
@@ -167,6 +198,7 @@ class AttributionIndex:
                 raise ExplorerError(f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index") from error
             if index.ntotal != count or index.d != int(meta["spec"]["proj_dim"]):
                 raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {meta['spec']['proj_dim']}: rebuild the index")
+            _check_kind(index, meta, bucket, directory)
             factor = np.load(directory / factor_file(bucket), allow_pickle=False)
             if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
                 raise ExplorerError(f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} matrix: rebuild the index")
@@ -183,8 +215,20 @@ class AttributionIndex:
                 raise ExplorerError(f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: rebuild the index")
         return loaded
 
+    @property
+    def index_type(self) -> str:
+        """"flat" (exact search) or "ivf" (inverted lists; indexes older than IVF are flat)."""
+        return self.meta.get("index_type", "flat")
+
+    def nprobe(self, bucket: int) -> tuple[int, int]:
+        """IVF lists scanned for q and for -q in a bucket (from meta.json)."""
+        params = self.meta["ivf"]
+        return int(params["nprobe"][bucket]), int(params["nprobe_negative"][bucket])
+
     def vectors(self, bucket: int) -> np.ndarray:
-        """All stored rows of a bucket, (N, k) float32 (decoded once, then cached)."""
+        """All stored rows of a bucket in row order, (N, k) float32 (decoded once, then cached).
+
+        IVF indexes decode them from their inverted lists (reconstruct_n needs no direct map)."""
         if bucket not in self._vectors:
             self._vectors[bucket] = self.indexes[bucket].reconstruct_n(0, self.indexes[bucket].ntotal)
         return self._vectors[bucket]
@@ -203,13 +247,43 @@ class AttributionIndex:
         return self.vectors(bucket) @ np.asarray(query, dtype=np.float32)
 
     def search(self, query: np.ndarray, bucket: int, top_k: int) -> tuple[SearchResult, SearchResult]:
-        """Top-k positive and top-k negative influencers of one search vector (k,)."""
+        """Top-k positive and top-k negative influencers of one search vector (k,).
+
+        Flat buckets are exact. IVF buckets scan the best lists for q (nprobe of them) and for -q
+        (nprobe_negative); if those hold fewer than top_k rows, that answer falls back to exact scores."""
         top_k = min(top_k, self.indexes[bucket].ntotal)
         queries = np.stack([query, -query]).astype(np.float32)  # negatives: search with -query
-        scores, positions = self.indexes[bucket].search(queries, top_k)
+        if self.index_type == "ivf":
+            answers = [self.indexes[bucket].search(queries[row : row + 1], top_k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+                       for row, nprobe in enumerate(self.nprobe(bucket))]
+            scores, positions = np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])  # (2, top_k)
+        else:
+            scores, positions = self.indexes[bucket].search(queries, top_k)
+        for row, sign in enumerate((1, -1)):
+            if (positions[row] < 0).any():  # IVF: the probed lists ran out of rows
+                every = sign * self.scores(query, bucket)  # (N,) scores of +-query
+                positions[row] = np.argsort(-every, kind="stable")[:top_k]
+                scores[row] = every[positions[row]]
         positive = SearchResult(self.train_ids[positions[0]], positions[0], scores[0])
         negative = SearchResult(self.train_ids[positions[1]], positions[1], -scores[1])
         return positive, negative
+
+
+def _check_kind(index: faiss.Index, meta: dict, bucket: int, directory: Path) -> None:
+    """The FAISS file must be the kind meta.json says (flat or IVF with its nlist); sets an IVF's nprobe."""
+    name, where = bucket_file(bucket), repr(str(directory))
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ExplorerError(f"{name} in {where} is not an inner-product index: rebuild the index")
+    ivf = faiss.try_extract_index_ivf(index)
+    if meta.get("index_type", "flat") == "flat":
+        if ivf is not None:
+            raise ExplorerError(f"{name} in {where} is an IVF index but meta.json says index_type flat: rebuild the index")
+        return
+    if ivf is None:
+        raise ExplorerError(f"{name} in {where} is not an IVF index but meta.json says index_type ivf: rebuild the index")
+    if ivf.nlist != meta["ivf"]["nlist"]:
+        raise ExplorerError(f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta['ivf']['nlist']}: rebuild the index")
+    ivf.nprobe = int(meta["ivf"]["nprobe"][bucket])  # what a plain FAISS search uses; search() passes it per call
 
 
 def read_meta(directory: Path) -> dict:
@@ -225,8 +299,9 @@ def read_meta(directory: Path) -> dict:
         raise ExplorerError(f"{str(meta_path)!r} is not valid JSON ({error}): rebuild the index") from error
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise ExplorerError(f"{str(meta_path)!r} has no format_version: it is not an index written by precompute")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ExplorerError(f"index {str(directory)!r} has format version {meta['format_version']!r}, this explorer reads version {FORMAT_VERSION}: rebuild it with this version's `python -m precompute featurize`")
+    if not _is_int(meta["format_version"]) or meta["format_version"] not in READABLE_VERSIONS:
+        raise ExplorerError(f"index {str(directory)!r} has format version {meta['format_version']!r}, this explorer reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}: rebuild it with this version's `python -m precompute featurize`")
     problem = _meta_problem(meta)
     if problem:
         raise ExplorerError(f"{str(meta_path)!r} is malformed ({problem}): rebuild the index with `python -m precompute featurize`")
@@ -274,10 +349,34 @@ def _meta_problem(meta: dict) -> str | None:
             isinstance(item, dict) and isinstance(item.get("value"), (int, float)) and not isinstance(item.get("value"), bool)
             for item in lambdas):
         return "lambda must list one {value: number} per bucket"
+    problem = _ivf_problem(meta)
+    if problem:
+        return problem
     files = meta.get("files")
     expected = {bucket_file(b) for b in range(spec["buckets"])} | {factor_file(b) for b in range(spec["buckets"])} \
         | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
     if not isinstance(files, dict) or set(files) != expected or not all(isinstance(v, str) for v in files.values()):
         # Only these plain names: a crafted meta.json cannot make the loader read other paths.
         return "files must list exactly the bucket, whitening and training-data files with their sha256"
+    return None
+
+
+def _ivf_problem(meta: dict) -> str | None:
+    """What is wrong with index_type and the IVF parameters, or None (no index_type: flat, as before IVF)."""
+    index_type = meta.get("index_type", "flat")
+    if index_type not in INDEX_TYPES:
+        return f"index_type {index_type!r} must be one of {', '.join(INDEX_TYPES)}"
+    if index_type == "flat":
+        return None
+    if meta["format_version"] < FORMAT_VERSION:
+        return f"index_type ivf needs format_version {FORMAT_VERSION}, not {meta['format_version']}"
+    ivf, buckets = meta.get("ivf"), meta["spec"]["buckets"]
+    if not isinstance(ivf, dict) or not _is_int(ivf.get("nlist"), 1):
+        return "ivf.nlist must be a positive integer"
+    if ivf["nlist"] > meta["count"]:
+        return f"ivf.nlist {ivf['nlist']} exceeds the {meta['count']} rows"
+    for key in ("nprobe", "nprobe_negative"):
+        nprobe = ivf.get(key)
+        if not isinstance(nprobe, list) or len(nprobe) != buckets or not all(_is_int(n, 1) and n <= ivf["nlist"] for n in nprobe):
+            return f"ivf.{key} must list one integer between 1 and nlist {ivf['nlist']} per bucket"
     return None

@@ -112,6 +112,7 @@ def add_featurize(commands) -> None:
                              "validated on the digits LDS benchmark), or gcv: chosen by GCV on held-out training features")
     parser.add_argument("--storage", choices=STORAGES, default="float32",
                         help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
+    add_index_type(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
     parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
     parser.add_argument("--keep-features", action="store_true",
@@ -127,7 +128,17 @@ def add_featurize(commands) -> None:
                         help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv")
     parser.add_argument("--storage", choices=STORAGES, default="float32",
                         help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
+    add_index_type(parser)
     parser.set_defaults(run=run_reindex)
+
+
+def add_index_type(parser) -> None:
+    parser.add_argument("--index-type", choices=("flat", "ivf"), default="flat",
+                        help="flat: exact search (default); ivf: inverted lists for large training sets (~1M rows), "
+                             "nlist ~ sqrt(N) and nprobe calibrated for recall@10 >= 0.95, both recorded in meta.json")
+    parser.add_argument("--ivf-nlist", type=positive_int, default=None, help="IVF lists (default: the rule, ~sqrt(N))")
+    parser.add_argument("--ivf-nprobe", type=positive_int, default=None,
+                        help="IVF lists scanned per query (default: calibrated per bucket)")
 
 
 def run_featurize(args) -> None:
@@ -148,7 +159,8 @@ def run_featurize(args) -> None:
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
                        proj_dim=args.proj_dim, proj_seed=args.proj_seed)
     options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
-                               storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features)
+                               storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features,
+                               index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
     report = featurize(model, dataset, args.out, spec, options)
     print(f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in {report.seconds:.1f} s "
           f"= {report.pairs_per_second:.1f} gradient-examples/s ({report.pairs_per_second / spec.buckets:.1f} images/s); "
@@ -159,7 +171,8 @@ def run_reindex(args) -> None:
     from precompute.featurize import FeaturizeOptions, reindex
 
     options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights,
-                               relative_lambda=args.relative_lambda, storage=args.storage)
+                               relative_lambda=args.relative_lambda, storage=args.storage, index_type=args.index_type,
+                               ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
     print(f"index written to {reindex(args.features_from, args.out, options)}")
 
 

@@ -26,7 +26,8 @@ from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
-from explorer.index import META_NAME, STORAGES, AttributionIndex, write_index
+from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, write_index
+from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA, LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
 
@@ -43,6 +44,9 @@ class FeaturizeOptions:
     das_weights: bool = False  # DAS: scale each training row by its residual weight
     relative_lambda: float | None = DEFAULT_RELATIVE_LAMBDA  # None: choose by GCV on held-out training features
     storage: str = "float32"  # float32 (exact) or float16 (half the disk)
+    index_type: str = "flat"  # flat (exact search) or ivf (inverted lists, for large training sets)
+    ivf_nlist: int | None = None  # IVF lists (None: the rule of explorer.ivf, ~sqrt(N))
+    ivf_nprobe: int | None = None  # lists scanned per query (None: calibrated per bucket for recall@10 >= 0.95)
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
@@ -115,12 +119,23 @@ def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
+def _check_index_options(options: FeaturizeOptions, count: int) -> None:
+    """Refuse bad storage / index options before any gradient is computed."""
+    if options.storage not in STORAGES:
+        raise ExplorerError(f"unknown storage {options.storage!r}: use one of {', '.join(STORAGES)}")
+    if options.index_type not in INDEX_TYPES:
+        raise ExplorerError(f"unknown index type {options.index_type!r}: use one of {', '.join(INDEX_TYPES)}")
+    if options.index_type == "ivf":
+        check_ivf_request(count, options.ivf_nlist, options.ivf_nprobe)
+    elif options.ivf_nlist is not None or options.ivf_nprobe is not None:
+        raise ExplorerError("--ivf-nlist and --ivf-nprobe apply to --index-type ivf only")
+
+
 def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec: FeatureSpec,
               options: FeaturizeOptions = FeaturizeOptions()) -> FeaturizeReport:
     """Compute, whiten and index the features of every (training example, bucket) pair."""
     out_dir = Path(out_dir)
-    if options.storage not in STORAGES:
-        raise ExplorerError(f"unknown storage {options.storage!r}: use one of {', '.join(STORAGES)}")
+    _check_index_options(options, len(dataset))
     if dataset.resolution != model.sample_size:
         raise ExplorerError(f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
                             f"{model.sample_size}x{model.sample_size}: load the data at the model's size")
@@ -197,13 +212,17 @@ def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.n
         factors.append(factor)
         lambdas.append({"value": choice.value, "relative": choice.relative, "method": choice.method, "gcv_curve": choice.curve})
     meta = dict(meta, **{"lambda": lambdas, "normalize": options.normalize, "das": bool(options.das_weights)})
-    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids, storage=options.storage)
+    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids, storage=options.storage,
+                index_type=options.index_type, ivf_nlist=options.ivf_nlist, ivf_nprobe=options.ivf_nprobe)
 
 
 def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions) -> Path:
-    """A new index from the raw features an earlier featurize kept (--keep-features): no gradients."""
+    """A new index from the raw features an earlier featurize kept (--keep-features): no gradients.
+
+    Other normalization, DAS, lambda, storage or index type (flat <-> ivf)."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     index = AttributionIndex.load(source_dir)
+    _check_index_options(options, int(index.meta["count"]))
     features_path = source_dir / FEATURES_NAME
     if not features_path.is_file():
         raise ExplorerError(f"{str(source_dir)!r} kept no raw features: featurize it again with --keep-features")
@@ -216,6 +235,6 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
     dataset = Dataset(name=index.meta["dataset"]["name"], images=index.train_images, labels=index.train_labels,
                       ids=index.train_ids, class_names=index.class_names)
     base = {key: value for key, value in index.meta.items()
-            if key not in ("lambda", "normalize", "das", "files", "count", "storage", "format_version")}
+            if key not in ("lambda", "normalize", "das", "files", "count", "storage", "format_version", "index_type", "ivf")}
     build_index(out_dir, base, features, residuals, dataset, options)
     return out_dir
