@@ -193,7 +193,7 @@ def test_explorer_attributes_with_an_ivf_index(tiny_model_dir, ivf_dirs, digits_
 def test_ivf_with_lossy_storage(ivf_dirs, queries, tmp_path, storage):
     lossy = AttributionIndex.load(reindex(ivf_dirs[0], tmp_path / storage, FeaturizeOptions(index_type="ivf", storage=storage)))
     flat = AttributionIndex.load(ivf_dirs[1])
-    assert isinstance(faiss.try_extract_index_ivf(lossy.indexes[0]), faiss.IndexIVFScalarQuantizer)
+    assert isinstance(faiss.downcast_index(lossy.indexes[0]), faiss.IndexIVFScalarQuantizer)
     assert np.abs(lossy.vectors(0) - flat.vectors(0)).max() < 0.02, "rows decoded from the lists stay close"
     recall = [len(set(lossy.search(q, 0, 10)[0].positions) & set(flat.search(q, 0, 10)[0].positions)) / 10 for q in queries[0]]
     assert np.mean(recall) >= 0.85
