@@ -157,6 +157,8 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
     def report(kind: str, params: str, build_s: float, result: dict) -> None:
         row = {"data": name, "n": n, "dim": dim, "index": kind, "params": params, "build_s": build_s, **result}
         rows.append(row)
+        if args.json:  # after every row: a run that dies keeps what it measured
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
         print(f"  {kind:5s} {params:32s} build {build_s:7.1f} s   median q {result['median_ms_pos']:6.2f} ms, "
               f"-q {result['median_ms_neg']:6.2f} ms   "
               f"p95 {result['p95_ms']:7.2f} ms   recall@10 +{result['recall_pos']:.3f} -{result['recall_neg']:.3f}", flush=True)

@@ -99,8 +99,9 @@ def build_ivf(vectors: np.ndarray, storage: str, nlist: int, seed: int = CALIBRA
     return index
 
 
-def exact_top(vectors: np.ndarray, queries: np.ndarray, top: int, chunk: int = 64) -> np.ndarray:
-    """Row positions of the exact top-`top` inner products, (Q, top), best first."""
+def exact_top(vectors: np.ndarray, queries: np.ndarray, top: int, chunk: int = 16) -> np.ndarray:
+    """Row positions of the exact top-`top` inner products, (Q, top), best first (in chunks of
+    queries: each holds (chunk, N) scores and argpartition's (chunk, N) int64 positions)."""
     out = np.empty((len(queries), top), dtype=np.int64)
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ vectors.T  # (c, N)
