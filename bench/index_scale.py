@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explorer.ivf import build_ivf, calibrate_nprobe, nlist_rule  # noqa: E402
+from explorer.ivf import add_rows, build_ivf, calibrate_nprobe, nlist_rule  # noqa: E402
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -178,7 +178,7 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
         faiss.omp_set_num_threads(args.build_threads)
         started = time.perf_counter()
         ivf = build_ivf(data, "float32", nlist)  # what `--index-type ivf` builds: k-means on 64 rows per list
-        ivf.add(data)
+        add_rows(ivf, data)
         build = time.perf_counter() - started
         for nprobe in args.nprobe:
             if nprobe > nlist:

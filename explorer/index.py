@@ -27,7 +27,7 @@ import numpy as np
 
 from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
-from explorer.ivf import IVFParams, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
+from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
 from explorer.whitening import normalize_rows, whiten
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _build_faiss(vectors: np.ndarray, storage: str, ivf: IVFParams | None = None
         raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
     if ivf is not None:
         index = build_ivf(vectors, storage, ivf.nlist)
-        index.add(vectors)
+        add_rows(index, vectors)
         ivf.add_bucket(calibrate_nprobe(index, vectors, nprobe))
         return index
     if storage == "float32":
