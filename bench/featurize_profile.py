@@ -15,7 +15,8 @@ draw per bucket (so one row = one (example, timestep) pair), it prints medians o
 2. end to end over --images images x all buckets, as precompute featurize runs it: features,
    whitening (GCV lambda, Cholesky, whiten, normalize per bucket), I/O (memmap + index files);
 3. one batched AdamW training step of the same model at the same batch size, per sample, and the
-   cost per (example, timestep) of each path relative to it.
+   cost per (example, timestep) of each path relative to it (timed back to back in each repeat;
+   the median of the per-repeat ratios).
 """
 
 from __future__ import annotations
@@ -47,11 +48,6 @@ def timed(fn):
     started = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - started
-
-
-def median_of(repeats: int, fn) -> float:
-    fn()  # warm-up
-    return statistics.median(timed(fn)[1] for _ in range(repeats))
 
 
 def stage_profile(computer: FeatureComputer, x0: torch.Tensor, buckets: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -123,8 +119,8 @@ def end_to_end(computer: FeatureComputer, images: torch.Tensor, chunk: int, data
     return seconds
 
 
-def training_step_seconds(model, images: torch.Tensor, batch: int, steps: int, repeats: int) -> float:
-    """Median seconds of one AdamW step of a trainable copy of the model on `batch` samples."""
+def training_step(model, images: torch.Tensor, batch: int):
+    """A function running one AdamW step of a trainable copy of the model on `batch` samples."""
     unet = copy.deepcopy(model.unet).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     abar_all = model.scheduler.alphas_cumprod.to(torch.float32)
@@ -135,12 +131,12 @@ def training_step_seconds(model, images: torch.Tensor, batch: int, steps: int, r
         t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         abar = abar_all[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t).sample, noise)
+        loss = F.mse_loss(unet(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t).sample, noise)  # as precompute/train.py
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return median_of(repeats, lambda: [step() for _ in range(steps)]) / steps
+    return step
 
 
 def main() -> None:
@@ -166,34 +162,44 @@ def main() -> None:
           f"({sum(p.numel() for p in model.unet.parameters()):,} params); {args.images} images x {args.buckets} buckets, "
           f"batch {args.batch}, k {args.proj_dim}, output {args.output}, medians of {args.repeats}")
 
-    train_step = training_step_seconds(model, images, args.batch, args.train_steps, args.repeats)
-    results = {"train_step_per_sample_ms": train_step / args.batch * 1e3, "threads": torch.get_num_threads(),
-               "batch": args.batch, "proj_dim": args.proj_dim, "images": args.images, "paths": {}}
-    print(f"\nAdamW training step, batch {args.batch}: {train_step * 1e3:.1f} ms = "
-          f"{results['train_step_per_sample_ms']:.2f} ms per sample")
-
-    x0 = images[: args.batch]
-    buckets = torch.arange(args.batch) % args.buckets
+    step = training_step(model, images, args.batch)
+    x0, buckets = images[: args.batch], torch.arange(args.batch) % args.buckets
+    computers, stages = {}, {}
     for path in args.paths:
         spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=path, proj_dim=args.proj_dim)
-        computer = FeatureComputer(model, spec, chunk_size=args.batch)
-        stages = stage_profile(computer, x0, buckets, args.repeats)
-        runs = [end_to_end(computer, images[: args.images], args.batch, train) for _ in range(args.repeats)]
-        e2e = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
-        pairs = args.images * args.buckets
+        computers[path] = FeatureComputer(model, spec, chunk_size=args.batch)
+        stages[path] = stage_profile(computers[path], x0, buckets, args.repeats)
+
+    # Interleaved repeats: the machine is shared, so each repeat times the training step and every
+    # path back to back, and the ratios are taken within a repeat.
+    step()
+    train_runs, runs = [], {path: [] for path in args.paths}
+    for _ in range(args.repeats):
+        train_runs.append(timed(lambda: [step() for _ in range(args.train_steps)])[1] / args.train_steps / args.batch)
+        for path in args.paths:
+            runs[path].append(end_to_end(computers[path], images[: args.images], args.batch, train))
+    pairs = args.images * args.buckets
+    train_ms = statistics.median(train_runs) * 1e3
+    results = {"train_step_per_sample_ms": train_ms, "threads": torch.get_num_threads(), "batch": args.batch,
+               "proj_dim": args.proj_dim, "images": args.images, "buckets": args.buckets, "paths": {}}
+    print(f"\nAdamW training step, batch {args.batch}: {train_ms * args.batch:.1f} ms = {train_ms:.2f} ms per sample "
+          f"(repeats: {', '.join(f'{t * 1e3:.2f}' for t in train_runs)})")
+    for path in args.paths:
+        e2e = {name: statistics.median(run[name] for run in runs[path]) for name in runs[path][0]}
+        ratios = [run["features"] / pairs / t for run, t in zip(runs[path], train_runs)]
         per_pair_ms = e2e["features"] / pairs * 1e3
-        results["paths"][path] = {"stages_ms_per_batch": {n: s * 1e3 for n, s in stages.items()},
+        results["paths"][path] = {"stages_ms_per_batch": {n: v * 1e3 for n, v in stages[path].items()},
                                   "end_to_end_s": e2e, "features_ms_per_example_timestep": per_pair_ms,
                                   "examples_per_s": pairs / e2e["features"],
-                                  "relative_to_train_step": per_pair_ms / results["train_step_per_sample_ms"]}
+                                  "relative_to_train_step": statistics.median(ratios), "ratios": ratios}
         print(f"\n== {path} path: one batch of {args.batch} (example, timestep) rows ==")
-        for name, seconds in stages.items():
+        for name, seconds in stages[path].items():
             print(f"  {name:<42} {seconds * 1e3:8.1f} ms  ({seconds / args.batch * 1e3:.2f} ms per row)")
         print(f"  end to end, {args.images} images x {args.buckets} buckets = {pairs} (example, timestep) pairs:")
         for name, seconds in e2e.items():
             print(f"    {name:<12} {seconds:7.2f} s  ({seconds / pairs * 1e3:.3f} ms per pair)")
         print(f"  features: {pairs / e2e['features']:.1f} gradient-examples/s = {per_pair_ms:.2f} ms per (example, timestep) "
-              f"= {per_pair_ms / results['train_step_per_sample_ms']:.2f}x the training step per sample")
+              f"= {statistics.median(ratios):.2f}x the training step per sample (repeats: {', '.join(f'{r:.2f}' for r in ratios)})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -41,8 +41,14 @@ SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this 
 
 
 def side_length(dim: int) -> int:
-    """Per-layer projected width k_in = k_out = ceil(sqrt(dim)): each weight block has about `dim` entries."""
+    """ceil(sqrt(dim))."""
     return math.isqrt(dim - 1) + 1
+
+
+def layer_widths(d_in: int, d_out: int, dim: int) -> tuple[int, int]:
+    """(k_in, k_out) of one layer's block for a final dimension `dim`: k = ceil(sqrt(dim)) on each side."""
+    side = side_length(dim)
+    return min(side, d_in), min(side, d_out)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class KroneckerProjector:
     def __init__(self, model: nn.Module, dim: int, seed: int):
         if dim < 1:
             raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
-        self.model, self.dim, self.seed, self.side = model, dim, seed, side_length(dim)
+        self.model, self.dim, self.seed = model, dim, seed
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False)]
@@ -89,8 +95,9 @@ class KroneckerProjector:
         for layer, (name, module) in enumerate(self.modules.items()):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-                self.proj_in[name] = _gaussian(min(self.side, d_in), d_in, (seed * SEED_STRIDE + layer) * 2)
-                self.proj_out[name] = _gaussian(min(self.side, d_out), d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
+                k_in, k_out = layer_widths(d_in, d_out, dim)
+                self.proj_in[name] = _gaussian(k_in, d_in, (seed * SEED_STRIDE + layer) * 2)
+                self.proj_out[name] = _gaussian(k_out, d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
         self.widths = {name: self._width(name, p) for name, p in model.named_parameters()}
         self.sketch = CountSketchProjector(sum(self.widths.values()), dim, seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
 
@@ -146,19 +153,20 @@ class KroneckerProjector:
         for record, g in zip(records, grads):
             module, name, a = record.module, record.name, record.inputs
             if isinstance(module, nn.GroupNorm):
-                x_hat = F.group_norm(a, module.num_groups, eps=module.eps)  # (rows, C, *spatial)
+                x_hat = F.group_norm(a, module.num_groups, eps=module.eps).flatten(2)  # (rows, C, L), normalized input
+                g_flat = g.flatten(2)
                 if module.weight is not None:
-                    add(f"{name}.weight", _grouped_sum((g * x_hat).flatten(2).sum(2), groups))
+                    add(f"{name}.weight", _grouped_sum(torch.einsum("rcl,rcl->rc", g_flat, x_hat), groups))
                 if module.bias is not None:
-                    add(f"{name}.bias", _grouped_sum(g.flatten(2).sum(2), groups))
+                    add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
                 continue
             a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
             rows, k_out, positions = g_proj.shape
             per = rows // groups
             # phi = sum over the example's rows and positions of (P_out g)(P_in a)^T
             g_proj = g_proj.reshape(groups, per, k_out, positions).transpose(1, 2).reshape(groups, k_out, per * positions)
-            a_proj = a_proj.reshape(groups, per, -1, positions).permute(0, 1, 3, 2).reshape(groups, per * positions, -1)
-            add(f"{name}.weight", torch.bmm(g_proj, a_proj))  # (groups, k_out, k_in)
+            a_proj = a_proj.reshape(groups, per, -1, positions).transpose(1, 2).reshape(groups, -1, per * positions)
+            add(f"{name}.weight", torch.bmm(g_proj, a_proj.transpose(1, 2)))  # (groups, k_out, k_in)
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
         for name in self.names:

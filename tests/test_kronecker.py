@@ -67,20 +67,29 @@ def test_kronecker_features_are_determined_by_the_seed(tiny_model, digits_splits
     assert torch.allclose(first, chunked, rtol=1e-4, atol=1e-6)
 
 
+def _gram_correlation(exact: np.ndarray, approx: np.ndarray) -> float:
+    upper = np.triu_indices(len(exact))
+    return float(np.corrcoef(exact[upper], approx[upper])[0, 1])
+
+
 def test_kronecker_inner_products_track_exact_gradient_inner_products(tiny_model, digits_splits):
-    spec = FeatureSpec(output="square", buckets=4, projector="kronecker", proj_dim=4096)
+    # Statistical: E[<phi(x), phi(y)>] = <grad x, grad y>. One seed at k = 4096 tracks the exact Gram
+    # matrix closely; the mean over 4 seeds (an unbiased estimate with 1/4 the variance) more closely.
     images, buckets = _images(digits_splits[0], 24), torch.full((24,), 1)
+    spec = FeatureSpec(output="square", buckets=4, projector="kronecker", proj_dim=4096)
     exact = _exact_grads(tiny_model, spec, images, buckets)
     flat = torch.cat([g.reshape(24, -1) for g in exact.values()], dim=1).double()  # (24, d)
     exact_gram = (flat @ flat.T).numpy()
-    phi = FeatureComputer(tiny_model, spec).features(images, buckets).double()
-    approx_gram = (phi @ phi.T).numpy()
-    upper = np.triu_indices(24)
-    correlation = np.corrcoef(exact_gram[upper], approx_gram[upper])[0, 1]
-    assert correlation > 0.95, f"kronecker inner products correlate only {correlation:.3f} with the exact ones"
-    norms = np.sqrt(np.diag(exact_gram))
-    ratio = np.diag(approx_gram).sum() / (norms**2).sum()
-    assert 0.8 < ratio < 1.25, f"squared norms are off by a factor {ratio:.3f}: the projection is not norm-preserving"
+    grams = []
+    for seed in range(4):
+        phi = FeatureComputer(tiny_model, FeatureSpec(**dict(spec.to_dict(), proj_seed=seed))).features(images, buckets).double()
+        grams.append((phi @ phi.T).numpy())
+    single = [_gram_correlation(exact_gram, gram) for gram in grams]
+    averaged = _gram_correlation(exact_gram, np.mean(grams, axis=0))
+    assert min(single) > 0.85, f"kronecker inner products correlate only {single} with the exact ones"
+    assert averaged > max(0.93, np.mean(single)), f"averaging seeds does not converge: {averaged:.3f} vs {single}"
+    ratio = np.mean([np.trace(gram) for gram in grams]) / np.trace(exact_gram)
+    assert 0.85 < ratio < 1.15, f"squared norms are off by a factor {ratio:.3f}: the projection is not norm-preserving"
 
 
 def test_kronecker_index_round_trips_and_searches(tiny_model_dir, tiny_model, tiny_train_subset, tmp_path):
