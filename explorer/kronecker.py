@@ -10,7 +10,8 @@ P_in (k_in x d_in) and P_out (k_out x d_out), N(0, 1/k) entries,
 so only projected activations and output gradients are formed: P_in a_p at every p is a
 convolution with P_in as its kernel (no im2col), P_out g_p a 1x1 convolution, and the sum over
 positions one batched matmul. Since E[P^T P] = I, E[<phi_layer(x), phi_layer(y)>] = <G_x, G_y>.
-A side whose width is at most the side length k is not projected (P = I: exact and cheaper).
+A side whose width is at most k is not projected, and a weight with at most `dim` entries not at
+all (P = I: exact; see layer_widths).
 (LoGra: Choe et al. 2024, "What is your data worth to GPT?", section 3.)
 
 Biases (gradient sum_p g_p) and GroupNorm affine parameters (weight gradient sum_p g_p * x_hat_p)
@@ -46,7 +47,14 @@ def side_length(dim: int) -> int:
 
 
 def layer_widths(d_in: int, d_out: int, dim: int) -> tuple[int, int]:
-    """(k_in, k_out) of one layer's block for a final dimension `dim`: k = ceil(sqrt(dim)) on each side."""
+    """(k_in, k_out) of one layer's block for a final dimension `dim`.
+
+    A weight with at most `dim` entries is kept exactly (k = d on both sides): on the shipped model
+    that is conv_out, 1 x 288 entries but 30-50% of the squared gradient norm. Otherwise each side
+    is projected to k = ceil(sqrt(dim)) (or kept, if it is narrower), so a block has about `dim` entries.
+    """
+    if d_in * d_out <= dim:
+        return d_in, d_out
     side = side_length(dim)
     return min(side, d_in), min(side, d_out)
 
@@ -83,8 +91,7 @@ class KroneckerProjector:
         self.model, self.dim, self.seed = model, dim, seed
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False)]
-            if not own:
+            if next(module.parameters(recurse=False), None) is None:
                 continue
             self._check_supported(name, module)
             self.modules[name] = module
@@ -178,12 +185,15 @@ class KroneckerProjector:
         """(P_in a, P_out g, g) at every output position, each (rows, width, L)."""
         p_in, p_out = self.proj_in[name], self.proj_out[name]
         if isinstance(module, nn.Conv2d):
-            kernel = p_in.view(-1, *module.weight.shape[1:])  # (k_in, C_in, kh, kw): P_in on unfolded patches
-            a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation)  # (rows, k_in, H', W')
+            if p_in.shape[0] == p_in.shape[1]:  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
+                a_proj = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (rows, d_in, L)
+            else:
+                kernel = p_in.view(-1, *module.weight.shape[1:])  # (k_in, C_in, kh, kw): P_in on unfolded patches
+                a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation).flatten(2)  # (rows, k_in, L)
             g_flat = g.flatten(2)  # (rows, C_out, L)
-            a_proj = a_proj.flatten(2)
         else:
-            a_proj = (a.reshape(a.shape[0], -1, a.shape[-1]) @ p_in.T).transpose(1, 2)  # (rows, k_in, L)
+            a_flat = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (rows, d_in, L)
+            a_proj = a_flat if p_in.shape[0] == p_in.shape[1] else torch.matmul(p_in, a_flat)  # (rows, k_in, L)
             g_flat = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (rows, d_out, L)
         g_proj = g_flat if p_out.shape[0] == p_out.shape[1] else torch.matmul(p_out, g_flat)  # (rows, k_out, L)
         return a_proj, g_proj, g_flat
