@@ -8,6 +8,13 @@ The noise eps_{t,r} comes from a bank seeded by (noise_seed, t, r) and is the sa
 training example and for every query, so training and query features share it (D-TRAK).
 The same code featurizes training images and query images (a real image, or the x0 estimate of a
 sampler step), which keeps the two sides consistent by construction.
+
+Two ways to get phi, chosen by spec.projector:
+- countsketch / gaussian: exact per-example gradients with torch.func vmap(grad), then projected
+  (the exact reference);
+- kronecker: one batched forward and backward over every (image, t, r) row, projecting each layer's
+  activations and output gradients separately (explorer.kronecker); the full per-example gradients
+  are never formed.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from explorer.errors import ExplorerError
+from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
 from explorer.outputs import get_output_function
-from explorer.projector import make_projector
+from explorer.projector import PROJECTORS, make_projector
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +43,7 @@ class FeatureSpec:
     timesteps_per_bucket: int = 1  # evenly spaced timesteps inside each bucket
     noise_draws: int = 1  # R noise draws per timestep
     noise_seed: int = 0  # seeds the shared noise bank
-    projector: str = "countsketch"  # countsketch | gaussian
+    projector: str = "countsketch"  # countsketch | gaussian | kronecker
     proj_dim: int = 512  # k; 512 beats 2048 on LDS (docs/evaluation.md)
     proj_seed: int = 0  # seeds the projector
 
@@ -90,7 +98,13 @@ class FeatureComputer:
         self.names = [name for name, _ in model.unet.named_parameters()]
         self.params = {name: p.detach() for name, p in model.unet.named_parameters()}
         self.num_params = sum(p.numel() for p in self.params.values())
-        self.projector = make_projector(spec.projector, self.num_params, spec.proj_dim, spec.proj_seed)
+        if spec.projector not in PROJECTORS:
+            raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
+        self.projector, self.kronecker = None, None
+        if spec.projector == "kronecker":
+            self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed)
+        else:
+            self.projector = make_projector(spec.projector, self.num_params, spec.proj_dim, spec.proj_seed)
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -116,9 +130,32 @@ class FeatureComputer:
         for start in range(0, len(images), self.chunk_size):
             x0 = images[start : start + self.chunk_size]
             b = buckets[start : start + self.chunk_size]
+            if self.kronecker is not None:
+                out.append(self.kronecker.project(*self.capture_rows(x0, b), groups=len(x0)))
+                continue
             grads = self._per_example_grad(self.params, x0, self.draw_timesteps[b], self.noise[b])
             out.append(self.projector.project([grads[name] for name in self.names]))
         return torch.cat(out) if out else torch.zeros(0, self.spec.proj_dim)
+
+    def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
+        """One hooked forward over all (image, t, r) rows of P pairs -> (sum_i f_i, the layer records).
+
+        x0 (P, C, H, W), buckets (P,). Rows are image-major: pair i owns rows [i mR, (i + 1) mR).
+        Each f_i is the output function of pair i over its own rows (the mean over its (t, r)),
+        so d (sum_i f_i) / d row = d f_i / d row: rows do not interact in the UNet.
+        """
+        timesteps, noise = self.draw_timesteps[buckets], self.noise[buckets]  # (P, mR), (P, mR, C, H, W)
+        pairs, draws = timesteps.shape
+        abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
+        noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, mR, C, H, W)
+
+        def forward() -> torch.Tensor:
+            return self.model.unet(noisy.flatten(0, 1), timesteps.flatten()).sample.view_as(noise)
+
+        prediction, records = self.kronecker.capture(forward)
+        with torch.enable_grad():
+            total = vmap(self.output_fn)(prediction, noise).sum()
+        return total, records
 
     def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, C, H, W) -> phi (N, buckets, k)."""

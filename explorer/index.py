@@ -28,6 +28,7 @@ import numpy as np
 from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
+from explorer.projector import PROJECTORS
 from explorer.whitening import normalize_rows, whiten
 
 logger = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ def _meta_problem(meta: dict) -> str | None:
     for key in ("noise_seed", "proj_seed"):
         if not _is_int(spec[key]):
             return f"spec.{key} must be a non-negative integer"
-    if spec["output"] not in OUTPUT_FUNCTIONS or spec["projector"] not in ("countsketch", "gaussian"):
+    if spec["output"] not in OUTPUT_FUNCTIONS or spec["projector"] not in PROJECTORS:
         return "spec.output or spec.projector is unknown"
     dataset = meta.get("dataset")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("class_names"), list) \

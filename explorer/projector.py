@@ -1,6 +1,7 @@
 """Seeded random projections of per-example gradients, d parameters -> k dimensions.
 
-Both are rebuilt from (seed, parameter shapes) alone and are never stored (as in TRAK).
+Both are rebuilt from (seed, parameter shapes) alone and are never stored (as in TRAK). The third
+kind, `kronecker`, projects layer by layer without forming the gradients (explorer.kronecker).
 
 - CountSketchProjector: each parameter j goes to one hashed output h(j) with a random sign s(j):
   phi[h(j)] += s(j) g[j]. One pass over the gradient (index_add_), ~1-3 ms per example for 1M
@@ -19,6 +20,7 @@ import torch
 from explorer.errors import ExplorerError
 
 ProjectorKind = Literal["countsketch", "gaussian"]
+PROJECTORS = ("countsketch", "gaussian", "kronecker")  # every FeatureSpec.projector; kronecker lives in explorer.kronecker
 GAUSSIAN_BLOCK = 65_536  # parameters per generated block of the dense projection
 GAUSSIAN_CACHE_BYTES = 1 << 30  # keep the dense matrix in memory when it is at most this big
 

@@ -86,6 +86,7 @@ def run_train(args) -> None:
 def add_featurize(commands) -> None:
     from explorer.features import FeatureSpec
     from explorer.index import STORAGES
+    from explorer.projector import PROJECTORS
     from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 
     spec = FeatureSpec()
@@ -102,7 +103,9 @@ def add_featurize(commands) -> None:
     parser.add_argument("--noise-draws", type=positive_int, default=spec.noise_draws)
     parser.add_argument("--noise-seed", type=non_negative_int, default=spec.noise_seed)
     parser.add_argument("--proj-dim", type=positive_int, default=spec.proj_dim)
-    parser.add_argument("--projector", choices=("countsketch", "gaussian"), default=spec.projector)
+    parser.add_argument("--projector", choices=PROJECTORS, default=spec.projector,
+                        help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
+                             "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")

@@ -1,0 +1,208 @@
+"""LoGra-style Kronecker projection of per-example gradients, never materializing them.
+
+For a Conv2d or Linear layer, let a_p be the unfolded input patch (d_in = C_in kh kw) and g_p the
+gradient of the output function w.r.t. the layer output (d_out = C_out) at position p. The
+per-example weight gradient is G = sum_p g_p a_p^T (d_out x d_in). With seeded Gaussian
+P_in (k_in x d_in) and P_out (k_out x d_out), N(0, 1/k) entries,
+
+    phi_layer = P_out G P_in^T = sum_p (P_out g_p)(P_in a_p)^T          (k_out x k_in)
+
+so only projected activations and output gradients are formed: P_in a_p at every p is a
+convolution with P_in as its kernel (no im2col), P_out g_p a 1x1 convolution, and the sum over
+positions one batched matmul. Since E[P^T P] = I, E[<phi_layer(x), phi_layer(y)>] = <G_x, G_y>.
+A side whose width is at most k is not projected, and a weight with at most `dim` entries not at
+all (P = I: exact; see layer_widths).
+(LoGra: Choe et al. 2024, "What is your data worth to GPT?", section 3.)
+
+Biases (gradient sum_p g_p) and GroupNorm affine parameters (weight gradient sum_p g_p * x_hat_p)
+are taken exactly. Every example's blocks and small gradients, in parameter order, are
+count-sketched together down to exactly `dim` dimensions, which keeps E[<phi(x), phi(y)>] =
+<grad_x, grad_y> over all parameters.
+
+The a's come from forward hooks; the g's from one batched backward that asks autograd only for
+gradients w.r.t. the hooked layer outputs, so no weight-gradient GEMM runs. Rows of the batch
+are grouped: rows [i n, (i + 1) n) belong to example i, and its feature sums their contributions.
+This is exact only when rows do not interact (GroupNorm is per sample; no BatchNorm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer.errors import ExplorerError
+from explorer.projector import CountSketchProjector
+
+SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this would collide
+
+
+def side_length(dim: int) -> int:
+    """ceil(sqrt(dim))."""
+    return math.isqrt(dim - 1) + 1
+
+
+def layer_widths(d_in: int, d_out: int, dim: int) -> tuple[int, int]:
+    """(k_in, k_out) of one layer's block for a final dimension `dim`.
+
+    A weight with at most `dim` entries is kept exactly (k = d on both sides): on the shipped model
+    that is conv_out, 1 x 288 entries but 30-50% of the squared gradient norm. Otherwise each side
+    is projected to k = ceil(sqrt(dim)) (or kept, if it is narrower), so a block has about `dim` entries.
+    """
+    if d_in * d_out <= dim:
+        return d_in, d_out
+    side = side_length(dim)
+    return min(side, d_in), min(side, d_out)
+
+
+@dataclass
+class Record:
+    """One call of a hooked module: its input (the a's) and its output (a graph node for the g's)."""
+
+    module: nn.Module
+    name: str  # the module's name in the model
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+def _gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """(rows, cols) with N(0, 1/rows) entries, or the identity when rows >= cols (no projection needed)."""
+    if rows >= cols:
+        return torch.eye(cols)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=generator) / math.sqrt(rows)
+
+
+def _grouped_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(rows, *shape) -> (groups, *shape): the sum over each example's consecutive rows."""
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).sum(1)
+
+
+class KroneckerProjector:
+    """Projected per-example gradients of a model from one batched forward and backward."""
+
+    def __init__(self, model: nn.Module, dim: int, seed: int):
+        if dim < 1:
+            raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
+        self.model, self.dim, self.seed = model, dim, seed
+        self.modules: dict[str, nn.Module] = {}
+        for name, module in model.named_modules():
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            self._check_supported(name, module)
+            self.modules[name] = module
+        self._name_of = {module: name for name, module in self.modules.items()}
+        self.names = [name for name, _ in model.named_parameters()]  # the order of the sketch's input
+        self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
+        self.proj_out: dict[str, torch.Tensor] = {}  # module name -> P_out (k_out, d_out)
+        for layer, (name, module) in enumerate(self.modules.items()):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                d_out, d_in = module.weight.shape[0], module.weight[0].numel()
+                k_in, k_out = layer_widths(d_in, d_out, dim)
+                self.proj_in[name] = _gaussian(k_in, d_in, (seed * SEED_STRIDE + layer) * 2)
+                self.proj_out[name] = _gaussian(k_out, d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
+        self.widths = {name: self._width(name, p) for name, p in model.named_parameters()}
+        self.sketch = CountSketchProjector(sum(self.widths.values()), dim, seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
+
+    @staticmethod
+    def _check_supported(name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                raise ExplorerError(f"layer {name!r} is a grouped, non-zero-padded or 'same'-padded Conv2d, which the "
+                                    "kronecker projector does not handle: use --projector countsketch")
+        elif not isinstance(module, (nn.Linear, nn.GroupNorm)):
+            raise ExplorerError(f"layer {name!r} ({type(module).__name__}) holds parameters the kronecker projector cannot "
+                                "cover (it handles Conv2d, Linear and GroupNorm): use --projector countsketch")
+
+    def _width(self, name: str, param: torch.Tensor) -> int:
+        module_name, _, kind = name.rpartition(".")
+        if kind == "weight" and module_name in self.proj_in:
+            return self.proj_out[module_name].shape[0] * self.proj_in[module_name].shape[0]
+        return param.numel()
+
+    # 1. forward with hooks: the a's, and the layer outputs as graph nodes
+    def capture(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[Record]]:
+        """Run `forward` (a batched model call) and record every hooked module call."""
+        records: list[Record] = []
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:  # a frozen layer on a constant input: make its output a leaf
+                output.requires_grad_(True)
+            records.append(Record(module, self._name_of[module], args[0].detach(), output))
+
+        handles = [module.register_forward_hook(hook) for module in self.modules.values()]
+        try:
+            with torch.enable_grad():
+                result = forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return result, records
+
+    # 2. one backward, only w.r.t. the layer outputs
+    @staticmethod
+    def output_gradients(total: torch.Tensor, records: list[Record]) -> list[torch.Tensor]:
+        """d total / d output of every record; total = sum over examples of f_i (rows do not interact)."""
+        return list(torch.autograd.grad(total, [r.output for r in records], allow_unused=True, materialize_grads=True))
+
+    # 3. per-example blocks: Kronecker-projected weight gradients and exact small gradients
+    def blocks(self, records: list[Record], grads: list[torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+        """Parameter name -> (groups, k_out, k_in) for Conv2d/Linear weights, (groups, *shape) for the rest."""
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            out[name] = out[name] + value if name in out else value  # a module called twice sums its calls
+
+        for record, g in zip(records, grads):
+            module, name, a = record.module, record.name, record.inputs
+            if isinstance(module, nn.GroupNorm):
+                x_hat = F.group_norm(a, module.num_groups, eps=module.eps).flatten(2)  # (rows, C, L), normalized input
+                g_flat = g.flatten(2)
+                if module.weight is not None:
+                    add(f"{name}.weight", _grouped_sum(torch.einsum("rcl,rcl->rc", g_flat, x_hat), groups))
+                if module.bias is not None:
+                    add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
+                continue
+            a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
+            rows, k_out, positions = g_proj.shape
+            per = rows // groups
+            # phi = sum over the example's rows and positions of (P_out g)(P_in a)^T
+            g_proj = g_proj.reshape(groups, per, k_out, positions).transpose(1, 2).reshape(groups, k_out, per * positions)
+            a_proj = a_proj.reshape(groups, per, -1, positions).transpose(1, 2).reshape(groups, -1, per * positions)
+            add(f"{name}.weight", torch.bmm(g_proj, a_proj.transpose(1, 2)))  # (groups, k_out, k_in)
+            if module.bias is not None:
+                add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
+        for name in self.names:
+            if name not in out:  # a parameter unused by this forward has a zero gradient
+                out[name] = torch.zeros(groups, self.widths[name])
+        return out
+
+    def _project_sides(self, name: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor):
+        """(P_in a, P_out g, g) at every output position, each (rows, width, L)."""
+        p_in, p_out = self.proj_in[name], self.proj_out[name]
+        if isinstance(module, nn.Conv2d):
+            if p_in.shape[0] == p_in.shape[1]:  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
+                a_proj = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (rows, d_in, L)
+            else:
+                kernel = p_in.view(-1, *module.weight.shape[1:])  # (k_in, C_in, kh, kw): P_in on unfolded patches
+                a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation).flatten(2)  # (rows, k_in, L)
+            g_flat = g.flatten(2)  # (rows, C_out, L)
+        else:
+            a_flat = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (rows, d_in, L)
+            a_proj = a_flat if p_in.shape[0] == p_in.shape[1] else torch.matmul(p_in, a_flat)  # (rows, k_in, L)
+            g_flat = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (rows, d_out, L)
+        g_proj = g_flat if p_out.shape[0] == p_out.shape[1] else torch.matmul(p_out, g_flat)  # (rows, k_out, L)
+        return a_proj, g_proj, g_flat
+
+    # 4. one vector per example
+    def combine(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Blocks -> (groups, dim): a seeded count-sketch of their concatenation in parameter order."""
+        return self.sketch.project([blocks[name] for name in self.names])
+
+    def project(self, total: torch.Tensor, records: list[Record], groups: int) -> torch.Tensor:
+        """Steps 2-4: (groups, dim) features from a captured forward and its summed output."""
+        return self.combine(self.blocks(records, self.output_gradients(total, records), groups))
