@@ -41,22 +41,24 @@ from explorer.projector import CountSketchProjector
 SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this would collide
 
 
-def side_length(dim: int) -> int:
-    """ceil(sqrt(dim))."""
-    return math.isqrt(dim - 1) + 1
+INPUT_SIDE_WIDTH = 16  # k_in of a projected layer; see layer_widths
 
 
 def layer_widths(d_in: int, d_out: int, dim: int) -> tuple[int, int]:
     """(k_in, k_out) of one layer's block for a final dimension `dim`.
 
     A weight with at most `dim` entries is kept exactly (k = d on both sides): on the shipped model
-    that is conv_out, 1 x 288 entries but 30-50% of the squared gradient norm. Otherwise each side
-    is projected to k = ceil(sqrt(dim)) (or kept, if it is narrower), so a block has about `dim` entries.
+    that is conv_out, 1 x 288 entries but 30-50% of the squared gradient norm. Otherwise the input
+    side is projected to k_in = 16 and the output side to ceil(dim / k_in), or kept when narrower.
+    The input side is the expensive one: P_in a is a convolution whose cost grows with k_in times
+    d_in = C_in kh kw, while P_out g only mixes C_out channels. On the shipped model at k = 2048 this
+    cuts the projection from 4.0 to 2.3 ms per row against the square rule k_in = k_out = sqrt(dim),
+    at the same Spearman agreement with exact scores (0.982 inner product, 0.983 TRAK; bench/projection_agreement.py).
     """
     if d_in * d_out <= dim:
         return d_in, d_out
-    side = side_length(dim)
-    return min(side, d_in), min(side, d_out)
+    k_in = min(d_in, INPUT_SIDE_WIDTH)
+    return k_in, min(d_out, -(-dim // k_in))
 
 
 @dataclass
@@ -80,6 +82,23 @@ def _gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
 def _grouped_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(rows, *shape) -> (groups, *shape): the sum over each example's consecutive rows."""
     return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).sum(1)
+
+
+def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(rows, C_in kh kw, L): the input patches of every output position, in the weight's order.
+
+    Built from kh kw strided slices of the padded input, which is several times faster than F.unfold
+    (im2col) on CPU; a 1x1 convolution without stride needs no copy at all.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return a.flatten(2)
+    padded = F.pad(a, (pw, pw, ph, ph))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    slices = [padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+              for i in range(kh) for j in range(kw)]
+    return torch.stack(slices, dim=2).flatten(1, 2).flatten(2)  # (rows, C_in, kh kw, Ho, Wo) -> (rows, C_in kh kw, L)
 
 
 class KroneckerProjector:
@@ -186,7 +205,7 @@ class KroneckerProjector:
         p_in, p_out = self.proj_in[name], self.proj_out[name]
         if isinstance(module, nn.Conv2d):
             if p_in.shape[0] == p_in.shape[1]:  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
-                a_proj = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (rows, d_in, L)
+                a_proj = _unfold(a, module)  # (rows, d_in, L)
             else:
                 kernel = p_in.view(-1, *module.weight.shape[1:])  # (k_in, C_in, kh, kw): P_in on unfolded patches
                 a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation).flatten(2)  # (rows, k_in, L)

@@ -12,7 +12,7 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from explorer.kronecker import KroneckerProjector
+from explorer.kronecker import KroneckerProjector, _unfold, layer_widths
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize
 
 
@@ -123,3 +123,23 @@ def test_unsupported_layers_are_refused():
         KroneckerProjector(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), 16, 0)
     with pytest.raises(ExplorerError, match="grouped"):
         KroneckerProjector(nn.Conv2d(4, 4, 3, groups=2), 16, 0)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1),
+    nn.Conv2d(3, 4, 1),
+    nn.Conv2d(3, 4, 3, stride=2, padding=1),
+    nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2),
+    nn.Conv2d(3, 4, 2, stride=2),
+], ids=["3x3", "1x1", "stride2", "dilated-rect", "2x2-no-pad"])
+def test_patch_slices_equal_im2col(conv):
+    a = torch.randn(5, 3, 9, 8)
+    ref = nn.functional.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(_unfold(a, conv), ref)
+
+
+def test_layer_widths_keep_small_weights_and_project_the_input_side_narrowly():
+    assert layer_widths(288, 1, 512) == (288, 1)  # <= dim entries: exact
+    assert layer_widths(576, 64, 2048) == (16, 64)  # the output side kept: 16 x 64 <= 2048
+    assert layer_widths(4608, 512, 2048) == (16, 128)  # both projected, 16 x 128 = dim
+    assert layer_widths(9, 300, 2048) == (9, 228)  # a narrow input is kept, the output fills dim
