@@ -40,8 +40,6 @@ from explorer.errors import ExplorerError
 from explorer.projector import CountSketchProjector
 
 SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this would collide
-
-
 INPUT_SIDE_WIDTH = 16  # k_in of a projected layer; see layer_widths
 
 
@@ -53,9 +51,10 @@ def layer_widths(d_in: int, d_out: int, dim: int) -> tuple[int, int]:
     side is projected to k_in = 16 and the output side to ceil(dim / k_in), or kept when narrower.
     The input side is the expensive one: P_in a is a convolution whose cost grows with k_in times
     d_in = C_in kh kw, while P_out g only mixes C_out channels. On the shipped model at k = 2048 this
-    cuts the projection from 3.8 to 1.8 ms per row (bench/featurize_profile.py) against the square rule k_in = k_out = sqrt(dim),
-    at the same Spearman agreement with exact scores (0.982 inner product, 0.983 TRAK, against 0.982 and
-    0.985; scored as bench/projection_agreement.py does, on its default subsample, median of 3 seeds).
+    cuts the projection from 3.8 to 1.8 ms per row (bench/featurize_profile.py) against the square
+    rule k_in = k_out = sqrt(dim), at the same Spearman agreement with exact scores (0.982 inner
+    product, 0.983 TRAK, against 0.982 and 0.985; scored as bench/projection_agreement.py does, on
+    its default subsample, median of 3 seeds).
     """
     if d_in * d_out <= dim:
         return d_in, d_out
