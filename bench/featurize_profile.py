@@ -72,8 +72,7 @@ def stage_profile(computer: FeatureComputer, x0: torch.Tensor, buckets: torch.Te
                 prediction = unet(leaf, timesteps).sample
                 total = computer.output_fn(prediction, noise)  # any scalar: the backward's cost is the same
             _, times["backward to inputs (batched, for scale)"] = timed(lambda: torch.autograd.grad(total, leaf))
-            grads, times["vmap(grad): per-example gradients"] = timed(lambda: computer._per_example_grad(
-                computer.params, x0, computer.draw_timesteps[buckets], computer.noise[buckets]))
+            grads, times["vmap(grad): per-example gradients"] = timed(lambda: computer.exact_gradients(x0, buckets))
             _, times["count-sketch projection"] = timed(lambda: computer.projector.project([grads[n] for n in computer.names]))
         else:
             kron = computer.kronecker

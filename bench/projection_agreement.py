@@ -77,9 +77,7 @@ def main() -> None:
     started = time.perf_counter()
     chunks = []
     for start in range(0, len(images), 32):
-        grads = reference._per_example_grad(reference.params, images[start : start + 32],
-                                            reference.draw_timesteps[buckets[start : start + 32]],
-                                            reference.noise[buckets[start : start + 32]])
+        grads = reference.exact_gradients(images[start : start + 32], buckets[start : start + 32])
         chunks.append(torch.cat([grads[name].flatten(1) for name in reference.names], dim=1))
     flat = torch.cat(chunks)  # (N + Q, d) float32
     print(f"exact gradients: {tuple(flat.shape)} in {time.perf_counter() - started:.1f} s; t = "

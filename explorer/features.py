@@ -29,9 +29,12 @@ from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
 from explorer.outputs import get_output_function
-from explorer.projector import PROJECTORS, make_projector
+from explorer.projector import PROJECTORS, PartlyExactProjector, make_projector
 
 logger = logging.getLogger(__name__)
+# (image, t, r) rows per hooked forward of the kronecker path: on this CPU 80 rows run 1.3x faster than 160
+# and ~1.9x faster than 640 (bench/featurize_vs_traker.py's setting, 10 timesteps per image)
+KRONECKER_ROWS = 80
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,16 @@ class FeatureSpec:
     projector: str = "countsketch"  # countsketch | gaussian | kronecker
     proj_dim: int = 512  # k; 512 beats 2048 on LDS (docs/evaluation.md)
     proj_seed: int = 0  # seeds the projector
+    # From explorer.calibration (both empty unless an index was built with --calibrate):
+    exact_params: tuple[str, ...] = ()  # parameter tensors kept as exact coordinates in front of the projection
+    exact_layers: tuple[str, ...] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
+
+    def __post_init__(self) -> None:  # metadata JSON gives lists
+        object.__setattr__(self, "exact_params", tuple(self.exact_params))
+        object.__setattr__(self, "exact_layers", tuple(self.exact_layers))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "exact_params": list(self.exact_params), "exact_layers": list(self.exact_layers)}
 
 
 def bucket_timesteps(spec: FeatureSpec, num_train_timesteps: int) -> list[list[int]]:
@@ -100,12 +110,31 @@ class FeatureComputer:
         self.num_params = sum(p.numel() for p in self.params.values())
         if spec.projector not in PROJECTORS:
             raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
+        kept = self._kept_params(spec)
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":
-            self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed)
+            self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,
+                                                exact_layers=spec.exact_layers)
         else:
-            self.projector = make_projector(spec.projector, self.num_params, spec.proj_dim, spec.proj_seed)
+            if spec.exact_layers:
+                raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
+                                    f"{spec.projector!r}: calibrate without them (explorer.calibration.calibrate)")
+            kept_width = sum(self.params[name].numel() for name in kept)
+            inner = make_projector(spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
+            self.projector = PartlyExactProjector([name in kept for name in self.names], inner) if kept else inner
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
+
+    def _kept_params(self, spec: FeatureSpec) -> set[str]:
+        """spec.exact_params, checked against the model and the projection dimension."""
+        unknown = [name for name in spec.exact_params if name not in self.params]
+        if unknown:
+            raise ExplorerError(f"exact_params {unknown} are not parameters of this model: the spec was calibrated for "
+                                "another model; calibrate again (precompute featurize --calibrate)")
+        width = sum(self.params[name].numel() for name in spec.exact_params)
+        if width >= spec.proj_dim:
+            raise ExplorerError(f"exact_params hold {width} values, which leaves nothing of proj_dim {spec.proj_dim} for "
+                                "the projection: keep fewer tensors or raise --proj-dim")
+        return set(spec.exact_params)
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)
@@ -127,15 +156,21 @@ class FeatureComputer:
         """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket) pair."""
         self._check(images)
         out = []
-        for start in range(0, len(images), self.chunk_size):
-            x0 = images[start : start + self.chunk_size]
-            b = buckets[start : start + self.chunk_size]
+        step = self.chunk_size
+        if self.kronecker is not None:  # rows per forward are pairs x (t, r) draws; more than ~80 fall out of cache
+            step = max(1, min(step, KRONECKER_ROWS // self.draw_timesteps.shape[1]))
+        for start in range(0, len(images), step):
+            x0, b = images[start : start + step], buckets[start : start + step]
             if self.kronecker is not None:
                 out.append(self.kronecker.project(*self.capture_rows(x0, b), groups=len(x0)))
                 continue
-            grads = self._per_example_grad(self.params, x0, self.draw_timesteps[b], self.noise[b])
+            grads = self.exact_gradients(x0, b)
             out.append(self.projector.project([grads[name] for name in self.names]))
         return torch.cat(out) if out else torch.zeros(0, self.spec.proj_dim)
+
+    def exact_gradients(self, x0: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W), buckets (P,)."""
+        return self._per_example_grad(self.params, x0, self.draw_timesteps[buckets], self.noise[buckets])
 
     def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
         """One hooked forward over all (image, t, r) rows of P pairs -> (sum_i f_i, the layer records).

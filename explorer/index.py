@@ -44,6 +44,7 @@ STORAGES = ("float32", "float16", "int8")
 # float32 (error ~1e-6, far below the quantization's) with the lossy storages, which halves its size.
 FACTOR_DTYPES = {"float32": np.float64, "float16": np.float32, "int8": np.float32}
 INDEX_TYPES = ("flat", "ivf")
+CALIBRATION_FIELDS = {"exact_params", "exact_layers"}  # FeatureSpec fields that indexes built before calibration lack
 
 
 def bucket_file(bucket: int) -> str:
@@ -329,8 +330,12 @@ def _meta_problem(meta: dict) -> str | None:
     if meta.get("storage") not in STORAGES:
         return f"storage must be one of {', '.join(STORAGES)}"
     spec = meta.get("spec")
-    if not isinstance(spec, dict) or set(spec) != set(FeatureSpec().to_dict()):
+    fields = set(FeatureSpec().to_dict())
+    if not isinstance(spec, dict) or not fields - CALIBRATION_FIELDS <= set(spec) <= fields:
         return "spec must hold exactly the FeatureSpec fields"
+    for key in CALIBRATION_FIELDS & set(spec):
+        if not isinstance(spec[key], list) or not all(isinstance(name, str) for name in spec[key]):
+            return f"spec.{key} must be a list of names"
     for key in ("buckets", "timesteps_per_bucket", "noise_draws", "proj_dim"):
         if not _is_int(spec[key], 1):
             return f"spec.{key} must be a positive integer"

@@ -18,7 +18,10 @@ layer_widths).
 Biases (gradient sum_p g_p) and GroupNorm affine parameters (weight gradient sum_p g_p * x_hat_p)
 are taken exactly. Every example's blocks and small gradients, in parameter order, are
 count-sketched together down to exactly `dim` dimensions, which keeps E[<phi(x), phi(y)>] =
-<grad_x, grad_y> over all parameters.
+<grad_x, grad_y> over all parameters. A calibrated spec (explorer.calibration) keeps a few small,
+heavy tensors out of the sketch as exact coordinates and forms the weight gradients of the heaviest
+layers exactly (P = I on both sides), which removes most of the projection error where the
+gradient norm is.
 
 The a's come from forward hooks; the g's from one batched backward that asks autograd only for
 gradients w.r.t. the hooked layer outputs, so no weight-gradient GEMM runs. Rows of the batch
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.projector import CountSketchProjector
+from explorer.projector import CountSketchProjector, PartlyExactProjector
 
 SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this would collide
 INPUT_SIDE_WIDTH = 16  # k_in of a projected layer; see layer_widths
@@ -82,6 +85,8 @@ def _gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 def _grouped_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(rows, *shape) -> (groups, *shape): the sum over each example's consecutive rows."""
+    if x.shape[0] == groups:
+        return x
     return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).sum(1)
 
 
@@ -105,7 +110,11 @@ def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 class KroneckerProjector:
     """Projected per-example gradients of a model from one batched forward and backward."""
 
-    def __init__(self, model: nn.Module, dim: int, seed: int):
+    def __init__(self, model: nn.Module, dim: int, seed: int, kept_params: tuple[str, ...] = (),
+                 exact_layers: tuple[str, ...] = ()):
+        """kept_params: parameter tensors kept as exact coordinates in front of the sketch (PartlyExactProjector);
+        exact_layers: Conv2d/Linear layers whose per-example weight gradient is formed exactly, not projected
+        (both from explorer.calibration)."""
         if dim < 1:
             raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
         self.model, self.dim, self.seed = model, dim, seed
@@ -115,18 +124,35 @@ class KroneckerProjector:
                 continue
             self._check_supported(name, module)
             self.modules[name] = module
+        wrong = [name for name in exact_layers if not isinstance(self.modules.get(name), (nn.Conv2d, nn.Linear))]
+        if wrong:
+            raise ExplorerError(f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
+                                "calibrated for another model; calibrate again (precompute featurize --calibrate)")
         self._name_of = {module: name for name, module in self.modules.items()}
         self.names = [name for name, _ in model.named_parameters()]  # the order of the sketch's input
+        unknown = [name for name in kept_params if name not in self.names]
+        if unknown:
+            raise ExplorerError(f"kept_params {unknown} are not parameters of this model: the spec was calibrated for "
+                                "another model; calibrate again (precompute featurize --calibrate)")
+        # a kept weight needs its exact block; kept biases and norm parameters are exact anyway
+        exact = set(exact_layers) | {name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")}
         self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
         self.proj_out: dict[str, torch.Tensor] = {}  # module name -> P_out (k_out, d_out)
         for layer, (name, module) in enumerate(self.modules.items()):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-                k_in, k_out = layer_widths(d_in, d_out, dim)
+                k_in, k_out = (d_in, d_out) if name in exact else layer_widths(d_in, d_out, dim)
                 self.proj_in[name] = _gaussian(k_in, d_in, (seed * SEED_STRIDE + layer) * 2)
                 self.proj_out[name] = _gaussian(k_out, d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
         self.widths = {name: self._width(name, p) for name, p in model.named_parameters()}
-        self.sketch = CountSketchProjector(sum(self.widths.values()), dim, seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
+        kept = [name in kept_params for name in self.names]
+        kept_width = sum(width for width, keep in zip(self.widths.values(), kept) if keep)
+        if kept_width >= dim:
+            raise ExplorerError(f"kept_params hold {kept_width} values, which leaves nothing of dimension {dim} for the "
+                                "sketch: keep fewer tensors or raise --proj-dim")
+        sketch = CountSketchProjector(sum(self.widths.values()) - kept_width, dim - kept_width,
+                                      seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
+        self.sketch = PartlyExactProjector(kept, sketch) if kept_width else sketch
 
     @staticmethod
     def _check_supported(name: str, module: nn.Module) -> None:
@@ -188,12 +214,9 @@ class KroneckerProjector:
                     add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
                 continue
             a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
-            rows, k_out, positions = g_proj.shape
-            per = rows // groups
-            # phi = sum over the example's rows and positions of (P_out g)(P_in a)^T
-            g_proj = g_proj.reshape(groups, per, k_out, positions).transpose(1, 2).reshape(groups, k_out, per * positions)
-            a_proj = a_proj.reshape(groups, per, -1, positions).transpose(1, 2).reshape(groups, -1, per * positions)
-            add(f"{name}.weight", torch.bmm(g_proj, a_proj.transpose(1, 2)))  # (groups, k_out, k_in)
+            # phi = sum over the example's rows and positions of (P_out g)(P_in a)^T: one product per row, then the
+            # example's sum (regrouping the rows first would copy both sides, which costs more than the bmm)
+            add(f"{name}.weight", _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)), groups))  # (groups, k_out, k_in)
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
         for name in self.names:

@@ -8,18 +8,19 @@ kind, `kronecker`, projects layer by layer without forming the gradients (explor
   parameters; E[<Px, Py>] = <x, y>.
 - GaussianProjector: dense P with N(0, 1/k) entries (what TRAK uses on CPU), generated block by
   block from the seed so it never has to fit in memory at once; costly for big models.
+- PartlyExactProjector: a few small parameter tensors that carry much of the gradient norm are kept
+  as exact coordinates and only the rest goes through one of the above (explorer.calibration picks
+  them). The estimate of <x, y> stays unbiased and its variance shrinks with the squared norm that
+  no longer goes through the random projection.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 
 from explorer.errors import ExplorerError
 
-ProjectorKind = Literal["countsketch", "gaussian"]
 PROJECTORS = ("countsketch", "gaussian", "kronecker")  # every FeatureSpec.projector; kronecker lives in explorer.kronecker
 GAUSSIAN_BLOCK = 65_536  # parameters per generated block of the dense projection
 GAUSSIAN_CACHE_BYTES = 1 << 30  # keep the dense matrix in memory when it is at most this big
@@ -70,6 +71,20 @@ class GaussianProjector:
             start = index * GAUSSIAN_BLOCK
             out += flat[:, start : start + block.shape[0]] @ block
         return out
+
+
+class PartlyExactProjector:
+    """phi = [the kept tensors, flattened, in order | inner.project(the other tensors)]."""
+
+    def __init__(self, kept: list[bool], inner: CountSketchProjector | GaussianProjector):
+        self.kept, self.inner = kept, inner
+
+    def project(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """grads: per-parameter tensors (B, *shape), in the order of `kept` -> (B, kept width + inner.dim)."""
+        batch = grads[0].shape[0]
+        exact = [grad.reshape(batch, -1) for grad, kept in zip(grads, self.kept) if kept]
+        rest = [grad for grad, kept in zip(grads, self.kept) if not kept]
+        return torch.cat([*exact, self.inner.project(rest)], dim=1)
 
 
 def make_projector(kind: str, num_params: int, dim: int, seed: int) -> CountSketchProjector | GaussianProjector:

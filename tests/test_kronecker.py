@@ -23,7 +23,7 @@ def _images(split, count: int) -> torch.Tensor:
 def _exact_grads(model, spec: FeatureSpec, images: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients of f from the vmap reference path: name -> (P, *shape)."""
     exact = FeatureComputer(model, FeatureSpec(**dict(spec.to_dict(), projector="countsketch")))
-    return exact._per_example_grad(exact.params, images, exact.draw_timesteps[buckets], exact.noise[buckets])
+    return exact.exact_gradients(images, buckets)
 
 
 @pytest.mark.parametrize("output", ["square", "loss", "l2"])
