@@ -107,6 +107,10 @@ def add_featurize(commands) -> None:
                         help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
                              "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
+    parser.add_argument("--calibrate", type=non_negative_int, default=0, metavar="N",
+                        help="measure where the gradient norm is on N training images first, then keep the heaviest small "
+                             "tensors as exact coordinates and (kronecker) form the heaviest layers' gradients exactly: "
+                             "closer to the exact scores at the same k (see README); 0: off (default)")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
     parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
@@ -147,7 +151,10 @@ def add_index_type(parser) -> None:
 def run_featurize(args) -> None:
     import numpy as np
 
-    from explorer.data import load_dataset, train_heldout_split
+    import torch
+
+    from explorer.calibration import calibrate, calibration_rows
+    from explorer.data import load_dataset, to_model_range, train_heldout_split
     from explorer.features import FeatureSpec
     from explorer.model import load_model
     from precompute.featurize import FeaturizeOptions, featurize
@@ -161,6 +168,11 @@ def run_featurize(args) -> None:
     spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
                        proj_dim=args.proj_dim, proj_seed=args.proj_seed)
+    if args.calibrate:
+        rows = calibration_rows(args.calibrate, len(dataset))
+        calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)
+        spec = calibration.spec
+        print(calibration.summary())
     options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
                                storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features,
                                index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)

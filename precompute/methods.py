@@ -203,9 +203,9 @@ def fold_features(features: FeatureSet, dim: int) -> FeatureSet:
     computed at k' in tests/test_lds.py). Bucket means commute with the sum. DAS residuals are kept.
     """
     k = features.spec.proj_dim
-    if features.spec.projector != "countsketch" or dim < 1 or k % dim:
+    if features.spec.projector != "countsketch" or features.spec.exact_params or dim < 1 or k % dim:
         raise ExplorerError(f"cannot fold {features.spec.projector} features of k={k} to k={dim}: folding needs the "
-                            "count-sketch projector and a k' that divides k")
+                            "count-sketch projector without calibrated exact_params and a k' that divides k")
     fold = lambda phi: phi.reshape(len(phi), k // dim, dim).sum(1)  # noqa: E731  (n, k) -> (n, k')
     return FeatureSet(spec=variant(features.spec, proj_dim=dim), train={b: fold(phi) for b, phi in features.train.items()},
                       query=fold(features.query), query_bucket=features.query_bucket, residuals=features.residuals)
