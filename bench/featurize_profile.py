@@ -11,7 +11,8 @@ draw per bucket (so one row = one (example, timestep) pair), it prints medians o
    vmap(grad) per-example gradients (forward + backward + per-example weight gradients, fused),
    count-sketch projection;
    kronecker path: forward with hooks, backward w.r.t. layer outputs only, per-layer Kronecker
-   projection (+ exact bias/GroupNorm gradients), count-sketch of the blocks;
+   projection (+ exact bias/GroupNorm gradients), count-sketch of the blocks; kronecker+calibrated:
+   the same with a calibrated spec (heaviest layers' blocks exact, heavy small tensors kept);
 2. end to end over --images images x all buckets, as precompute featurize runs it: features,
    whitening (GCV lambda, Cholesky, whiten, normalize per bucket), I/O (memmap + index files);
 3. one batched AdamW training step of the same model at the same batch size, per sample, and the
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.index import write_index  # noqa: E402
@@ -149,7 +151,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=10, help="training steps per timed repeat")
-    parser.add_argument("--paths", nargs="+", default=["countsketch", "kronecker"])
+    parser.add_argument("--paths", nargs="+", default=["countsketch", "kronecker", "kronecker+calibrated"],
+                        help="projectors to profile; name+calibrated calibrates the spec first (explorer.calibration)")
+    parser.add_argument("--calibrate", type=int, default=16, help="training images the +calibrated paths calibrate on")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
 
@@ -165,7 +169,14 @@ def main() -> None:
     x0, buckets = images[: args.batch], torch.arange(args.batch) % args.buckets
     computers, stages = {}, {}
     for path in args.paths:
-        spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=path, proj_dim=args.proj_dim)
+        projector, _, variant = path.partition("+")
+        if variant not in ("", "calibrated"):
+            raise SystemExit(f"--paths {path!r}: use a projector name, optionally with +calibrated")
+        spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=projector, proj_dim=args.proj_dim)
+        if variant:  # explorer.calibration on the first --calibrate images (not timed: once per index)
+            calibration = calibrate(model, spec, images[: args.calibrate], chunk_size=args.batch)
+            spec = calibration.spec
+            print(f"{path}: {calibration.summary()}")
         computers[path] = FeatureComputer(model, spec, chunk_size=args.batch)
         stages[path] = stage_profile(computers[path], x0, buckets, args.repeats)
 
