@@ -107,6 +107,21 @@ def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(slices, dim=2).flatten(1, 2).flatten(2)  # (rows, C_in, kh kw, Ho, Wo) -> (rows, C_in kh kw, L)
 
 
+def _group_norm_weight_gradients(norm: nn.GroupNorm, a: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(rows, C): sum over positions of g x_hat, the per-row gradient of the GroupNorm's weight.
+
+    x_hat comes back from the output y = w x_hat + b as (y - b) / w, which saves normalizing the input
+    again; when some |w| is small next to its |b| that division loses precision, and the input is
+    normalized again instead.
+    """
+    weight = norm.weight.detach()
+    bias = norm.bias.detach() if norm.bias is not None else torch.zeros_like(weight)
+    if bool((weight.abs() >= 1e-3 * bias.abs().clamp_min(1.0)).all()):
+        return (torch.einsum("rcl,rcl->rc", g, y.flatten(2)) - bias * g.sum(2)) / weight
+    x_hat = F.group_norm(a, norm.num_groups, eps=norm.eps).flatten(2)  # (rows, C, L)
+    return torch.einsum("rcl,rcl->rc", g, x_hat)
+
+
 def _is_plain_conv(module: nn.Module) -> bool:
     """A Conv2d with a kernel larger than 1x1, stride 1 and dilation 1 (what _conv_weight_gradients handles)."""
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.stride == (1, 1) \
@@ -233,10 +248,10 @@ class KroneckerProjector:
         for record, g in zip(records, grads):
             module, name, a = record.module, record.name, record.inputs
             if isinstance(module, nn.GroupNorm):
-                x_hat = F.group_norm(a, module.num_groups, eps=module.eps).flatten(2)  # (rows, C, L), normalized input
                 g_flat = g.flatten(2)
                 if module.weight is not None:
-                    add(f"{name}.weight", _grouped_sum(torch.einsum("rcl,rcl->rc", g_flat, x_hat), groups))
+                    add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a, record.output.detach(), g_flat),
+                                                       groups))
                 if module.bias is not None:
                     add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
                 continue
