@@ -110,15 +110,15 @@ class FeatureComputer:
         self.num_params = sum(p.numel() for p in self.params.values())
         if spec.projector not in PROJECTORS:
             raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
-        kept = self._kept_params(spec)
         self.projector, self.kronecker = None, None
-        if spec.projector == "kronecker":
+        if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,
                                                 exact_layers=spec.exact_layers)
         else:
             if spec.exact_layers:
                 raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
                                     f"{spec.projector!r}: calibrate without them (explorer.calibration.calibrate)")
+            kept = self._kept_params(spec)
             kept_width = sum(self.params[name].numel() for name in kept)
             inner = make_projector(spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
             self.projector = PartlyExactProjector([name in kept for name in self.names], inner) if kept else inner

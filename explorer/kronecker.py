@@ -256,14 +256,13 @@ class KroneckerProjector:
                     add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
                 continue
             if self._exact(name) and _is_plain_conv(module):
-                add(f"{name}.weight", _grouped_sum(_conv_weight_gradients(a, g, module), groups))
-                if module.bias is not None:
-                    add(f"{name}.bias", _grouped_sum(g.flatten(2).sum(2), groups))
-                continue
-            a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
-            # phi = sum over the example's rows and positions of (P_out g)(P_in a)^T: one product per row, then the
-            # example's sum (regrouping the rows first would copy both sides, which costs more than the bmm)
-            add(f"{name}.weight", _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)), groups))  # (groups, k_out, k_in)
+                weight_rows, g_flat = _conv_weight_gradients(a, g, module), g.flatten(2)  # (rows, d_out, d_in)
+            else:
+                a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
+                # (P_out g)(P_in a)^T summed over positions, one product per row (regrouping the rows first would
+                # copy both sides, which costs more than the bmm)
+                weight_rows = torch.bmm(g_proj, a_proj.transpose(1, 2))  # (rows, k_out, k_in)
+            add(f"{name}.weight", _grouped_sum(weight_rows, groups))  # phi: the sum over the example's rows
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
         for name in self.names:
