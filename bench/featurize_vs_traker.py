@@ -50,16 +50,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
+from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
 
 try:
     from trak import TRAKer
@@ -119,16 +120,6 @@ def ours_featurize(computer: FeatureComputer, train: torch.Tensor, queries: torc
     return seconds, phi, computer.features(queries, torch.zeros(len(queries), dtype=torch.long)).numpy()
 
 
-def exact_gradients(computer: FeatureComputer, images: torch.Tensor, chunk: int = 32) -> np.ndarray:
-    """Full per-example gradients of the averaged output, (P, d) float32, in named_parameters order."""
-    rows = []
-    for start in range(0, len(images), chunk):
-        x0 = images[start : start + chunk]
-        grads = computer.exact_gradients(x0, torch.zeros(len(x0), dtype=torch.long))
-        rows.append(torch.cat([grads[name].reshape(len(x0), -1) for name in computer.names], dim=1).numpy())
-    return np.concatenate(rows)
-
-
 def check_same_quantity(model, output: DiffusionSquareOutput, computer: FeatureComputer, images: torch.Tensor) -> float:
     """Max relative difference between traker's output gradient and ours on a few images (must be ~1e-6)."""
     weights = {name: p.detach() for name, p in model.named_parameters()}
@@ -140,25 +131,6 @@ def check_same_quantity(model, output: DiffusionSquareOutput, computer: FeatureC
         flat = torch.cat([grads[name].reshape(-1) for name in computer.names]).numpy()
         worst = max(worst, float(np.abs(flat - ours[row]).max() / np.abs(ours[row]).max()))
     return worst
-
-
-def agreement(train: np.ndarray, queries: np.ndarray, exact_train: np.ndarray, exact_queries: np.ndarray) -> dict:
-    """Mean (and min) over queries of Spearman(projected scores, exact scores) over the training images."""
-    def cosine(a, b):
-        return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
-
-    out = {}
-    for name, projected, exact in (("inner", queries @ train.T, exact_queries @ exact_train.T),
-                                   ("cosine", cosine(queries, train), cosine(exact_queries, exact_train))):
-        rho = [spearmanr(p, e).statistic for p, e in zip(projected.astype(np.float64), exact)]
-        out[name] = {"mean": float(np.mean(rho)), "min": float(np.min(rho))}
-    return out
-
-
-def over_seeds(per_seed: list[dict]) -> dict:
-    """Agreement over projection seeds: the mean of the per-seed means, the worst query of any seed, and each seed's mean."""
-    return {kind: {"mean": float(np.mean([a[kind]["mean"] for a in per_seed])), "min": min(a[kind]["min"] for a in per_seed),
-                   "per_seed": [a[kind]["mean"] for a in per_seed]} for kind in ("inner", "cosine")}
 
 
 def main() -> None:

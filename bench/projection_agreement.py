@@ -29,11 +29,13 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.projector import make_projector  # noqa: E402
+from fidelity import exact_gradients  # noqa: E402
 
 
 def scores(train: np.ndarray, query: np.ndarray, kind: str, relative_lambda: float) -> np.ndarray:
@@ -75,11 +77,7 @@ def main() -> None:
     # 1. exact per-example gradients (vmap reference), flattened: (N + Q, d)
     reference = FeatureComputer(model, FeatureSpec(output=args.output, projector="countsketch", proj_dim=1))
     started = time.perf_counter()
-    chunks = []
-    for start in range(0, len(images), 32):
-        grads = reference.exact_gradients(images[start : start + 32], buckets[start : start + 32])
-        chunks.append(torch.cat([grads[name].flatten(1) for name in reference.names], dim=1))
-    flat = torch.cat(chunks)  # (N + Q, d) float32
+    flat = torch.from_numpy(exact_gradients(reference, images, buckets))  # (N + Q, d) float32
     print(f"exact gradients: {tuple(flat.shape)} in {time.perf_counter() - started:.1f} s; t = "
           f"{reference.timesteps[args.bucket]}, output {args.output}, {args.queries} queries x {args.train} training images")
 

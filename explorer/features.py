@@ -49,16 +49,36 @@ class FeatureSpec:
     projector: str = "countsketch"  # countsketch | gaussian | kronecker
     proj_dim: int = 512  # k; 512 beats 2048 on LDS (docs/evaluation.md)
     proj_seed: int = 0  # seeds the projector
+    params: tuple[str, ...] = ()  # parameter-name prefixes whose gradient is featurized; empty: all (select_params)
     # From explorer.calibration (both empty unless an index was built with --calibrate):
     exact_params: tuple[str, ...] = ()  # parameter tensors kept as exact coordinates in front of the projection
     exact_layers: tuple[str, ...] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
 
     def __post_init__(self) -> None:  # metadata JSON gives lists
-        object.__setattr__(self, "exact_params", tuple(self.exact_params))
-        object.__setattr__(self, "exact_layers", tuple(self.exact_layers))
+        for key in NAME_LIST_FIELDS:
+            object.__setattr__(self, key, tuple(getattr(self, key)))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exact_params": list(self.exact_params), "exact_layers": list(self.exact_layers)}
+        return {**asdict(self), **{key: list(getattr(self, key)) for key in NAME_LIST_FIELDS}}
+
+
+NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")  # FeatureSpec fields that indexes built before them lack
+
+
+def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The parameter names under any of the prefixes (a prefix is a parameter or module name), in model order."""
+    if not prefixes:
+        return names
+    unmatched = [prefix for prefix in prefixes if not any(_under(name, prefix) for name in names)]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ExplorerError(f"--params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
+                            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)")
+    return [name for name in names if any(_under(name, prefix) for prefix in prefixes)]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def bucket_timesteps(spec: FeatureSpec, num_train_timesteps: int) -> list[list[int]]:
@@ -105,15 +125,17 @@ class FeatureComputer:
         per_draw = torch.tensor(self.timesteps).repeat_interleave(spec.noise_draws, dim=1)  # (B_n, mR)
         self.draw_timesteps = per_draw
         self.abar = model.scheduler.alphas_cumprod.to(torch.float32)
-        self.names = [name for name, _ in model.unet.named_parameters()]
-        self.params = {name: p.detach() for name, p in model.unet.named_parameters()}
+        every = {name: p.detach() for name, p in model.unet.named_parameters()}
+        self.names = select_params(list(every), spec.params)  # the parameters whose gradient phi projects
+        self.params = {name: every[name] for name in self.names}
+        self._frozen = {name: p for name, p in every.items() if name not in self.params}  # constants of f
         self.num_params = sum(p.numel() for p in self.params.values())
         if spec.projector not in PROJECTORS:
             raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,
-                                                exact_layers=spec.exact_layers)
+                                                exact_layers=spec.exact_layers, params=self.names)
         else:
             if spec.exact_layers:
                 raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
@@ -128,8 +150,8 @@ class FeatureComputer:
         """spec.exact_params, checked against the model and the projection dimension."""
         unknown = [name for name in spec.exact_params if name not in self.params]
         if unknown:
-            raise ExplorerError(f"exact_params {unknown} are not parameters of this model: the spec was calibrated for "
-                                "another model; calibrate again (precompute featurize --calibrate)")
+            raise ExplorerError(f"exact_params {unknown} are not featurized parameters of this model: the spec was "
+                                "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
         width = sum(self.params[name].numel() for name in spec.exact_params)
         if width >= spec.proj_dim:
             raise ExplorerError(f"exact_params hold {width} values, which leaves nothing of proj_dim {spec.proj_dim} for "
@@ -142,7 +164,7 @@ class FeatureComputer:
 
     def _output(self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """f averaged over one example's (t, r) pairs; x0 (C, H, W), timesteps (mR,), noise (mR, C, H, W)."""
-        prediction = functional_call(self.model.unet, params, (self._noisy(x0, timesteps, noise), timesteps)).sample
+        prediction = functional_call(self.model.unet, {**self._frozen, **params}, (self._noisy(x0, timesteps, noise), timesteps)).sample
         return self.output_fn(prediction, noise)
 
     def _check(self, images: torch.Tensor) -> None:

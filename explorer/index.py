@@ -44,7 +44,6 @@ STORAGES = ("float32", "float16", "int8")
 # float32 (error ~1e-6, far below the quantization's) with the lossy storages, which halves its size.
 FACTOR_DTYPES = {"float32": np.float64, "float16": np.float32, "int8": np.float32}
 INDEX_TYPES = ("flat", "ivf")
-CALIBRATION_FIELDS = {"exact_params", "exact_layers"}  # FeatureSpec fields that indexes built before calibration lack
 
 
 def bucket_file(bucket: int) -> str:
@@ -316,7 +315,7 @@ def _is_int(value, minimum: int = 0) -> bool:
 
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with a meta.json's structure, or None. Checked before anything is trusted."""
-    from explorer.features import FeatureSpec
+    from explorer.features import NAME_LIST_FIELDS, FeatureSpec
     from explorer.outputs import OUTPUT_FUNCTIONS
 
     if not isinstance(meta.get("model_hash"), str):
@@ -330,10 +329,10 @@ def _meta_problem(meta: dict) -> str | None:
     if meta.get("storage") not in STORAGES:
         return f"storage must be one of {', '.join(STORAGES)}"
     spec = meta.get("spec")
-    fields = set(FeatureSpec().to_dict())
-    if not isinstance(spec, dict) or not fields - CALIBRATION_FIELDS <= set(spec) <= fields:
+    fields, optional = set(FeatureSpec().to_dict()), set(NAME_LIST_FIELDS)
+    if not isinstance(spec, dict) or not fields - optional <= set(spec) <= fields:
         return "spec must hold exactly the FeatureSpec fields"
-    for key in CALIBRATION_FIELDS & set(spec):
+    for key in optional & set(spec):
         if not isinstance(spec[key], list) or not all(isinstance(name, str) for name in spec[key]):
             return f"spec.{key} must be a list of names"
     for key in ("buckets", "timesteps_per_bucket", "noise_draws", "proj_dim"):

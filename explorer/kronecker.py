@@ -153,16 +153,19 @@ class KroneckerProjector:
     """Projected per-example gradients of a model from one batched forward and backward."""
 
     def __init__(self, model: nn.Module, dim: int, seed: int, kept_params: tuple[str, ...] = (),
-                 exact_layers: tuple[str, ...] = ()):
+                 exact_layers: tuple[str, ...] = (), params: list[str] | None = None):
         """kept_params: parameter tensors kept as exact coordinates in front of the sketch (PartlyExactProjector);
         exact_layers: Conv2d/Linear layers whose per-example weight gradient is formed exactly, not projected
-        (both from explorer.calibration)."""
+        (both from explorer.calibration); params: the parameters phi covers (default all). Only their layers are
+        hooked, so the backward stops below the lowest of them."""
         if dim < 1:
             raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
         self.model, self.dim, self.seed = model, dim, seed
+        self.names = [name for name, _ in model.named_parameters()] if params is None else list(params)  # sketch order
+        covered = {name.rpartition(".")[0] for name in self.names}
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
-            if next(module.parameters(recurse=False), None) is None:
+            if next(module.parameters(recurse=False), None) is None or name not in covered:
                 continue
             self._check_supported(name, module)
             self.modules[name] = module
@@ -171,11 +174,10 @@ class KroneckerProjector:
             raise ExplorerError(f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
                                 "calibrated for another model; calibrate again (precompute featurize --calibrate)")
         self._name_of = {module: name for name, module in self.modules.items()}
-        self.names = [name for name, _ in model.named_parameters()]  # the order of the sketch's input
         unknown = [name for name in kept_params if name not in self.names]
         if unknown:
-            raise ExplorerError(f"kept_params {unknown} are not parameters of this model: the spec was calibrated for "
-                                "another model; calibrate again (precompute featurize --calibrate)")
+            raise ExplorerError(f"kept_params {unknown} are not featurized parameters of this model: the spec was "
+                                "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
         # a kept weight needs its exact block; kept biases and norm parameters are exact anyway
         exact = set(exact_layers) | {name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")}
         self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
@@ -186,7 +188,8 @@ class KroneckerProjector:
                 k_in, k_out = (d_in, d_out) if name in exact else layer_widths(d_in, d_out, dim)
                 self.proj_in[name] = _gaussian(k_in, d_in, (seed * SEED_STRIDE + layer) * 2)
                 self.proj_out[name] = _gaussian(k_out, d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
-        self.widths = {name: self._width(name, p) for name, p in model.named_parameters()}
+        shapes = dict(model.named_parameters())
+        self.widths = {name: self._width(name, shapes[name]) for name in self.names}
         kept = [name in kept_params for name in self.names]
         kept_width = sum(width for width, keep in zip(self.widths.values(), kept) if keep)
         if kept_width >= dim:

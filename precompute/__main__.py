@@ -107,6 +107,9 @@ def add_featurize(commands) -> None:
                         help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
                              "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
+    parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
+                        help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
+                             "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")
     parser.add_argument("--calibrate", type=non_negative_int, default=0, metavar="N",
                         help="measure where the gradient norm is on N training images first, then keep the heaviest small "
                              "tensors as exact coordinates and (kronecker) form the heaviest layers' gradients exactly: "
@@ -167,7 +170,7 @@ def run_featurize(args) -> None:
         dataset = dataset.subset(np.arange(min(args.limit, len(dataset))), f"first{args.limit}")
     spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
-                       proj_dim=args.proj_dim, proj_seed=args.proj_seed)
+                       proj_dim=args.proj_dim, proj_seed=args.proj_seed, params=tuple(args.params))
     if args.calibrate:
         rows = calibration_rows(args.calibrate, len(dataset))
         calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)
