@@ -168,10 +168,17 @@ class AttributionIndex:
 
     @property
     def label(self) -> str:
-        """A short human name of the method, e.g. 'square, normalized'."""
-        parts = [self.meta["spec"]["output"], "normalized" if self.normalize else "raw"]
+        """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker, calibrated'."""
+        spec = self.meta["spec"]
+        parts = [spec["output"], "normalized" if self.normalize else "raw"]
         if self.meta.get("das"):
             parts.append("DAS")
+        if spec["projector"] != "countsketch":
+            parts.append(spec["projector"])
+        if spec.get("exact_params") or spec.get("exact_layers"):
+            parts.append("calibrated")
+        if spec.get("params"):
+            parts.append("params " + " ".join(spec["params"]))
         return ", ".join(parts)
 
     @classmethod
