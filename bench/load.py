@@ -32,7 +32,7 @@ def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, resul
     try:
         client = Client(url, verbose=False)
         started = time.perf_counter()
-        outputs = client.predict(seed, steps, 8, None, api_name="/generate")
+        client.predict(seed, steps, 8, None, api_name="/generate")
         latencies["generate"].append(time.perf_counter() - started)
         own_start = client.predict(0, api_name="/scrub")[1]["url"]  # x_t at step 0: this session's noise
         rng = random.Random(seed)

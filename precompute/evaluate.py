@@ -33,7 +33,7 @@ def label_agreement_table(model_dir: str, index_dirs: list[str], data: str, time
     _, heldout = train_heldout_split(load_dataset(data, model.sample_size))
     images, labels = heldout.images[:queries], heldout.labels[:queries]
     chance = 1.0 / len(heldout.class_names)
-    header = f"| index (output, normalization) | " + " | ".join(f"t={t}" for t in timesteps) + " |"
+    header = "| index (method) | " + " | ".join(f"t={t}" for t in timesteps) + " |"
     lines = [f"label agreement of the top-{top_k} positive influencers, {len(labels)} held-out {data} queries "
              f"(chance {chance:.2f})", "", header, "|---|" + "---|" * len(timesteps)]
     for directory, index in indexes.items():
