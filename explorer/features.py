@@ -29,7 +29,7 @@ from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
 from explorer.outputs import get_output_function
-from explorer.projector import PROJECTORS, PartlyExactProjector, make_projector
+from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
 
 logger = logging.getLogger(__name__)
 # (image, t, r) rows per hooked forward of the kronecker path: on this CPU 80 rows run 1.3x faster than 160
@@ -140,23 +140,11 @@ class FeatureComputer:
             if spec.exact_layers:
                 raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
                                     f"{spec.projector!r}: calibrate without them (explorer.calibration.calibrate)")
-            kept = self._kept_params(spec)
-            kept_width = sum(self.params[name].numel() for name in kept)
+            sizes = {name: p.numel() for name, p in self.params.items()}
+            kept, kept_width = kept_mask(self.names, sizes, spec.exact_params, spec.proj_dim)
             inner = make_projector(spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
-            self.projector = PartlyExactProjector([name in kept for name in self.names], inner) if kept else inner
+            self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
-
-    def _kept_params(self, spec: FeatureSpec) -> set[str]:
-        """spec.exact_params, checked against the model and the projection dimension."""
-        unknown = [name for name in spec.exact_params if name not in self.params]
-        if unknown:
-            raise ExplorerError(f"exact_params {unknown} are not featurized parameters of this model: the spec was "
-                                "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
-        width = sum(self.params[name].numel() for name in spec.exact_params)
-        if width >= spec.proj_dim:
-            raise ExplorerError(f"exact_params hold {width} values, which leaves nothing of proj_dim {spec.proj_dim} for "
-                                "the projection: keep fewer tensors or raise --proj-dim")
-        return set(spec.exact_params)
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)

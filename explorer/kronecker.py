@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.projector import CountSketchProjector, PartlyExactProjector
+from explorer.projector import CountSketchProjector, PartlyExactProjector, kept_mask
 
 SEED_STRIDE = 100_003  # (seed, layer) -> generator seed; more layers than this would collide
 INPUT_SIDE_WIDTH = 16  # k_in of a projected layer; see layer_widths
@@ -174,10 +174,6 @@ class KroneckerProjector:
             raise ExplorerError(f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
                                 "calibrated for another model; calibrate again (precompute featurize --calibrate)")
         self._name_of = {module: name for name, module in self.modules.items()}
-        unknown = [name for name in kept_params if name not in self.names]
-        if unknown:
-            raise ExplorerError(f"kept_params {unknown} are not featurized parameters of this model: the spec was "
-                                "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
         # a kept weight needs its exact block; kept biases and norm parameters are exact anyway
         exact = set(exact_layers) | {name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")}
         self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
@@ -190,11 +186,7 @@ class KroneckerProjector:
                 self.proj_out[name] = _gaussian(k_out, d_out, (seed * SEED_STRIDE + layer) * 2 + 1)
         shapes = dict(model.named_parameters())
         self.widths = {name: self._width(name, shapes[name]) for name in self.names}
-        kept = [name in kept_params for name in self.names]
-        kept_width = sum(width for width, keep in zip(self.widths.values(), kept) if keep)
-        if kept_width >= dim:
-            raise ExplorerError(f"kept_params hold {kept_width} values, which leaves nothing of dimension {dim} for the "
-                                "sketch: keep fewer tensors or raise --proj-dim")
+        kept, kept_width = kept_mask(self.names, self.widths, kept_params, dim)
         sketch = CountSketchProjector(sum(self.widths.values()) - kept_width, dim - kept_width,
                                       seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
         self.sketch = PartlyExactProjector(kept, sketch) if kept_width else sketch

@@ -87,6 +87,21 @@ class PartlyExactProjector:
         return torch.cat([*exact, self.inner.project(rest)], dim=1)
 
 
+def kept_mask(names: list[str], widths: dict[str, int], kept: tuple[str, ...], dim: int) -> tuple[list[bool], int]:
+    """For PartlyExactProjector: which of `names` are kept, and their width; refuses names outside `names`
+    and a kept width that leaves nothing of `dim` for the projection."""
+    unknown = [name for name in kept if name not in widths]
+    if unknown:
+        raise ExplorerError(f"exact_params {unknown} are not featurized parameters of this model: the spec was "
+                            "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
+    mask = [name in kept for name in names]
+    width = sum(widths[name] for name, keep in zip(names, mask) if keep)
+    if width >= dim:
+        raise ExplorerError(f"exact_params hold {width} values, which leaves nothing of proj_dim {dim} for the "
+                            "projection: keep fewer tensors or raise --proj-dim")
+    return mask, width
+
+
 def make_projector(kind: str, num_params: int, dim: int, seed: int) -> CountSketchProjector | GaussianProjector:
     if dim < 1:
         raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
