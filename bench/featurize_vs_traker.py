@@ -26,6 +26,11 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
    proj_dim=2048, projector=--projector)).features(images, bucket 0); with --calibrate n the spec is
    first calibrated on n of the N training images (explorer.calibration, counted in our setup).
 
+Cost against training: each repeat also times --train-steps AdamW steps of a trainable copy of the
+model at --train-batch samples (bench/featurize_profile.py's training step), and ours is reported per
+(example, timestep), i.e. its seconds / (N x 10), relative to the training step's seconds per sample
+(the median of the within-repeat ratios), as the issue that asked for this bench measures it.
+
 Throughput is images/s of the featurize calls alone (median of --runs runs, interleaved: each
 repeat times every method once; the speed-up is the median of the within-repeat ratios). Fidelity: for each
 of --queries held-out images, the Spearman correlation between its projected scores against the
@@ -60,6 +65,7 @@ from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
+from featurize_profile import training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
 
 try:
@@ -151,6 +157,8 @@ def main() -> None:
                         "images (explorer.calibration; 0: off); its time counts in our setup")
     parser.add_argument("--seeds", type=int, default=1, help="projection seeds the agreement is averaged over (traker "
                         "best and ours; the timed runs use seed 0)")
+    parser.add_argument("--train-batch", type=int, default=64, help="samples per timed AdamW training step")
+    parser.add_argument("--train-steps", type=int, default=10, help="AdamW training steps timed per repeat")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -215,11 +223,19 @@ def main() -> None:
                     f"FeatureComputer, chunk {args.chunk}{calibrated}", our_setup,
                     lambda: ours_featurize(computer, train, queries), ours_other_seed, args.n))
 
-    # Timed runs interleaved (every method once per repeat): the machine's speed drifts by ~1.5x over
-    # minutes, so ratios are taken within a repeat and their median is reported.
+    # Timed runs interleaved (every method and the training step once per repeat): the machine's speed
+    # drifts by ~1.5x over minutes, so ratios are taken within a repeat and their median is reported.
+    step = training_step(model, torch.from_numpy(to_model_range(train_set.images)), args.train_batch)
+    step()  # warm-up
+    train_per_sample = []  # seconds per sample of one AdamW step, one entry per repeat
     times = {name: [] for name, *_ in methods}
     features = {}
     for repeat in range(args.runs):
+        started = time.perf_counter()
+        for _ in range(args.train_steps):
+            step()
+        train_per_sample.append((time.perf_counter() - started) / args.train_steps / args.train_batch)
+        print(f"  repeat {repeat + 1}, AdamW training step: {train_per_sample[-1] * 1e3:.3f} ms per sample", flush=True)
         for name, _, _, run, _, n in methods:
             seconds, phi_train, phi_queries = run()
             times[name].append(seconds)
@@ -259,8 +275,18 @@ def main() -> None:
         print(f"| {row['method']} | {row['settings']} | {row['n']} | {row['setup_s']:.1f} | {row['median_images_per_s']:.3f} | {agree} |")
     print("\n" + ", ".join(f"ours / {name}: {ratio:.1f}x" for name, ratio in ratios.items())
           + " (median over repeats of the within-repeat ratio)")
+    pairs = ours_n * computer.draw_timesteps.shape[1]  # (example, timestep) pairs per featurize run
+    versus_training = [mine / pairs / train for mine, train in zip(times[ours_name], train_per_sample)]
+    cost = {"ms_per_example_timestep": statistics.median(times[ours_name]) / pairs * 1e3,
+            "train_step_ms_per_sample": statistics.median(train_per_sample) * 1e3,
+            "train_step_ms_per_sample_runs": [t * 1e3 for t in train_per_sample],
+            "relative_to_train_step": statistics.median(versus_training), "ratios": versus_training}
+    print(f"ours: {cost['ms_per_example_timestep']:.3f} ms per (example, timestep); AdamW training step, batch "
+          f"{args.train_batch}: {cost['train_step_ms_per_sample']:.3f} ms per sample; ours / training step "
+          f"{cost['relative_to_train_step']:.2f}x ({', '.join(f'{r:.2f}' for r in versus_training)}; median of the "
+          "within-repeat ratios)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "ratios": ratios,
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "ratios": ratios, "cost_vs_training": cost,
                                                "gradient_mismatch": mismatch}, indent=2))
 
 
