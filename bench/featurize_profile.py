@@ -140,6 +140,11 @@ def training_step(model, images: torch.Tensor, batch: int):
     return step
 
 
+def seconds_per_sample(step, steps: int, batch: int) -> float:
+    """Wall time of `steps` calls of a training step (from training_step) on `batch` samples, per sample."""
+    return timed(lambda: [step() for _ in range(steps)])[1] / steps / batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "assets" / "model"))
@@ -185,7 +190,7 @@ def main() -> None:
     step()
     train_runs, runs = [], {path: [] for path in args.paths}
     for _ in range(args.repeats):
-        train_runs.append(timed(lambda: [step() for _ in range(args.train_steps)])[1] / args.train_steps / args.batch)
+        train_runs.append(seconds_per_sample(step, args.train_steps, args.batch))
         for path in args.paths:
             runs[path].append(end_to_end(computers[path], images[: args.images], args.batch, train))
     pairs = args.images * args.buckets

@@ -65,7 +65,7 @@ from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from featurize_profile import training_step  # noqa: E402
+from featurize_profile import seconds_per_sample, training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
 
 try:
@@ -231,10 +231,7 @@ def main() -> None:
     times = {name: [] for name, *_ in methods}
     features = {}
     for repeat in range(args.runs):
-        started = time.perf_counter()
-        for _ in range(args.train_steps):
-            step()
-        train_per_sample.append((time.perf_counter() - started) / args.train_steps / args.train_batch)
+        train_per_sample.append(seconds_per_sample(step, args.train_steps, args.train_batch))
         print(f"  repeat {repeat + 1}, AdamW training step: {train_per_sample[-1] * 1e3:.3f} ms per sample", flush=True)
         for name, _, _, run, _, n in methods:
             seconds, phi_train, phi_queries = run()

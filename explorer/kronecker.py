@@ -149,7 +149,7 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
     span = out_h * width
     per_offset = [_grouped_sum(torch.bmm(g_wide, flat[:, :, i * width + j : i * width + j + span].transpose(1, 2)), groups)
                   for i in range(kh) for j in range(kw)]  # each (groups, C_out, C_in)
-    return torch.stack(per_offset, dim=3).flatten(2)  # (rows, C_out, C_in, kh kw) -> the weight's (C_in, kh, kw) order
+    return torch.stack(per_offset, dim=3).flatten(2)  # (groups, C_out, C_in, kh kw) -> the weight's (C_in, kh, kw) order
 
 
 class KroneckerProjector:
