@@ -32,8 +32,9 @@ from explorer.outputs import get_output_function
 from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
 
 logger = logging.getLogger(__name__)
-# (image, t, r) rows per hooked forward of the kronecker path: on this CPU 80 rows run 1.3x faster than 160
-# and ~1.9x faster than 640 (bench/featurize_vs_traker.py's setting, 10 timesteps per image)
+# (image, t, r) rows per hooked forward of the kronecker path (bench/featurize_vs_traker.py's setting, 10
+# timesteps per image): on the earlier, slower machine 80 rows ran 1.3x faster than 160 and ~1.9x faster than
+# 640; on the current one 80 to 240 run within noise and 320 ~15% slower
 KRONECKER_ROWS = 80
 
 

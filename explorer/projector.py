@@ -17,6 +17,7 @@ kind, `kronecker`, projects layer by layer without forming the gradients (explor
 from __future__ import annotations
 
 import math
+
 import torch
 
 from explorer.errors import ExplorerError
