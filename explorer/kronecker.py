@@ -122,6 +122,23 @@ def _group_norm_weight_gradients(norm: nn.GroupNorm, a: torch.Tensor, y: torch.T
     return torch.linalg.vecdot(g, x_hat, dim=2)
 
 
+def _graph_leaves(total: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `total` depends on, found by walking its autograd graph."""
+    if total.grad_fn is None:
+        return [total] if total.requires_grad else []
+    leaves, seen, stack = [], set(), [total.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
 def _is_plain_conv(module: nn.Module) -> bool:
     """A Conv2d with a kernel larger than 1x1, stride 1 and dilation 1 (what _conv_weight_gradients handles)."""
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.stride == (1, 1) \
@@ -140,6 +157,8 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
     products are summed over the example's rows before the offsets are interleaved, so the interleaving
     copy is of `groups`, not `rows`, gradients.
     """
+    if a.shape[0] // groups >= BACKWARD_MIN_ROWS and min(conv.in_channels, conv.out_channels) >= BACKWARD_MIN_CHANNELS:
+        return _conv_weight_gradients_by_backward(a, g, conv, groups)
     (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
     padded = F.pad(a, (pw, pw, ph, ph + 1))  # one extra zero row: the last window runs kw - 1 past the end
     width = padded.shape[3]
@@ -150,6 +169,23 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
     per_offset = [_grouped_sum(torch.bmm(g_wide, flat[:, :, i * width + j : i * width + j + span].transpose(1, 2)), groups)
                   for i in range(kh) for j in range(kw)]  # each (groups, C_out, C_in)
     return torch.stack(per_offset, dim=3).flatten(2)  # (groups, C_out, C_in, kh kw) -> the weight's (C_in, kh, kw) order
+
+
+# Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what training's
+# backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 10 rows per example, 32 -> 32
+# channels 2.9 against 3.6 ms, 64 -> 32 5.0 against 6.6; at 4 rows per example, or with 1 channel on a side, the
+# matmuls win (bench/featurize_profile.py's shapes, 80 rows)
+BACKWARD_MIN_ROWS = 8
+BACKWARD_MIN_CHANNELS = 32
+
+
+def _conv_weight_gradients_by_backward(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, groups: int) -> torch.Tensor:
+    """_conv_weight_gradients by one weight-only convolution backward per example over its rows."""
+    rows = a.shape[0] // groups
+    per_example = [torch.ops.aten.convolution_backward(
+        g[i * rows : (i + 1) * rows], a[i * rows : (i + 1) * rows], conv.weight.detach(), None, conv.stride, conv.padding,
+        conv.dilation, False, [0, 0], 1, [False, True, False])[1] for i in range(groups)]  # each (C_out, C_in, kh, kw)
+    return torch.stack(per_example).flatten(2)
 
 
 class KroneckerProjector:
@@ -237,32 +273,65 @@ class KroneckerProjector:
 
     # 3. per-example blocks: Kronecker-projected weight gradients and exact small gradients
     def blocks(self, records: list[Record], grads: list[torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
-        """Parameter name -> (groups, k_out, k_in) for Conv2d/Linear weights, (groups, *shape) for the rest."""
+        """Parameter name -> (groups, k_out, k_in) for Conv2d/Linear weights, (groups, *shape) for the rest,
+        from the output gradients of every record (output_gradients)."""
         out: dict[str, torch.Tensor] = {}
-
-        def add(name: str, value: torch.Tensor) -> None:
-            out[name] = out[name] + value if name in out else value  # a module called twice sums its calls
-
         for record, g in zip(records, grads):
-            module, name, a = record.module, record.name, record.inputs
-            if isinstance(module, nn.GroupNorm):
-                g_flat = g.flatten(2)
-                if module.weight is not None:
-                    add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a, record.output.detach(), g_flat),
-                                                       groups))
-                if module.bias is not None:
-                    add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
-                continue
-            if self._exact(name) and _is_plain_conv(module):
-                weight, g_flat = _conv_weight_gradients(a, g, module, groups), g.flatten(2)  # (groups, d_out, d_in)
-            else:
-                a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
-                # (P_out g)(P_in a)^T summed over positions, one product per row (regrouping the rows first would
-                # copy both sides, which costs more than the bmm), then over the example's rows
-                weight = _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)), groups)  # (groups, k_out, k_in)
-            add(f"{name}.weight", weight)
+            self._add_record_blocks(out, record.module, record.name, record.inputs, record.output.detach(), g, groups)
+        return self._fill_unused(out, groups)
+
+    # 2 + 3 in one pass: each record's blocks from inside the backward
+    def backward_blocks(self, total: torch.Tensor, records: list[Record], groups: int) -> dict[str, torch.Tensor]:
+        """What blocks(records, output_gradients(total, records), groups) returns, with each record's blocks formed by a
+        hook the moment the backward reaches its output, while that gradient is still in cache, and the gradient
+        freed right after, instead of ~70 of them held until the backward ends (7% less time per chunk on the
+        traker bench's setting, bench/featurize_profile.py).
+
+        The backward is asked for the gradients of the graph's leaves (the hooked outputs made leaves by capture,
+        and any parameter or input that requires grad), which sends it through every node between `total` and
+        them, so every record output that `total` depends on is reached."""
+        out: dict[str, torch.Tensor] = {}
+        handles = []
+        for record in records:
+            def hook(g: torch.Tensor, module=record.module, name=record.name, a=record.inputs,
+                     y=record.output.detach()) -> None:  # defaults, not the record: no cycle through the output
+                self._add_record_blocks(out, module, name, a, y, g, groups)
+            handles.append(record.output.register_hook(hook))
+        try:
+            leaves = _graph_leaves(total)
+            if leaves:
+                torch.autograd.grad(total, leaves, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self._fill_unused(out, groups)
+
+    def _add_record_blocks(self, out: dict[str, torch.Tensor], module: nn.Module, name: str, a: torch.Tensor,
+                           y: torch.Tensor, g: torch.Tensor, groups: int) -> None:
+        """Adds one module call's blocks to out (a module called twice sums its calls); a its input, y its output,
+        g the gradient w.r.t. y."""
+        def add(key: str, value: torch.Tensor) -> None:
+            out[key] = out[key] + value if key in out else value
+
+        if isinstance(module, nn.GroupNorm):
+            g_flat = g.flatten(2)
+            if module.weight is not None:
+                add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a, y, g_flat), groups))
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
+            return
+        if self._exact(name) and _is_plain_conv(module):
+            weight, g_flat = _conv_weight_gradients(a, g, module, groups), g.flatten(2)  # (groups, d_out, d_in)
+        else:
+            a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
+            # (P_out g)(P_in a)^T summed over positions, one product per row (regrouping the rows first would
+            # copy both sides, which costs more than the bmm), then over the example's rows
+            weight = _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)), groups)  # (groups, k_out, k_in)
+        add(f"{name}.weight", weight)
+        if module.bias is not None:
+            add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
+
+    def _fill_unused(self, out: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
         for name in self.names:
             if name not in out:  # a parameter unused by this forward has a zero gradient
                 out[name] = torch.zeros(groups, self.widths[name])
@@ -297,4 +366,4 @@ class KroneckerProjector:
 
     def project(self, total: torch.Tensor, records: list[Record], groups: int) -> torch.Tensor:
         """Steps 2-4: (groups, dim) features from a captured forward and its summed output."""
-        return self.combine(self.blocks(records, self.output_gradients(total, records), groups))
+        return self.combine(self.backward_blocks(total, records, groups))

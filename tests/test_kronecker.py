@@ -12,7 +12,7 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from explorer.kronecker import KroneckerProjector, _unfold, layer_widths
+from explorer.kronecker import BACKWARD_MIN_CHANNELS, BACKWARD_MIN_ROWS, KroneckerProjector, _conv_weight_gradients, _unfold, layer_widths
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize
 
 
@@ -136,6 +136,54 @@ def test_patch_slices_equal_im2col(conv):
     a = torch.randn(5, 3, 9, 8)
     ref = nn.functional.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     assert torch.equal(_unfold(a, conv), ref)
+
+
+@pytest.mark.parametrize("rows_per_example, channels", [(1, 4), (BACKWARD_MIN_ROWS, BACKWARD_MIN_CHANNELS), (BACKWARD_MIN_ROWS, 4)],
+                         ids=["windows", "per-example-backward", "windows-narrow"])
+def test_exact_conv_weight_gradients_equal_the_sum_over_unfolded_patches(rows_per_example, channels):
+    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    groups = 3
+    a = torch.randn(groups * rows_per_example, channels, 6, 5)
+    g = torch.randn(groups * rows_per_example, channels, 6, 5)
+    per_row = torch.einsum("rol,ril->roi", g.flatten(2), nn.functional.unfold(a, 3, padding=1))  # (rows, C_out, C_in 9)
+    expected = per_row.reshape(groups, rows_per_example, channels, -1).sum(1)
+    assert torch.allclose(_conv_weight_gradients(a, g, conv, groups), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Reused(nn.Module):
+    """A conv called twice, a GroupNorm, a layer whose output nothing uses, and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.norm = nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4)
+        self.shared, self.unused, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4 * 36, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shared(nn.functional.silu(self.norm(self.conv_in(x))))
+        h = self.shared(nn.functional.silu(h))
+        self.unused(h)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_blocks_formed_during_the_backward_equal_the_two_pass_blocks(trainable):
+    torch.manual_seed(0)
+    model = _Reused().requires_grad_(trainable)
+    kron = KroneckerProjector(model, dim=64, seed=1)
+    x = torch.randn(6, 2, 6, 6)  # 3 examples of 2 rows
+
+    def capture():
+        prediction, records = kron.capture(lambda: model(x))
+        return prediction.pow(2).sum(), records
+
+    total, records = capture()
+    two_pass = kron.blocks(records, kron.output_gradients(total, records), groups=3)
+    during = kron.backward_blocks(*capture(), groups=3)
+    assert set(during) == set(two_pass) == set(kron.names)
+    for name in kron.names:
+        assert torch.allclose(during[name].flatten(1), two_pass[name].flatten(1), rtol=1e-5, atol=1e-6), name
+    assert during["unused.weight"].abs().max() == 0 and during["shared.weight"].abs().max() > 0
+    assert all(p.grad is None for p in model.parameters()), "the backward must not accumulate into .grad"
 
 
 def test_layer_widths_keep_small_weights_and_project_the_input_side_narrowly():
