@@ -11,8 +11,10 @@ draw per bucket (so one row = one (example, timestep) pair), it prints medians o
    vmap(grad) per-example gradients (forward + backward + per-example weight gradients, fused),
    count-sketch projection;
    kronecker path: forward with hooks, backward w.r.t. layer outputs only, per-layer Kronecker
-   projection (+ exact bias/GroupNorm gradients), count-sketch of the blocks; kronecker+calibrated:
-   the same with a calibrated spec (heaviest layers' blocks exact, heavy small tensors kept);
+   projection (+ exact bias/GroupNorm gradients), count-sketch of the blocks, and the backward with
+   the blocks formed inside it (what features() runs instead of the two stages before the sketch);
+   kronecker+calibrated: the same with a calibrated spec (heaviest layers' blocks exact, heavy small
+   tensors kept); +bf16: under bfloat16 autocast (FeatureSpec.precision);
 2. end to end over --images images x all buckets, as precompute featurize runs it: features,
    whitening (GCV lambda, Cholesky, whiten, normalize per bucket), I/O (memmap + index files);
 3. one batched AdamW training step of the same model at the same batch size, per sample, and the
@@ -82,6 +84,9 @@ def stage_profile(computer: FeatureComputer, x0: torch.Tensor, buckets: torch.Te
             grads, times["backward w.r.t. layer outputs"] = timed(lambda: kron.output_gradients(total, records))
             blocks, times["Kronecker projection + exact small grads"] = timed(lambda: kron.blocks(records, grads, len(x0)))
             _, times["count-sketch of the blocks"] = timed(lambda: kron.combine(blocks))
+            del total, records, grads, blocks
+            total, records = computer.capture_rows(x0, buckets)  # what features() runs: the blocks formed in the backward
+            _, times["backward + blocks in one pass (features' path)"] = timed(lambda: kron.backward_blocks(total, records, len(x0)))
         if repeat > 0:  # the first pass is a warm-up
             for name, seconds in times.items():
                 record(name, seconds)
@@ -157,7 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=10, help="training steps per timed repeat")
     parser.add_argument("--paths", nargs="+", default=["countsketch", "kronecker", "kronecker+calibrated"],
-                        help="projectors to profile; name+calibrated calibrates the spec first (explorer.calibration)")
+                        help="projectors to profile; name+calibrated calibrates the spec first (explorer.calibration), "
+                             "kronecker+bf16 runs under bfloat16 autocast (FeatureSpec.precision)")
     parser.add_argument("--calibrate", type=int, default=16, help="training images the +calibrated paths calibrate on")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
@@ -174,11 +180,12 @@ def main() -> None:
     x0, buckets = images[: args.batch], torch.arange(args.batch) % args.buckets
     computers, stages = {}, {}
     for path in args.paths:
-        projector, _, variant = path.partition("+")
-        if variant not in ("", "calibrated"):
-            raise SystemExit(f"--paths {path!r}: use a projector name, optionally with +calibrated")
-        spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=projector, proj_dim=args.proj_dim)
-        if variant:  # explorer.calibration on the first --calibrate images (not timed: once per index)
+        projector, *variants = path.split("+")
+        if not set(variants) <= {"calibrated", "bf16"}:
+            raise SystemExit(f"--paths {path!r}: use a projector name, optionally with +calibrated and/or +bf16")
+        spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=projector, proj_dim=args.proj_dim,
+                           precision="bf16" if "bf16" in variants else "fp32")
+        if "calibrated" in variants:  # explorer.calibration on the first --calibrate images (not timed: once per index)
             calibration = calibrate(model, spec, images[: args.calibrate], chunk_size=args.batch)
             spec = calibration.spec
             print(f"{path}: {calibration.summary()}")

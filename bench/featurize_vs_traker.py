@@ -22,9 +22,13 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
      matmul), the model frozen and in eval mode, one BasicProjector block of all k columns
      (generated once, outside the timed region: its setup time is printed separately), and
      --traker-batch images per featurize call.
+   - "best, bf16 autocast" (--traker-bf16): "best" with its model run under torch.autocast(bfloat16),
+     the arithmetic ours uses with --precision bf16; not a traker setting, timed so that the part of
+     our speed-up that is precision alone can be read off.
 2. ours: FeatureComputer(FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10,
-   proj_dim=2048, projector=--projector)).features(images, bucket 0); with --calibrate n the spec is
-   first calibrated on n of the N training images (explorer.calibration, counted in our setup).
+   proj_dim=2048, projector=--projector, precision=--precision)).features(images, bucket 0); with
+   --calibrate n the spec is first calibrated on n of the N training images (explorer.calibration,
+   counted in our setup).
 
 Cost against training: each repeat also times --train-steps AdamW steps of a trainable copy of the
 model at --train-batch samples (bench/featurize_profile.py's training step), and ours is reported per
@@ -83,8 +87,9 @@ class DiffusionSquareOutput(AbstractModelOutput):
     (DDPM eq. 4), with fixed timesteps t_j and noise eps_j shared by every example (D-TRAK).
     """
 
-    def __init__(self, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor):
+    def __init__(self, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, bf16: bool = False):
         super().__init__()
+        self.bf16 = bf16  # run the model under bfloat16 autocast (not a traker setting: --traker-bf16)
         self.timesteps = timesteps  # (m,)
         self.noise = noise  # (m, C, H, W)
         abar = alphas_cumprod.to(torch.float32)[timesteps].view(-1, 1, 1, 1)  # (m, 1, 1, 1)
@@ -93,8 +98,9 @@ class DiffusionSquareOutput(AbstractModelOutput):
     def get_output(self, model, weights, buffers, image: torch.Tensor) -> torch.Tensor:
         """One example (traker vmaps over the batch): image (C, H, W) -> scalar."""
         noisy = self.signal_scale * image.unsqueeze(0) + self.noise_scale * self.noise  # (m, C, H, W)
-        prediction = functional_call(model, (weights, buffers), (noisy, self.timesteps)).sample
-        return prediction.pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            prediction = functional_call(model, (weights, buffers), (noisy, self.timesteps)).sample
+        return prediction.float().pow(2).mean()
 
     def get_out_to_loss_grad(self, model, weights, buffers, batch) -> torch.Tensor:
         """D-TRAK uses no out-to-loss term (Q = I)."""
@@ -147,6 +153,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method (the median is reported)")
     parser.add_argument("--proj-dim", type=int, default=2048)
     parser.add_argument("--projector", default="countsketch", help="our projector (countsketch, gaussian, kronecker, ...)")
+    parser.add_argument("--precision", default="fp32", help="ours: fp32 or bf16 (kronecker only; FeatureSpec.precision)")
+    parser.add_argument("--traker-bf16", action="store_true", help="also time traker best with its model under bfloat16 "
+                        "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
     parser.add_argument("--chunk", type=int, default=64, help="our examples per vmap chunk (the kronecker path "
                         "caps a forward at explorer.features.KRONECKER_ROWS rows)")
     parser.add_argument("--traker-batch", type=int, default=32, help="images per featurize call in traker 'best' (its "
@@ -167,7 +176,8 @@ def main() -> None:
     train_set, heldout = train_heldout_split(load_dataset("mnist5k", model.sample_size))
     train = torch.from_numpy(to_model_range(train_set.images[: args.n]))  # (N, 1, 16, 16)
     queries = torch.from_numpy(to_model_range(heldout.images[: args.queries]))  # (Q, 1, 16, 16)
-    spec = FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10, proj_dim=args.proj_dim, projector=args.projector)
+    spec = FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10, proj_dim=args.proj_dim, projector=args.projector,
+                       precision=args.precision)
     started = time.perf_counter()
     if args.calibrate:
         calibration = calibrate(model, spec, train[: args.calibrate], chunk_size=args.chunk)
@@ -193,7 +203,7 @@ def main() -> None:
         return BasicProjector(grad_dim=computer.num_params, proj_dim=args.proj_dim, seed=seed, proj_type=ProjectionType.normal,
                               device="cpu", block_size=args.proj_dim, dtype=torch.float32)
 
-    def traker_other_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def traker_other_seed(seed: int, output=output) -> tuple[np.ndarray, np.ndarray]:
         return traker_featurize(unet, output, train, queries, args.proj_dim, args.traker_batch, half=False,
                                 projector=traker_projector(seed))[1:]
 
@@ -218,8 +228,16 @@ def main() -> None:
                     "model frozen + eval", traker_setup,
                     lambda: traker_featurize(unet, output, train, queries, args.proj_dim, args.traker_batch, half=False,
                                              projector=projector), traker_other_seed, args.n))
+    if args.traker_bf16:
+        output_bf16 = DiffusionSquareOutput(computer.draw_timesteps[0], computer.noise[0], model.scheduler.alphas_cumprod, bf16=True)
+        methods.append(("traker best, bf16 autocast", "as traker best, its model under torch.autocast(bfloat16) (not a traker "
+                        "setting)", traker_setup,
+                        lambda: traker_featurize(unet, output_bf16, train, queries, args.proj_dim, args.traker_batch, half=False,
+                                                 projector=projector),
+                        lambda seed: traker_other_seed(seed, output_bf16), args.n))
     calibrated = f", calibrated on {args.calibrate} of the N images" if args.calibrate else ""
-    methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''})",
+    methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
+                    f"{', ' + args.precision if args.precision != 'fp32' else ''})",
                     f"FeatureComputer, chunk {args.chunk}{calibrated}", our_setup,
                     lambda: ours_featurize(computer, train, queries), ours_other_seed, args.n))
 

@@ -100,7 +100,8 @@ def choose_exact_layers(model: nn.Module, shares: dict[str, float], dim: int) ->
 def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, chunk_size: int = 64) -> Calibration:
     """images (n, C, H, W) in [-1, 1], a few training images -> the spec with its exact parts chosen."""
     plain = dataclasses.replace(spec, exact_params=(), exact_layers=())
-    computer = FeatureComputer(model, dataclasses.replace(plain, projector="countsketch"), chunk_size=chunk_size)
+    computer = FeatureComputer(model, dataclasses.replace(plain, projector="countsketch", precision="fp32"),  # exact
+                               chunk_size=chunk_size)
     shares = gradient_shares(computer, images)
     sizes = {name: computer.params[name].numel() for name in computer.names}
     kept = choose_kept(shares, sizes, spec.proj_dim)

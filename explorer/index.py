@@ -177,6 +177,8 @@ class AttributionIndex:
             parts.append(spec["projector"])
         if spec.get("exact_params") or spec.get("exact_layers"):
             parts.append("calibrated")
+        if spec.get("precision", "fp32") != "fp32":
+            parts.append(spec["precision"])
         if spec.get("params"):
             parts.append("params " + " ".join(spec["params"]))
         return ", ".join(parts)
@@ -322,7 +324,7 @@ def _is_int(value, minimum: int = 0) -> bool:
 
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with a meta.json's structure, or None. Checked before anything is trusted."""
-    from explorer.features import NAME_LIST_FIELDS, FeatureSpec
+    from explorer.features import LATER_FIELDS, NAME_LIST_FIELDS, PRECISIONS, FeatureSpec
     from explorer.outputs import OUTPUT_FUNCTIONS
 
     if not isinstance(meta.get("model_hash"), str):
@@ -336,10 +338,12 @@ def _meta_problem(meta: dict) -> str | None:
     if meta.get("storage") not in STORAGES:
         return f"storage must be one of {', '.join(STORAGES)}"
     spec = meta.get("spec")
-    fields, optional = set(FeatureSpec().to_dict()), set(NAME_LIST_FIELDS)
+    fields, optional = set(FeatureSpec().to_dict()), set(LATER_FIELDS)
     if not isinstance(spec, dict) or not fields - optional <= set(spec) <= fields:
         return "spec must hold exactly the FeatureSpec fields"
-    for key in optional & set(spec):
+    if spec.get("precision", "fp32") not in PRECISIONS:
+        return f"spec.precision must be one of {', '.join(PRECISIONS)}"
+    for key in set(NAME_LIST_FIELDS) & set(spec):
         if not isinstance(spec[key], list) or not all(isinstance(name, str) for name in spec[key]):
             return f"spec.{key} must be a list of names"
     for key in ("buckets", "timesteps_per_bucket", "noise_draws", "proj_dim"):

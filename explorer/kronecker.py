@@ -181,9 +181,9 @@ BACKWARD_MIN_CHANNELS = 32
 
 def _conv_weight_gradients_by_backward(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, groups: int) -> torch.Tensor:
     """_conv_weight_gradients by one weight-only convolution backward per example over its rows."""
-    rows = a.shape[0] // groups
+    rows, weight = a.shape[0] // groups, conv.weight.detach().to(a.dtype)
     per_example = [torch.ops.aten.convolution_backward(
-        g[i * rows : (i + 1) * rows], a[i * rows : (i + 1) * rows], conv.weight.detach(), None, conv.stride, conv.padding,
+        g[i * rows : (i + 1) * rows], a[i * rows : (i + 1) * rows], weight, None, conv.stride, conv.padding,
         conv.dilation, False, [0, 0], 1, [False, True, False])[1] for i in range(groups)]  # each (C_out, C_in, kh, kw)
     return torch.stack(per_example).flatten(2)
 
@@ -309,27 +309,32 @@ class KroneckerProjector:
     def _add_record_blocks(self, out: dict[str, torch.Tensor], module: nn.Module, name: str, a: torch.Tensor,
                            y: torch.Tensor, g: torch.Tensor, groups: int) -> None:
         """Adds one module call's blocks to out (a module called twice sums its calls); a its input, y its output,
-        g the gradient w.r.t. y."""
+        g the gradient w.r.t. y.
+
+        Under bfloat16 autocast (FeatureSpec.precision bf16) a Conv2d/Linear output gradient g arrives in bfloat16;
+        then its weight block's products run in bfloat16 too (fp32 accumulation inside the kernels, each row's
+        block rounded once to bfloat16) and everything is summed over rows in float32."""
         def add(key: str, value: torch.Tensor) -> None:
             out[key] = out[key] + value if key in out else value
 
-        if isinstance(module, nn.GroupNorm):
-            g_flat = g.flatten(2)
+        if isinstance(module, nn.GroupNorm):  # autocast keeps normalizations in float32
+            g_flat = g.float().flatten(2)
             if module.weight is not None:
-                add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a, y, g_flat), groups))
+                add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a.float(), y.float(), g_flat), groups))
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
             return
+        a = a.to(g.dtype)
         if self._exact(name) and _is_plain_conv(module):
-            weight, g_flat = _conv_weight_gradients(a, g, module, groups), g.flatten(2)  # (groups, d_out, d_in)
+            weight, g_flat = _conv_weight_gradients(a, g, module, groups).float(), g.flatten(2)  # (groups, d_out, d_in)
         else:
             a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
             # (P_out g)(P_in a)^T summed over positions, one product per row (regrouping the rows first would
             # copy both sides, which costs more than the bmm), then over the example's rows
-            weight = _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)), groups)  # (groups, k_out, k_in)
+            weight = _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)).float(), groups)  # (groups, k_out, k_in)
         add(f"{name}.weight", weight)
         if module.bias is not None:
-            add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
+            add(f"{name}.bias", _grouped_sum(g_flat.sum(2, dtype=torch.float32), groups))
 
     def _fill_unused(self, out: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
         for name in self.names:
@@ -344,7 +349,7 @@ class KroneckerProjector:
 
     def _project_sides(self, name: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor):
         """(P_in a, P_out g, g) at every output position, each (rows, width, L)."""
-        p_in, p_out = self.proj_in[name], self.proj_out[name]
+        p_in, p_out = self.proj_in[name].to(a.dtype), self.proj_out[name].to(a.dtype)
         if isinstance(module, nn.Conv2d):
             if p_in.shape[0] == p_in.shape[1]:  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
                 a_proj = _unfold(a, module)  # (rows, d_in, L)

@@ -84,7 +84,7 @@ def run_train(args) -> None:
 
 
 def add_featurize(commands) -> None:
-    from explorer.features import FeatureSpec
+    from explorer.features import PRECISIONS, FeatureSpec
     from explorer.index import STORAGES
     from explorer.projector import PROJECTORS
     from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
@@ -107,6 +107,9 @@ def add_featurize(commands) -> None:
                         help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
                              "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
+    parser.add_argument("--precision", choices=PRECISIONS, default=spec.precision,
+                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast, 1.7x faster on "
+                             "CPUs with AVX512-BF16 or AMX at ~0.25%% gradient error (see README); default fp32")
     parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
                         help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
                              "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")
@@ -158,7 +161,7 @@ def run_featurize(args) -> None:
 
     from explorer.calibration import calibrate, calibration_rows
     from explorer.data import load_dataset, to_model_range, train_heldout_split
-    from explorer.features import FeatureSpec
+    from explorer.features import PRECISIONS, FeatureSpec
     from explorer.model import load_model
     from precompute.featurize import FeaturizeOptions, featurize
 
@@ -170,7 +173,8 @@ def run_featurize(args) -> None:
         dataset = dataset.subset(np.arange(min(args.limit, len(dataset))), f"first{args.limit}")
     spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
-                       proj_dim=args.proj_dim, proj_seed=args.proj_seed, params=tuple(args.params))
+                       proj_dim=args.proj_dim, proj_seed=args.proj_seed, params=tuple(args.params),
+                       precision=args.precision)
     if args.calibrate:
         rows = calibration_rows(args.calibrate, len(dataset))
         calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)

@@ -1,0 +1,74 @@
+"""FeatureSpec.precision: the kronecker path under bfloat16 autocast, recorded in the index and used for queries."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from explorer.attribution import Explorer
+from explorer.data import to_model_range
+from explorer.errors import ExplorerError
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.index import META_NAME, AttributionIndex
+from precompute.featurize import FEATURES_NAME
+
+SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, projector="kronecker", proj_dim=256)
+
+
+def _relative_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).norm(dim=1) / b.norm(dim=1)
+
+
+def test_bf16_features_stay_close_to_fp32_and_exact_tracks_them(tiny_model, digits_splits):
+    images = torch.from_numpy(to_model_range(digits_splits[0].images[:6]))
+    buckets = torch.tensor([0, 1, 2, 0, 1, 2])
+    fp32 = FeatureComputer(tiny_model, SPEC).features(images, buckets)
+    bf16 = FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16")).features(images, buckets)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    moved = _relative_differences(bf16, fp32)
+    assert moved.min() > 1e-5, "bf16 changed nothing: the autocast did not apply"
+    assert moved.max() < 0.03, f"bf16 moves features by up to {moved.max():.3f} of their norm"
+    # the bf16 error is far below the projection's: another projection seed moves features much more
+    reseeded = FeatureComputer(tiny_model, dataclasses.replace(SPEC, proj_seed=1)).features(images, buckets)
+    assert moved.max() < 0.2 * _relative_differences(reseeded, fp32).min()
+
+
+def test_precision_is_checked(tiny_model):
+    with pytest.raises(ExplorerError, match="precision 'fp8'"):
+        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="fp8"))
+    with pytest.raises(ExplorerError, match="--precision bf16 applies to the kronecker projector only"):
+        FeatureComputer(tiny_model, dataclasses.replace(SPEC, projector="countsketch", precision="bf16"))
+
+
+def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_dir, tmp_path):
+    out = tmp_path / "bf16"
+    result = subprocess.run([sys.executable, "-m", "precompute", "featurize", "--model", str(tiny_model_dir), "--data", "digits",
+                             "--out", str(out), "--limit", "40", "--buckets", "2", "--proj-dim", "128", "--output", "square",
+                             "--projector", "kronecker", "--precision", "bf16"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / META_NAME).read_text())["spec"]["precision"] == "bf16"
+    explorer = Explorer.from_dirs(tiny_model_dir, [out])
+    name = next(iter(explorer.indexes))
+    assert name.endswith("(square, normalized, kronecker, bf16)")
+    assert explorer.computer(name).spec.precision == "bf16"
+    index = explorer.indexes[name]
+    result = explorer.attribute_image(index.train_images[11], index.meta["timesteps"][0][0], top_k=3)
+    assert result.positive.positions[0] == 11  # its own stored vector, featurized the same way, is its top-1
+    assert result.positive.scores[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_index_without_precision_loads_as_fp32_and_a_bad_one_is_refused(tiny_index_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_index_dir, old, ignore=shutil.ignore_patterns(FEATURES_NAME))
+    meta = json.loads((old / META_NAME).read_text())
+    meta["spec"].pop("precision")
+    (old / META_NAME).write_text(json.dumps(meta))
+    assert FeatureSpec(**AttributionIndex.load(old).meta["spec"]).precision == "fp32"
+    meta["spec"]["precision"] = "fp8"
+    (old / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ExplorerError, match="spec.precision must be one of fp32, bf16"):
+        AttributionIndex.load(old)
