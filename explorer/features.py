@@ -67,10 +67,19 @@ class FeatureSpec:
 NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
 LATER_FIELDS = (*NAME_LIST_FIELDS, "precision")  # FeatureSpec fields that indexes built before them lack
 # Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in bfloat16,
-# normalizations and the blocks in float32) runs the shipped model's forward + backward 1.7x faster on a CPU with
-# AVX512-BF16 and moves each per-example gradient by ~0.25% of its norm (bench/featurize_vs_traker.py --precision
-# bf16), far below the projection's own error; on a CPU without native bfloat16 it is emulated and slower.
+# normalizations in float32; explorer.kronecker forms the blocks to match) runs the shipped model's forward +
+# backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py) and moves each
+# per-example gradient by ~0.25% of its norm, far below the projection's own error (README, bfloat16
+# featurization); on a CPU without native bfloat16 it is emulated and slower.
 PRECISIONS = ("fp32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes --precision bf16 pay)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private torch API: if it moves, assume no
+        return False
 
 
 def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
@@ -145,6 +154,9 @@ class FeatureComputer:
         if spec.precision != "fp32" and spec.projector != "kronecker":
             raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
                                 "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
+        if spec.precision == "bf16" and not native_bf16():
+            logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision bf16 is emulated "
+                           "here and slower than fp32; the features are the same either way")
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,

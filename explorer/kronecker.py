@@ -23,8 +23,10 @@ heavy tensors out of the sketch as exact coordinates and forms the weight gradie
 layers exactly (P = I on both sides), which removes most of the projection error where the
 gradient norm is.
 
-The a's come from forward hooks; the g's from one batched backward that asks autograd only for
-gradients w.r.t. the hooked layer outputs, so no weight-gradient GEMM runs. Rows of the batch
+The a's come from forward hooks; the g's from one batched backward through the frozen model, in which a
+hook on each layer output forms that layer's blocks as soon as its gradient exists (backward_blocks), so
+no weight-gradient GEMM runs and no output gradient outlives its layer. Under bfloat16 autocast
+(FeatureSpec.precision) the products run in bfloat16 and the sums in float32. Rows of the batch
 are grouped: rows [i n, (i + 1) n) belong to example i, and its feature sums their contributions.
 This is exact only when rows do not interact (GroupNorm is per sample; no BatchNorm).
 """
@@ -174,7 +176,7 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
 # Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what training's
 # backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 10 rows per example, 32 -> 32
 # channels 2.9 against 3.6 ms, 64 -> 32 5.0 against 6.6; at 4 rows per example, or with 1 channel on a side, the
-# matmuls win (bench/featurize_profile.py's shapes, 80 rows)
+# matmuls win (the shipped model's 16x16 layers, 80 rows, alternating timings; README, "Calibrated projections")
 BACKWARD_MIN_ROWS = 8
 BACKWARD_MIN_CHANNELS = 32
 
@@ -284,8 +286,9 @@ class KroneckerProjector:
     def backward_blocks(self, total: torch.Tensor, records: list[Record], groups: int) -> dict[str, torch.Tensor]:
         """What blocks(records, output_gradients(total, records), groups) returns, with each record's blocks formed by a
         hook the moment the backward reaches its output, while that gradient is still in cache, and the gradient
-        freed right after, instead of ~70 of them held until the backward ends (7% less time per chunk on the
-        traker bench's setting, bench/featurize_profile.py).
+        freed right after, instead of ~70 of them held until the backward ends (with the per-example convolution
+        backward of _conv_weight_gradients, 0.93x the time per chunk on the traker bench's spec; README,
+        "Calibrated projections").
 
         The backward is asked for the gradients of the graph's leaves (the hooked outputs made leaves by capture,
         and any parameter or input that requires grad), which sends it through every node between `total` and

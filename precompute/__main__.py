@@ -108,8 +108,9 @@ def add_featurize(commands) -> None:
                              "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=spec.precision,
-                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast, 1.7x faster on "
-                             "CPUs with AVX512-BF16 or AMX at ~0.25%% gradient error (see README); default fp32")
+                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: on CPUs with "
+                             "AVX512-BF16 or AMX ~1.4x faster end to end at ~0.25%% gradient error (README, bfloat16 "
+                             "featurization); default fp32")
     parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
                         help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
                              "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")

@@ -72,3 +72,17 @@ def test_index_without_precision_loads_as_fp32_and_a_bad_one_is_refused(tiny_ind
     (old / META_NAME).write_text(json.dumps(meta))
     with pytest.raises(ExplorerError, match="spec.precision must be one of fp32, bf16"):
         AttributionIndex.load(old)
+
+
+def test_bf16_without_native_support_warns(tiny_model, monkeypatch, caplog):
+    import explorer.features as features
+
+    assert isinstance(features.native_bf16(), bool)
+    monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
+    with caplog.at_level("WARNING", logger="explorer.features"):
+        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"))
+    assert "emulated" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="explorer.features"):
+        FeatureComputer(tiny_model, SPEC)
+    assert "emulated" not in caplog.text
