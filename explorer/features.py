@@ -68,9 +68,10 @@ NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
 LATER_FIELDS = (*NAME_LIST_FIELDS, "precision")  # FeatureSpec fields that indexes built before them lack
 # Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in bfloat16,
 # normalizations in float32; explorer.kronecker forms the blocks to match) runs the shipped model's forward +
-# backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py) and moves each
-# per-example gradient by ~0.25% of its norm, far below the projection's own error (README, bfloat16
-# featurization); on a CPU without native bfloat16 it is emulated and slower.
+# backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py), but its
+# rounding, ~0.2-0.6% of each gradient's norm, exceeds the example-specific part of the gradient at high
+# timesteps, where x_t is mostly the shared noise: at t = 950 the scores' agreement with exact ones falls from
+# 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -154,9 +155,13 @@ class FeatureComputer:
         if spec.precision != "fp32" and spec.projector != "kronecker":
             raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
                                 "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
-        if spec.precision == "bf16" and not native_bf16():
-            logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision bf16 is emulated "
-                           "here and slower than fp32; the features are the same either way")
+        if spec.precision == "bf16":
+            logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
+                           "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
+                           "timestep-averaged outputs only (README, bfloat16 featurization)")
+            if not native_bf16():
+                logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision bf16 is "
+                               "emulated here and slower than fp32")
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,

@@ -108,9 +108,10 @@ def add_featurize(commands) -> None:
                              "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=spec.precision,
-                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: on CPUs with "
-                             "AVX512-BF16 or AMX ~1.4x faster end to end at ~0.25%% gradient error (README, bfloat16 "
-                             "featurization); default fp32")
+                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: ~1.4x faster "
+                             "on CPUs with AVX512-BF16 or AMX, but it loses the high-timestep attributions (t = 950: "
+                             "agreement with exact scores ~0.6-0.75 instead of ~0.995), so only for low timesteps or "
+                             "timestep-averaged outputs (README, bfloat16 featurization); default fp32")
     parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
                         help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
                              "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")

@@ -74,15 +74,29 @@ def test_index_without_precision_loads_as_fp32_and_a_bad_one_is_refused(tiny_ind
         AttributionIndex.load(old)
 
 
-def test_bf16_without_native_support_warns(tiny_model, monkeypatch, caplog):
+def test_bf16_warns_of_high_timesteps_and_of_emulation(tiny_model, monkeypatch, caplog):
     import explorer.features as features
 
     assert isinstance(features.native_bf16(), bool)
     monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"))
-    assert "emulated" in caplog.text
+    assert "emulated" in caplog.text and "high timesteps" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="explorer.features"):
         FeatureComputer(tiny_model, SPEC)
-    assert "emulated" not in caplog.text
+    assert "emulated" not in caplog.text and "high timesteps" not in caplog.text
+
+
+def test_bf16_error_grows_against_the_example_specific_part_at_high_timesteps(tiny_model, digits_splits):
+    # why bf16 is for low timesteps only: its rounding scales with the whole gradient, while the part that tells
+    # examples apart shrinks as x_t turns into the shared noise
+    images = torch.from_numpy(to_model_range(digits_splits[0].images[:12]))
+    fp32, bf16 = FeatureComputer(tiny_model, SPEC), FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"))
+    ratios = []
+    for bucket in (0, SPEC.buckets - 1):
+        buckets = torch.full((12,), bucket)
+        exact, rounded = fp32.features(images, buckets), bf16.features(images, buckets)
+        specific = (exact - exact.mean(0)).norm(dim=1)
+        ratios.append(float(((rounded - exact).norm(dim=1) / specific).median()))
+    assert ratios[1] > 3 * ratios[0], f"bf16 move / example-specific part: {ratios}"
