@@ -2,13 +2,12 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from cli import run_featurize
 from explorer.attribution import Explorer
 from explorer.calibration import EXACT_LAYER_SHARE, calibrate, calibration_rows, choose_kept, gradient_shares
 from explorer.data import to_model_range
@@ -129,9 +128,8 @@ def test_wrong_calibration_is_refused_with_the_fix(tiny_model, calibration):
 
 def test_precompute_featurize_calibrate_builds_a_searchable_index(tiny_model_dir, tmp_path):
     out = tmp_path / "calibrated"
-    result = subprocess.run([sys.executable, "-m", "precompute", "featurize", "--model", str(tiny_model_dir), "--data", "digits",
-                             "--out", str(out), "--limit", "60", "--buckets", "2", "--proj-dim", "512", "--output", "square",
-                             "--projector", "kronecker", "--calibrate", "6"], capture_output=True, text=True, timeout=600)
+    result = run_featurize(tiny_model_dir, out, "--limit", "60", "--buckets", "2", "--proj-dim", "512", "--output", "square",
+                           "--projector", "kronecker", "--calibrate", "6")
     assert result.returncode == 0, result.stderr
     assert "tensors kept exactly" in result.stdout
     spec = json.loads((out / META_NAME).read_text())["spec"]

@@ -2,12 +2,11 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli import run_featurize
 from explorer.attribution import Explorer
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
@@ -56,9 +55,8 @@ def test_kronecker_subset_hooks_only_its_layers_and_stays_exact(tiny_model, digi
 
 def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, tmp_path):
     out = tmp_path / "subset"
-    result = subprocess.run([sys.executable, "-m", "precompute", "featurize", "--model", str(tiny_model_dir), "--data", "digits",
-                             "--out", str(out), "--limit", "60", "--buckets", "2", "--proj-dim", "64",
-                             "--projector", "kronecker", "--params", *LAST_LEVEL], capture_output=True, text=True, timeout=600)
+    result = run_featurize(tiny_model_dir, out, "--limit", "60", "--buckets", "2", "--proj-dim", "64",
+                           "--projector", "kronecker", "--params", *LAST_LEVEL)
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / META_NAME).read_text())
     assert meta["spec"]["params"] == list(LAST_LEVEL)
@@ -72,9 +70,7 @@ def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, t
 
 
 def test_unknown_params_are_refused_by_the_cli(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "precompute", "featurize", "--model", str(tiny_model_dir), "--data", "digits",
-                             "--out", str(tmp_path / "x"), "--limit", "10", "--params", "decoder"],
-                            capture_output=True, text=True, timeout=600)
+    result = run_featurize(tiny_model_dir, tmp_path / "x", "--limit", "10", "--params", "decoder")
     assert result.returncode != 0
     assert "--params decoder matches no parameter" in result.stderr + result.stdout
     assert not (tmp_path / "x" / META_NAME).exists()

@@ -3,12 +3,11 @@
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli import run_featurize
 from explorer.attribution import Explorer
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
@@ -46,9 +45,8 @@ def test_precision_is_checked(tiny_model):
 
 def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_dir, tmp_path):
     out = tmp_path / "bf16"
-    result = subprocess.run([sys.executable, "-m", "precompute", "featurize", "--model", str(tiny_model_dir), "--data", "digits",
-                             "--out", str(out), "--limit", "40", "--buckets", "2", "--proj-dim", "128", "--output", "square",
-                             "--projector", "kronecker", "--precision", "bf16"], capture_output=True, text=True, timeout=600)
+    result = run_featurize(tiny_model_dir, out, "--limit", "40", "--buckets", "2", "--proj-dim", "128", "--output", "square",
+                           "--projector", "kronecker", "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / META_NAME).read_text())["spec"]["precision"] == "bf16"
     explorer = Explorer.from_dirs(tiny_model_dir, [out])
