@@ -86,7 +86,7 @@ def stage_profile(computer: FeatureComputer, x0: torch.Tensor, buckets: torch.Te
             _, times["count-sketch of the blocks"] = timed(lambda: kron.combine(blocks))
             del total, records, grads, blocks
             total, records = computer.capture_rows(x0, buckets)  # what features() runs: the blocks formed in the backward
-            _, times["backward + blocks in one pass (features' path)"] = timed(lambda: kron.backward_blocks(total, records, len(x0)))
+            _, times["backward + blocks, one pass (features())"] = timed(lambda: kron.backward_blocks(total, records, len(x0)))
         if repeat > 0:  # the first pass is a warm-up
             for name, seconds in times.items():
                 record(name, seconds)
