@@ -174,9 +174,9 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
 
 
 # Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what training's
-# backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 10 rows per example, 32 -> 32
-# channels 2.9 against 3.6 ms, 64 -> 32 5.0 against 6.6; at 4 rows per example, or with 1 channel on a side, the
-# matmuls win (the shipped model's 16x16 layers, 80 rows, alternating timings; README, "Calibrated projections")
+# backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 80 rows, 32 -> 32 channels 2.9
+# against 3.6 ms at 8 rows per example and 3.2 against 4.1 at 10, 64 -> 32 5.0 against 6.6 and 5.5 against 8.2;
+# at 4 rows per example, or with 1 channel on a side, the matmuls win (README, "Calibrated projections")
 BACKWARD_MIN_ROWS = 8
 BACKWARD_MIN_CHANNELS = 32
 
