@@ -22,7 +22,7 @@ def _relative_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=1) / b.norm(dim=1)
 
 
-def test_bf16_features_stay_close_to_fp32_and_exact_tracks_them(tiny_model, digits_splits):
+def test_bf16_features_stay_close_to_fp32_as_whole_vectors(tiny_model, digits_splits):
     images = torch.from_numpy(to_model_range(digits_splits[0].images[:6]))
     buckets = torch.tensor([0, 1, 2, 0, 1, 2])
     fp32 = FeatureComputer(tiny_model, SPEC).features(images, buckets)
@@ -31,7 +31,8 @@ def test_bf16_features_stay_close_to_fp32_and_exact_tracks_them(tiny_model, digi
     moved = _relative_differences(bf16, fp32)
     assert moved.min() > 1e-5, "bf16 changed nothing: the autocast did not apply"
     assert moved.max() < 0.03, f"bf16 moves features by up to {moved.max():.3f} of their norm"
-    # the bf16 error is far below the projection's: another projection seed moves features much more
+    # as whole vectors the bf16 error is far below the projection's (another seed moves them much more);
+    # what it does to the example-specific part at high timesteps is the last test's subject
     reseeded = FeatureComputer(tiny_model, dataclasses.replace(SPEC, proj_seed=1)).features(images, buckets)
     assert moved.max() < 0.2 * _relative_differences(reseeded, fp32).min()
 
