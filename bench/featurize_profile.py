@@ -15,7 +15,8 @@ draw per bucket (so one row = one (example, timestep) pair), it prints medians o
    the blocks formed inside it (what features() runs instead of the two stages before the sketch);
    kronecker+calibrated: the same with a calibrated spec (heaviest layers' blocks exact, heavy small
    tensors kept); +bf16: under bfloat16 autocast (FeatureSpec.precision);
-2. end to end over --images images x all buckets, as precompute featurize runs it: features,
+2. end to end over --images images x all buckets, as precompute featurize runs it: features (on
+   --workers threads, precompute featurize's default),
    whitening (GCV lambda, Cholesky, whiten, normalize per bucket), I/O (memmap + index files);
 3. one batched AdamW training step of the same model at the same batch size, per sample, and the
    cost per (example, timestep) of each path relative to it (timed back to back in each repeat;
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
+from explorer.features import FeatureComputer, FeatureSpec, default_workers  # noqa: E402
 from explorer.index import write_index  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.whitening import choose_lambda_gcv, cholesky_factor, normalize_rows, whiten  # noqa: E402
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--output", default="square")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="worker threads of the end-to-end features (default: "
+                        "precompute featurize's, 2 on 2 or more threads); the stages run on one")
     parser.add_argument("--train-steps", type=int, default=10, help="training steps per timed repeat")
     parser.add_argument("--paths", nargs="+", default=["countsketch", "kronecker", "kronecker+calibrated"],
                         help="projectors to profile; name+calibrated calibrates the spec first (explorer.calibration), "
@@ -169,12 +172,14 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    workers = default_workers() if args.workers is None else args.workers
     model = load_model(args.model)
     train, _ = train_heldout_split(load_builtin("mnist5k", model.sample_size))
     images = torch.from_numpy(to_model_range(train.images))  # (N, C, H, W)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model} "
           f"({sum(p.numel() for p in model.unet.parameters()):,} params); {args.images} images x {args.buckets} buckets, "
-          f"batch {args.batch}, k {args.proj_dim}, output {args.output}, medians of {args.repeats}")
+          f"batch {args.batch}, k {args.proj_dim}, output {args.output}, medians of {args.repeats}; end-to-end features on "
+          f"{workers} worker thread(s)")
 
     step = training_step(model, images, args.batch)
     x0, buckets = images[: args.batch], torch.arange(args.batch) % args.buckets
@@ -189,8 +194,8 @@ def main() -> None:
             calibration = calibrate(model, spec, images[: args.calibrate], chunk_size=args.batch)
             spec = calibration.spec
             print(f"{path}: {calibration.summary()}")
-        computers[path] = FeatureComputer(model, spec, chunk_size=args.batch)
-        stages[path] = stage_profile(computers[path], x0, buckets, args.repeats)
+        stages[path] = stage_profile(FeatureComputer(model, spec, chunk_size=args.batch), x0, buckets, args.repeats)
+        computers[path] = FeatureComputer(model, spec, chunk_size=args.batch, workers=workers)
 
     # Interleaved repeats: the machine is shared, so each repeat times the training step and every
     # path back to back, and the ratios are taken within a repeat.
@@ -202,7 +207,7 @@ def main() -> None:
             runs[path].append(end_to_end(computers[path], images[: args.images], args.batch, train))
     pairs = args.images * args.buckets
     train_ms = statistics.median(train_runs) * 1e3
-    results = {"train_step_per_sample_ms": train_ms, "threads": torch.get_num_threads(), "batch": args.batch,
+    results = {"train_step_per_sample_ms": train_ms, "threads": torch.get_num_threads(), "workers": workers, "batch": args.batch,
                "proj_dim": args.proj_dim, "images": args.images, "buckets": args.buckets, "paths": {}}
     print(f"\nAdamW training step, batch {args.batch}: {train_ms * args.batch:.1f} ms = {train_ms:.2f} ms per sample "
           f"(repeats: {', '.join(f'{t * 1e3:.2f}' for t in train_runs)})")

@@ -26,9 +26,11 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
      the arithmetic ours uses with --precision bf16; not a traker setting, timed so that the part of
      our speed-up that is precision alone can be read off.
 2. ours: FeatureComputer(FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10,
-   proj_dim=2048, projector=--projector, precision=--precision)).features(images, bucket 0); with
-   --calibrate n the spec is first calibrated on n of the N training images (explorer.calibration,
-   counted in our setup).
+   proj_dim=2048, projector=--projector, precision=--precision), workers=--workers).features(images,
+   bucket 0), on --workers threads (precompute featurize's default: 2 on 2 cores, each single-threaded,
+   against traker's one call at a time on all of torch's threads); with --calibrate n the spec is first
+   calibrated on n of the N training images (explorer.calibration, counted in our setup, as are the
+   workers' model copies).
 
 Cost against training: each repeat also times --train-steps AdamW steps of a trainable copy of the
 model at --train-batch samples (bench/featurize_profile.py's training step), and ours is reported per
@@ -67,7 +69,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
+from explorer.features import FeatureComputer, FeatureSpec, default_workers  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from featurize_profile import seconds_per_sample, training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="ours: fp32 or bf16 (kronecker only; FeatureSpec.precision)")
     parser.add_argument("--traker-bf16", action="store_true", help="also time traker best with its model under bfloat16 "
                         "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (FeatureComputer "
+                        "workers; default: precompute featurize's, 2 on 2 or more cores)")
     parser.add_argument("--chunk", type=int, default=64, help="our examples per vmap chunk (the kronecker path "
                         "caps a forward at explorer.features.KRONECKER_ROWS rows)")
     parser.add_argument("--traker-batch", type=int, default=32, help="images per featurize call in traker 'best' (its "
@@ -183,7 +187,7 @@ def main() -> None:
         calibration = calibrate(model, spec, train[: args.calibrate], chunk_size=args.chunk)
         spec = calibration.spec
         print(calibration.summary(), flush=True)
-    computer = FeatureComputer(model, spec, chunk_size=args.chunk)
+    computer = FeatureComputer(model, spec, chunk_size=args.chunk, workers=args.workers)
     our_setup = time.perf_counter() - started
     # traker's output is built from our FeatureComputer's timesteps and noise bank (bucket 0 of 1).
     output = DiffusionSquareOutput(computer.draw_timesteps[0], computer.noise[0], model.scheduler.alphas_cumprod)
@@ -208,7 +212,8 @@ def main() -> None:
                                 projector=traker_projector(seed))[1:]
 
     def ours_other_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        other = FeatureComputer(model, dataclasses.replace(computer.spec, proj_seed=seed), chunk_size=args.chunk)
+        other = FeatureComputer(model, dataclasses.replace(computer.spec, proj_seed=seed), chunk_size=args.chunk,
+                                workers=args.workers)
         return ours_featurize(other, train, queries)[1:]
 
     # Each method: (name, settings, setup seconds, run() -> (seconds, train features, query features) with
@@ -238,7 +243,7 @@ def main() -> None:
     calibrated = f", calibrated on {args.calibrate} of the N images" if args.calibrate else ""
     methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
                     f"{', ' + args.precision if args.precision != 'fp32' else ''})",
-                    f"FeatureComputer, chunk {args.chunk}{calibrated}", our_setup,
+                    f"FeatureComputer, chunk {args.chunk}, {args.workers} worker thread(s){calibrated}", our_setup,
                     lambda: ours_featurize(computer, train, queries), ours_other_seed, args.n))
 
     # Timed runs interleaved (every method and the training step once per repeat): the machine's speed

@@ -129,6 +129,9 @@ def add_featurize(commands) -> None:
                         help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
     add_index_type(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="featurizing threads, each on its own copy of the model with torch's threads divided among "
+                             "them (default: 2 where torch has 2 or more threads, else 1)")
     parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
     parser.add_argument("--keep-features", action="store_true",
                         help="also keep the raw projected features, so `reindex` can try other settings without gradients")
@@ -184,7 +187,8 @@ def run_featurize(args) -> None:
         print(calibration.summary())
     options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
                                storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features,
-                               index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
+                               index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe,
+                               workers=args.workers)
     report = featurize(model, dataset, args.out, spec, options)
     print(f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in {report.seconds:.1f} s "
           f"= {report.pairs_per_second:.1f} gradient-examples/s ({report.pairs_per_second / spec.buckets:.1f} images/s); "

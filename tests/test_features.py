@@ -59,3 +59,33 @@ def test_residual_norms_shape_and_positive(tiny_model, tiny_spec, digits_splits)
     images = torch.from_numpy(to_model_range(digits_splits[0].images[:5]))
     residuals = computer.residual_norms(images)
     assert residuals.shape == (5, tiny_spec.buckets) and (residuals > 0).all()
+
+
+def test_features_reject_buckets_that_do_not_fit(tiny_model, tiny_spec, digits_splits):
+    computer = FeatureComputer(tiny_model, tiny_spec)
+    images = torch.from_numpy(to_model_range(digits_splits[0].images[:2]))
+    with pytest.raises(ExplorerError, match="bucket 4 is out of range: this spec has buckets 0..3"):
+        computer.features(images, torch.tensor([0, 4]))
+    with pytest.raises(ExplorerError, match="do not pair with 2 images"):
+        computer.features(images, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("projector", ["countsketch", "kronecker"])
+def test_worker_threads_compute_the_same_features(tiny_model, digits_splits, projector):
+    spec = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, proj_dim=64, projector=projector)
+    images = torch.from_numpy(to_model_range(digits_splits[0].images[:11]))
+    buckets = torch.arange(11) % 3
+    one = FeatureComputer(tiny_model, spec, chunk_size=2).features(images, buckets)
+    threads = torch.get_num_threads()
+    parallel = FeatureComputer(tiny_model, spec, chunk_size=2, workers=3)  # 6 chunks (or 1 per 40 rows), dealt 2 each
+    for _ in range(2):  # the replicas are reused
+        assert torch.allclose(parallel.features(images, buckets), one, rtol=1e-4, atol=1e-6 * float(one.abs().max()))
+    assert torch.get_num_threads() == threads
+    replicas = parallel._replicas
+    assert len(replicas) == 2 and all(r.model.unet is not tiny_model.unet for r in replicas)
+    assert all(p.requires_grad is False for r in replicas for p in r.model.unet.parameters())
+
+
+def test_workers_must_be_positive(tiny_model, tiny_spec):
+    with pytest.raises(ExplorerError, match="workers 0 must be >= 1"):
+        FeatureComputer(tiny_model, tiny_spec, workers=0)
