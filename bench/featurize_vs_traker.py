@@ -3,7 +3,7 @@
     pip install -r bench/requirements-bench.txt        # traker, bench-only (torch stays 2.13.0 CPU)
     python bench/featurize_vs_traker.py                # N=256, 24 queries, 3 runs, countsketch
     python bench/featurize_vs_traker.py --projector kronecker --runs 5
-    python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --seeds 3   # the README's figures
+    python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --seeds 5 --runs 5 --default-n 8   # the README's figures
 
 Both sides featurize the same N training images of the shipped model (assets/model, mnist5k
 train split) with the same quantity: the gradient of D-TRAK's `square` output averaged over the
@@ -30,7 +30,8 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
    bucket 0), on --workers threads (precompute featurize's default: 2 on 2 cores, each single-threaded,
    against traker's one call at a time on all of torch's threads); with --calibrate n the spec is first
    calibrated on n of the N training images (explorer.calibration, counted in our setup, as are the
-   workers' model copies).
+   workers' model copies). --workers-baseline 1 also times ours on one worker in the same repeats,
+   so the part of the speed-up that is the worker threads can be read off.
 
 Cost against training: each repeat also times --train-steps AdamW steps of a trainable copy of the
 model at --train-batch samples (bench/featurize_profile.py's training step), and ours is reported per
@@ -160,6 +161,8 @@ def main() -> None:
                         "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (FeatureComputer "
                         "workers; default: precompute featurize's, 2 on 2 or more cores)")
+    parser.add_argument("--workers-baseline", type=int, default=0, help="also time ours on this many worker threads "
+                        "(e.g. 1), in the same repeats, for the speed-up of --workers alone (0: off)")
     parser.add_argument("--chunk", type=int, default=64, help="our examples per vmap chunk (the kronecker path "
                         "caps a forward at explorer.features.KRONECKER_ROWS rows)")
     parser.add_argument("--traker-batch", type=int, default=32, help="images per featurize call in traker 'best' (its "
@@ -241,6 +244,10 @@ def main() -> None:
                                                  projector=projector),
                         lambda seed: traker_other_seed(seed, output_bf16), args.n))
     calibrated = f", calibrated on {args.calibrate} of the N images" if args.calibrate else ""
+    if args.workers_baseline:  # the same computation on fewer threads, timed in the same repeats: the workers' share
+        baseline = FeatureComputer(model, computer.spec, chunk_size=args.chunk, workers=args.workers_baseline)
+        methods.append((f"ours on {args.workers_baseline} worker thread(s)", f"as ours, workers={args.workers_baseline}",
+                        our_setup, lambda: ours_featurize(baseline, train, queries), None, args.n))
     methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
                     f"{', ' + args.precision if args.precision != 'fp32' else ''})",
                     f"FeatureComputer, chunk {args.chunk}, {args.workers} worker thread(s){calibrated}", our_setup,
