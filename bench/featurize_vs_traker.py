@@ -39,7 +39,8 @@ model at --train-batch samples (bench/featurize_profile.py's training step), and
 (the median of the within-repeat ratios), as the issue that asked for this bench measures it.
 
 Throughput is images/s of the featurize calls alone (median of --runs runs, interleaved: each
-repeat times every method once; the speed-up is the median of the within-repeat ratios). Fidelity: for each
+repeat times every method once, after one untimed warm-up call of each on a few images; the
+speed-up is the median of the within-repeat ratios). Fidelity: for each
 of --queries held-out images, the Spearman correlation between its projected scores against the
 N training images (inner products, and cosines as the explorer's normalized index uses) and the
 exact scores from the full, unprojected per-example gradients; mean over queries. Which projection
@@ -257,6 +258,19 @@ def main() -> None:
     # drifts by ~1.5x over minutes, so ratios are taken within a repeat and their median is reported.
     step = training_step(model, torch.from_numpy(to_model_range(train_set.images)), args.train_batch)
     step()  # warm-up
+    # One untimed call of every method but traker default (~12 s per image, ~500x off) on a few images first: first
+    # calls build oneDNN's kernels for their shapes and thread counts (ours' first repeat ran 1-15% slow without).
+    few = train[: max(args.traker_batch, 16)]
+    warm_ups = [lambda: traker_featurize(unet, output, few, queries[:0], args.proj_dim, args.traker_batch, half=False,
+                                         projector=projector),
+                lambda: computer.features(few, torch.zeros(len(few), dtype=torch.long))]
+    if args.traker_bf16:
+        warm_ups.append(lambda: traker_featurize(unet, output_bf16, few, queries[:0], args.proj_dim, args.traker_batch,
+                                                 half=False, projector=projector))
+    if args.workers_baseline:
+        warm_ups.append(lambda: baseline.features(few, torch.zeros(len(few), dtype=torch.long)))
+    for warm_up in warm_ups:
+        warm_up()
     train_per_sample = []  # seconds per sample of one AdamW step, one entry per repeat
     times = {name: [] for name, *_ in methods}
     features = {}
