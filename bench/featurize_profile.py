@@ -196,6 +196,7 @@ def main() -> None:
             print(f"{path}: {calibration.summary()}")
         stages[path] = stage_profile(FeatureComputer(model, spec, chunk_size=args.batch), x0, buckets, args.repeats)
         computers[path] = FeatureComputer(model, spec, chunk_size=args.batch, workers=workers)
+        computers[path].all_bucket_features(images[:16])  # untimed: first calls build oneDNN's kernels per thread
 
     # Interleaved repeats: the machine is shared, so each repeat times the training step and every
     # path back to back, and the ratios are taken within a repeat.

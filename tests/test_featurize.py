@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
+from cli import run_featurize
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from precompute.featurize import PARTIAL_DIR, FeaturizeOptions, featurize
+from precompute.featurize import FEATURES_NAME, PARTIAL_DIR, FeaturizeOptions, featurize
 
 SPEC = FeatureSpec(output="loss", buckets=3, proj_dim=32)
 
@@ -80,3 +81,20 @@ def test_bad_lambda_argument_names_the_value_and_the_fix(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="or gcv"):
         lambda_rule(text)
+
+
+def test_featurize_on_worker_threads_stores_the_same_features(tiny_model, tiny_train_subset, tmp_path):
+    data = tiny_train_subset.subset(np.arange(70), "workers")
+    one = featurize(tiny_model, data, tmp_path / "one", SPEC, FeaturizeOptions(workers=1, keep_features=True))
+    three = featurize(tiny_model, data, tmp_path / "three", SPEC, FeaturizeOptions(workers=3, keep_features=True))
+    assert one.complete and three.complete
+    raw_one, raw_three = (np.load(tmp_path / name / FEATURES_NAME) for name in ("one", "three"))
+    assert raw_one.shape == raw_three.shape == (3, 70, 32)
+    np.testing.assert_allclose(raw_three, raw_one, rtol=1e-4, atol=1e-6 * np.abs(raw_one).max())
+
+
+def test_featurize_cli_refuses_zero_workers(tiny_model_dir, tmp_path):
+    result = run_featurize(tiny_model_dir, tmp_path / "none", "--limit", "8", "--workers", "0")
+    assert result.returncode != 0
+    assert "--workers: 0 must be >= 1" in result.stderr
+    assert not (tmp_path / "none").exists()
