@@ -19,8 +19,8 @@ Two ways to get phi, chosen by spec.projector:
 With workers > 1, features() runs its chunks on that many threads, each with its own copy of the
 model (hooks and functional_call are per module) and torch's intra-op threads divided among them.
 On 2 cores, two single-threaded workers featurize ~1.1x faster than one chunk at a time on both
-cores: many of the model's operations are too small to keep two threads busy (README, "Fast
-featurization").
+cores: many of the model's operations are too small to keep two threads busy (README, "Worker
+threads").
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def noise_bank(spec: FeatureSpec, timesteps: list[list[int]], shape: tuple[int, 
 class FeatureComputer:
     """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
 
-    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1):
+    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1, *,
+                 replica: bool = False):
         if workers < 1:
             raise ExplorerError(f"workers {workers} must be >= 1, e.g. --workers {default_workers()}")
         self.model, self.spec, self.chunk_size, self.workers = model, spec, chunk_size, workers
@@ -172,7 +173,7 @@ class FeatureComputer:
         if spec.precision != "fp32" and spec.projector != "kronecker":
             raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
                                 "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
-        if spec.precision == "bf16":
+        if spec.precision == "bf16" and not replica:  # a worker's replica: its computer has said it
             logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
                            "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
                            "timestep-averaged outputs only (README, bfloat16 featurization)")
@@ -257,7 +258,7 @@ class FeatureComputer:
     def _replica(self) -> FeatureComputer:
         """The same computer on its own copy of the model, for a worker thread."""
         model = dataclasses.replace(self.model, unet=copy.deepcopy(self.model.unet))
-        return FeatureComputer(model, self.spec, chunk_size=self.chunk_size)
+        return FeatureComputer(model, self.spec, chunk_size=self.chunk_size, replica=True)
 
     def exact_gradients(self, x0: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W), buckets (P,)."""

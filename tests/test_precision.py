@@ -79,8 +79,9 @@ def test_bf16_warns_of_high_timesteps_and_of_emulation(tiny_model, monkeypatch, 
     assert isinstance(features.native_bf16(), bool)
     monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
-        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"))
+        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"), workers=3)
     assert "emulated" in caplog.text and "high timesteps" in caplog.text
+    assert caplog.text.count("high timesteps") == 1, "the workers' replicas do not repeat the warnings"
     caplog.clear()
     with caplog.at_level("WARNING", logger="explorer.features"):
         FeatureComputer(tiny_model, SPEC)
