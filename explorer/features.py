@@ -216,35 +216,41 @@ class FeatureComputer:
         self._check(images)
         if tuple(buckets.shape) != (len(images),):
             raise ExplorerError(f"buckets of shape {tuple(buckets.shape)} do not pair with {len(images)} images: give one bucket each")
-        if len(buckets) and not 0 <= int(buckets.min()) <= int(buckets.max()) < self.spec.buckets:
-            raise ExplorerError(f"bucket {int(buckets.max()) if int(buckets.max()) >= self.spec.buckets else int(buckets.min())} "
-                                f"is out of range: this spec has buckets 0..{self.spec.buckets - 1}")
+        if len(buckets):
+            low, high = int(buckets.min()), int(buckets.max())
+            if low < 0 or high >= self.spec.buckets:
+                raise ExplorerError(f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
+                                    f"buckets 0..{self.spec.buckets - 1}")
         step = self.chunk_size
         if self.kronecker is not None:  # rows per forward are pairs x (t, r) draws; more than ~80 fall out of cache
             step = max(1, min(step, KRONECKER_ROWS // self.draw_timesteps.shape[1]))
-        starts = range(0, len(images), step)
+        starts = list(range(0, len(images), step))
         if not starts:
             return torch.zeros(0, self.spec.proj_dim)
-        if self.workers == 1 or len(starts) == 1:
-            return torch.cat([self._chunk_features(images[start : start + step], buckets[start : start + step])
-                              for start in starts])
-        return torch.cat(self._parallel_chunks(images, buckets, list(starts), step))
-
-    def _chunk_features(self, x0: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        if self.kronecker is not None:
-            return self.kronecker.project(*self.capture_rows(x0, buckets), groups=len(x0))
-        grads = self.exact_gradients(x0, buckets)
-        return self.projector.project([grads[name] for name in self.names])
-
-    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, starts: list[int], step: int) -> list[torch.Tensor]:
-        """Each chunk's features, the chunks dealt round-robin to self.workers threads (this computer and its replicas)."""
         workers = min(self.workers, len(starts))
+        chunks = self._chunks(images, buckets, starts, step) if workers == 1 else \
+            self._parallel_chunks(images, buckets, starts, step, workers)
+        return torch.cat(chunks)
+
+    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, starts: list[int], step: int) -> list[torch.Tensor]:
+        """The features of the chunks images[start : start + step] for each start, on this computer's model."""
+        out = []
+        for start in starts:
+            x0, b = images[start : start + step], buckets[start : start + step]
+            if self.kronecker is not None:
+                out.append(self.kronecker.project(*self.capture_rows(x0, b), groups=len(x0)))
+            else:
+                grads = self.exact_gradients(x0, b)
+                out.append(self.projector.project([grads[name] for name in self.names]))
+        return out
+
+    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, starts: list[int], step: int,
+                         workers: int) -> list[torch.Tensor]:
+        """_chunks, the chunks dealt round-robin to `workers` threads (this computer and its replicas)."""
         computers = [self, *self._replicas][:workers]
 
         def run(worker: int) -> list[torch.Tensor]:
-            computer = computers[worker]
-            return [computer._chunk_features(images[start : start + step], buckets[start : start + step])
-                    for start in starts[worker::workers]]
+            return computers[worker]._chunks(images, buckets, starts[worker::workers], step)
 
         threads = torch.get_num_threads()  # a process-wide setting: divided among the workers, restored after
         torch.set_num_threads(max(1, threads // workers))
