@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.func import functional_call, grad, vmap
 
+from explorer.allocator import keep_freed_memory
 from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
@@ -152,6 +153,7 @@ class FeatureComputer:
                  replica: bool = False):
         if workers < 1:
             raise ExplorerError(f"workers {workers} must be >= 1, e.g. --workers {default_workers()}")
+        keep_freed_memory()  # no page faults on every chunk's fresh activations (explorer.allocator)
         self.model, self.spec, self.chunk_size, self.workers = model, spec, chunk_size, workers
         self.output_fn = get_output_function(spec.output)
         T = model.num_train_timesteps
