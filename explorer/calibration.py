@@ -14,8 +14,14 @@ the squared norm of D-TRAK's square output, the last ResNet's conv2 another 21%
    Kronecker-projecting it (on the shipped model: the 16x16 layers of 32 channels, where the
    exact block costs ~3x the projected one, 3.4 against 1.0-1.1 ms per 80 rows).
 
-Both choices go into the FeatureSpec (exact_params, exact_layers), so the index metadata holds
-them and queries are featurized the same way.
+3. bf16 timesteps (precision mixed): for each timestep of the spec, how far bfloat16 arithmetic moves
+   the calibration images' features, over how far they lie from their mean (the part of the
+   gradient that tells examples apart); timesteps below the first one where that exceeds
+   MAX_BF16_MOVE run in bf16. At high timesteps x_t is mostly the shared noise, so that part is
+   small and bf16's rounding swamps it (README, "bfloat16 featurization").
+
+All choices go into the FeatureSpec (exact_params, exact_layers, bf16_below), so the index metadata
+holds them and queries are featurized the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from explorer.kronecker import layer_widths
 from explorer.model import DiffusionModel
 
 EXACT_LAYER_SHARE = 0.01  # a layer at least this heavy is not Kronecker-projected
+# bf16 move / example-specific part up to which a timestep runs in bf16. Measured (bench/precision_agreement.py,
+# one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact scores as in fp32; 0.063 at t = 550
+# (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065; 1.2-3.5 at t = 950 lost the attributions.
+MAX_BF16_MOVE = 0.05
 
 
 @dataclass
@@ -42,12 +52,20 @@ class Calibration:
     kept_share: float  # the share held by spec.exact_params
     kept_width: int  # their number of values (coordinates of phi)
     predicted_variance_ratio: float  # (1 - kept share)^2 k / (k - kept width): the projection error left, vs. none kept
+    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: timestep -> bf16 move
+
+    def bf16_summary(self) -> str:
+        if not self.bf16_moves:
+            return ""
+        moves = ", ".join(f"t={t} {move:.3f}" for t, move in sorted(self.bf16_moves.items()))
+        chosen = f"bf16 below t = {self.spec.bf16_below}" if self.spec.precision == "mixed" else "no timestep in bf16 (fp32)"
+        return f"; {chosen} (bf16 move / example-specific part, limit {MAX_BF16_MOVE}: {moves})"
 
     def summary(self) -> str:
         layers = f"; exact layers {', '.join(self.spec.exact_layers)}" if self.spec.exact_layers else ""
         return (f"calibration: {len(self.spec.exact_params)} tensors kept exactly ({self.kept_width} of {self.spec.proj_dim} "
                 f"coordinates, {self.kept_share:.1%} of the squared gradient norm; predicted projection variance "
-                f"x{self.predicted_variance_ratio:.2f}){layers}")
+                f"x{self.predicted_variance_ratio:.2f}){layers}{self.bf16_summary()}")
 
 
 def calibration_rows(count: int, size: int) -> np.ndarray:
@@ -97,10 +115,40 @@ def choose_exact_layers(model: nn.Module, shares: dict[str, float], dim: int) ->
     return layers
 
 
+def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, float]:
+    """Timestep -> median over images of |phi_bf16 - phi_fp32| / |phi_fp32 - mean phi_fp32| (kronecker features of
+    that timestep alone)."""
+    moves = {}
+    for bucket, timesteps in enumerate(computer.timesteps):
+        for t in timesteps:
+            exact = computer.timestep_features(images, bucket, t, bf16=False)
+            rounded = computer.timestep_features(images, bucket, t, bf16=True)
+            spread = (exact - exact.mean(0)).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            moves[t] = float(((rounded - exact).norm(dim=1) / spread).median())
+    return moves
+
+
+def choose_bf16_below(moves: dict[int, float]) -> int:
+    """The first timestep (ascending) whose bf16 move exceeds MAX_BF16_MOVE, or one past the last: every timestep
+    below it runs in bf16. 0 when even the lowest fails."""
+    ascending = sorted(moves)
+    for t in ascending:
+        if moves[t] > MAX_BF16_MOVE:
+            return 0 if t == ascending[0] else t
+    return ascending[-1] + 1
+
+
 def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, chunk_size: int = 64) -> Calibration:
-    """images (n, C, H, W) in [-1, 1], a few training images -> the spec with its exact parts chosen."""
+    """images (n, C, H, W) in [-1, 1], a few training images -> the spec with its exact parts chosen, and with
+    precision mixed its bf16 timesteps (unless spec.bf16_below is given)."""
+    if spec.precision != "fp32" and spec.projector != "kronecker":
+        raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only: use --projector "
+                            "kronecker or --precision fp32")
+    if len(images) < 2 and spec.precision == "mixed" and not spec.bf16_below:
+        raise ExplorerError(f"--calibrate {len(images)}: choosing the bf16 timesteps of --precision mixed compares "
+                            "examples with each other, so calibrate on at least 2 images, e.g. --calibrate 16")
     plain = dataclasses.replace(spec, exact_params=(), exact_layers=())
-    computer = FeatureComputer(model, dataclasses.replace(plain, projector="countsketch", precision="fp32"),  # exact
+    computer = FeatureComputer(model, dataclasses.replace(plain, projector="countsketch", precision="fp32", bf16_below=0),  # exact
                                chunk_size=chunk_size)
     shares = gradient_shares(computer, images)
     sizes = {name: computer.params[name].numel() for name in computer.names}
@@ -110,5 +158,12 @@ def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, ch
     kept.sort(key=order.__getitem__)
     kept_share, kept_width = sum(shares[name] for name in kept), sum(sizes[name] for name in kept)
     ratio = (1 - kept_share) ** 2 * spec.proj_dim / (spec.proj_dim - kept_width)
-    return Calibration(dataclasses.replace(plain, exact_params=tuple(kept), exact_layers=tuple(layers)), shares,
-                       kept_share, kept_width, ratio)
+    chosen = dataclasses.replace(plain, exact_params=tuple(kept), exact_layers=tuple(layers))
+    moves = {}
+    if spec.precision == "mixed" and not spec.bf16_below:  # measured with the calibrated projection itself
+        measuring = FeatureComputer(model, dataclasses.replace(chosen, precision="fp32", bf16_below=0), chunk_size=chunk_size)
+        moves = bf16_moves(measuring, images)
+        below = choose_bf16_below(moves)
+        chosen = dataclasses.replace(chosen, bf16_below=below) if below else \
+            dataclasses.replace(chosen, precision="fp32", bf16_below=0)
+    return Calibration(chosen, shares, kept_share, kept_width, ratio, moves)

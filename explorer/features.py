@@ -65,6 +65,7 @@ class FeatureSpec:
     exact_params: tuple[str, ...] = ()  # parameter tensors kept as exact coordinates in front of the projection
     exact_layers: tuple[str, ...] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
     precision: str = "fp32"  # kronecker only: bf16 runs the forward and backward under bfloat16 autocast (PRECISIONS)
+    bf16_below: int = 0  # precision mixed only: timesteps t < bf16_below run in bf16, the rest in fp32 (calibration picks it)
 
     def __post_init__(self) -> None:  # metadata JSON gives lists
         for key in NAME_LIST_FIELDS:
@@ -75,14 +76,16 @@ class FeatureSpec:
 
 
 NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
-LATER_FIELDS = (*NAME_LIST_FIELDS, "precision")  # FeatureSpec fields that indexes built before them lack
+LATER_FIELDS = (*NAME_LIST_FIELDS, "precision", "bf16_below")  # FeatureSpec fields that indexes built before them lack
 # Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in bfloat16,
 # normalizations in float32; explorer.kronecker forms the blocks to match) runs the shipped model's forward +
 # backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py), but its
 # rounding, ~0.2-0.6% of each gradient's norm, exceeds the example-specific part of the gradient at high
 # timesteps, where x_t is mostly the shared noise: at t = 950 the scores' agreement with exact ones falls from
 # 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
-PRECISIONS = ("fp32", "bf16")
+# mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells examples
+# apart (explorer.calibration measures that per timestep and picks bf16_below), and the rest in fp32.
+PRECISIONS = ("fp32", "bf16", "mixed")
 
 
 def native_bf16() -> bool:
@@ -175,6 +178,14 @@ class FeatureComputer:
         if spec.precision != "fp32" and spec.projector != "kronecker":
             raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
                                 "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
+        if spec.precision == "mixed" and not 1 <= spec.bf16_below <= T:
+            raise ExplorerError(f"--precision mixed with bf16_below {spec.bf16_below}: give --calibrate N (which measures "
+                                f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}")
+        if spec.precision != "mixed" and spec.bf16_below:
+            raise ExplorerError(f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}")
+        if spec.precision == "mixed" and not native_bf16() and not replica:
+            logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision mixed is "
+                           "emulated here and slower than fp32")
         if spec.precision == "bf16" and not replica:  # a worker's replica: its computer has said it
             logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
                            "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
@@ -226,19 +237,34 @@ class FeatureComputer:
         step = self.chunk_size
         if self.kronecker is not None:  # rows per forward are pairs x (t, r) draws; more than ~80 fall out of cache
             step = max(1, min(step, KRONECKER_ROWS // self.draw_timesteps.shape[1]))
-        starts = list(range(0, len(images), step))
-        if not starts:
+        if self.spec.precision == "mixed":  # one bucket per chunk: every pair splits its rows between bf16 and fp32 alike
+            order = torch.argsort(buckets, stable=True)
+            per_bucket = torch.bincount(buckets, minlength=self.spec.buckets).tolist()
+            chunks = [part for bucket, rows in enumerate(order.split(per_bucket))
+                      for part in rows.split(self._mixed_step(bucket)) if len(part)]
+        else:
+            chunks = list(torch.arange(len(images)).split(step))
+        if not chunks:
             return torch.zeros(0, self.spec.proj_dim)
-        workers = min(self.workers, len(starts))
-        chunks = self._chunks(images, buckets, starts, step) if workers == 1 else \
-            self._parallel_chunks(images, buckets, starts, step, workers)
-        return torch.cat(chunks)
+        workers = min(self.workers, len(chunks))
+        phi = self._chunks(images, buckets, chunks) if workers == 1 else \
+            self._parallel_chunks(images, buckets, chunks, workers)
+        out = torch.empty(len(images), self.spec.proj_dim)
+        out[torch.cat(chunks)] = torch.cat(phi)
+        return out
 
-    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, starts: list[int], step: int) -> list[torch.Tensor]:
-        """The features of the chunks images[start : start + step] for each start, on this computer's model."""
+    def _mixed_step(self, bucket: int) -> int:
+        """Pairs per chunk of a bucket under precision mixed: KRONECKER_ROWS rows in the larger of its two forwards
+        (each forward of fewer rows runs slower per row)."""
+        draws = self.draw_timesteps[bucket]
+        low = int((draws < self.spec.bf16_below).sum())
+        return max(1, min(self.chunk_size, KRONECKER_ROWS // max(low, len(draws) - low)))
+
+    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The features of images[rows] for each chunk's rows, on this computer's model."""
         out = []
-        for start in starts:
-            x0, b = images[start : start + step], buckets[start : start + step]
+        for rows in chunks:
+            x0, b = images[rows], buckets[rows]
             if self.kronecker is not None:
                 out.append(self.kronecker.project(*self.capture_rows(x0, b), groups=len(x0)))
             else:
@@ -246,13 +272,13 @@ class FeatureComputer:
                 out.append(self.projector.project([grads[name] for name in self.names]))
         return out
 
-    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, starts: list[int], step: int,
+    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[torch.Tensor],
                          workers: int) -> list[torch.Tensor]:
         """_chunks, the chunks dealt round-robin to `workers` threads (this computer and its replicas)."""
         computers = [self, *self._replicas][:workers]
 
         def run(worker: int) -> list[torch.Tensor]:
-            return computers[worker]._chunks(images, buckets, starts[worker::workers], step)
+            return computers[worker]._chunks(images, buckets, chunks[worker::workers])
 
         threads = torch.get_num_threads()  # a process-wide setting: divided among the workers, restored after
         torch.set_num_threads(max(1, threads // workers))
@@ -261,7 +287,7 @@ class FeatureComputer:
                 per_worker = list(pool.map(run, range(workers)))
         finally:
             torch.set_num_threads(threads)
-        return [per_worker[index % workers][index // workers] for index in range(len(starts))]
+        return [per_worker[index % workers][index // workers] for index in range(len(chunks))]
 
     def _replica(self) -> FeatureComputer:
         """The same computer on its own copy of the model, for a worker thread."""
@@ -278,21 +304,54 @@ class FeatureComputer:
         x0 (P, C, H, W), buckets (P,). Rows are image-major: pair i owns rows [i mR, (i + 1) mR).
         Each f_i is the output function of pair i over its own rows (the mean over its (t, r)),
         so d (sum_i f_i) / d row = d f_i / d row: rows do not interact in the UNet.
+        Under precision mixed the pairs' leading bf16 columns (t < bf16_below) run as a second forward.
         """
-        timesteps, noise = self.draw_timesteps[buckets], self.noise[buckets]  # (P, mR), (P, mR, C, H, W)
+        timesteps = self.draw_timesteps[buckets]  # (P, mR), ascending within each bucket
+        if self.spec.precision == "mixed":
+            low = timesteps < self.spec.bf16_below
+            count = int(low[0].sum())
+            if not (low[:, :count].all() and not low[:, count:].any()):
+                raise ExplorerError("precision mixed featurizes one bucket per forward (features() arranges that): "
+                                    f"buckets {sorted(set(buckets.tolist()))} split their timesteps differently")
+        else:
+            count = timesteps.shape[1] if self.spec.precision == "bf16" else 0
+        return self._capture(x0, timesteps, self.noise[buckets], count)
+
+    def _capture(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16_columns: int):
+        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W); the first bf16_columns columns of
+        every pair run under bfloat16 autocast, the others in fp32 (one forward each, both hooked)."""
         pairs, draws = timesteps.shape
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
-        noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, mR, C, H, W)
+        noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
 
         def forward() -> torch.Tensor:
-            with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
-                prediction = self.model.unet(noisy.flatten(0, 1), timesteps.flatten()).sample
-            return prediction.float().view_as(noise)
+            parts = []
+            for columns, bf16 in ((slice(0, bf16_columns), True), (slice(bf16_columns, draws), False)):
+                if columns.start == columns.stop:
+                    continue
+                with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    prediction = self.model.unet(noisy[:, columns].flatten(0, 1), timesteps[:, columns].flatten()).sample
+                parts.append(prediction.float().view(pairs, -1, *noise.shape[2:]))
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
         prediction, records = self.kronecker.capture(forward)
         with torch.enable_grad():
             total = vmap(self.output_fn)(prediction, noise).sum()
         return total, records
+
+    def timestep_features(self, images: torch.Tensor, bucket: int, timestep: int, bf16: bool) -> torch.Tensor:
+        """(P, k): kronecker features of images (P, C, H, W) at one timestep of a bucket alone (its R noise draws),
+        all in bf16 or all in fp32; what explorer.calibration compares to choose bf16_below."""
+        if self.kronecker is None:
+            raise ExplorerError(f"timestep features need the kronecker projector, not {self.spec.projector!r}")
+        columns = self.draw_timesteps[bucket] == timestep  # (mR,)
+        if not bool(columns.any()):
+            raise ExplorerError(f"timestep {timestep} is not one of bucket {bucket}'s: {self.timesteps[bucket]}")
+        pairs = len(images)
+        timesteps = self.draw_timesteps[bucket][columns].expand(pairs, -1)
+        noise = self.noise[bucket][columns].expand(pairs, -1, -1, -1, -1)  # (P, R, C, H, W)
+        total, records = self._capture(images, timesteps, noise, timesteps.shape[1] if bf16 else 0)
+        return self.kronecker.project(total, records, groups=pairs)
 
     def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, C, H, W) -> phi (N, buckets, k)."""

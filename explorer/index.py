@@ -178,7 +178,7 @@ class AttributionIndex:
         if spec.get("exact_params") or spec.get("exact_layers"):
             parts.append("calibrated")
         if spec.get("precision", "fp32") != "fp32":
-            parts.append(spec["precision"])
+            parts.append(f"bf16 below t = {spec['bf16_below']}" if spec["precision"] == "mixed" else spec["precision"])
         if spec.get("params"):
             parts.append("params " + " ".join(spec["params"]))
         return ", ".join(parts)
@@ -343,6 +343,8 @@ def _meta_problem(meta: dict) -> str | None:
         return "spec must hold exactly the FeatureSpec fields"
     if spec.get("precision", "fp32") not in PRECISIONS:
         return f"spec.precision must be one of {', '.join(PRECISIONS)}"
+    if not _is_int(spec.get("bf16_below", 0)):
+        return "spec.bf16_below must be a non-negative integer"
     for key in set(NAME_LIST_FIELDS) & set(spec):
         if not isinstance(spec[key], list) or not all(isinstance(name, str) for name in spec[key]):
             return f"spec.{key} must be a list of names"

@@ -111,7 +111,10 @@ def add_featurize(commands) -> None:
                         help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: ~1.4x faster "
                              "on CPUs with AVX512-BF16 or AMX, but it loses the high-timestep attributions (t = 950: "
                              "agreement with exact scores ~0.6-0.75 instead of ~0.995), so only for low timesteps or "
-                             "timestep-averaged outputs (README, bfloat16 featurization); default fp32")
+                             "timestep-averaged outputs (README, bfloat16 featurization); mixed: bf16 below --bf16-below, "
+                             "or where --calibrate measures it safe, fp32 above; default fp32")
+    parser.add_argument("--bf16-below", type=non_negative_int, default=0, metavar="T",
+                        help="with --precision mixed: timesteps t < T run in bf16 (0, the default: chosen by --calibrate)")
     parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
                         help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
                              "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")
@@ -179,7 +182,7 @@ def run_featurize(args) -> None:
     spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
                        noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
                        proj_dim=args.proj_dim, proj_seed=args.proj_seed, params=tuple(args.params),
-                       precision=args.precision)
+                       precision=args.precision, bf16_below=args.bf16_below)
     if args.calibrate:
         rows = calibration_rows(args.calibrate, len(dataset))
         calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)
