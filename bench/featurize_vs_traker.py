@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method (the median is reported)")
     parser.add_argument("--proj-dim", type=int, default=2048)
     parser.add_argument("--projector", default="countsketch", help="our projector (countsketch, gaussian, kronecker, ...)")
-    parser.add_argument("--precision", default="fp32", help="ours: fp32 or bf16 (kronecker only; FeatureSpec.precision)")
+    parser.add_argument("--precision", default="fp32", help="ours: fp32, bf16, or mixed (bf16 for the timesteps that "
+                        "--calibrate measures safe; kronecker only; FeatureSpec.precision)")
     parser.add_argument("--traker-bf16", action="store_true", help="also time traker best with its model under bfloat16 "
                         "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (FeatureComputer "
@@ -245,6 +246,8 @@ def main() -> None:
                                                  projector=projector),
                         lambda seed: traker_other_seed(seed, output_bf16), args.n))
     calibrated = f", calibrated on {args.calibrate} of the N images" if args.calibrate else ""
+    if computer.spec.precision == "mixed":
+        calibrated += f", bf16 below t = {computer.spec.bf16_below}"
     if args.workers_baseline:  # the same computation on fewer threads, timed in the same repeats: the workers' share
         baseline = FeatureComputer(model, computer.spec, chunk_size=args.chunk, workers=args.workers_baseline)
         methods.append((f"ours on {args.workers_baseline} worker thread(s)", f"as ours, workers={args.workers_baseline}",
