@@ -304,7 +304,7 @@ class FeatureComputer:
         x0 (P, C, H, W), buckets (P,). Rows are image-major: pair i owns rows [i mR, (i + 1) mR).
         Each f_i is the output function of pair i over its own rows (the mean over its (t, r)),
         so d (sum_i f_i) / d row = d f_i / d row: rows do not interact in the UNet.
-        Under precision mixed the pairs' leading bf16 columns (t < bf16_below) run as a second forward.
+        Under precision mixed the pairs' leading columns (t < bf16_below) run as their own forward, in bf16.
         """
         timesteps = self.draw_timesteps[buckets]  # (P, mR), ascending within each bucket
         if self.spec.precision == "mixed":

@@ -114,3 +114,13 @@ def test_precompute_featurize_mixed_without_a_threshold_says_how_to_get_one(tiny
     assert result.returncode == 2
     assert "--precision mixed with bf16_below 0: give --calibrate N" in result.stderr
     assert not (tmp_path / "none" / META_NAME).exists()
+
+
+def test_mixed_warns_where_bf16_is_emulated(tiny_model, monkeypatch, caplog):
+    import explorer.features as features
+
+    monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
+    with caplog.at_level("WARNING", logger="explorer.features"):
+        FeatureComputer(tiny_model, MIXED, workers=2)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert sum("--precision mixed is emulated" in message for message in warnings) == 1, warnings  # not once per worker
