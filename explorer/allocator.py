@@ -2,10 +2,12 @@
 
 By default glibc serves large blocks with mmap and returns memory above the heap's top to the OS,
 so each chunk's activations, output gradients and blocks (MBs each) land on fresh pages that the
-kernel zeroes on first touch. On traker's bench spec (80 rows per chunk, one thread) that was
-~18,000 page faults and ~1/3 of a chunk's time; with the settings below, none (README, "Memory
-allocator"). The settings are process-wide, so anything else in the process (traker in the bench,
-training) gets them too; freed memory stays with the process, up to its peak use.
+kernel zeroes on first touch: ~18,000 page faults per chunk of traker's bench spec (80 rows, one
+thread). With the settings below `precompute featurize` runs 1.19x faster on the default count-sketch
+path; on the kronecker path the change is within noise (0.94-1.01x, ~8% more peak memory; README,
+"Memory allocator", bench/allocator_ab.py). The settings are process-wide, so anything else in the
+process (traker in the bench, training) gets them too; freed memory stays with the process, up to
+its peak use.
 """
 
 from __future__ import annotations
