@@ -243,7 +243,7 @@ class FeatureComputer:
             chunks = [part for bucket, rows in enumerate(order.split(per_bucket))
                       for part in rows.split(self._mixed_step(bucket)) if len(part)]
         else:
-            chunks = list(torch.arange(len(images)).split(step))
+            chunks = [rows for rows in torch.arange(len(images)).split(step) if len(rows)]
         if not chunks:
             return torch.zeros(0, self.spec.proj_dim)
         workers = min(self.workers, len(chunks))

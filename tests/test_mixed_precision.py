@@ -124,3 +124,9 @@ def test_mixed_warns_where_bf16_is_emulated(tiny_model, monkeypatch, caplog):
         FeatureComputer(tiny_model, MIXED, workers=2)
     warnings = [record.getMessage() for record in caplog.records]
     assert sum("--precision mixed is emulated" in message for message in warnings) == 1, warnings  # not once per worker
+
+
+@pytest.mark.parametrize("spec", [SPEC, MIXED, dataclasses.replace(SPEC, projector="countsketch")], ids=["fp32", "mixed", "exact"])
+def test_no_images_give_no_features(tiny_model, spec):
+    phi = FeatureComputer(tiny_model, spec).features(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    assert phi.shape == (0, spec.proj_dim)
