@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec
+from explorer.features import FeatureComputer, FeatureSpec, check_precision_projector
 from explorer.kronecker import layer_widths
 from explorer.model import DiffusionModel
 
@@ -141,15 +141,13 @@ def choose_bf16_below(moves: dict[int, float]) -> int:
 def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, chunk_size: int = 64) -> Calibration:
     """images (n, C, H, W) in [-1, 1], a few training images -> the spec with its exact parts chosen, and with
     precision mixed its bf16 timesteps (unless spec.bf16_below is given)."""
-    if spec.precision != "fp32" and spec.projector != "kronecker":
-        raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only: use --projector "
-                            "kronecker or --precision fp32")
+    check_precision_projector(spec)  # before the exact pass, which runs on countsketch in fp32
     if len(images) < 2 and spec.precision == "mixed" and not spec.bf16_below:
         raise ExplorerError(f"--calibrate {len(images)}: choosing the bf16 timesteps of --precision mixed compares "
                             "examples with each other, so calibrate on at least 2 images, e.g. --calibrate 16")
     plain = dataclasses.replace(spec, exact_params=(), exact_layers=())
-    computer = FeatureComputer(model, dataclasses.replace(plain, projector="countsketch", precision="fp32", bf16_below=0),  # exact
-                               chunk_size=chunk_size)
+    exact = dataclasses.replace(plain, projector="countsketch", precision="fp32", bf16_below=0)
+    computer = FeatureComputer(model, exact, chunk_size=chunk_size)
     shares = gradient_shares(computer, images)
     sizes = {name: computer.params[name].numel() for name in computer.names}
     kept = choose_kept(shares, sizes, spec.proj_dim)
@@ -161,7 +159,8 @@ def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, ch
     chosen = dataclasses.replace(plain, exact_params=tuple(kept), exact_layers=tuple(layers))
     moves = {}
     if spec.precision == "mixed" and not spec.bf16_below:  # measured with the calibrated projection itself
-        measuring = FeatureComputer(model, dataclasses.replace(chosen, precision="fp32", bf16_below=0), chunk_size=chunk_size)
+        measuring = FeatureComputer(model, dataclasses.replace(chosen, precision="fp32", bf16_below=0),
+                                    chunk_size=chunk_size)
         moves = bf16_moves(measuring, images)
         below = choose_bf16_below(moves)
         chosen = dataclasses.replace(chosen, bf16_below=below) if below else \

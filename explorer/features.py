@@ -88,6 +88,13 @@ LATER_FIELDS = (*NAME_LIST_FIELDS, "precision", "bf16_below")  # FeatureSpec fie
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
+def check_precision_projector(spec: FeatureSpec) -> None:
+    """Refuse a reduced precision on a projector other than kronecker (the vmap path is the exact fp32 reference)."""
+    if spec.precision != "fp32" and spec.projector != "kronecker":
+        raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
+                            "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
+
+
 def native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes --precision bf16 pay)."""
     try:
@@ -175,9 +182,7 @@ class FeatureComputer:
             raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
         if spec.precision not in PRECISIONS:
             raise ExplorerError(f"unknown precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if spec.precision != "fp32" and spec.projector != "kronecker":
-            raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
-                                "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
+        check_precision_projector(spec)
         if spec.precision == "mixed" and not 1 <= spec.bf16_below <= T:
             raise ExplorerError(f"--precision mixed with bf16_below {spec.bf16_below}: give --calibrate N (which measures "
                                 f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}")
