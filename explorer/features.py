@@ -188,16 +188,13 @@ class FeatureComputer:
                                 f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}")
         if spec.precision != "mixed" and spec.bf16_below:
             raise ExplorerError(f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}")
-        if spec.precision == "mixed" and not native_bf16() and not replica:
-            logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision mixed is "
-                           "emulated here and slower than fp32")
         if spec.precision == "bf16" and not replica:  # a worker's replica: its computer has said it
             logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
                            "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
                            "timestep-averaged outputs only (README, bfloat16 featurization)")
-            if not native_bf16():
-                logger.warning("this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision bf16 is "
-                               "emulated here and slower than fp32")
+        if spec.precision != "fp32" and not replica and not native_bf16():
+            logger.warning(f"this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision {spec.precision} "
+                           "is emulated here and slower than fp32")
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,
@@ -239,15 +236,13 @@ class FeatureComputer:
             if low < 0 or high >= self.spec.buckets:
                 raise ExplorerError(f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
                                     f"buckets 0..{self.spec.buckets - 1}")
-        step = self.chunk_size
-        if self.kronecker is not None:  # rows per forward are pairs x (t, r) draws; more than ~80 fall out of cache
-            step = max(1, min(step, KRONECKER_ROWS // self.draw_timesteps.shape[1]))
         if self.spec.precision == "mixed":  # one bucket per chunk: every pair splits its rows between bf16 and fp32 alike
             order = torch.argsort(buckets, stable=True)
             per_bucket = torch.bincount(buckets, minlength=self.spec.buckets).tolist()
             chunks = [part for bucket, rows in enumerate(order.split(per_bucket))
                       for part in rows.split(self._mixed_step(bucket)) if len(part)]
         else:
+            step = self.chunk_size if self.kronecker is None else self._kronecker_step(self.draw_timesteps.shape[1])
             chunks = [rows for rows in torch.arange(len(images)).split(step) if len(rows)]
         if not chunks:
             return torch.zeros(0, self.spec.proj_dim)
@@ -258,12 +253,17 @@ class FeatureComputer:
         out[torch.cat(chunks)] = torch.cat(phi)
         return out
 
+    def _kronecker_step(self, rows_per_pair: int) -> int:
+        """Pairs per chunk of the kronecker path: rows per forward are pairs x rows_per_pair; more than ~80 fall out
+        of cache."""
+        return max(1, min(self.chunk_size, KRONECKER_ROWS // rows_per_pair))
+
     def _mixed_step(self, bucket: int) -> int:
         """Pairs per chunk of a bucket under precision mixed: KRONECKER_ROWS rows in the larger of its two forwards
         (each forward of fewer rows runs slower per row)."""
         draws = self.draw_timesteps[bucket]
         low = int((draws < self.spec.bf16_below).sum())
-        return max(1, min(self.chunk_size, KRONECKER_ROWS // max(low, len(draws) - low)))
+        return self._kronecker_step(max(low, len(draws) - low))
 
     def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """The features of images[rows] for each chunk's rows, on this computer's model."""
