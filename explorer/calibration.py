@@ -14,11 +14,12 @@ the squared norm of D-TRAK's square output, the last ResNet's conv2 another 21%
    Kronecker-projecting it (on the shipped model: the 16x16 layers of 32 channels, where the
    exact block costs ~3x the projected one, 3.4 against 1.0-1.1 ms per 80 rows).
 
-3. bf16 timesteps (precision mixed): for each timestep of the spec, how far bfloat16 arithmetic moves
-   the calibration images' features, over how far they lie from their mean (the part of the
-   gradient that tells examples apart); timesteps below the first one where that exceeds
-   MAX_BF16_MOVE run in bf16. At high timesteps x_t is mostly the shared noise, so that part is
-   small and bf16's rounding swamps it (README, "bfloat16 featurization").
+3. bf16 timesteps (precision mixed): for each timestep t of the spec, how far bfloat16 arithmetic
+   for every timestep up to t moves the calibration images' bucket features, over how far they lie
+   from their mean (the part of the gradient that tells examples apart); timesteps below the first
+   one where that exceeds MAX_BF16_MOVE run in bf16. At high timesteps x_t is mostly the shared
+   noise, so a bucket of that timestep alone has little such part and bf16's rounding swamps it
+   (README, "bfloat16 featurization"); a bucket averaging many timesteps keeps the low timesteps'.
 
 All choices go into the FeatureSpec (exact_params, exact_layers, bf16_below), so the index metadata
 holds them and queries are featurized the same way.
@@ -39,8 +40,8 @@ from explorer.kronecker import layer_widths
 from explorer.model import DiffusionModel
 
 EXACT_LAYER_SHARE = 0.01  # a layer at least this heavy is not Kronecker-projected
-# bf16 move / example-specific part up to which a timestep runs in bf16. Measured (bench/precision_agreement.py,
-# one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact scores as in fp32; 0.063 at t = 550
+# bf16 move / example-specific part of the bucket features up to which timesteps run in bf16. Measured
+# (bench/precision_agreement.py, one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact scores as in fp32; 0.063 at t = 550
 # (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065; 1.2-3.5 at t = 950 lost the attributions.
 MAX_BF16_MOVE = 0.05
 
@@ -52,14 +53,14 @@ class Calibration:
     kept_share: float  # the share held by spec.exact_params
     kept_width: int  # their number of values (coordinates of phi)
     predicted_variance_ratio: float  # (1 - kept share)^2 k / (k - kept width): the projection error left, vs. none kept
-    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: timestep -> bf16 move
+    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: t -> move, bf16 up to t (bf16_moves)
 
     def bf16_summary(self) -> str:
         if not self.bf16_moves:
             return ""
         moves = ", ".join(f"t={t} {move:.3f}" for t, move in sorted(self.bf16_moves.items()))
         chosen = f"bf16 below t = {self.spec.bf16_below}" if self.spec.precision == "mixed" else "no timestep in bf16 (fp32)"
-        return f"; {chosen} (bf16 move / example-specific part, limit {MAX_BF16_MOVE}: {moves})"
+        return f"; {chosen} (bucket features' bf16 move / example-specific part with bf16 up to t, limit {MAX_BF16_MOVE}: {moves})"
 
     def summary(self) -> str:
         layers = f"; exact layers {', '.join(self.spec.exact_layers)}" if self.spec.exact_layers else ""
@@ -116,15 +117,31 @@ def choose_exact_layers(model: nn.Module, shares: dict[str, float], dim: int) ->
 
 
 def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, float]:
-    """Timestep -> median over images of |phi_bf16 - phi_fp32| / |phi_fp32 - mean phi_fp32| (kronecker features of
-    that timestep alone)."""
-    moves = {}
+    """Timestep t -> how far bfloat16 moves the features an index stores when every timestep up to t runs in it.
+
+    For each bucket that is the median over images of |phi_mixed - phi_fp32| / |phi_fp32 - mean phi_fp32|, phi the
+    bucket's feature: the mean of its timesteps' features (every output function averages over its (t, r) columns,
+    explorer.outputs), with the timesteps up to t taken in bf16 in phi_mixed. The move at t is the largest over buckets.
+    With one timestep per bucket that is the largest single-timestep move up to t. On a bucket that averages many
+    timesteps, a high timestep's bf16 rounding is measured against what tells the averaged features apart, which the
+    low timesteps dominate: on the traker bench's 10-timestep bucket all ten together move it 0.038, while t = 950
+    alone moves its own feature 1.7 (README, "bfloat16 where it is safe").
+    """
+    buckets = []  # per bucket: (timesteps, fp32 features per timestep, bf16 features per timestep)
     for bucket, timesteps in enumerate(computer.timesteps):
-        for t in timesteps:
-            exact = computer.timestep_features(images, bucket, t, bf16=False)
-            rounded = computer.timestep_features(images, bucket, t, bf16=True)
-            spread = (exact - exact.mean(0)).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            moves[t] = float(((rounded - exact).norm(dim=1) / spread).median())
+        exact = [computer.timestep_features(images, bucket, t, bf16=False) for t in timesteps]
+        rounded = [computer.timestep_features(images, bucket, t, bf16=True) for t in timesteps]
+        buckets.append((timesteps, exact, rounded))
+    moves = {}
+    for t in sorted(u for timesteps, *_ in buckets for u in timesteps):
+        moves[t] = 0.0
+        for timesteps, exact, rounded in buckets:
+            if timesteps[0] > t:
+                continue
+            full = torch.stack(exact).mean(0)
+            mixed = torch.stack([low if u <= t else high for u, high, low in zip(timesteps, exact, rounded)]).mean(0)
+            spread = (full - full.mean(0)).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            moves[t] = max(moves[t], float(((mixed - full).norm(dim=1) / spread).median()))
     return moves
 
 

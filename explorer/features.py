@@ -156,6 +156,17 @@ def noise_bank(spec: FeatureSpec, timesteps: list[list[int]], shape: tuple[int, 
     return torch.stack(bank)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One forward (or vmap call) of features(): the pairs `rows`, over their bucket's (t, r) columns `columns`
+    (None: all of them), in bf16 or fp32."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor | None = None
+    bf16: bool = False
+    share: float = 1.0  # len(columns) / the bucket's columns: f averages over columns, so phi sums the shares' parts
+
+
 class FeatureComputer:
     """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
 
@@ -236,48 +247,65 @@ class FeatureComputer:
             if low < 0 or high >= self.spec.buckets:
                 raise ExplorerError(f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
                                     f"buckets 0..{self.spec.buckets - 1}")
-        if self.spec.precision == "mixed":  # one bucket per chunk: every pair splits its rows between bf16 and fp32 alike
-            order = torch.argsort(buckets, stable=True)
-            per_bucket = torch.bincount(buckets, minlength=self.spec.buckets).tolist()
-            chunks = [part for bucket, rows in enumerate(order.split(per_bucket))
-                      for part in rows.split(self._mixed_step(bucket)) if len(part)]
-        else:
-            step = self.chunk_size if self.kronecker is None else self._kronecker_step(self.draw_timesteps.shape[1])
-            chunks = [rows for rows in torch.arange(len(images)).split(step) if len(rows)]
+        chunks = self._plan(buckets)
         if not chunks:
             return torch.zeros(0, self.spec.proj_dim)
         workers = min(self.workers, len(chunks))
         phi = self._chunks(images, buckets, chunks) if workers == 1 else \
             self._parallel_chunks(images, buckets, chunks, workers)
-        out = torch.empty(len(images), self.spec.proj_dim)
-        out[torch.cat(chunks)] = torch.cat(phi)
+        out = torch.zeros(len(images), self.spec.proj_dim)
+        for chunk, part in zip(chunks, phi):  # under mixed a pair's bf16 and fp32 columns come from two chunks
+            out.index_add_(0, chunk.rows, part)
         return out
+
+    def _plan(self, buckets: torch.Tensor) -> list[Chunk]:
+        """The forwards that featurize pairs with these buckets.
+
+        Under precision mixed each bucket's pairs run twice, once over the (t, r) columns below bf16_below in bf16 and
+        once over the rest in fp32, each forward full size: every output function is a mean over its columns
+        (explorer.outputs), so phi is the two column sets' phi weighted by their shares of the columns. Running both
+        sets in one chunk, as two smaller forwards, cost what bf16 saved on a 10-timestep bucket.
+        """
+        pairs = torch.arange(len(buckets))
+        if self.kronecker is None:
+            return [Chunk(rows) for rows in pairs.split(self.chunk_size) if len(rows)]
+        if self.spec.precision != "mixed":
+            step = self._kronecker_step(self.draw_timesteps.shape[1])
+            return [Chunk(rows, bf16=self.spec.precision == "bf16") for rows in pairs.split(step) if len(rows)]
+        order = torch.argsort(buckets, stable=True)
+        per_bucket = torch.bincount(buckets, minlength=self.spec.buckets).tolist()
+        chunks = []
+        for bucket, rows in enumerate(order.split(per_bucket)):
+            draws = self.draw_timesteps[bucket]
+            for bf16 in (True, False):
+                columns = torch.nonzero((draws < self.spec.bf16_below) == bf16).flatten()
+                if len(rows) and len(columns):
+                    chunks += [Chunk(part, columns, bf16, len(columns) / len(draws))
+                               for part in rows.split(self._kronecker_step(len(columns)))]
+        return chunks
 
     def _kronecker_step(self, rows_per_pair: int) -> int:
         """Pairs per chunk of the kronecker path: rows per forward are pairs x rows_per_pair; more than ~80 fall out
         of cache."""
         return max(1, min(self.chunk_size, KRONECKER_ROWS // rows_per_pair))
 
-    def _mixed_step(self, bucket: int) -> int:
-        """Pairs per chunk of a bucket under precision mixed: KRONECKER_ROWS rows in the larger of its two forwards
-        (each forward of fewer rows runs slower per row)."""
-        draws = self.draw_timesteps[bucket]
-        low = int((draws < self.spec.bf16_below).sum())
-        return self._kronecker_step(max(low, len(draws) - low))
-
-    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The features of images[rows] for each chunk's rows, on this computer's model."""
+    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
-        for rows in chunks:
-            x0, b = images[rows], buckets[rows]
-            if self.kronecker is not None:
-                out.append(self.kronecker.project(*self.capture_rows(x0, b), groups=len(x0)))
-            else:
+        for chunk in chunks:
+            x0, b = images[chunk.rows], buckets[chunk.rows]
+            if self.kronecker is None:
                 grads = self.exact_gradients(x0, b)
                 out.append(self.projector.project([grads[name] for name in self.names]))
+                continue
+            timesteps, noise = self.draw_timesteps[b], self.noise[b]
+            if chunk.columns is not None:
+                timesteps, noise = timesteps[:, chunk.columns], noise[:, chunk.columns]
+            phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16), groups=len(x0))
+            out.append(phi * chunk.share if chunk.share != 1 else phi)
         return out
 
-    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[torch.Tensor],
+    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk],
                          workers: int) -> list[torch.Tensor]:
         """_chunks, the chunks dealt round-robin to `workers` threads (this computer and its replicas)."""
         computers = [self, *self._replicas][:workers]
@@ -309,35 +337,22 @@ class FeatureComputer:
         x0 (P, C, H, W), buckets (P,). Rows are image-major: pair i owns rows [i mR, (i + 1) mR).
         Each f_i is the output function of pair i over its own rows (the mean over its (t, r)),
         so d (sum_i f_i) / d row = d f_i / d row: rows do not interact in the UNet.
-        Under precision mixed the pairs' leading columns (t < bf16_below) run as their own forward, in bf16.
         """
-        timesteps = self.draw_timesteps[buckets]  # (P, mR), ascending within each bucket
         if self.spec.precision == "mixed":
-            low = timesteps < self.spec.bf16_below
-            count = int(low[0].sum())
-            if not (low[:, :count].all() and not low[:, count:].any()):
-                raise ExplorerError("precision mixed featurizes one bucket per forward (features() arranges that): "
-                                    f"buckets {sorted(set(buckets.tolist()))} split their timesteps differently")
-        else:
-            count = timesteps.shape[1] if self.spec.precision == "bf16" else 0
-        return self._capture(x0, timesteps, self.noise[buckets], count)
+            raise ExplorerError("precision mixed runs a bucket's bf16 and fp32 timesteps as separate forwards: use "
+                                "features(), or timestep_features() for one timestep")
+        return self._capture(x0, self.draw_timesteps[buckets], self.noise[buckets], self.spec.precision == "bf16")
 
-    def _capture(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16_columns: int):
-        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W); the first bf16_columns columns of
-        every pair run under bfloat16 autocast, the others in fp32 (one forward each, both hooked)."""
+    def _capture(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16: bool):
+        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), under bfloat16 autocast if bf16."""
         pairs, draws = timesteps.shape
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
         noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
 
         def forward() -> torch.Tensor:
-            parts = []
-            for columns, bf16 in ((slice(0, bf16_columns), True), (slice(bf16_columns, draws), False)):
-                if columns.start == columns.stop:
-                    continue
-                with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    prediction = self.model.unet(noisy[:, columns].flatten(0, 1), timesteps[:, columns].flatten()).sample
-                parts.append(prediction.float().view(pairs, -1, *noise.shape[2:]))
-            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
+                prediction = self.model.unet(noisy.flatten(0, 1), timesteps.flatten()).sample
+            return prediction.float().view(pairs, draws, *noise.shape[2:])
 
         prediction, records = self.kronecker.capture(forward)
         with torch.enable_grad():
@@ -355,7 +370,7 @@ class FeatureComputer:
         pairs = len(images)
         timesteps = self.draw_timesteps[bucket][columns].expand(pairs, -1)
         noise = self.noise[bucket][columns].expand(pairs, -1, -1, -1, -1)  # (P, R, C, H, W)
-        total, records = self._capture(images, timesteps, noise, timesteps.shape[1] if bf16 else 0)
+        total, records = self._capture(images, timesteps, noise, bf16)
         return self.kronecker.project(total, records, groups=pairs)
 
     def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from cli import run_featurize
 from explorer.attribution import Explorer
-from explorer.calibration import MAX_BF16_MOVE, calibrate, choose_bf16_below
+from explorer.calibration import MAX_BF16_MOVE, bf16_moves, calibrate, choose_bf16_below
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
@@ -72,6 +72,21 @@ def test_choose_bf16_below_stops_at_the_first_timestep_over_the_limit():
     assert choose_bf16_below({50: 0.3, 150: 0.02}) == 0
 
 
+def test_bf16_moves_are_those_of_the_stored_bucket_features(tiny_model, images):
+    computer = FeatureComputer(tiny_model, SPEC)
+    moves = bf16_moves(computer, images)
+    fp32 = computer.all_bucket_features(images)  # (N, buckets, k)
+    spread = (fp32 - fp32.mean(0)).norm(dim=2)
+    for t in (250, 416, 916):  # bf16 up to the end of bucket 0, inside bucket 1, everywhere
+        mixed = FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=t + 1)).all_bucket_features(images)
+        per_bucket = ((mixed - fp32).norm(dim=2) / spread).median(dim=0).values  # (buckets,)
+        assert moves[t] == pytest.approx(float(per_bucket.max()), rel=0.1)  # bf16 rounding varies with the batching
+    assert moves[83] < moves[250] <= moves[416]  # bf16 over more timesteps of a bucket moves it more
+    alone = [computer.timestep_features(images, 2, 916, bf16=bf16) for bf16 in (False, True)]
+    alone_move = ((alone[1] - alone[0]).norm(dim=1) / (alone[0] - alone[0].mean(0)).norm(dim=1)).median()
+    assert moves[916] < 0.5 * float(alone_move)  # averaged with t = 750, t = 916's rounding matters less
+
+
 def test_calibration_measures_every_timestep_and_picks_bf16_below(tiny_model, images):
     calibration = calibrate(tiny_model, dataclasses.replace(MIXED, bf16_below=0), images)
     moves = calibration.bf16_moves
@@ -81,7 +96,7 @@ def test_calibration_measures_every_timestep_and_picks_bf16_below(tiny_model, im
     below = spec.bf16_below if spec.precision == "mixed" else 0
     assert below == choose_bf16_below(moves)
     assert all(moves[t] <= MAX_BF16_MOVE for t in moves if t < below)
-    assert "bf16 move / example-specific part" in calibration.summary()
+    assert "bf16 move / example-specific part with bf16 up to t" in calibration.summary()
     given = calibrate(tiny_model, MIXED, images)  # a given bf16_below is kept, nothing measured
     assert given.spec.bf16_below == 500 and not given.bf16_moves
 
