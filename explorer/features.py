@@ -83,8 +83,8 @@ LATER_FIELDS = (*NAME_LIST_FIELDS, "precision", "bf16_below")  # FeatureSpec fie
 # rounding, ~0.2-0.6% of each gradient's norm, exceeds the example-specific part of the gradient at high
 # timesteps, where x_t is mostly the shared noise: at t = 950 the scores' agreement with exact ones falls from
 # 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
-# mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells examples
-# apart (explorer.calibration measures that per timestep and picks bf16_below), and the rest in fp32.
+# mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells the stored
+# bucket features apart (explorer.calibration measures that and picks bf16_below), and the rest in fp32.
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
