@@ -41,8 +41,9 @@ from explorer.model import DiffusionModel
 
 EXACT_LAYER_SHARE = 0.01  # a layer at least this heavy is not Kronecker-projected
 # bf16 move / example-specific part of the bucket features up to which timesteps run in bf16. Measured
-# (bench/precision_agreement.py, one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact scores as in fp32; 0.063 at t = 550
-# (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065; 1.2-3.5 at t = 950 lost the attributions.
+# (bench/precision_agreement.py, one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact
+# scores as in fp32; 0.063 at t = 550 (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065; 1.2-3.5
+# at t = 950 lost the attributions.
 MAX_BF16_MOVE = 0.05
 
 
@@ -53,14 +54,15 @@ class Calibration:
     kept_share: float  # the share held by spec.exact_params
     kept_width: int  # their number of values (coordinates of phi)
     predicted_variance_ratio: float  # (1 - kept share)^2 k / (k - kept width): the projection error left, vs. none kept
-    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: t -> move, bf16 up to t (bf16_moves)
+    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: t -> move (bf16_moves)
 
     def bf16_summary(self) -> str:
         if not self.bf16_moves:
             return ""
         moves = ", ".join(f"t={t} {move:.3f}" for t, move in sorted(self.bf16_moves.items()))
         chosen = f"bf16 below t = {self.spec.bf16_below}" if self.spec.precision == "mixed" else "no timestep in bf16 (fp32)"
-        return f"; {chosen} (bucket features' bf16 move / example-specific part with bf16 up to t, limit {MAX_BF16_MOVE}: {moves})"
+        return (f"; {chosen} (bucket features' bf16 move / example-specific part with bf16 up to t, "
+                f"limit {MAX_BF16_MOVE}: {moves})")
 
     def summary(self) -> str:
         layers = f"; exact layers {', '.join(self.spec.exact_layers)}" if self.spec.exact_layers else ""
@@ -127,21 +129,20 @@ def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, flo
     low timesteps dominate: on the traker bench's 10-timestep bucket all ten together move it 0.038, while t = 950
     alone moves its own feature 1.7 (README, "bfloat16 where it is safe").
     """
-    buckets = []  # per bucket: (timesteps, fp32 features per timestep, bf16 features per timestep)
+    buckets = []  # per bucket: its timesteps, fp32 and bf16 features per timestep, fp32 bucket feature, its spread
     for bucket, timesteps in enumerate(computer.timesteps):
         exact = [computer.timestep_features(images, bucket, t, bf16=False) for t in timesteps]
         rounded = [computer.timestep_features(images, bucket, t, bf16=True) for t in timesteps]
-        buckets.append((timesteps, exact, rounded))
+        full = torch.stack(exact).mean(0)
+        spread = (full - full.mean(0)).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        buckets.append((timesteps, exact, rounded, full, spread))
     moves = {}
     for t in sorted(u for timesteps, *_ in buckets for u in timesteps):
         moves[t] = 0.0
-        for timesteps, exact, rounded in buckets:
-            if timesteps[0] > t:
-                continue
-            full = torch.stack(exact).mean(0)
-            mixed = torch.stack([low if u <= t else high for u, high, low in zip(timesteps, exact, rounded)]).mean(0)
-            spread = (full - full.mean(0)).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            moves[t] = max(moves[t], float(((mixed - full).norm(dim=1) / spread).median()))
+        for timesteps, exact, rounded, full, spread in buckets:
+            if timesteps[0] <= t:
+                mixed = torch.stack([low if u <= t else high for u, high, low in zip(timesteps, exact, rounded)]).mean(0)
+                moves[t] = max(moves[t], float(((mixed - full).norm(dim=1) / spread).median()))
     return moves
 
 

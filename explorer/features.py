@@ -262,9 +262,10 @@ class FeatureComputer:
         """The forwards that featurize pairs with these buckets.
 
         Under precision mixed each bucket's pairs run twice, once over the (t, r) columns below bf16_below in bf16 and
-        once over the rest in fp32, each forward full size: every output function is a mean over its columns
-        (explorer.outputs), so phi is the two column sets' phi weighted by their shares of the columns. Running both
-        sets in one chunk, as two smaller forwards, cost what bf16 saved on a 10-timestep bucket.
+        once over the rest in fp32, so that every forward runs in one precision at full size: every output function
+        is a mean over its columns (explorer.outputs), so phi is the two column sets' phi weighted by their shares of
+        the columns. (A chunk that held both sets as two smaller forwards ran as fast: README, "bfloat16 where it
+        is safe"; only a bucket that straddles bf16_below is split at all.)
         """
         pairs = torch.arange(len(buckets))
         if self.kronecker is None:

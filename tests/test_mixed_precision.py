@@ -58,6 +58,8 @@ def test_mixed_with_two_workers_equals_one(tiny_model, images):
 def test_mixed_precision_is_checked(tiny_model):
     with pytest.raises(ExplorerError, match="--precision mixed with bf16_below 0: give --calibrate N"):
         FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=0))
+    with pytest.raises(ExplorerError, match=r"runs a bucket's bf16 and fp32 timesteps as separate forwards: use features\(\)"):
+        FeatureComputer(tiny_model, MIXED).capture_rows(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(ExplorerError, match="bf16_below 500 applies to --precision mixed only"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, bf16_below=500))
     with pytest.raises(ExplorerError, match="--precision mixed applies to the kronecker projector only"):
