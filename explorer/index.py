@@ -5,7 +5,8 @@
     bucket_BB.faiss      one FAISS inner-product index per timestep bucket (rows = training items):
                          exact (flat) or, for large training sets, IVF (index_type "ivf": inverted
                          lists, nlist and nprobe recorded in meta.json)
-    whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 phi_q)
+    whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 (phi_q - c))
+    center_BB.npy        the mean training feature c of bucket BB (only when meta.json says center: true)
     train_images.npy     uint8 (N, H, W) training images at model resolution
     train_labels.npy     int64 (N,)
     train_ids.npy        int64 (N,) stable dataset ids of the rows
@@ -29,15 +30,17 @@ from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atom
 from explorer.errors import ExplorerError
 from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
 from explorer.projector import PROJECTORS
-from explorer.whitening import normalize_rows, whiten
+from explorer.scoring import BucketScorer
 
 logger = logging.getLogger(__name__)
 
-# Version 2 added IVF buckets. Flat indexes are still written as version 1, which every explorer
-# reads; IVF ones as version 2, so an older explorer refuses them instead of searching with nprobe 1.
+# Version 2 added IVF buckets, version 3 centered features (explorer.scoring). An index is written with the
+# lowest version that holds it, so an older explorer refuses what it would score wrongly (IVF with nprobe 1,
+# centered features without their centers) and still reads the rest.
+CENTER_FORMAT_VERSION = 3
 FORMAT_VERSION = 2
 FLAT_FORMAT_VERSION = 1
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 META_NAME = "meta.json"
 STORAGES = ("float32", "float16", "int8")
 # The whitening factor is kept at the precision of the stored vectors: exact with float32, and
@@ -52,6 +55,10 @@ def bucket_file(bucket: int) -> str:
 
 def factor_file(bucket: int) -> str:
     return f"whiten_{bucket:02d}.npy"
+
+
+def center_file(bucket: int) -> str:
+    return f"center_{bucket:02d}.npy"
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +100,7 @@ def write_index(
     train_images: np.ndarray,
     train_labels: np.ndarray,
     train_ids: np.ndarray,
+    centers: list[np.ndarray] | None = None,
     storage: str = "float32",
     index_type: str = "flat",
     ivf_nlist: int | None = None,
@@ -123,12 +131,16 @@ def write_index(
         record(bucket_file(bucket))
         save_npy_atomic(directory / factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
         record(factor_file(bucket))
+        if centers is not None:
+            save_npy_atomic(directory / center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
+            record(center_file(bucket))
     for name, array in (("train_images.npy", train_images.astype(np.uint8)), ("train_labels.npy", train_labels.astype(np.int64)),
                         ("train_ids.npy", train_ids.astype(np.int64))):
         save_npy_atomic(directory / name, array)
         record(name)
-    meta = dict(meta, format_version=FLAT_FORMAT_VERSION if ivf is None else FORMAT_VERSION, storage=storage,
-                index_type=index_type, files=files, count=int(len(train_ids)))
+    version = CENTER_FORMAT_VERSION if centers is not None else FLAT_FORMAT_VERSION if ivf is None else FORMAT_VERSION
+    meta = dict(meta, format_version=version, storage=storage, index_type=index_type, files=files,
+                count=int(len(train_ids)), center=centers is not None)
     if ivf is not None:
         meta["ivf"] = ivf.to_meta()
     write_json_atomic(directory / META_NAME, meta)
@@ -148,9 +160,12 @@ class AttributionIndex:
     """A loaded, validated index directory."""
 
     def __init__(self, directory: Path, meta: dict, indexes: list[faiss.Index], factors: list[np.ndarray],
-                 train_images: np.ndarray, train_labels: np.ndarray, train_ids: np.ndarray):
+                 train_images: np.ndarray, train_labels: np.ndarray, train_ids: np.ndarray,
+                 centers: list[np.ndarray] | None = None):
         self.directory, self.meta = directory, meta
         self.indexes, self.factors = indexes, factors
+        self.scorers = [BucketScorer(factor, None if centers is None else centers[b], self.normalize)
+                        for b, factor in enumerate(factors)]
         self.train_images, self.train_labels, self.train_ids = train_images, train_labels, train_ids
         self._vectors: dict[int, np.ndarray] = {}
 
@@ -170,7 +185,7 @@ class AttributionIndex:
     def label(self) -> str:
         """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker, calibrated'."""
         spec = self.meta["spec"]
-        parts = [spec["output"], "normalized" if self.normalize else "raw"]
+        parts = [spec["output"], *(["centered"] if self.meta.get("center") else []), "normalized" if self.normalize else "raw"]
         if self.meta.get("das"):
             parts.append("DAS")
         if spec["projector"] != "countsketch":
@@ -200,7 +215,7 @@ class AttributionIndex:
             if sha256_file(path) != digest:
                 raise ExplorerError(f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the index with `python -m precompute featurize`")
         count, buckets = int(meta["count"]), int(meta["spec"]["buckets"])
-        indexes, factors = [], []
+        indexes, factors, centers = [], [], []
         for bucket in range(buckets):
             try:
                 index = faiss.read_index(str(directory / bucket_file(bucket)))
@@ -214,12 +229,17 @@ class AttributionIndex:
                 raise ExplorerError(f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} matrix: rebuild the index")
             indexes.append(index)
             factors.append(factor)
+            if meta.get("center"):
+                center = np.load(directory / center_file(bucket), allow_pickle=False)
+                if center.shape != (index.d,) or not np.isfinite(center).all():
+                    raise ExplorerError(f"{center_file(bucket)} in {str(directory)!r} is not a finite vector of {index.d}: rebuild the index")
+                centers.append(center)
         images = np.load(directory / "train_images.npy", allow_pickle=False)
         labels = np.load(directory / "train_labels.npy", allow_pickle=False)
         ids = np.load(directory / "train_ids.npy", allow_pickle=False)
         if images.ndim != 3 or images.dtype != np.uint8 or not (len(images) == len(labels) == len(ids) == count):
             raise ExplorerError(f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} ids for {count} rows: rebuild it")
-        loaded = cls(directory, meta, indexes, factors, images, labels, ids)
+        loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers if meta.get("center") else None)
         for bucket in range(buckets):
             if not np.isfinite(loaded.vectors(bucket)).all():
                 raise ExplorerError(f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: rebuild the index")
@@ -249,8 +269,8 @@ class AttributionIndex:
         out = np.empty(features.shape, dtype=np.float32)
         for bucket in np.unique(buckets):
             rows = np.flatnonzero(buckets == bucket)
-            out[rows] = whiten(features[rows], self.factors[int(bucket)])
-        return normalize_rows(out) if self.normalize else out
+            out[rows] = self.scorers[int(bucket)].vectors(features[rows])
+        return out
 
     def scores(self, query: np.ndarray, bucket: int) -> np.ndarray:
         """Attribution scores of every training row for one search vector: (N,)."""
@@ -333,8 +353,10 @@ def _meta_problem(meta: dict) -> str | None:
         return "count must be a non-negative integer"
     if not _is_int(meta.get("num_train_timesteps"), 1):
         return "num_train_timesteps must be a positive integer"
-    if not isinstance(meta.get("normalize"), bool) or not isinstance(meta.get("das", False), bool):
-        return "normalize and das must be true or false"
+    if not all(isinstance(meta.get(key, False), bool) for key in ("normalize", "das", "center")) or "normalize" not in meta:
+        return "normalize, das and center must be true or false"
+    if meta.get("center") and meta["format_version"] < CENTER_FORMAT_VERSION:
+        return f"center needs format_version {CENTER_FORMAT_VERSION}, not {meta['format_version']}"
     if meta.get("storage") not in STORAGES:
         return f"storage must be one of {', '.join(STORAGES)}"
     spec = meta.get("spec")
@@ -372,7 +394,8 @@ def _meta_problem(meta: dict) -> str | None:
         return problem
     files = meta.get("files")
     expected = {bucket_file(b) for b in range(spec["buckets"])} | {factor_file(b) for b in range(spec["buckets"])} \
-        | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
+        | {"train_images.npy", "train_labels.npy", "train_ids.npy"} \
+        | ({center_file(b) for b in range(spec["buckets"])} if meta.get("center") else set())
     if not isinstance(files, dict) or set(files) != expected or not all(isinstance(v, str) for v in files.values()):
         # Only these plain names: a crafted meta.json cannot make the loader read other paths.
         return "files must list exactly the bucket, whitening and training-data files with their sha256"

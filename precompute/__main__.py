@@ -124,6 +124,9 @@ def add_featurize(commands) -> None:
                              "closer to the exact scores at the same k (see README); 0: off (default)")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
+    parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                        help="subtract each bucket's mean training feature before whitening: removes the gradient "
+                        "direction every image shares at high noise (default on)")
     parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
     parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
                         help=f"ridge lambda relative to the mean eigenvalue of Phi^T Phi (default {DEFAULT_RELATIVE_LAMBDA:g}, "
@@ -144,6 +147,7 @@ def add_featurize(commands) -> None:
     parser.add_argument("--features-from", required=True, help="an index directory featurized with --keep-features")
     parser.add_argument("--out", required=True, help="index directory to write")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--das-weights", action="store_true")
     parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
                         help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv")
@@ -188,7 +192,7 @@ def run_featurize(args) -> None:
         calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)
         spec = calibration.spec
         print(calibration.summary())
-    options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
+    options = FeaturizeOptions(normalize=args.normalize, center=args.center, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
                                storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features,
                                index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe,
                                workers=args.workers)
@@ -201,7 +205,7 @@ def run_featurize(args) -> None:
 def run_reindex(args) -> None:
     from precompute.featurize import FeaturizeOptions, reindex
 
-    options = FeaturizeOptions(normalize=args.normalize, das_weights=args.das_weights,
+    options = FeaturizeOptions(normalize=args.normalize, center=args.center, das_weights=args.das_weights,
                                relative_lambda=args.relative_lambda, storage=args.storage, index_type=args.index_type,
                                ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
     print(f"index written to {reindex(args.features_from, args.out, options)}")
@@ -228,6 +232,18 @@ def add_evaluate(commands) -> None:
                      "smoke run writes into its cache)")
     lds.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     lds.set_defaults(run=run_lds)
+
+    truth = kinds.add_parser("shipped-truth", help="the shipped model's LDS ground truth: retrain subset models of its "
+                             "training set and measure them (hours; resumable; several processes may share the work)")
+    truth.add_argument("--model", default="assets/model", help="the attributed model (its architecture is retrained)")
+    truth.add_argument("--data", default="mnist5k")
+    truth.add_argument("--results", default="bench/results/lds_mnist5k", help="one small file per finished model "
+                       "(commit them: the benchmark resumes from them anywhere)")
+    truth.add_argument("--cache", default="bench/cache/lds-mnist5k", help="the subset models' weights (not committed)")
+    truth.add_argument("--stop-after", type=positive_int, default=None, help="finish at most N models, then stop")
+    truth.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1: run one "
+                       "process per core)")
+    truth.set_defaults(run=run_shipped_truth)
 
     counterfactual = kinds.add_parser("counterfactual", help="retrain without a query's top influencers; compare with "
                                       "random and pixel-nearest removals")
@@ -273,6 +289,15 @@ def run_counterfactual(args) -> None:
     write_json_atomic(results_dir / "counterfactual_digits.json", results)
     print(counterfactual_markdown(results))
     print(f"\nresults written to {results_dir / 'counterfactual_digits.json'}")
+
+
+def run_shipped_truth(args) -> None:
+    from precompute.retrain import torch_threads
+    from precompute.shipped_truth import run_truth
+
+    torch_threads(args.threads)
+    finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
+    print(f"{finished} subset models finished in this call; results in {args.results}")
 
 
 def run_lds(args) -> None:

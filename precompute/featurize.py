@@ -29,7 +29,8 @@ from explorer.features import FeatureComputer, FeatureSpec, default_workers
 from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, write_index
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
-from explorer.whitening import DEFAULT_RELATIVE_LAMBDA, LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.scoring import fit_bucket
+from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ RESIDUALS_NAME = "raw_residuals.npy"  # (B, N) float32, only with --keep-feature
 @dataclass
 class FeaturizeOptions:
     normalize: bool = True  # Diffusion-ReTrac: L2-normalize stored and query vectors
+    center: bool = True  # subtract each bucket's mean training feature first (explorer.scoring)
     das_weights: bool = False  # DAS: scale each training row by its residual weight
     relative_lambda: float | None = DEFAULT_RELATIVE_LAMBDA  # None: choose by GCV on held-out training features
     storage: str = "float32"  # float32 (exact) or float16 (half the disk)
@@ -196,25 +198,24 @@ def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec
 def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.ndarray | None, dataset: Dataset,
                 options: FeaturizeOptions) -> None:
     """Raw features (B, N, k) [+ residuals (B, N)] -> lambda, whitening, normalization, DAS, FAISS files."""
-    bucket_vectors, factors, lambdas = [], [], []
+    bucket_vectors, factors, centers, lambdas = [], [], [], []
     for bucket in tqdm(range(features.shape[0]), desc="whiten", unit="bucket"):
         phi = np.asarray(features[bucket])  # (N, k)
         if not np.isfinite(phi).all():
             raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
-        choice: LambdaChoice = (choose_lambda_gcv(phi, seed=meta["spec"]["proj_seed"]) if options.relative_lambda is None
-                                else given_lambda(phi, options.relative_lambda))
-        factor = cholesky_factor(phi, choice.value)
-        psi = whiten(phi, factor)
-        if options.normalize:
-            psi = normalize_rows(psi)
+        scorer, choice = fit_bucket(phi, options.relative_lambda, options.center, options.normalize,
+                                    seed=meta["spec"]["proj_seed"])
+        psi = scorer.vectors(phi)
         if residuals is not None and options.das_weights:
             weights = np.asarray(residuals[bucket], dtype=np.float64)
             psi = (psi * (weights / weights.mean())[:, None]).astype(np.float32)
         bucket_vectors.append(psi)
-        factors.append(factor)
+        factors.append(scorer.factor)
+        centers.append(scorer.center)
         lambdas.append({"value": choice.value, "relative": choice.relative, "method": choice.method, "gcv_curve": choice.curve})
     meta = dict(meta, **{"lambda": lambdas, "normalize": options.normalize, "das": bool(options.das_weights)})
-    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids, storage=options.storage,
+    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids,
+                centers=centers if options.center else None, storage=options.storage,
                 index_type=options.index_type, ivf_nlist=options.ivf_nlist, ivf_nprobe=options.ivf_nprobe)
 
 
@@ -237,6 +238,7 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
     dataset = Dataset(name=index.meta["dataset"]["name"], images=index.train_images, labels=index.train_labels,
                       ids=index.train_ids, class_names=index.class_names)
     base = {key: value for key, value in index.meta.items()
-            if key not in ("lambda", "normalize", "das", "files", "count", "storage", "format_version", "index_type", "ivf")}
+            if key not in ("lambda", "normalize", "center", "das", "files", "count", "storage", "format_version", "index_type",
+                           "ivf")}
     build_index(out_dir, base, features, residuals, dataset, options)
     return out_dir

@@ -13,9 +13,12 @@ from explorer.index import META_NAME, AttributionIndex, bucket_file
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, reindex
 
 
-def _exact_scores(raw: np.ndarray, query: np.ndarray, lam: float, normalize: bool) -> np.ndarray:
-    """The TRAK score computed from the raw features without FAISS or Cholesky: phi_q^T (Phi^T Phi + lam I)^-1 phi_i."""
+def _exact_scores(raw: np.ndarray, query: np.ndarray, lam: float, normalize: bool, center: bool = True) -> np.ndarray:
+    """The TRAK score computed from the raw features without FAISS or Cholesky: phi_q^T (Phi^T Phi + lam I)^-1 phi_i,
+    with the mean training feature subtracted from both sides when `center`."""
     raw = raw.astype(np.float64)
+    mean = raw.mean(axis=0) if center else np.zeros(raw.shape[1])
+    raw, query = raw - mean, query - mean
     kernel = raw.T @ raw + lam * np.eye(raw.shape[1])
     scores = raw @ np.linalg.solve(kernel, query.astype(np.float64))
     if normalize:
@@ -41,7 +44,7 @@ def test_faiss_top_k_equals_brute_force_trak(tiny_model, tiny_index_dir, tmp_pat
         search_vectors = index.query_vectors(phi_q, np.full(6, bucket))
         lam = index.meta["lambda"][bucket]["value"]
         for q in range(6):
-            exact = _exact_scores(raw[bucket], phi_q[q], lam, normalize)
+            exact = _exact_scores(raw[bucket], phi_q[q], lam, normalize, center=index.meta["center"])
             positive, negative = index.search(search_vectors[q], bucket, 10)
             assert positive.positions.tolist() == np.argsort(-exact)[:10].tolist()
             assert negative.positions.tolist() == np.argsort(exact)[:10].tolist()

@@ -1,0 +1,58 @@
+"""The one scoring path: raw projected features phi -> search vectors whose inner products are the scores.
+
+Index build, explorer queries and the benchmarks all go through `BucketScorer`, so what is measured is what
+the explorer serves. For one timestep bucket with training features Phi (N, k):
+
+1. centering (optional, on by default): subtract the mean training feature c = mean_i phi_i from every
+   training and query feature. With one shared noise draw per timestep (D-TRAK), x_t is nearly the same input
+   for every image once abar_t is small, so every gradient shares one dominant direction; on the shipped model
+   the mean pairwise cosine of raw features is 0.99 at t = 100 and 1.000 at t >= 500 (DESIGN, "Measured
+   pitfall"). Whitening with a relative lambda keeps that common part, and after normalization every score
+   ties near 1. Centering removes it: the kernel becomes the feature covariance;
+2. whitening (TRAK eq. 3): with L = chol(Phi_c^T Phi_c + lambda I), psi = L^-1 phi_c, so that
+   <psi_q, psi_i> = phi_q^T (Phi_c^T Phi_c + lambda I)^-1 phi_i, the TRAK score;
+3. normalization (Diffusion-ReTrac section 4): psi / |psi| on both sides, the cosine of whitened features,
+   which removes the timestep-induced norm bias.
+
+A training row may then be scaled by its DAS residual weight (explorer.index writes it that way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+
+
+@dataclass(frozen=True)
+class BucketScorer:
+    """How one bucket turns raw features (P, k) into search vectors (P, k)."""
+
+    factor: np.ndarray  # (k, k) lower-triangular L
+    center: np.ndarray | None  # (k,) the mean training feature, or None when not centered
+    normalize: bool
+
+    def vectors(self, features: np.ndarray) -> np.ndarray:
+        """phi (P, k) -> psi (P, k) float32; the same map for training rows and queries."""
+        phi = np.asarray(features, dtype=np.float64)
+        if self.center is not None:
+            phi = phi - self.center
+        psi = whiten(phi, self.factor)
+        return normalize_rows(psi) if self.normalize else psi
+
+
+def fit_bucket(features: np.ndarray, relative_lambda: float | None, center: bool, normalize: bool,
+               seed: int = 0) -> tuple[BucketScorer, LambdaChoice]:
+    """The scorer of one bucket from its training features (N, k); relative_lambda None chooses lambda by GCV."""
+    phi = np.asarray(features, dtype=np.float64)
+    mean = phi.mean(axis=0) if center else None
+    centered = phi - mean if center else phi
+    choice = choose_lambda_gcv(centered, seed=seed) if relative_lambda is None else given_lambda(centered, relative_lambda)
+    return BucketScorer(cholesky_factor(centered, choice.value), mean, normalize), choice
+
+
+def all_scores(train_vectors: np.ndarray, query_vectors: np.ndarray) -> np.ndarray:
+    """(N, k) stored rows and (P, k) search vectors -> (P, N) scores."""
+    return np.asarray(query_vectors, dtype=np.float32) @ np.asarray(train_vectors, dtype=np.float32).T
