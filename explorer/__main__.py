@@ -38,11 +38,14 @@ def run_attribute(args) -> dict:
     image = load_image_file(args.image, model.sample_size)
     result = explorer.attribute_image(image, args.timestep, args.index, args.top_k)
 
-    def rows(search) -> list[dict]:
-        return [{"id": int(i), "label": index.class_names[int(index.train_labels[p])], "score": float(s)}
+    def rows(search, negative: bool = False) -> list[dict]:
+        return [{"id": int(i), "label": index.class_names[int(index.train_labels[p])], "score": float(s),
+                 **({"kind": "negative" if s < 0 else "least aligned"} if negative else {})}
                 for i, p, s in zip(search.ids, search.positions, search.scores)]
 
-    return {"timestep": result.timestep, "bucket": result.bucket, "positive": rows(result.positive), "negative": rows(result.negative)}
+    return {"timestep": result.timestep, "bucket": result.bucket, "score": "cosine of whitened gradients" if index.normalize
+            else "TRAK score", "negative_count": result.negative_count, "positive": rows(result.positive),
+            "negative": rows(result.negative, negative=True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         for side in ("positive", "negative"):
             print(f"{side}:")
             for row in result[side]:
-                print(f"  id {row['id']:>6}  label {row['label']:>3}  score {row['score']:+.4f}")
+                kind = f"  ({row['kind']})" if row.get("kind") == "least aligned" else ""
+                print(f"  id {row['id']:>6}  label {row['label']:>3}  score {row['score']:+.4f}{kind}")
+        print(f"{result['negative_count']} training images have a negative score ({result['score']})")
     return 0
 
 

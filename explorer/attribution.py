@@ -40,6 +40,20 @@ class StepAttribution:
     negative: SearchResult
     scores: np.ndarray  # (N,) every training row's score, for percentiles and curves
 
+    @property
+    def negative_count(self) -> int:
+        """Training rows whose score is below 0: the only ones that are negative influencers at all."""
+        return int((self.scores < 0).sum())
+
+    def negatives_note(self) -> str:
+        """Says how many of the listed negatives really have a negative score (the rest are only least aligned)."""
+        listed = len(self.negative.scores)
+        below = int((self.negative.scores < 0).sum())
+        if below == listed:
+            return f"all {listed} listed negatives have negative scores"
+        return (f"only {self.negative_count} training images have a negative score: the last {listed - below} of the "
+                f"{listed} listed are the least aligned, not negative influencers")
+
     def percentile(self, position: int) -> float:
         """Share of training rows (in %) whose score is <= this row's score."""
         return float((self.scores <= self.scores[position]).mean() * 100.0)

@@ -69,7 +69,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                         plot = gr.Plot(label="feature likelihood p(class | x_t)", scale=3, elem_id="likelihood")
                     positive = gr.Gallery(label="top positive influencers at this step (click one)", columns=8,
                                           elem_id="positive", **influencers)
-                    negative = gr.Gallery(label="top negative influencers at this step (click one)", columns=8,
+                    negative = gr.Gallery(label="top negative influencers at this step (least aligned where fewer are negative; click one)", columns=8,
                                           elem_id="negative", **influencers)
                     with gr.Row():
                         chosen = gr.Image(label="selected influencer", height=LARGE_PX + 40, scale=1, **pixel)
@@ -91,7 +91,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                 with gr.Column(scale=4):
                     image_status = gr.Markdown("Upload an image, pick a timestep, click **Attribute**.")
                     image_positive = gr.Gallery(label="top positive influencers", columns=8, **influencers)
-                    image_negative = gr.Gallery(label="top negative influencers", columns=8, **influencers)
+                    image_negative = gr.Gallery(label="top negative influencers (least aligned where fewer are negative)", columns=8, **influencers)
 
         # Handlers return serialized outputs (see ui_handlers), hence postprocess=False; the heavy
         # engine calls share one queue ("engine") so they never oversubscribe the CPU together.

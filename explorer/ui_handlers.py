@@ -114,12 +114,19 @@ class Handlers:
             self._thumbnails[key] = plots.png_data_uri(plots.upscale(index.train_images[position], THUMB_PX))
         return self._thumbnails[key]
 
-    def _caption(self, index: AttributionIndex, step: StepAttribution, position: int, score: float) -> str:
+    def _caption(self, index: AttributionIndex, step: StepAttribution, position: int, score: float,
+                 negative: bool = False) -> str:
+        """id, label, the score (a cosine of whitened gradients for a normalized index: 1 = the same direction, 0 =
+        unrelated) and its percentile among all training images; a listed negative with a score >= 0 says so."""
         label = index.class_names[int(index.train_labels[position])]
-        return f"id {int(index.train_ids[position])} · label {label} · score {score:.3f} · p{step.percentile(position):.1f}"
+        kind = "cos" if index.normalize else "TRAK score"
+        prefix = "least aligned · " if negative and score >= 0 else ""
+        return (f"{prefix}id {int(index.train_ids[position])} · label {label} · {kind} {score:+.3f} · "
+                f"p{step.percentile(position):.1f}")
 
     def _gallery(self, index: AttributionIndex, step: StepAttribution, result: SearchResult) -> list[dict]:
-        return gallery_payload([(self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s)))
+        negative = result is step.negative
+        return gallery_payload([(self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s), negative))
                                 for p, s in zip(result.positions, result.scores)])
 
     def _likelihood(self, attribution: TrajectoryAttribution, rollouts: RolloutCurves | None) -> dict:
@@ -147,7 +154,7 @@ class Handlers:
         proxy = attribution.proxy[step]
         top = int(proxy.argmax())
         info = (f"step {step} · t = {current.timestep} · index bucket {current.bucket} · classifier on x0hat: "
-                f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · handler {1e3 * (time.perf_counter() - started):.1f} ms")
+                f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · {current.negatives_note()} · handler {1e3 * (time.perf_counter() - started):.1f} ms")
         return (*outputs, info)
 
     # -- events ----------------------------------------------------------------------------
@@ -248,6 +255,6 @@ class Handlers:
         started = time.perf_counter()
         step = self.explorer.attribute_image(array, timestep, index_name, top_k)
         index = self._index(index_name)
-        status = f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · attributed in {time.perf_counter() - started:.2f} s"
+        status = f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()} · attributed in {time.perf_counter() - started:.2f} s"
         seen = image_payload(plots.png_data_uri(plots.upscale(array, IMAGE_PX)))
         return seen, self._gallery(index, step, step.positive), self._gallery(index, step, step.negative), status

@@ -19,7 +19,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 SEED, STEPS, TOP_K = 7, 20, 6
-CAPTION = re.compile(r"^id (\d+) · label (\S+) · score (-?\d+\.\d+) · p(\d+\.\d)$")
+CAPTION = re.compile(r"^(least aligned · )?id (\d+) · label (\S+) · (?:cos|TRAK score) ([+-]\d+\.\d+) · p(\d+\.\d)$")
 GENERATE_OUTPUTS = ("final", "strip", "slider", "xt", "x0", "positive", "negative", "plot", "step_info",
                     "status", "chosen", "chosen_plot", "chosen_info")
 SCRUB_OUTPUTS = ("slider", "xt", "x0", "positive", "negative", "plot", "step_info")
@@ -30,8 +30,9 @@ def parse(gallery: list[dict]) -> list[tuple[int, str, float, float]]:
     rows = []
     for item in gallery:
         match = CAPTION.match(item["caption"])
-        assert match, f"caption {item['caption']!r} does not have the form 'id I · label L · score S · pP'"
-        rows.append((int(match[1]), match[2], float(match[3]), float(match[4])))
+        assert match, f"caption {item['caption']!r} does not have the form '[least aligned · ]id I · label L · cos S · pP'"
+        assert not match[1] or float(match[4]) >= 0, f"{item['caption']!r}: a negative score is not 'least aligned'"
+        rows.append((int(match[2]), match[3], float(match[4]), float(match[5])))
     return rows
 
 
@@ -85,6 +86,12 @@ def test_generate_shows_final_image_strip_galleries_and_plot(generated: dict, ru
         assert scores == sorted(scores, reverse=(sign == "positive"))
         assert all(picture(item["image"]).size == (112, 112) for item in generated[sign])
     assert parse(generated["positive"])[0][2] > parse(generated["negative"])[0][2]
+    # honest negatives: a listed negative is called negative only with a score below 0, and the step line says how many
+    for item in generated["negative"]:
+        score = float(CAPTION.match(item["caption"])[4])
+        assert item["caption"].startswith("least aligned · ") == (score >= 0)
+    assert not any(item["caption"].startswith("least aligned") for item in generated["positive"])
+    assert "listed negatives have negative scores" in generated["step_info"] or "least aligned" in generated["step_info"]
     assert generated["slider"]["maximum"] == STEPS - 1 and generated["slider"]["value"] == STEPS - 1
     traces = figure(generated["plot"])["data"]
     assert [trace["name"] for trace in traces] == running_app.explorer.class_names  # one proxy curve per class
