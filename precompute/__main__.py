@@ -245,6 +245,15 @@ def add_evaluate(commands) -> None:
                        "process per core)")
     truth.set_defaults(run=run_shipped_truth)
 
+    shipped = kinds.add_parser("shipped-lds", help="LDS of index directories on the shipped model's ground truth "
+                               "(dev and test splits, bootstrap over models and queries)")
+    shipped.add_argument("--model", default="assets/model")
+    shipped.add_argument("--index", nargs="+", default=["assets/index"], help="index directories to score")
+    shipped.add_argument("--truth", default="bench/results/lds_mnist5k", help="the shipped-truth results folder")
+    shipped.add_argument("--cache", default="bench/cache/lds-mnist5k", help="query features are cached here")
+    shipped.add_argument("--json", default="bench/results/lds_mnist5k.json")
+    shipped.set_defaults(run=run_shipped_lds)
+
     counterfactual = kinds.add_parser("counterfactual", help="retrain without a query's top influencers; compare with "
                                       "random and pixel-nearest removals")
     counterfactual.add_argument("--queries", type=positive_int, default=None, help="generated queries (default 20)")
@@ -298,6 +307,27 @@ def run_shipped_truth(args) -> None:
     torch_threads(args.threads)
     finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
     print(f"{finished} subset models finished in this call; results in {args.results}")
+
+
+def run_shipped_lds(args) -> None:
+    import sys as _sys
+    from pathlib import Path
+
+    from explorer.atomic import write_json_atomic
+    from explorer.model import load_model
+    from precompute.shipped_lds import run_shipped_lds as run_table
+    from precompute.shipped_truth import shipped_split
+
+    model = load_model(args.model)
+    train, heldout = shipped_split("mnist5k", model.sample_size)
+    results = run_table(args.index, model, args.truth, train.images, heldout.images, args.cache)
+    results["command"] = "python -m precompute " + " ".join(_sys.argv[1:])
+    write_json_atomic(Path(args.json), results)
+    for name, entry in results["methods"].items():
+        test = entry["test"]
+        print(f"{name:40s} test LDS heldout {test['heldout']['mean']:.3f} generated {test['generated']['mean']:.3f} "
+              f"per-step {test['step_trajectory']['mean']:.3f} (proxy {test['step_proxy']['mean']:.3f})")
+    print(f"written to {args.json}")
 
 
 def run_lds(args) -> None:
