@@ -245,6 +245,14 @@ def add_evaluate(commands) -> None:
                        "process per core)")
     truth.set_defaults(run=run_shipped_truth)
 
+    quality = kinds.add_parser("step-quality", help="per bucket, on held-out digits: top-10 label agreement, spread of "
+                               "the top-10 scores, share of queries with a positive-scored 'negative' (dev/test/all)")
+    quality.add_argument("--model", default="assets/model")
+    quality.add_argument("--index", nargs="+", default=["assets/index"])
+    quality.add_argument("--cache", default="bench/cache/step-quality", help="held-out query features are cached here")
+    quality.add_argument("--json", default="bench/results/step_quality.json")
+    quality.set_defaults(run=run_step_quality)
+
     shipped = kinds.add_parser("shipped-lds", help="LDS of index directories on the shipped model's ground truth "
                                "(dev and test splits, bootstrap over models and queries)")
     shipped.add_argument("--model", default="assets/model")
@@ -307,6 +315,28 @@ def run_shipped_truth(args) -> None:
     torch_threads(args.threads)
     finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
     print(f"{finished} subset models finished in this call; results in {args.results}")
+
+
+def run_step_quality(args) -> None:
+    import sys as _sys
+    from pathlib import Path
+
+    from explorer.atomic import write_json_atomic
+    from explorer.model import load_model
+    from precompute.shipped_truth import shipped_split
+    from precompute.step_quality import served_quality
+
+    model = load_model(args.model)
+    _, heldout = shipped_split("mnist5k", model.sample_size)
+    results = {"command": "python -m precompute " + " ".join(_sys.argv[1:]),
+               "indexes": served_quality(model, args.index, heldout.images, heldout.labels, Path(args.cache))}
+    write_json_atomic(Path(args.json), results)
+    for directory, entry in results["indexes"].items():
+        print(f"{directory} ({entry['label']}, {entry['storage']})")
+        print("  t:                 " + " ".join(f"{t:>5}" for t in entry["per_bucket"]))
+        for measure in ("label_agreement", "spread_min", "positive_negative_share"):
+            print(f"  {measure:18s} " + " ".join(f"{v['test'][measure]:5.3f}" for v in entry["per_bucket"].values()) + "  (test)")
+    print(f"written to {args.json}")
 
 
 def run_shipped_lds(args) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from explorer.data import to_model_range
+from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
 from explorer.index import AttributionIndex
 from explorer.model import DiffusionModel
@@ -190,6 +191,12 @@ def run_shipped_lds(index_dirs: list[str], model: DiffusionModel, truth_dir: str
     methods = {}
     for directory in index_dirs:
         index = AttributionIndex.load(directory, model_hash=model.weights_hash)
+        if index.buckets != config.buckets:
+            raise ExplorerError(f"index {str(directory)!r} has {index.buckets} buckets, the ground truth in {str(truth_dir)!r} "
+                                f"measures {config.buckets}: score an index built with --buckets {config.buckets}")
+        if int(index.meta["count"]) != table.masks.shape[1]:
+            raise ExplorerError(f"index {str(directory)!r} holds {index.meta['count']} rows, the ground truth's subsets are "
+                                f"drawn from {table.masks.shape[1]} training images: featurize the whole training split")
         spec = FeatureSpec(**index.meta["spec"])
         key = f"{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}_{spec.noise_seed}_{spec.buckets}"
         scores = index_scores(index, model, whole_images, queries, cache / f"queries_{key}.npz")
