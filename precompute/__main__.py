@@ -130,7 +130,7 @@ def add_featurize(commands) -> None:
     parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
     parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
                         help=f"ridge lambda relative to the mean eigenvalue of Phi^T Phi (default {DEFAULT_RELATIVE_LAMBDA:g}, "
-                             "validated on the digits LDS benchmark), or gcv: chosen by GCV on held-out training features")
+                             "chosen on the shipped model's dev split), or gcv: chosen by GCV on held-out training features")
     parser.add_argument("--storage", choices=STORAGES, default="float32",
                         help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
     add_index_type(parser)
