@@ -42,7 +42,7 @@ def test_every_result_file_has_a_page(report):
     sources = {name for page in report.PAGES for name in page.sources}
     results = {path.name for path in (ROOT / "bench" / "results").glob("*.json")}
     unpaged = sorted(results - sources - set(report.PENDING))
-    assert not unpaged, f"no page reads {unpaged}: add a page builder to bench/report.py or remove the file"
+    assert not unpaged, f"no page reads {unpaged}: add a page builder to bench/reporting/ or remove the file"
 
 
 def test_readme_is_short():
@@ -87,10 +87,10 @@ def test_accuracy_headline_is_the_result_file(report):
 def test_check_names_a_stale_page(report, tmp_path, monkeypatch, capsys):
     """--check fails and names the page when a page on disk differs from what the script writes."""
     page = report.Page("docs/benchmarks/demo.md", "Demo", "a demo page", (), lambda: "body")
-    monkeypatch.setattr(report, "ROOT", tmp_path)
-    monkeypatch.setattr(report, "PAGES", [page])
+    monkeypatch.setattr(report.core, "ROOT", tmp_path)
+    monkeypatch.setattr(report.core, "PAGES", [page])
     index = report.Page("docs/benchmarks/README.md", "Index", "-", (), lambda: "index")
-    monkeypatch.setattr(report, "INDEX", index)
+    monkeypatch.setattr(report.core, "INDEX", index)
     assert report.main([]) == 0
     assert report.main(["--check"]) == 0
     (tmp_path / page.path).write_text("edited by hand\n")

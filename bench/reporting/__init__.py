@@ -1,0 +1,10 @@
+"""The benchmark pages that bench/report.py writes: core.py holds the page registry, the helpers and the
+render / check / write functions; the page modules register their builders when imported, here, in the
+order of MODULES (the order of the index page)."""
+
+import importlib
+
+MODULES = ("speed", "accuracy", "steps")
+
+for _name in MODULES:
+    importlib.import_module(f"{__name__}.{_name}")
