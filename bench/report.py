@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 from bench.reporting import core  # noqa: E402  (importing the package registers every page)
 from bench.reporting.accuracy import LDS, accuracy_headline  # noqa: E402, F401
-from bench.reporting.core import INDEX, PAGES, PENDING, Page, all_pages, load, stale_pages, write_pages  # noqa: E402, F401
+from bench.reporting.core import INDEX, PAGES, Page, all_pages, load, stale_pages, write_pages  # noqa: E402, F401
 from bench.reporting.speed import FASTER_TRAKER, TRAKER, speed_headline  # noqa: E402, F401
 
 

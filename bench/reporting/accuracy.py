@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.reporting.core import commands, interval, load, page, para, source_links, table
+from pathlib import Path
+
+from bench.reporting.core import available_pages, commands, interval, load, page, para, source_links, table
 
 # ------------------------------------------------------------------------------------------------------------
 # attribution accuracy on digits (precompute's own renderers write the tables)
@@ -122,17 +124,30 @@ def counterfactual_digits() -> str:
 # index pages
 
 
+# accuracy pages of bench/reporting/steps.py, listed here once their results exist: path -> what they show
+LATER_ACCURACY = {
+    "docs/benchmarks/lds_mnist5k.md": """the linear datamodeling score of the served index and the baselines
+        on subset models of the shipped architecture, whole images and per sampler step""",
+    "docs/benchmarks/step_quality.md": """top-10 label agreement, score spread and positive-scored negatives
+        of the served indexes at every bucket's timestep, without retraining""",
+}
+
+
 @page("docs/evaluation.md", "Attribution accuracy", "where the attribution-accuracy measurements live")
 def evaluation() -> str:
+    items = [
+        """- [LDS on digits](benchmarks/lds_digits.md): the linear datamodeling score of every method, the
+            papers' claims checked, the ablations, and the study behind the shipped defaults (output function,
+            k, lambda, storage)""",
+        """- [Counterfactual retraining on digits](benchmarks/counterfactual_digits.md): removing a generated
+            image's top influencers against removing random or pixel-nearest images""",
+    ]
+    items += [f"- [{p.title}](benchmarks/{Path(p.path).name}): {LATER_ACCURACY[p.path]}"
+              for p in available_pages() if p.path in LATER_ACCURACY]
     return "\n\n".join([
         para("""The accuracy measurements of the attribution methods are generated pages, written by `python
             bench/report.py` from the results in `bench/results/`:"""),
-        "\n".join([
-            para("""- [LDS on digits](benchmarks/lds_digits.md): the linear datamodeling score of every
-                method, the papers' claims checked, the ablations, and the study behind the shipped defaults
-                (output function, k, lambda, storage);"""),
-            para("""- [Counterfactual retraining on digits](benchmarks/counterfactual_digits.md): removing a
-                generated image's top influencers against removing random or pixel-nearest images."""),
-        ]),
+        "\n".join(para(item) + (";" if position < len(items) - 1 else ".")
+                  for position, item in enumerate(items)),
         "Every benchmark page is listed in [docs/benchmarks](benchmarks/README.md).",
     ])

@@ -15,9 +15,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
-# Result files in bench/results whose pages are still to be written (tests/test_docs.py allows them).
-PENDING = ("step_candidates.json", "step_quality.json", "served_vs_exact.json", "lds_mnist5k.json")
-
 
 @dataclass(frozen=True)
 class Page:
