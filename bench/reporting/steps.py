@@ -242,8 +242,9 @@ def served_vs_exact() -> str:
         `bench/served_vs_exact.py` featurizes every training image and the query at t itself, with the
         index's own spec and scoring (explorer.scoring: centering, lambda, normalization), in float32, and
         gives per t the mean top-10 overlap of the two lists, positive and negative influencers, over
-        {results['queries']} held-out test-split digits. t runs over two timesteps per bucket, a quarter and
-        three quarters into its range (never its centre).""")
+        {results['queries']} held-out test-split digits. The {len(per_timestep)} query timesteps lie in
+        {len({entry['bucket'] for entry in per_timestep.values()})} buckets, each off its bucket's centre
+        (where the stored features were taken).""")
     rows = [[t, entry["bucket"], entry["bucket_timestep"], f"{entry['top10_overlap_positive']:.3f}",
              f"{entry['top10_overlap_negative']:.3f}", f"{entry['seconds']:.1f}"]
             for t, entry in sorted(per_timestep.items(), key=lambda item: int(item[0]))]
