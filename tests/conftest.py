@@ -18,6 +18,19 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
 TINY_TRAIN_STEPS = 300
 TINY_INDEX_SIZE = 200
+TRAINED_MODEL_FIXTURE = "tiny_model_dir"  # tiny_model, the index, the explorer and the app all need it
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    """The slow tier: every test that needs the trained tiny model (directly, or through its index,
+    explorer or the running app) is marked `slow`, and so is every browser test. Training it once per
+    session takes about a minute of CPU, most of the edit-loop tier's budget: `python -m pytest -q -m
+    "not slow"` leaves these out.
+    """
+    for item in items:
+        if TRAINED_MODEL_FIXTURE in getattr(item, "fixturenames", ()) or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +78,8 @@ def tiny_index_dir(tmp_path_factory, tiny_model, tiny_spec, tiny_train_subset) -
     from precompute.featurize import FeaturizeOptions, featurize
 
     out = tmp_path_factory.mktemp("tiny_index") / "index"
-    featurize(tiny_model, tiny_train_subset, out, tiny_spec, FeaturizeOptions(keep_features=True, chunk_size=50))
+    options = FeaturizeOptions(keep_features=True, chunk_size=50)
+    featurize(tiny_model, tiny_train_subset, out, tiny_spec, options)
     return out
 
 
