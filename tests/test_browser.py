@@ -11,21 +11,47 @@ import numpy as np
 import pytest
 from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
 
+from explorer.ui_handlers import NO_INFLUENCER, ROLLOUT_COMPLETIONS
+
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TIMEOUT_MS = 60_000
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="no /usr/bin/chromium: install it with tests/setup.sh (apt-get install chromium)",
+    ),
 ]
 
 CAPTIONS_JS = "sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).map(e => e.textContent)"
-MARKER_JS = ("() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
-             " return p && p.layout.shapes.length ? p.layout.shapes[0].x0 : null; }")
-TRACES_JS = "() => { const p = document.querySelector('#likelihood .js-plotly-plot'); return p ? p.data.length : 0; }"
+MARKER_JS = (
+    "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
+    " return p && p.layout.shapes.length ? p.layout.shapes[0].x0 : null; }"
+)
+TRACES_JS = (
+    "() => { const p = document.querySelector('#likelihood .js-plotly-plot'); return p ? p.data.length : 0; }"
+)
+TRACE_LINES_JS = (
+    "() => document.querySelector('#likelihood .js-plotly-plot').data"
+    ".map(t => ({name: t.name, dash: (t.line || {}).dash || null, y: Array.from(t.y)}))"
+)
+CHOSEN_INFO_JS = "() => document.querySelector('#chosen-info').textContent.trim()"
+SCORE_CURVE_JS = (  # the selected influencer's score curve: the one plot outside #likelihood
+    "() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
+    ".find(e => !e.closest('#likelihood'));"
+    " return p && p.data.length ? {x: Array.from(p.data[0].x), marker: p.layout.shapes[0].x0} : null; }"
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +63,14 @@ def page(running_app):  # noqa: F811
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(TIMEOUT_MS)
         page.outside_requests = []
-        page.on("request", lambda request: None if request.url.startswith((running_app.url, "data:", "blob:"))
-                else page.outside_requests.append(request.url))
+        page.on(
+            "request",
+            lambda request: (
+                None
+                if request.url.startswith((running_app.url, "data:", "blob:"))
+                else page.outside_requests.append(request.url)
+            ),
+        )
         page.goto(running_app.url)
         yield page
         browser.close()
@@ -57,20 +89,34 @@ def generated(page, running_app) -> dict:  # noqa: F811
     """Click Generate once; wait for both galleries and the likelihood curves."""
     classes = len(running_app.explorer.class_names)
     page.get_by_role("button", name="Generate", exact=True).click()
-    page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8"
-                           f" && ({TRACES_JS})() >= {classes}")
-    return {"positive": page.evaluate(CAPTIONS_JS, "#positive"), "negative": page.evaluate(CAPTIONS_JS, "#negative"),
-            "marker": page.evaluate(MARKER_JS)}
+    page.wait_for_function(
+        "() => document.querySelectorAll('#positive .caption-label').length === 8"
+        f" && ({TRACES_JS})() >= {classes}"
+    )
+    return {
+        "positive": page.evaluate(CAPTIONS_JS, "#positive"),
+        "negative": page.evaluate(CAPTIONS_JS, "#negative"),
+        "marker": page.evaluate(MARKER_JS),
+    }
+
+
+def shown_timestep(page) -> int:
+    """The train timestep the step slider's label shows."""
+    label = page.locator("#step-slider").text_content()
+    return int(re.search(r"train timestep t = (\d+)", label).group(1))
 
 
 def wait_until_changed(page, js: str, before, argument=None) -> None:
-    page.wait_for_function(f"([arg, before]) => JSON.stringify(({js})(arg)) !== JSON.stringify(before)",
-                           arg=[argument, before])
+    page.wait_for_function(
+        f"([arg, before]) => JSON.stringify(({js})(arg)) !== JSON.stringify(before)", arg=[argument, before]
+    )
 
 
 def test_generate_then_scrub_changes_galleries_and_plot(page, generated: dict, timesteps: list[int]) -> None:
     captions = generated["positive"] + generated["negative"]
-    assert len(captions) == 16 and all(re.match(r"^(least aligned · )?id \d+ · label \S+ · cos [+-]\d", caption) for caption in captions)
+    assert len(captions) == 16 and all(
+        re.match(r"^(least aligned · )?id \d+ · label \S+ · cos [+-]\d", caption) for caption in captions
+    )
     assert generated["marker"] == timesteps[-1]  # the last step is shown first
 
     slider = page.locator("#step-slider input[type=range]")
@@ -88,21 +134,52 @@ def test_generate_then_scrub_changes_galleries_and_plot(page, generated: dict, t
 
 
 def test_rollout_curves_appear_when_ready(page, generated: dict, running_app) -> None:  # noqa: F811
-    classes = len(running_app.explorer.class_names)
-    page.wait_for_function(f"() => ({TRACES_JS})() === {2 * classes}")  # proxy + dashed rollout curve per class
+    classes = running_app.explorer.class_names
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+    page.wait_for_function(f"() => ({TRACES_JS})() > {len(classes)}")
+    traces = page.evaluate(TRACE_LINES_JS)
+    dashed = [trace for trace in traces if trace["dash"] == "dash"]
+    assert len(traces) == 2 * len(classes)  # proxy + dashed rollout curve per class
+    assert [trace["name"] for trace in dashed] == [f"{name} (rollouts)" for name in classes]
+    np.testing.assert_allclose(np.sum([trace["y"] for trace in dashed], axis=0), 1.0, atol=1e-3)
+    status = page.locator("#status").text_content()
+    assert f"× {ROLLOUT_COMPLETIONS} completions" in status and "computing" not in status
+    assert page.evaluate(MARKER_JS) == shown_timestep(page)  # the new plot keeps the step marker
 
 
-def test_clicking_an_influencer_shows_when_it_mattered(page, generated: dict) -> None:
+def test_clicking_an_influencer_shows_when_it_mattered(page, generated: dict, timesteps: list[int]) -> None:
+    caption = page.evaluate(CAPTIONS_JS, "#positive")[0]
+    timestep = shown_timestep(page)
     page.locator("#positive button.thumbnail-item").first.click()
-    page.wait_for_function("() => document.querySelector('#chosen-info').textContent.includes('influencer #1')")
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 2")  # the score curve
+    page.wait_for_function(
+        f"() => !({CHOSEN_INFO_JS})().includes({NO_INFLUENCER!r})"
+    )  # not while pending either
+    info = page.evaluate(CHOSEN_INFO_JS)
+    assert f"positive influencer #1 at t = {timestep}: {caption}." in info
+    assert re.search(r"Its score is most positive at step \d+ \(t = \d+, score -?\d", info)
+    page.wait_for_function(f"() => ({SCORE_CURVE_JS})() !== null")
+    curve = page.evaluate(SCORE_CURVE_JS)
+    assert curve["x"] == timesteps and curve["marker"] == timestep  # its score at every step, this one marked
 
 
-def test_clicking_the_trajectory_strip_jumps_to_that_step(page, generated: dict, timesteps: list[int]) -> None:
-    step = int(np.linspace(0, len(timesteps) - 1, 10).round()[2])  # the strip's third thumbnail (ui_handlers.Session)
-    page.locator(".strip button.thumbnail-item").nth(2).click()
-    page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[step]}")
+def test_clicking_the_trajectory_strip_jumps_to_that_step(
+    page, generated: dict, timesteps: list[int]
+) -> None:
+    # the strip's third thumbnail (ui_handlers.Session.strip_steps)
+    step = int(np.linspace(0, len(timesteps) - 1, 10).round()[2])
+    thumbnail = page.locator(".strip button.thumbnail-item").nth(2)
+    assert thumbnail.locator(".caption-label").text_content() == f"t={timesteps[step]}"
+    before = page.evaluate(MARKER_JS)
+    assert before != timesteps[step], "the page is already at the step this test jumps to"
+    from playwright.sync_api import (
+        expect,
+    )  # with the other playwright import: only where the browser tests run
+
+    thumbnail.click()
+    wait_until_changed(page, MARKER_JS, before)
+    assert page.evaluate(MARKER_JS) == timesteps[step]
+    expect(page.locator("#step-slider")).to_contain_text(f"denoising step {step} of {len(timesteps) - 1}")
+    assert page.locator("#step-slider input[type=range]").input_value() == str(step)
 
 
 def test_page_fetches_nothing_from_outside(page, generated: dict) -> None:
