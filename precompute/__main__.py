@@ -4,48 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 
 from explorer.errors import ExplorerError
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, with a message naming the bad value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
-    return value
-
-
-def lambda_rule(text: str) -> float | None:
-    """--lambda: `gcv` (None) or a number > 0, relative to the mean eigenvalue of Phi^T Phi."""
-    if text.strip().lower() == "gcv":
-        return None
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error}: use a number > 0 such as 0.01, or gcv") from None
+from precompute.cli_types import lambda_rule, non_negative_int, positive_float, positive_int
+from precompute.evaluate_cli import add_evaluate
 
 
 def add_train(commands) -> None:
@@ -173,7 +138,7 @@ def run_featurize(args) -> None:
 
     from explorer.calibration import calibrate, calibration_rows
     from explorer.data import load_dataset, to_model_range, train_heldout_split
-    from explorer.features import PRECISIONS, FeatureSpec
+    from explorer.features import FeatureSpec
     from explorer.model import load_model
     from precompute.featurize import FeaturizeOptions, featurize
 
@@ -209,182 +174,6 @@ def run_reindex(args) -> None:
                                relative_lambda=args.relative_lambda, storage=args.storage, index_type=args.index_type,
                                ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
     print(f"index written to {reindex(args.features_from, args.out, options)}")
-
-
-def add_evaluate(commands) -> None:
-    parser = commands.add_parser("evaluate", help="evaluate attributions")
-    kinds = parser.add_subparsers(dest="evaluation", required=True)
-    agreement = kinds.add_parser("label-agreement", help="share of top-10 positive influencers with the query's label")
-    agreement.add_argument("--model", required=True)
-    agreement.add_argument("--index", required=True, nargs="+", help="one or more index directories to compare")
-    agreement.add_argument("--data", default="mnist5k", help="dataset whose held-out split gives the queries")
-    agreement.add_argument("--timesteps", type=non_negative_int, nargs="+", default=[100, 500, 900])
-    agreement.add_argument("--top-k", type=positive_int, default=10)
-    agreement.add_argument("--queries", type=positive_int, default=None, help="use only the first N held-out images")
-    agreement.set_defaults(run=run_label_agreement)
-
-    lds = kinds.add_parser("lds", help="linear datamodeling score of every method (trains and caches subset models)")
-    lds.add_argument("--benchmark", choices=("digits",), default="digits", help="the benchmark data (digits: sklearn 8x8)")
-    lds.add_argument("--subsets", type=positive_int, default=None, help="subset models M (default 64; 4 with --smoke)")
-    lds.add_argument("--smoke", action="store_true", help="tiny end-to-end run of the harness (~1-3 min)")
-    lds.add_argument("--cache", default=None, help="cache of models/features (default bench/cache/lds-digits[-smoke])")
-    lds.add_argument("--results", default=None, help="where the JSON/NPZ results go (default bench/results; the "
-                     "smoke run writes into its cache)")
-    lds.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
-    lds.set_defaults(run=run_lds)
-
-    truth = kinds.add_parser("shipped-truth", help="the shipped model's LDS ground truth: retrain subset models of its "
-                             "training set and measure them (hours; resumable; several processes may share the work)")
-    truth.add_argument("--model", default="assets/model", help="the attributed model (its architecture is retrained)")
-    truth.add_argument("--data", default="mnist5k")
-    truth.add_argument("--results", default="bench/results/lds_mnist5k", help="one small file per finished model "
-                       "(commit them: the benchmark resumes from them anywhere)")
-    truth.add_argument("--cache", default="bench/cache/lds-mnist5k", help="the subset models' weights (not committed)")
-    truth.add_argument("--stop-after", type=positive_int, default=None, help="finish at most N models, then stop")
-    truth.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1: run one "
-                       "process per core)")
-    truth.set_defaults(run=run_shipped_truth)
-
-    quality = kinds.add_parser("step-quality", help="per bucket, on held-out digits: top-10 label agreement, spread of "
-                               "the top-10 scores, share of queries with a positive-scored 'negative' (dev/test/all)")
-    quality.add_argument("--model", default="assets/model")
-    quality.add_argument("--index", nargs="+", default=["assets/index"])
-    quality.add_argument("--cache", default="bench/cache/step-quality", help="held-out query features are cached here")
-    quality.add_argument("--json", default="bench/results/step_quality.json")
-    quality.set_defaults(run=run_step_quality)
-
-    shipped = kinds.add_parser("shipped-lds", help="LDS of index directories on the shipped model's ground truth "
-                               "(dev and test splits, bootstrap over models and queries)")
-    shipped.add_argument("--model", default="assets/model")
-    shipped.add_argument("--index", nargs="+", default=["assets/index"], help="index directories to score")
-    shipped.add_argument("--truth", default="bench/results/lds_mnist5k", help="the shipped-truth results folder")
-    shipped.add_argument("--cache", default="bench/cache/lds-mnist5k", help="query features are cached here")
-    shipped.add_argument("--json", default="bench/results/lds_mnist5k.json")
-    shipped.set_defaults(run=run_shipped_lds)
-
-    counterfactual = kinds.add_parser("counterfactual", help="retrain without a query's top influencers; compare with "
-                                      "random and pixel-nearest removals")
-    counterfactual.add_argument("--queries", type=positive_int, default=None, help="generated queries (default 20)")
-    counterfactual.add_argument("--step", type=non_negative_int, default=None, help="sampler step of 50 (default 35)")
-    counterfactual.add_argument("--method", default="best", help="TRAK-family method id (e.g. dtrak-square-norm), or "
-                                "'best': the best TRAK-family method of the LDS results (default)")
-    counterfactual.add_argument("--smoke", action="store_true", help="tiny end-to-end run on the smoke LDS cache")
-    counterfactual.add_argument("--cache", default=None, help="model cache, shared with `evaluate lds` "
-                                "(default bench/cache/lds-digits[-smoke])")
-    counterfactual.add_argument("--results", default=None, help="where the JSON goes (default bench/results)")
-    counterfactual.add_argument("--threads", type=positive_int, default=None, help="torch threads")
-    counterfactual.set_defaults(run=run_counterfactual)
-
-
-def run_counterfactual(args) -> None:
-    import json
-    from pathlib import Path
-
-    from explorer.atomic import write_json_atomic
-    from explorer.errors import ExplorerError
-    from precompute.counterfactual import CounterfactualConfig, counterfactual_markdown, run_counterfactual as run_test
-    from precompute.counterfactual import smoke_counterfactual
-    from precompute.retrain import torch_threads
-
-    torch_threads(args.threads)
-    config = smoke_counterfactual() if args.smoke else CounterfactualConfig()
-    cache = args.cache or f"bench/cache/lds-digits{'-smoke' if args.smoke else ''}"
-    results_dir = Path(args.results or (f"{cache}/results" if args.smoke else "bench/results"))
-    if args.queries is not None:
-        config.queries = args.queries
-    if args.step is not None:
-        config.step = args.step
-    if args.method == "best":
-        lds_path = results_dir / "lds_digits.json"
-        if not lds_path.is_file():
-            raise ExplorerError(f"--method best reads the LDS results {str(lds_path)!r}, which do not exist: run "
-                                "`python -m precompute evaluate lds` first, or pass --method dtrak-square-norm")
-        config.method = json.loads(lds_path.read_text())["best_method"]
-    else:
-        config.method = args.method
-    results = run_test(config, cache)
-    write_json_atomic(results_dir / "counterfactual_digits.json", results)
-    print(counterfactual_markdown(results))
-    print(f"\nresults written to {results_dir / 'counterfactual_digits.json'}")
-
-
-def run_shipped_truth(args) -> None:
-    from precompute.retrain import torch_threads
-    from precompute.shipped_truth import run_truth
-
-    torch_threads(args.threads)
-    finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
-    print(f"{finished} subset models finished in this call; results in {args.results}")
-
-
-def run_step_quality(args) -> None:
-    import sys as _sys
-    from pathlib import Path
-
-    from explorer.atomic import write_json_atomic
-    from explorer.model import load_model
-    from precompute.shipped_truth import shipped_split
-    from precompute.step_quality import served_quality
-
-    model = load_model(args.model)
-    _, heldout = shipped_split("mnist5k", model.sample_size)
-    results = {"command": "python -m precompute " + " ".join(_sys.argv[1:]),
-               "indexes": served_quality(model, args.index, heldout.images, heldout.labels, Path(args.cache))}
-    write_json_atomic(Path(args.json), results)
-    for directory, entry in results["indexes"].items():
-        print(f"{directory} ({entry['label']}, {entry['storage']})")
-        print("  t:                 " + " ".join(f"{t:>5}" for t in entry["per_bucket"]))
-        for measure in ("label_agreement", "spread_min", "positive_negative_share"):
-            print(f"  {measure:18s} " + " ".join(f"{v['test'][measure]:5.3f}" for v in entry["per_bucket"].values()) + "  (test)")
-    print(f"written to {args.json}")
-
-
-def run_shipped_lds(args) -> None:
-    import sys as _sys
-    from pathlib import Path
-
-    from explorer.atomic import write_json_atomic
-    from explorer.model import load_model
-    from precompute.shipped_lds import run_shipped_lds as run_table
-    from precompute.shipped_truth import shipped_split
-
-    model = load_model(args.model)
-    train, heldout = shipped_split("mnist5k", model.sample_size)
-    results = run_table(args.index, model, args.truth, train.images, heldout.images, args.cache)
-    results["command"] = "python -m precompute " + " ".join(_sys.argv[1:])
-    write_json_atomic(Path(args.json), results)
-    for name, entry in results["methods"].items():
-        test = entry["test"]
-        print(f"{name:40s} test LDS heldout {test['heldout']['mean']:.3f} generated {test['generated']['mean']:.3f} "
-              f"per-step {test['step_trajectory']['mean']:.3f} (proxy {test['step_proxy']['mean']:.3f})")
-    print(f"written to {args.json}")
-
-
-def run_lds(args) -> None:
-    import time
-
-    from precompute.eval_report import lds_markdown
-    from precompute.lds import LDSConfig, run_lds as run_benchmark, save_run, smoke_config
-    from precompute.retrain import torch_threads
-
-    torch_threads(args.threads)
-    config = smoke_config() if args.smoke else LDSConfig()
-    if args.subsets is not None:
-        config.subsets = args.subsets
-    cache = args.cache or f"bench/cache/lds-{args.benchmark}{'-smoke' if args.smoke else ''}"
-    results = args.results or (f"{cache}/results" if args.smoke else "bench/results")
-    started = time.perf_counter()
-    run = run_benchmark(config, cache)
-    run.results["timings_s"]["total (this call)"] = round(time.perf_counter() - started, 1)
-    paths = save_run(run, results, cache)
-    print(lds_markdown(run.results))
-    print(f"\n{run.trained_subsets} subset models trained in this call; results written to {', '.join(map(str, paths))}")
-
-
-def run_label_agreement(args) -> None:
-    from precompute.evaluate import label_agreement_table
-
-    print(label_agreement_table(args.model, args.index, args.data, args.timesteps, args.top_k, args.queries))
 
 
 def main(argv: list[str] | None = None) -> int:

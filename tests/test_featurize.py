@@ -68,7 +68,7 @@ def test_default_lambda_is_the_validated_relative_value(tiny_index_dir):
 
 @pytest.mark.parametrize("text, expected", [("gcv", None), ("GCV", None), ("0.5", 0.5), ("1e-3", 1e-3)])
 def test_lambda_argument_takes_gcv_or_a_positive_number(text, expected):
-    from precompute.__main__ import lambda_rule
+    from precompute.cli_types import lambda_rule
 
     assert lambda_rule(text) == expected
 
@@ -77,7 +77,7 @@ def test_lambda_argument_takes_gcv_or_a_positive_number(text, expected):
 def test_bad_lambda_argument_names_the_value_and_the_fix(text):
     import argparse
 
-    from precompute.__main__ import lambda_rule
+    from precompute.cli_types import lambda_rule
 
     with pytest.raises(argparse.ArgumentTypeError, match="or gcv"):
         lambda_rule(text)

@@ -16,7 +16,9 @@ from explorer.scoring import all_scores, fit_bucket
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize, reindex
 from precompute.shipped_lds import index_scores, run_shipped_lds, split
 from precompute.shipped_truth import Queries, Truth, TruthConfig, load_truth, run_truth
+from precompute.step_counterfactual import StepCounterfactualConfig, removals, run_step_counterfactual, summarize
 from precompute.step_quality import heldout_split
+from explorer.sampler import generate
 
 TRAIN_SIZE = 1617  # sklearn digits' training split
 TINY = TruthConfig(subsets=4, seed_repeats=1, steps=2, generated_seeds=(1000, 1001, 1002, 1003), dev_seeds=2,
@@ -90,14 +92,21 @@ def test_lds_scores_through_the_index_equal_the_scoring_module(truth_dir, tiny_m
         assert np.abs(served.whole_by_bucket[:, bucket] - expected).max() < 1e-6
 
 
+@pytest.fixture(scope="module")
+def full_index(tmp_path_factory, tiny_model, digits_splits):
+    """A tiny index of the whole digits training split (what the truth's subsets are drawn from)."""
+    out = tmp_path_factory.mktemp("full") / "index"
+    featurize(tiny_model, digits_splits[0], out, FeatureSpec(output="square", buckets=TINY.buckets, proj_dim=32),
+              FeaturizeOptions(chunk_size=400))
+    return out
+
+
 @pytest.mark.slow
-def test_lds_table_on_the_tiny_truth(truth_dir, tiny_model, tiny_index_dir, digits_splits, tmp_path):
+def test_lds_table_on_the_tiny_truth(truth_dir, tiny_model, tiny_index_dir, full_index, digits_splits, tmp_path):
     train, heldout = digits_splits
     with pytest.raises(ExplorerError, match="rows, the ground truth"):  # the tiny index holds 200 of the 1617 rows
         run_shipped_lds([str(tiny_index_dir)], tiny_model, truth_dir, train.images, heldout.images, tmp_path)
-    full = tmp_path / "full"
-    featurize(tiny_model, train, full, FeatureSpec(output="square", buckets=TINY.buckets, proj_dim=32),
-              FeaturizeOptions(chunk_size=400))
+    full = full_index
     results = run_shipped_lds([str(full)], tiny_model, truth_dir, train.images, heldout.images, tmp_path)
     assert results["truth"]["models"] == TINY.subsets and results["seed_ceiling"]["subsets"] == 1
     for name in (str(full), "pixel", "random"):
@@ -109,3 +118,22 @@ def test_lds_table_on_the_tiny_truth(truth_dir, tiny_model, tiny_index_dir, digi
     # with two models per split the rank correlation is +-1 for every query: a check that predictions are wired
     dev = results["methods"][str(full)]["dev"]["heldout"]
     assert dev["models"] == 2 and dev["queries"] == len(heldout) // 2
+
+
+@pytest.mark.slow
+def test_step_counterfactual_removes_the_served_top_k_and_resumes(tiny_model_dir, tiny_model, full_index, tmp_path):
+    config = StepCounterfactualConfig(seeds=(2000, 2001), steps=(3, 7), sampler_steps=10, fraction=0.01, random_sets=1,
+                                      completions=4)
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    run = lambda: run_step_counterfactual(results, cache, str(tiny_model_dir), str(full_index), config, TINY, "digits")  # noqa: E731
+    assert run() == 2 + 2 * 2 * 2  # reference, one random set, top-k and pixel per (query, step)
+    assert run() == 0  # everything is in the results folder: nothing is retrained
+    index = AttributionIndex.load(full_index)
+    expected = removals(index, tiny_model, {2000: generate(tiny_model, 2000, 10)}, config, 16)[("topk", 2000, 7)]
+    recorded = json.loads((results / "topk_seed2000_step7.json").read_text())
+    assert recorded["removed_ids"] == index.train_ids[expected].tolist()  # the explorer's own top-16 at that step
+    assert json.loads((results / "reference.json").read_text())["removed_ids"] == []
+    summary = summarize(results)
+    assert set(summary["steps"]) == {"3", "7"} and all(entry["queries"] == 2 for entry in summary["steps"].values())
+    for entry in summary["steps"].values():
+        assert all(0 <= entry["tv"][kind]["mean"] <= 1 for kind in ("topk", "random", "pixel"))
