@@ -92,6 +92,7 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
     """Train and measure every model not yet in `results`; returns how many this call finished."""
     results, cache = Path(results), Path(cache)
     results.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir)
     index = AttributionIndex.load(index_dir, model_hash=model.weights_hash)
     classifier = load_classifier(Path(model_dir) / "classifier")
