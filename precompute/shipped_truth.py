@@ -177,9 +177,14 @@ def _predict_loss(model: DiffusionModel, xt: torch.Tensor, t: torch.Tensor, targ
 
 
 def model_jobs(config: TruthConfig) -> list[tuple[int, int]]:
-    """(subset j, recipe seed) in the order they run: the seed-repeat pairs first, so the ceiling comes early."""
-    repeats = [(j, seed) for j in range(config.seed_repeats) for seed in (0, 1)]
-    return repeats + [(j, 0) for j in range(config.seed_repeats, config.subsets)]
+    """(subset j, recipe seed) in the order they run: the LDS models, with one seed repeat after every fourth of
+    them, so that a partial run has both LDS models and a first ceiling."""
+    jobs, repeats = [], [(j, 1) for j in range(config.seed_repeats)]
+    for j in range(config.subsets):
+        jobs.append((j, 0))
+        if j % 4 == 3 and repeats:
+            jobs.append(repeats.pop(0))
+    return jobs + repeats
 
 
 def result_name(j: int, seed: int) -> str:
