@@ -4,7 +4,7 @@ By default glibc serves large blocks with mmap and returns memory above the heap
 so each chunk's activations, output gradients and blocks (MBs each) land on fresh pages that the
 kernel zeroes on first touch: ~18,000 page faults per chunk of traker's bench spec (80 rows, one
 thread). With the settings below `precompute featurize` runs 1.19x faster on the default count-sketch
-path; on the kronecker path the change is within noise (0.94-1.01x, ~8% more peak memory; README,
+path; on the kronecker path the change is within noise (0.94-1.01x, ~8% more peak memory; docs/benchmarks/allocator.md,
 "Memory allocator", bench/allocator_ab.py). The settings are process-wide, so anything else in the
 process (traker in the bench, training) gets them too; freed memory stays with the process, up to
 its peak use.

@@ -19,7 +19,7 @@ the squared norm of D-TRAK's square output, the last ResNet's conv2 another 21%
    from their mean (the part of the gradient that tells examples apart); timesteps below the first
    one where that exceeds MAX_BF16_MOVE run in bf16. At high timesteps x_t is mostly the shared
    noise, so a bucket of that timestep alone has little such part and bf16's rounding swamps it
-   (README, "bfloat16 featurization"); a bucket averaging many timesteps keeps the low timesteps'.
+   (bench/precision_agreement.py); a bucket averaging many timesteps keeps the low timesteps'.
 
 All choices go into the FeatureSpec (exact_params, exact_layers, bf16_below), so the index metadata
 holds them and queries are featurized the same way.
@@ -127,7 +127,7 @@ def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, flo
     With one timestep per bucket that is the largest single-timestep move up to t. On a bucket that averages many
     timesteps, a high timestep's bf16 rounding is measured against what tells the averaged features apart, which the
     low timesteps dominate: on the traker bench's 10-timestep bucket all ten together move it 0.038, while t = 950
-    alone moves its own feature 1.7 (README, "bfloat16 where it is safe").
+    alone moves its own feature 1.7 (bench/precision_agreement.py).
     """
     buckets = []  # per bucket: its timesteps, fp32 and bf16 features per timestep, fp32 bucket feature, its spread
     for bucket, timesteps in enumerate(computer.timesteps):

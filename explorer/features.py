@@ -4,10 +4,8 @@ For bucket b with timesteps S_b and R noise draws (DESIGN section 1):
 
     phi_i^b = P^T grad_theta mean_{t in S_b, r < R} f(theta; x_i, t, eps_{t,r})
 
-The noise eps_{t,r} comes from a bank seeded by (noise_seed, t, r) and is the same for every
-training example and for every query, so training and query features share it (D-TRAK).
-The same code featurizes training images and query images (a real image, or the x0 estimate of a
-sampler step), which keeps the two sides consistent by construction.
+The noise eps_{t,r} comes from a bank seeded by (noise_seed, t, r), shared by every training example and
+query (D-TRAK); one code path featurizes both sides, which keeps them consistent by construction.
 
 Two ways to get phi, chosen by spec.projector:
 - countsketch / gaussian: exact per-example gradients with torch.func vmap(grad), then projected
@@ -19,8 +17,7 @@ Two ways to get phi, chosen by spec.projector:
 With workers > 1, features() runs its chunks on that many threads, each with its own copy of the
 model (hooks and functional_call are per module) and torch's intra-op threads divided among them.
 On 2 cores, two single-threaded workers featurize ~1.1x faster than one chunk at a time on both
-cores: many of the model's operations are too small to keep two threads busy (README, "Worker
-threads").
+cores: many of the model's operations are too small to keep two threads busy.
 """
 
 from __future__ import annotations
@@ -42,9 +39,8 @@ from explorer.outputs import get_output_function
 from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
 
 logger = logging.getLogger(__name__)
-# (image, t, r) rows per hooked forward of the kronecker path (bench/featurize_vs_traker.py's setting, 10
-# timesteps per image): on the earlier, slower machine 80 rows ran 1.3x faster than 160 and ~1.9x faster than
-# 640; on the current one 80 to 240 run within noise and 320 ~15% slower
+# (image, t, r) rows per hooked forward of the kronecker path: 80-240 ran within noise, 320 ~15% slower
+# (bench/featurize_vs_traker.py's spec, 10 timesteps per image)
 KRONECKER_ROWS = 80
 
 
@@ -202,7 +198,7 @@ class FeatureComputer:
         if spec.precision == "bf16" and not replica:  # a worker's replica: its computer has said it
             logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
                            "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
-                           "timestep-averaged outputs only (README, bfloat16 featurization)")
+                           "timestep-averaged outputs only (bench/precision_agreement.py)")
         if spec.precision != "fp32" and not replica and not native_bf16():
             logger.warning(f"this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision {spec.precision} "
                            "is emulated here and slower than fp32")
@@ -264,8 +260,8 @@ class FeatureComputer:
         Under precision mixed each bucket's pairs run twice, once over the (t, r) columns below bf16_below in bf16 and
         once over the rest in fp32, so that every forward runs in one precision at full size: every output function
         is a mean over its columns (explorer.outputs), so phi is the two column sets' phi weighted by their shares of
-        the columns. (A chunk that held both sets as two smaller forwards ran as fast: README, "bfloat16 where it
-        is safe"; only a bucket that straddles bf16_below is split at all.)
+        the columns. (A chunk that held both sets as two smaller forwards ran no faster; only a bucket that
+        straddles bf16_below is split at all.)
         """
         pairs = torch.arange(len(buckets))
         if self.kronecker is None:

@@ -9,7 +9,7 @@ Negative influencers are a search with -query, which probes the lists most anti-
 centroids discriminate less, so it needs more lists for the same recall: nprobe is calibrated
 separately for q and for -q.
 
-The rule (measured in bench/index_scale.py, README "Index at scale"):
+The rule (measured in bench/index_scale.py, docs/benchmarks/index_scale.md):
 - nlist = round(NLIST_PER_SQRT_N * sqrt(N)), at most N / MIN_ROWS_PER_LIST (k-means needs rows).
 - nprobe starts at NPROBE_FRACTION * nlist and is calibrated per bucket and per sign: it doubles
   until the recall@10 of the IVF search against the exact one reaches TARGET_RECALL, for q on

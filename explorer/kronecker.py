@@ -176,7 +176,7 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
 # Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what training's
 # backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 80 rows, 32 -> 32 channels 2.9
 # against 3.6 ms at 8 rows per example and 3.2 against 4.1 at 10, 64 -> 32 5.0 against 6.6 and 5.5 against 8.2;
-# at 4 rows per example, or with 1 channel on a side, the matmuls win (README, "Calibrated projections")
+# at 4 rows per example, or with 1 channel on a side, the matmuls win (bench/featurize_profile.py)
 BACKWARD_MIN_ROWS = 8
 BACKWARD_MIN_CHANNELS = 32
 
@@ -287,7 +287,7 @@ class KroneckerProjector:
         """What blocks(records, output_gradients(total, records), groups) returns, with each record's blocks formed by a
         hook the moment the backward reaches its output, while that gradient is still in cache, and the gradient
         freed right after, instead of ~70 of them held until the backward ends (with the per-example convolution
-        backward of _conv_weight_gradients, 0.93x the time per chunk on the traker bench's spec; README,
+        backward of _conv_weight_gradients, 0.93x the time per chunk on the traker bench's spec; docs/benchmarks/featurize_profile.md,
         "Calibrated projections").
 
         The backward is asked for the gradients of the graph's leaves (the hooked outputs made leaves by capture,

@@ -70,23 +70,23 @@ def add_featurize(commands) -> None:
     parser.add_argument("--proj-dim", type=positive_int, default=spec.proj_dim)
     parser.add_argument("--projector", choices=PROJECTORS, default=spec.projector,
                         help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
-                             "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; see README)")
+                             "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; docs/benchmarks/featurize_speed.md)")
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=spec.precision,
                         help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: ~1.4x faster "
                              "on CPUs with AVX512-BF16 or AMX, but it loses the high-timestep attributions (t = 950: "
                              "agreement with exact scores ~0.6-0.75 instead of ~0.995), so only for low timesteps or "
-                             "timestep-averaged outputs (README, bfloat16 featurization); mixed: bf16 below --bf16-below, "
+                             "timestep-averaged outputs (bench/precision_agreement.py); mixed: bf16 below --bf16-below, "
                              "or where --calibrate measures it safe, fp32 above; default fp32")
     parser.add_argument("--bf16-below", type=non_negative_int, default=0, metavar="T",
                         help="with --precision mixed: timesteps t < T run in bf16 (0, the default: chosen by --calibrate)")
     parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
                         help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
-                             "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py (README)")
+                             "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py")
     parser.add_argument("--calibrate", type=non_negative_int, default=0, metavar="N",
                         help="measure where the gradient norm is on N training images first, then keep the heaviest small "
                              "tensors as exact coordinates and (kronecker) form the heaviest layers' gradients exactly: "
-                             "closer to the exact scores at the same k (see README); 0: off (default)")
+                             "closer to the exact scores at the same k (docs/benchmarks/featurize_speed.md); 0: off (default)")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
     parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
