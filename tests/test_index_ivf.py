@@ -16,7 +16,7 @@ import torch
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
-from explorer.index import META_NAME, AttributionIndex, bucket_file
+from explorer.index import META_NAME, AttributionIndex
 from explorer.ivf import TARGET_RECALL, nlist_rule
 from precompute.__main__ import main
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize, reindex
@@ -52,8 +52,9 @@ def queries(tiny_model, ivf_dirs, digits_splits) -> dict[int, np.ndarray]:
 def test_ivf_round_trip(ivf_dirs, tiny_model):
     ivf = AttributionIndex.load(ivf_dirs[0], model_hash=tiny_model.weights_hash)
     flat = AttributionIndex.load(ivf_dirs[1], model_hash=tiny_model.weights_hash)
-    assert (ivf.index_type, ivf.meta["format_version"]) == ("ivf", 2)
-    assert (flat.index_type, flat.meta["format_version"]) == ("flat", 1)
+    # centered (the default), both are format 3; uncentered, IVF would be 2 and flat 1 (test_scoring)
+    assert (ivf.index_type, ivf.meta["format_version"]) == ("ivf", 3)
+    assert (flat.index_type, flat.meta["format_version"]) == ("flat", 3)
     params = ivf.meta["ivf"]
     assert params["nlist"] == nlist_rule(1617) == NLIST
     assert len(params["nprobe"]) == len(params["nprobe_negative"]) == len(params["recall_at_10"]) == 2
@@ -112,12 +113,13 @@ def test_ivf_falls_back_to_exact_when_probed_lists_run_out(ivf_dirs, queries, tm
 
 def test_index_without_index_type_loads_as_flat(tiny_index_dir, tmp_path):
     """Indexes written before IVF existed (format 1, no index_type) still load and search."""
-    old = tmp_path / "old"
-    shutil.copytree(tiny_index_dir, old, ignore=shutil.ignore_patterns(FEATURES_NAME))
+    old = reindex(tiny_index_dir, tmp_path / "old", FeaturizeOptions(center=False))  # pre-IVF indexes were uncentered
+    current = AttributionIndex.load(old)
     meta = json.loads((old / META_NAME).read_text())
     meta.pop("index_type", None)
+    meta.pop("center", None)
     (old / META_NAME).write_text(json.dumps(dict(meta, format_version=1)))
-    index, current = AttributionIndex.load(old), AttributionIndex.load(tiny_index_dir)
+    index = AttributionIndex.load(old)
     assert index.index_type == "flat"
     query = current.vectors(1)[7]
     assert index.search(query, 1, 5)[0].positions.tolist() == current.search(query, 1, 5)[0].positions.tolist()
@@ -139,7 +141,7 @@ BAD_IVF_META = {
     "nlist not an integer": (lambda m: m["ivf"].update(nlist="many"), "ivf.nlist must be a positive integer"),
     "nlist above count": (lambda m: m["ivf"].update(nlist=5000), "ivf.nlist 5000 exceeds the 1617 rows"),
     "no ivf block": (lambda m: m.pop("ivf"), "ivf.nlist must be a positive integer"),
-    "ivf in format 1": (lambda m: m.update(format_version=1), "index_type ivf needs format_version 2"),
+    "ivf in format 1": (lambda m: m.update(format_version=1, center=False), "index_type ivf needs format_version 2"),
     "nlist differs from the file": (lambda m: m["ivf"].update(nlist=10, nprobe=[2, 2], nprobe_negative=[2, 2]),
                                     "has 41 IVF lists, meta.json says ivf.nlist 10"),
     "ivf file said to be flat": (lambda m: m.update(index_type="flat"), "is an IVF index but meta.json says index_type flat"),
@@ -157,7 +159,7 @@ def test_bad_ivf_meta_is_refused(ivf_dirs, tmp_path, case):
 
 def test_flat_file_said_to_be_ivf_is_refused(ivf_dirs, tmp_path):
     _edit_meta(ivf_dirs[1], tmp_path / "bad",
-               lambda m: m.update(index_type="ivf", format_version=2, ivf={"nlist": 41, "nprobe": [4, 4], "nprobe_negative": [4, 4]}))
+               lambda m: m.update(index_type="ivf", format_version=3, ivf={"nlist": 41, "nprobe": [4, 4], "nprobe_negative": [4, 4]}))
     with pytest.raises(ExplorerError, match="is not an IVF index but meta.json says index_type ivf"):
         AttributionIndex.load(tmp_path / "bad")
 

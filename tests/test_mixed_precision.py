@@ -112,7 +112,7 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
     assert (spec["precision"], spec["bf16_below"]) == ("mixed", 500)
     explorer = Explorer.from_dirs(tiny_model_dir, [out])
     name = next(iter(explorer.indexes))
-    assert name.endswith("(square, normalized, kronecker, bf16 below t = 500)")
+    assert name.endswith("(square, centered, normalized, kronecker, bf16 below t = 500)")
     index = explorer.indexes[name]
     for t in (index.meta["timesteps"][0][0], index.meta["timesteps"][1][0]):  # a bf16 bucket and an fp32 one
         result = explorer.attribute_image(index.train_images[7], t, top_k=3)

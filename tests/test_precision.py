@@ -52,7 +52,7 @@ def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_
     assert json.loads((out / META_NAME).read_text())["spec"]["precision"] == "bf16"
     explorer = Explorer.from_dirs(tiny_model_dir, [out])
     name = next(iter(explorer.indexes))
-    assert name.endswith("(square, normalized, kronecker, bf16)")
+    assert name.endswith("(square, centered, normalized, kronecker, bf16)")
     assert explorer.computer(name).spec.precision == "bf16"
     index = explorer.indexes[name]
     result = explorer.attribute_image(index.train_images[11], index.meta["timesteps"][0][0], top_k=3)

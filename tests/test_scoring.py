@@ -71,7 +71,7 @@ def test_served_index_reads_what_the_scoring_module_computes(tiny_index_dir, tmp
     rng = np.random.default_rng(2)
     for bucket in range(index.buckets):
         phi_q = raw[bucket][:5] + rng.normal(scale=raw[bucket].std(), size=(5, raw.shape[2]))
-        scorer, _ = fit_bucket(raw[bucket], 3e-3, center=True, normalize=True)
+        scorer, _ = fit_bucket(raw[bucket], index.meta["lambda"][bucket]["relative"], center=True, normalize=True)
         expected = all_scores(scorer.vectors(raw[bucket]), scorer.vectors(phi_q))
         served = all_scores(index.vectors(bucket), index.query_vectors(phi_q, np.full(5, bucket)))
         assert np.abs(served - expected).max() < 1e-6
