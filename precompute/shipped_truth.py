@@ -210,6 +210,25 @@ def _claim(lock: Path) -> bool:
     return True
 
 
+def record_settings(results: Path, wanted: dict, what: str) -> None:
+    """Write the settings a results folder depends on, or refuse a folder made with other ones (naming the keys)."""
+    path = results / CONFIG_NAME
+    if path.is_file():
+        found = json.loads(path.read_text())
+        changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        if changed:
+            raise ExplorerError(f"{str(results)!r} holds {what} made with other settings (differs in {', '.join(changed)}): "
+                                "use another --results folder, or delete it to start over")
+    else:
+        write_json_atomic(path, wanted)
+
+
+def shipped_unet(model_dir: str | Path) -> UNetConfig:
+    """The architecture recorded in a model directory's training.json (what the benchmarks retrain)."""
+    recorded = json.loads((Path(model_dir) / "training.json").read_text())["unet"]
+    return UNetConfig(**{**recorded, "block_out_channels": tuple(recorded["block_out_channels"])})
+
+
 def prepare(results: Path, model_dir: str, data: str, config: TruthConfig) -> tuple[Queries, Dataset, Dataset]:
     """The results folder's config and queries (made once from the shipped model, checked afterwards)."""
     results.mkdir(parents=True, exist_ok=True)
@@ -217,15 +236,7 @@ def prepare(results: Path, model_dir: str, data: str, config: TruthConfig) -> tu
     train, heldout = shipped_split(data, model.sample_size)
     wanted = {"truth": config.to_dict(), "model_hash": model.weights_hash, "train_fingerprint": train.fingerprint(),
               "heldout_fingerprint": heldout.fingerprint()}
-    path = results / CONFIG_NAME
-    if path.is_file():
-        found = json.loads(path.read_text())
-        changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-        if changed:
-            raise ExplorerError(f"{str(results)!r} holds ground truth made with other settings (differs in {', '.join(changed)}): "
-                                "use another --results folder, or delete it to start over")
-    else:
-        write_json_atomic(path, wanted)
+    record_settings(results, wanted, "ground truth")
     if not (results / QUERIES_NAME).is_file():
         build_queries(model, heldout, config).save(results / QUERIES_NAME)
     return Queries.load(results / QUERIES_NAME), train, heldout
@@ -236,8 +247,7 @@ def run_truth(results: str | Path, cache: str | Path, model_dir: str = "assets/m
     """Train and measure every model not yet in `results`; returns how many this call finished."""
     results, cache = Path(results), Path(cache)
     queries, train, heldout = prepare(results, model_dir, data, config)
-    recorded = json.loads((Path(model_dir) / "training.json").read_text())["unet"]  # the shipped architecture
-    unet = UNetConfig(**{**recorded, "block_out_channels": tuple(recorded["block_out_channels"])})
+    unet = shipped_unet(model_dir)
     truth = Truth(queries, to_model_range(heldout.images), config, load_model(model_dir).num_train_timesteps)
     masks = subset_masks(config.subsets, len(train), config.alpha, config.mask_seed)
     cache.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,12 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
 from explorer.index import AttributionIndex
-from explorer.model import UNetConfig, load_model
+from explorer.model import load_model
 from explorer.sampler import generate
 from explorer.scoring import all_scores
 from precompute.counterfactual import _interval, completions, pixel_nearest
 from precompute.retrain import train_cached
-from precompute.shipped_truth import TruthConfig, _claim, shipped_split
+from precompute.shipped_truth import TruthConfig, _claim, record_settings, shipped_split, shipped_unet
 
 logger = logging.getLogger(__name__)
 
@@ -99,20 +99,13 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
     train, _ = shipped_split(data, model.sample_size)
     if not np.array_equal(train.ids, index.train_ids):
         raise ExplorerError(f"index {index_dir!r} does not hold the training split of {data!r}: use an index of that split")
-    recorded = json.loads((Path(model_dir) / "training.json").read_text())["unet"]
-    recipe = truth.recipe(UNetConfig(**{**recorded, "block_out_channels": tuple(recorded["block_out_channels"])}))
+    recipe = truth.recipe(shipped_unet(model_dir))
     trajectories = {seed: generate(model, seed, config.sampler_steps) for seed in config.seeds}
     finals = torch.stack([trajectory.final for trajectory in trajectories.values()])
     targets = dict(zip(map(str, config.seeds), classifier.probabilities(finals).argmax(1).tolist()))
     wanted = {"counterfactual": config.to_dict(), "recipe_steps": truth.steps, "index": index.label,
               "index_hash": index.meta["files"]["bucket_00.faiss"], "model_hash": model.weights_hash, "targets": targets}
-    path = results / "config.json"
-    if path.is_file() and json.loads(path.read_text()) != wanted:
-        found = json.loads(path.read_text())
-        changed = sorted(key for key in set(found) | set(wanted) if found.get(key) != wanted.get(key))
-        raise ExplorerError(f"{str(results)!r} holds a counterfactual run with other settings (differs in {', '.join(changed)}): "
-                            "use another --results folder, or delete it to start over")
-    write_json_atomic(path, wanted)
+    record_settings(results, wanted, "a counterfactual run")
     k = max(1, int(round(config.fraction * len(train))))
     removed = removals(index, model, trajectories, config, k)
     finished = 0
