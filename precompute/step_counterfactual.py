@@ -51,7 +51,7 @@ class StepCounterfactualConfig:
     steps: tuple[int, ...] = (10, 20, 30, 40)  # sampler steps of 50 (t ~ 800, 600, 400, 200)
     sampler_steps: int = 50
     fraction: float = 0.05  # k = 5% of the training set
-    random_sets: int = 2  # shared by every query and step
+    random_sets: int = 3  # shared by every query and step
     completions: int = 64
 
     def to_dict(self) -> dict:
@@ -59,13 +59,16 @@ class StepCounterfactualConfig:
 
 
 def jobs(config: StepCounterfactualConfig) -> list[tuple[str, int, int]]:
-    """(kind, query seed or random set, step) per model, in run order: the reference and random sets first."""
+    """(kind, query seed or random set, step) per model, in run order: the reference and random sets first. The
+    pixel-nearest set depends on the query's final image only, so one pixel model per query serves every step."""
     out = [("reference", 0, -1)] + [("random", r, -1) for r in range(config.random_sets)]
-    return out + [(kind, seed, step) for seed in config.seeds for step in config.steps for kind in ("topk", "pixel")]
+    out += [("pixel", seed, -1) for seed in config.seeds]
+    return out + [("topk", seed, step) for seed in config.seeds for step in config.steps]
 
 
 def model_name(kind: str, index: int, step: int) -> str:
-    return {"reference": "reference", "random": f"random_set{index}"}.get(kind, f"{kind}_seed{index}_step{step}")
+    names = {"reference": "reference", "random": f"random_set{index}", "pixel": f"pixel_seed{index}"}
+    return names.get(kind, f"{kind}_seed{index}_step{step}")
 
 
 def removals(index: AttributionIndex, model, trajectories: dict, config: StepCounterfactualConfig, k: int) -> dict:
@@ -82,7 +85,7 @@ def removals(index: AttributionIndex, model, trajectories: dict, config: StepCou
             phi = computer.features(trajectory.x0hat[step][None], torch.tensor([bucket])).numpy()
             scores = all_scores(index.vectors(bucket), index.query_vectors(phi, np.array([bucket])))[0]
             out[("topk", seed, step)] = np.argsort(-scores, kind="stable")[:k]
-            out[("pixel", seed, step)] = nearest
+        out[("pixel", seed, -1)] = nearest
     return out
 
 
@@ -126,8 +129,8 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
             keep = np.setdiff1d(np.arange(len(train)), gone)
             train_cached(train.subset(keep, name), cache / name, recipe)
             new = load_model(cache / name)
-            pairs = [(seed, s) for seed in config.seeds for s in config.steps] if kind in ("reference", "random") \
-                else [(which, step)]
+            seeds = config.seeds if kind in ("reference", "random") else (which,)
+            pairs = [(seed, s) for seed in seeds for s in (config.steps if step < 0 else (step,))]
             measured = [{"seed": seed, "step": s, "probabilities": completions(new, classifier, trajectories[seed], s,
                                                                               config.completions).probabilities.tolist()}
                         for seed, s in pairs]
@@ -162,7 +165,7 @@ def summarize(results: str | Path) -> dict:
         complete_seeds = []
         for seed in config.seeds:
             ref = probabilities("reference", seed, step)
-            top, pix = probabilities(f"topk_seed{seed}_step{step}", seed, step), probabilities(f"pixel_seed{seed}_step{step}", seed, step)
+            top, pix = probabilities(f"topk_seed{seed}_step{step}", seed, step), probabilities(f"pixel_seed{seed}", seed, step)
             randoms = [p for r in range(config.random_sets) if (p := probabilities(f"random_set{r}", seed, step)) is not None]
             if ref is None or top is None or pix is None or not randoms:
                 continue

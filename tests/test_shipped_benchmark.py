@@ -126,7 +126,7 @@ def test_step_counterfactual_removes_the_served_top_k_and_resumes(tiny_model_dir
                                       completions=4)
     results, cache = tmp_path / "results", tmp_path / "cache"
     run = lambda: run_step_counterfactual(results, cache, str(tiny_model_dir), str(full_index), config, TINY, "digits")  # noqa: E731
-    assert run() == 2 + 2 * 2 * 2  # reference, one random set, top-k and pixel per (query, step)
+    assert run() == 2 + 2 + 2 * 2  # reference, one random set, pixel per query, top-k per (query, step)
     assert run() == 0  # everything is in the results folder: nothing is retrained
     index = AttributionIndex.load(full_index)
     expected = removals(index, tiny_model, {2000: generate(tiny_model, 2000, 10)}, config, 16)[("topk", 2000, 7)]
