@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT))
 from explorer.calibration import calibrate  # noqa: E402
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec, default_workers  # noqa: E402
-from explorer.index import write_index  # noqa: E402
+from explorer.index import FeatureSource, LambdaRecord, write_index  # noqa: E402
+from explorer.index_meta import DatasetInfo  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from explorer.whitening import choose_lambda_gcv, cholesky_factor, normalize_rows, whiten  # noqa: E402
+from explorer.scoring import fit_bucket  # noqa: E402
 
 
 def timed(fn):
@@ -107,21 +108,20 @@ def end_to_end(computer: FeatureComputer, images: torch.Tensor, chunk: int, data
             memmap[:, start : start + chunk] = phi.numpy().transpose(1, 0, 2)
             memmap.flush()
             seconds["I/O"] += time.perf_counter() - started
-        vectors, factors = [], []
+        vectors, factors, centers, lambdas = [], [], [], []
         started = time.perf_counter()
-        for bucket in range(nb):
+        for bucket in range(nb):  # what precompute.featurize.build_index does at its defaults (lambda by GCV here)
             phi = np.asarray(memmap[bucket])
-            factor = cholesky_factor(phi, choose_lambda_gcv(phi, seed=0).value)
-            vectors.append(normalize_rows(whiten(phi, factor)))
-            factors.append(factor)
+            scorer, choice = fit_bucket(phi, None, center=True, normalize=True)
+            vectors.append(scorer.vectors(phi))
+            factors.append(scorer.factor)
+            centers.append(scorer.center)
+            lambdas.append(LambdaRecord(choice.value, choice.relative, choice.method))
         seconds["whitening"] = time.perf_counter() - started
-        meta = {"model_hash": "bench", "model_path": "bench", "spec": computer.spec.to_dict(), "num_train_timesteps": 1000,
-                "dataset": {"name": "bench", "size": n, "fingerprint": "bench", "class_names": dataset.class_names,
-                            "resolution": dataset.resolution},
-                "timesteps": computer.timesteps, "num_params": computer.num_params, "normalize": True, "das": False,
-                "lambda": [{"value": 1.0} for _ in range(nb)]}
-        _, elapsed = timed(lambda: write_index(Path(tmp) / "index", meta, vectors, factors, dataset.images[:n],
-                                               dataset.labels[:n], dataset.ids[:n]))
+        source = FeatureSource("bench", "bench", DatasetInfo("bench", n, "bench", tuple(dataset.class_names), dataset.resolution),
+                               computer.spec, tuple(map(tuple, computer.timesteps)), 1000, computer.num_params)
+        _, elapsed = timed(lambda: write_index(Path(tmp) / "index", source, lambdas, True, False, vectors, factors,
+                                               dataset.images[:n], dataset.labels[:n], dataset.ids[:n], centers=centers))
         seconds["I/O"] += elapsed
     return seconds
 

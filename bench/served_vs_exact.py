@@ -55,14 +55,14 @@ def main() -> None:
 
     model = load_model(args.model)
     index = AttributionIndex.load(args.index, model_hash=model.weights_hash)
-    spec, meta = FeatureSpec(**index.meta["spec"]), index.meta
+    spec, meta = index.meta.spec, index.meta
     T = model.num_train_timesteps
     train, heldout = train_heldout_split(load_dataset("mnist5k", model.sample_size))
     rows = np.flatnonzero(~heldout_split(len(heldout)))[: args.queries]
     queries = heldout.images[rows]
     width = T // index.buckets
     timesteps = [b * width + (width // 4 if b % 2 == 0 else 3 * width // 4) for b in range(index.buckets)]
-    results = {"command": "python " + " ".join(sys.argv), "index": index.label, "storage": meta["storage"],
+    results = {"command": "python " + " ".join(sys.argv), "index": index.label, "storage": meta.storage,
                "queries": int(len(rows)), "per_timestep": {}}
     served_computer = FeatureComputer(model, spec)
     for t in timesteps:
@@ -70,12 +70,12 @@ def main() -> None:
         bucket = bucket_of_timestep(t, index.buckets, T)
         train_phi = features_at(model, spec, train.images, t)
         query_phi = features_at(model, spec, queries, t)
-        scorer, _ = fit_bucket(train_phi, meta["lambda"][bucket]["relative"], bool(meta.get("center")), index.normalize)
+        scorer, _ = fit_bucket(train_phi, meta.lambdas[bucket].relative, meta.center, index.normalize)
         exact = all_scores(scorer.vectors(train_phi), scorer.vectors(query_phi))  # (P, N)
         # what the explorer serves: the query featurized at its bucket's timestep, searched in the stored rows
         served_phi = served_computer.features(torch.from_numpy(to_model_range(queries)), torch.full((len(rows),), bucket))
         served = served_scores(index, served_phi.numpy(), bucket)
-        entry = {"bucket": bucket, "bucket_timestep": meta["timesteps"][bucket][0]}
+        entry = {"bucket": bucket, "bucket_timestep": meta.timesteps[bucket][0]}
         for sign, name in ((1, "positive"), (-1, "negative")):
             entry[f"top{TOP}_overlap_{name}"] = overlap(np.argsort(-sign * exact, axis=1)[:, :TOP],
                                                         np.argsort(-sign * served, axis=1)[:, :TOP])

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explorer.atomic import write_json_atomic  # noqa: E402
 from explorer.data import load_dataset, train_heldout_split  # noqa: E402
-from explorer.features import FeatureSpec  # noqa: E402
 from explorer.index import read_meta  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from precompute.step_quality import candidate_scores, heldout_split, query_features, step_quality  # noqa: E402
@@ -48,7 +47,7 @@ def main() -> None:
     for item in args.features:
         name, directory = item.split("=", 1)
         meta = read_meta(Path(directory))
-        spec = FeatureSpec(**meta["spec"])
+        spec = meta.spec
         started = time.perf_counter()
         query_phi = query_features(model, spec, heldout.images, Path(args.cache) / f"{name}_{spec.output}_{spec.proj_dim}.npy")
         train_phi = np.load(Path(directory) / "raw_features.npy", mmap_mode="r")
@@ -57,7 +56,7 @@ def main() -> None:
             for lam in LAMBDAS:
                 key = f"{name}|{'centered' if center else 'plain'}|{lam:g}"
                 per_bucket = {}
-                for bucket, timesteps in enumerate(meta["timesteps"]):
+                for bucket, timesteps in enumerate(meta.timesteps):
                     scores = candidate_scores(np.asarray(train_phi[bucket]), query_phi[bucket], center, lam)
                     quality = step_quality(scores, heldout.labels, train.labels)
                     per_bucket[str(timesteps[0])] = {g: quality.summary(rows) for g, rows in groups.items()}

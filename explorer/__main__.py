@@ -43,8 +43,7 @@ def run_attribute(args) -> dict:
                  **({"kind": "negative" if s < 0 else "least aligned"} if negative else {})}
                 for i, p, s in zip(search.ids, search.positions, search.scores)]
 
-    return {"timestep": result.timestep, "bucket": result.bucket, "score": "cosine of whitened gradients" if index.normalize
-            else "TRAK score", "negative_count": result.negative_count, "positive": rows(result.positive),
+    return {"timestep": result.timestep, "bucket": result.bucket, "score": index.score_name, "negative_count": result.negative_count, "positive": rows(result.positive),
             "negative": rows(result.negative, negative=True)}
 
 

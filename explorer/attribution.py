@@ -114,14 +114,14 @@ class Explorer:
 
     def computer(self, name: str) -> FeatureComputer:
         if name not in self._computers:
-            self._computers[name] = FeatureComputer(self.model, FeatureSpec(**self.indexes[name].meta["spec"]))
+            self._computers[name] = FeatureComputer(self.model, self.indexes[name].meta.spec)
         return self._computers[name]
 
     def _attribute(self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int) -> list[StepAttribution]:
         """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,)."""
         top_k = check_top_k(top_k)
         _, index = self.index(name)
-        T = int(index.meta["num_train_timesteps"])
+        T = index.meta.num_train_timesteps
         buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
         phi = self.computer(name).features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
         queries = index.query_vectors(phi, buckets)
@@ -160,7 +160,7 @@ class Explorer:
     def attribute_image(self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8) -> StepAttribution:
         """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep."""
         name, index = self.index(index_name)
-        timestep = whole_number(timestep, "timestep", 0, int(index.meta["num_train_timesteps"]) - 1)
+        timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
         if not isinstance(image, np.ndarray):
             image = image_to_array(image, self.model.sample_size)
         if image.ndim != 2 or image.shape != (self.model.sample_size, self.model.sample_size):

@@ -72,7 +72,6 @@ class FeatureSpec:
 
 
 NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
-LATER_FIELDS = (*NAME_LIST_FIELDS, "precision", "bf16_below")  # FeatureSpec fields that indexes built before them lack
 # Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in bfloat16,
 # normalizations in float32; explorer.kronecker forms the blocks to match) runs the shipped model's forward +
 # backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py), but its

@@ -29,12 +29,13 @@ from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atom
 from explorer.errors import ExplorerError
 from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
 from explorer.index_meta import (CENTER_FORMAT_VERSION, FLAT_FORMAT_VERSION, FORMAT_VERSION, INDEX_TYPES, META_NAME,
-                                 READABLE_VERSIONS, STORAGES, bucket_file, center_file, factor_file, read_meta)
+                                 READABLE_VERSIONS, STORAGES, FeatureSource, IndexMeta, LambdaRecord, bucket_file,
+                                 center_file, factor_file, read_meta)
 from explorer.scoring import BucketScorer
 
 __all__ = ["CENTER_FORMAT_VERSION", "FLAT_FORMAT_VERSION", "FORMAT_VERSION", "INDEX_TYPES", "META_NAME", "READABLE_VERSIONS",
-           "STORAGES", "AttributionIndex", "SearchResult", "bucket_file", "center_file", "factor_file", "read_meta",
-           "sha256_file", "write_index"]
+           "STORAGES", "AttributionIndex", "FeatureSource", "IndexMeta", "LambdaRecord", "SearchResult", "bucket_file",
+           "center_file", "factor_file", "read_meta", "sha256_file", "write_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ def _build_faiss(vectors: np.ndarray, storage: str, ivf: IVFParams | None = None
 
 def write_index(
     directory: str | Path,
-    meta: dict,
+    source: FeatureSource,
+    lambdas: list[LambdaRecord],
+    normalize: bool,
+    das: bool,
     bucket_vectors: list[np.ndarray],
     factors: list[np.ndarray],
     train_images: np.ndarray,
@@ -90,7 +94,7 @@ def write_index(
     """Write every file atomically, then meta.json (with their sha256) last.
 
     index_type "ivf" builds IVF buckets: nlist by the rule of explorer.ivf unless given, nprobe
-    calibrated per bucket unless given; both recorded in meta.json["ivf"].
+    calibrated per bucket unless given; both recorded in meta.json["ivf"]. meta.json is written here only.
     """
     directory = Path(directory)
     if index_type not in INDEX_TYPES:
@@ -120,11 +124,10 @@ def write_index(
         save_npy_atomic(directory / name, array)
         record(name)
     version = CENTER_FORMAT_VERSION if centers is not None else FLAT_FORMAT_VERSION if ivf is None else FORMAT_VERSION
-    meta = dict(meta, format_version=version, storage=storage, index_type=index_type, files=files,
-                count=int(len(train_ids)), center=centers is not None)
-    if ivf is not None:
-        meta["ivf"] = ivf.to_meta()
-    write_json_atomic(directory / META_NAME, meta)
+    meta = IndexMeta(**vars(source), lambdas=tuple(lambdas), normalize=normalize, das=das, center=centers is not None,
+                     storage=storage, index_type=index_type, count=int(len(train_ids)), files=tuple(sorted(files.items())),
+                     format_version=version, ivf=ivf)
+    write_json_atomic(directory / META_NAME, meta.to_json())
     return directory
 
 
@@ -140,7 +143,7 @@ class SearchResult:
 class AttributionIndex:
     """A loaded, validated index directory."""
 
-    def __init__(self, directory: Path, meta: dict, indexes: list[faiss.Index], factors: list[np.ndarray],
+    def __init__(self, directory: Path, meta: IndexMeta, indexes: list[faiss.Index], factors: list[np.ndarray],
                  train_images: np.ndarray, train_labels: np.ndarray, train_ids: np.ndarray,
                  centers: list[np.ndarray] | None = None):
         self.directory, self.meta = directory, meta
@@ -156,61 +159,66 @@ class AttributionIndex:
 
     @property
     def normalize(self) -> bool:
-        return bool(self.meta["normalize"])
+        return self.meta.normalize
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["dataset"]["class_names"])
+        return list(self.meta.dataset.class_names)
+
+    @property
+    def score_name(self) -> str:
+        """What a score is: the cosine of whitened vectors (normalized indexes) or the raw TRAK score."""
+        return "cos" if self.normalize else "TRAK score"
 
     @property
     def label(self) -> str:
         """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker, calibrated'."""
-        spec = self.meta["spec"]
-        parts = [spec["output"], *(["centered"] if self.meta.get("center") else []), "normalized" if self.normalize else "raw"]
-        if self.meta.get("das"):
+        spec = self.meta.spec
+        parts = [spec.output, *(["centered"] if self.meta.center else []), "normalized" if self.normalize else "raw"]
+        if self.meta.das:
             parts.append("DAS")
-        if spec["projector"] != "countsketch":
-            parts.append(spec["projector"])
-        if spec.get("exact_params") or spec.get("exact_layers"):
+        if spec.projector != "countsketch":
+            parts.append(spec.projector)
+        if spec.exact_params or spec.exact_layers:
             parts.append("calibrated")
-        if spec.get("precision", "fp32") != "fp32":
-            parts.append(f"bf16 below t = {spec['bf16_below']}" if spec["precision"] == "mixed" else spec["precision"])
-        if spec.get("params"):
-            parts.append("params " + " ".join(spec["params"]))
+        if spec.precision != "fp32":
+            parts.append(f"bf16 below t = {spec.bf16_below}" if spec.precision == "mixed" else spec.precision)
+        if spec.params:
+            parts.append("params " + " ".join(spec.params))
         return ", ".join(parts)
 
     @classmethod
     def load(cls, directory: str | Path, model_hash: str | None = None) -> "AttributionIndex":
         directory = Path(directory)
         meta = read_meta(directory)
-        if model_hash is not None and meta["model_hash"] != model_hash:
+        if model_hash is not None and meta.model_hash != model_hash:
             raise ExplorerError(
-                f"index {str(directory)!r} was built for the model with weights hash {meta['model_hash']} "
-                f"({meta.get('model_path', '?')}), but the loaded model has hash {model_hash}: pass the matching "
+                f"index {str(directory)!r} was built for the model with weights hash {meta.model_hash} "
+                f"({meta.model_path}), but the loaded model has hash {model_hash}: pass the matching "
                 "--model, or rebuild the index with `python -m precompute featurize --model YOUR_MODEL ...`"
             )
-        for name, digest in meta["files"].items():
+        for name, digest in meta.files:
             path = directory / name
             if not path.is_file():
                 raise ExplorerError(f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute featurize`")
             if sha256_file(path) != digest:
                 raise ExplorerError(f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the index with `python -m precompute featurize`")
-        count, buckets = int(meta["count"]), int(meta["spec"]["buckets"])
+        count, buckets, dim = meta.count, meta.spec.buckets, meta.spec.proj_dim
         indexes, factors, centers = [], [], []
         for bucket in range(buckets):
             try:
                 index = faiss.read_index(str(directory / bucket_file(bucket)))
             except RuntimeError as error:
                 raise ExplorerError(f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index") from error
-            if index.ntotal != count or index.d != int(meta["spec"]["proj_dim"]):
-                raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {meta['spec']['proj_dim']}: rebuild the index")
+            if index.ntotal != count or index.d != dim:
+                raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {dim}: rebuild the index")
             _check_kind(index, meta, bucket, directory)
             factor = np.load(directory / factor_file(bucket), allow_pickle=False)
             if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
                 raise ExplorerError(f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} matrix: rebuild the index")
             indexes.append(index)
             factors.append(factor)
-            if meta.get("center"):
+            if meta.center:
                 center = np.load(directory / center_file(bucket), allow_pickle=False)
                 if center.shape != (index.d,) or not np.isfinite(center).all():
                     raise ExplorerError(f"{center_file(bucket)} in {str(directory)!r} is not a finite vector of {index.d}: rebuild the index")
@@ -220,7 +228,7 @@ class AttributionIndex:
         ids = np.load(directory / "train_ids.npy", allow_pickle=False)
         if images.ndim != 3 or images.dtype != np.uint8 or not (len(images) == len(labels) == len(ids) == count):
             raise ExplorerError(f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} ids for {count} rows: rebuild it")
-        loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers if meta.get("center") else None)
+        loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers if meta.center else None)
         for bucket in range(buckets):
             if not np.isfinite(loaded.vectors(bucket)).all():
                 raise ExplorerError(f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: rebuild the index")
@@ -228,13 +236,12 @@ class AttributionIndex:
 
     @property
     def index_type(self) -> str:
-        """"flat" (exact search) or "ivf" (inverted lists; indexes older than IVF are flat)."""
-        return self.meta.get("index_type", "flat")
+        """"flat" (exact search) or "ivf" (inverted lists)."""
+        return self.meta.index_type
 
     def nprobe(self, bucket: int) -> tuple[int, int]:
         """IVF lists scanned for q and for -q in a bucket (from meta.json)."""
-        params = self.meta["ivf"]
-        return int(params["nprobe"][bucket]), int(params["nprobe_negative"][bucket])
+        return self.meta.ivf.nprobe[bucket], self.meta.ivf.nprobe_negative[bucket]
 
     def vectors(self, bucket: int) -> np.ndarray:
         """All stored rows of a bucket in row order, (N, k) float32 (decoded once, then cached).
@@ -280,18 +287,18 @@ class AttributionIndex:
         return positive, negative
 
 
-def _check_kind(index: faiss.Index, meta: dict, bucket: int, directory: Path) -> None:
+def _check_kind(index: faiss.Index, meta: IndexMeta, bucket: int, directory: Path) -> None:
     """The FAISS file must be the kind meta.json says (flat or IVF with its nlist); sets an IVF's nprobe."""
     name, where = bucket_file(bucket), repr(str(directory))
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ExplorerError(f"{name} in {where} is not an inner-product index: rebuild the index")
     ivf = faiss.try_extract_index_ivf(index)
-    if meta.get("index_type", "flat") == "flat":
+    if meta.index_type == "flat":
         if ivf is not None:
             raise ExplorerError(f"{name} in {where} is an IVF index but meta.json says index_type flat: rebuild the index")
         return
     if ivf is None:
         raise ExplorerError(f"{name} in {where} is not an IVF index but meta.json says index_type ivf: rebuild the index")
-    if ivf.nlist != meta["ivf"]["nlist"]:
-        raise ExplorerError(f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta['ivf']['nlist']}: rebuild the index")
-    ivf.nprobe = int(meta["ivf"]["nprobe"][bucket])  # what a plain FAISS search uses; search() passes it per call
+    if ivf.nlist != meta.ivf.nlist:
+        raise ExplorerError(f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta.ivf.nlist}: rebuild the index")
+    ivf.nprobe = meta.ivf.nprobe[bucket]  # what a plain FAISS search uses; search() passes it per call

@@ -119,7 +119,7 @@ class Handlers:
         """id, label, the score (a cosine of whitened gradients for a normalized index: 1 = the same direction, 0 =
         unrelated) and its percentile among all training images; a listed negative with a score >= 0 says so."""
         label = index.class_names[int(index.train_labels[position])]
-        kind = "cos" if index.normalize else "TRAK score"
+        kind = index.score_name
         prefix = "least aligned · " if negative and score >= 0 else ""
         return (f"{prefix}id {int(index.train_ids[position])} · label {label} · {kind} {score:+.3f} · "
                 f"p{step.percentile(position):.1f}")

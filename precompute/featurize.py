@@ -26,7 +26,8 @@ from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, default_workers
-from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, write_index
+from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, FeatureSource, LambdaRecord, write_index
+from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
 from explorer.scoring import fit_bucket
@@ -175,27 +176,22 @@ def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec
     if not done.all():
         return FeaturizeReport(out_dir, pairs, seconds, complete=False)
 
-    meta = {
-        "model_hash": model.weights_hash,
-        "model_path": model.path,
-        "dataset": {"name": dataset.name, "size": len(dataset), "fingerprint": dataset.fingerprint(),
-                    "class_names": dataset.class_names, "resolution": dataset.resolution},
-        "spec": spec.to_dict(),
-        "timesteps": computer.timesteps,
-        "num_train_timesteps": model.num_train_timesteps,
-        "num_params": computer.num_params,
-    }
+    source = FeatureSource(
+        model_hash=model.weights_hash, model_path=str(model.path),
+        dataset=DatasetInfo(dataset.name, len(dataset), dataset.fingerprint(), tuple(dataset.class_names), dataset.resolution),
+        spec=spec, timesteps=tuple(map(tuple, computer.timesteps)), num_train_timesteps=model.num_train_timesteps,
+        num_params=computer.num_params)
     if options.keep_features:
         save_npy_atomic(out_dir / FEATURES_NAME, np.asarray(features))
         if residuals is not None:
             save_npy_atomic(out_dir / RESIDUALS_NAME, np.asarray(residuals))
-    build_index(out_dir, meta, features, residuals, dataset, options)
+    build_index(out_dir, source, features, residuals, dataset, options)
     del features, residuals
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return FeaturizeReport(out_dir, pairs, seconds, complete=True)
 
 
-def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.ndarray | None, dataset: Dataset,
+def build_index(out_dir: Path, source: FeatureSource, features: np.ndarray, residuals: np.ndarray | None, dataset: Dataset,
                 options: FeaturizeOptions) -> None:
     """Raw features (B, N, k) [+ residuals (B, N)] -> lambda, whitening, normalization, DAS, FAISS files."""
     bucket_vectors, factors, centers, lambdas = [], [], [], []
@@ -204,7 +200,7 @@ def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.n
         if not np.isfinite(phi).all():
             raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
         scorer, choice = fit_bucket(phi, options.relative_lambda, options.center, options.normalize,
-                                    seed=meta["spec"]["proj_seed"])
+                                    seed=source.spec.proj_seed)
         psi = scorer.vectors(phi)
         if residuals is not None and options.das_weights:
             weights = np.asarray(residuals[bucket], dtype=np.float64)
@@ -212,9 +208,8 @@ def build_index(out_dir: Path, meta: dict, features: np.ndarray, residuals: np.n
         bucket_vectors.append(psi)
         factors.append(scorer.factor)
         centers.append(scorer.center)
-        lambdas.append({"value": choice.value, "relative": choice.relative, "method": choice.method, "gcv_curve": choice.curve})
-    meta = dict(meta, **{"lambda": lambdas, "normalize": options.normalize, "das": bool(options.das_weights)})
-    write_index(out_dir, meta, bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids,
+        lambdas.append(LambdaRecord(choice.value, choice.relative, choice.method, tuple(map(tuple, choice.curve))))
+    write_index(out_dir, source, lambdas, options.normalize, bool(options.das_weights), bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids,
                 centers=centers if options.center else None, storage=options.storage,
                 index_type=options.index_type, ivf_nlist=options.ivf_nlist, ivf_nprobe=options.ivf_nprobe)
 
@@ -225,7 +220,7 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
     Other normalization, DAS, lambda, storage or index type (flat <-> ivf)."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     index = AttributionIndex.load(source_dir)
-    _check_index_options(options, int(index.meta["count"]))
+    _check_index_options(options, index.meta.count)
     features_path = source_dir / FEATURES_NAME
     if not features_path.is_file():
         raise ExplorerError(f"{str(source_dir)!r} kept no raw features: featurize it again with --keep-features")
@@ -235,10 +230,7 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
     features = np.load(features_path, mmap_mode="r", allow_pickle=False)
     residuals = np.load(source_dir / RESIDUALS_NAME, mmap_mode="r", allow_pickle=False) if options.das_weights else None
-    dataset = Dataset(name=index.meta["dataset"]["name"], images=index.train_images, labels=index.train_labels,
+    dataset = Dataset(name=index.meta.dataset.name, images=index.train_images, labels=index.train_labels,
                       ids=index.train_ids, class_names=index.class_names)
-    base = {key: value for key, value in index.meta.items()
-            if key not in ("lambda", "normalize", "center", "das", "files", "count", "storage", "format_version", "index_type",
-                           "ivf")}
-    build_index(out_dir, base, features, residuals, dataset, options)
+    build_index(out_dir, index.meta.source, features, residuals, dataset, options)
     return out_dir

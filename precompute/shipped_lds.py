@@ -57,9 +57,9 @@ class QueryScores:
 def index_scores(index: AttributionIndex, model: DiffusionModel, whole_images: np.ndarray, queries: Queries,
                  cache: Path | None = None) -> QueryScores:
     """Scores of every training row for the benchmark's queries, through the index's files (explorer's path)."""
-    spec = FeatureSpec(**index.meta["spec"])
+    spec = index.meta.spec
     computer = FeatureComputer(model, spec)
-    T = int(index.meta["num_train_timesteps"])
+    T = index.meta.num_train_timesteps
     raw = _query_features(computer, index.buckets, whole_images, queries, T, cache)
     whole = np.stack([all_scores(index.vectors(b), index.query_vectors(raw["whole"][:, b], np.full(len(whole_images), b)))
                       for b in range(index.buckets)], axis=1)  # (W, B, N)
@@ -194,10 +194,10 @@ def run_shipped_lds(index_dirs: list[str], model: DiffusionModel, truth_dir: str
         if index.buckets != config.buckets:
             raise ExplorerError(f"index {str(directory)!r} has {index.buckets} buckets, the ground truth in {str(truth_dir)!r} "
                                 f"measures {config.buckets}: score an index built with --buckets {config.buckets}")
-        if int(index.meta["count"]) != table.masks.shape[1]:
-            raise ExplorerError(f"index {str(directory)!r} holds {index.meta['count']} rows, the ground truth's subsets are "
+        if index.meta.count != table.masks.shape[1]:
+            raise ExplorerError(f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
                                 f"drawn from {table.masks.shape[1]} training images: featurize the whole training split")
-        spec = FeatureSpec(**index.meta["spec"])
+        spec = index.meta.spec
         key = f"{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}_{spec.noise_seed}_{spec.buckets}"
         scores = index_scores(index, model, whole_images, queries, cache / f"queries_{key}.npz")
         methods[str(directory)] = {"label": index.label, **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")}}

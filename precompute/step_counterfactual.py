@@ -73,9 +73,9 @@ def model_name(kind: str, index: int, step: int) -> str:
 
 def removals(index: AttributionIndex, model, trajectories: dict, config: StepCounterfactualConfig, k: int) -> dict:
     """{(kind, seed, step): training positions to remove} for topk (the served attribution) and pixel."""
-    spec = FeatureSpec(**index.meta["spec"])
+    spec = index.meta.spec
     computer = FeatureComputer(model, spec)
-    T = int(index.meta["num_train_timesteps"])
+    T = index.meta.num_train_timesteps
     train_images = to_model_range(index.train_images)
     out = {}
     for seed, trajectory in trajectories.items():
@@ -107,7 +107,7 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
     finals = torch.stack([trajectory.final for trajectory in trajectories.values()])
     targets = dict(zip(map(str, config.seeds), classifier.probabilities(finals).argmax(1).tolist()))
     wanted = {"counterfactual": config.to_dict(), "recipe_steps": truth.steps, "index": index.label,
-              "index_hash": index.meta["files"]["bucket_00.faiss"], "model_hash": model.weights_hash, "targets": targets}
+              "index_hash": index.meta.file_hashes["bucket_00.faiss"], "model_hash": model.weights_hash, "targets": targets}
     record_settings(results, wanted, "a counterfactual run")
     k = max(1, int(round(config.fraction * len(train))))
     removed = removals(index, model, trajectories, config, k)

@@ -93,7 +93,7 @@ def served_table(index: AttributionIndex, query_phi: np.ndarray, query_labels: n
     out = {}
     for bucket in range(index.buckets):
         quality = step_quality(served_scores(index, query_phi[bucket], bucket), query_labels, index.train_labels)
-        out[str(index.meta["timesteps"][bucket][0])] = {group: quality.summary(rows) for group, rows in groups.items()}
+        out[str(index.meta.timesteps[bucket][0])] = {group: quality.summary(rows) for group, rows in groups.items()}
     return out
 
 
@@ -105,9 +105,9 @@ def served_quality(model: DiffusionModel, index_dirs: list[str], heldout_images:
     out = {}
     for directory in index_dirs:
         index = AttributionIndex.load(directory, model_hash=model.weights_hash)
-        spec = FeatureSpec(**index.meta["spec"])
+        spec = index.meta.spec
         path = None if cache is None else cache / f"heldout_{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}.npy"
         phi = query_features(model, spec, heldout_images, path)
-        out[str(directory)] = {"label": index.label, "storage": index.meta["storage"],
+        out[str(directory)] = {"label": index.label, "storage": index.meta.storage,
                                "per_bucket": served_table(index, phi, heldout_labels, groups)}
     return out

@@ -139,5 +139,5 @@ def test_precompute_featurize_calibrate_builds_a_searchable_index(tiny_model_dir
     assert explorer.computer(name).spec.exact_params == tuple(spec["exact_params"])
     assert name.endswith("(square, centered, normalized, kronecker, calibrated)")
     images = explorer.indexes[name].train_images
-    result = explorer.attribute_image(images[7], explorer.indexes[name].meta["timesteps"][1][0], top_k=3)
+    result = explorer.attribute_image(images[7], explorer.indexes[name].meta.timesteps[1][0], top_k=3)
     assert result.positive.positions[0] == 7  # a training image at its own bucket's timestep is its own top-1

@@ -36,15 +36,15 @@ def test_faiss_top_k_equals_brute_force_trak(tiny_model, tiny_index_dir, tmp_pat
         directory = reindex(tiny_index_dir, tmp_path / "raw", FeaturizeOptions(normalize=False))
     index = AttributionIndex.load(directory, model_hash=tiny_model.weights_hash)
     raw = np.load(tiny_index_dir / FEATURES_NAME)  # (B, N, k)
-    computer = FeatureComputer(tiny_model, FeatureSpec(**index.meta["spec"]))
+    computer = FeatureComputer(tiny_model, index.meta.spec)
     _, heldout = digits_splits
     queries = torch.from_numpy(to_model_range(heldout.images[:6]))
     for bucket in range(index.buckets):
         phi_q = computer.features(queries, torch.full((6,), bucket)).numpy()
         search_vectors = index.query_vectors(phi_q, np.full(6, bucket))
-        lam = index.meta["lambda"][bucket]["value"]
+        lam = index.meta.lambdas[bucket].value
         for q in range(6):
-            exact = _exact_scores(raw[bucket], phi_q[q], lam, normalize, center=index.meta["center"])
+            exact = _exact_scores(raw[bucket], phi_q[q], lam, normalize, center=index.meta.center)
             positive, negative = index.search(search_vectors[q], bucket, 10)
             assert positive.positions.tolist() == np.argsort(-exact)[:10].tolist()
             assert negative.positions.tolist() == np.argsort(exact)[:10].tolist()
@@ -54,11 +54,11 @@ def test_faiss_top_k_equals_brute_force_trak(tiny_model, tiny_index_dir, tmp_pat
 
 def test_index_round_trip(tiny_index_dir, tiny_train_subset, tiny_spec):
     index = AttributionIndex.load(tiny_index_dir)
-    assert index.buckets == tiny_spec.buckets and index.meta["count"] == len(tiny_train_subset)
+    assert index.buckets == tiny_spec.buckets and index.meta.count == len(tiny_train_subset)
     assert np.array_equal(index.train_images, tiny_train_subset.images)
     assert np.array_equal(index.train_labels, tiny_train_subset.labels)
     assert np.array_equal(index.train_ids, tiny_train_subset.ids)
-    assert index.meta["spec"] == tiny_spec.to_dict()
+    assert index.meta.spec == tiny_spec
     norms = np.linalg.norm(index.vectors(0), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5), "the default index is ReTrac-normalized"
 

@@ -44,7 +44,7 @@ def queries(tiny_model, ivf_dirs, digits_splits) -> dict[int, np.ndarray]:
     recall@10 0.73-0.76 for q at the calibrated nprobe here; such use needs a larger --ivf-nprobe.)"""
     index = AttributionIndex.load(ivf_dirs[1])
     images = torch.from_numpy(to_model_range(digits_splits[1].images[:QUERIES]))
-    computer = FeatureComputer(tiny_model, FeatureSpec(**index.meta["spec"]))
+    computer = FeatureComputer(tiny_model, index.meta.spec)
     return {bucket: index.query_vectors(computer.features(images, torch.full((QUERIES,), bucket)).numpy(), np.full(QUERIES, bucket))
             for bucket in range(index.buckets)}
 
@@ -53,9 +53,9 @@ def test_ivf_round_trip(ivf_dirs, tiny_model):
     ivf = AttributionIndex.load(ivf_dirs[0], model_hash=tiny_model.weights_hash)
     flat = AttributionIndex.load(ivf_dirs[1], model_hash=tiny_model.weights_hash)
     # centered (the default), both are format 3; uncentered, IVF would be 2 and flat 1 (test_scoring)
-    assert (ivf.index_type, ivf.meta["format_version"]) == ("ivf", 3)
-    assert (flat.index_type, flat.meta["format_version"]) == ("flat", 3)
-    params = ivf.meta["ivf"]
+    assert (ivf.index_type, ivf.meta.format_version) == ("ivf", 3)
+    assert (flat.index_type, flat.meta.format_version) == ("flat", 3)
+    params = ivf.meta.to_json()["ivf"]
     assert params["nlist"] == nlist_rule(1617) == NLIST
     assert len(params["nprobe"]) == len(params["nprobe_negative"]) == len(params["recall_at_10"]) == 2
     for bucket in range(2):
@@ -90,7 +90,7 @@ def test_ivf_search_agrees_with_flat(ivf_dirs, queries):
 def test_ivf_probing_every_list_is_exact(ivf_dirs, queries, tmp_path):
     ivf = AttributionIndex.load(reindex(ivf_dirs[0], tmp_path / "all", FeaturizeOptions(index_type="ivf", ivf_nprobe=NLIST)))
     flat = AttributionIndex.load(ivf_dirs[1])
-    assert ivf.meta["ivf"]["nprobe"] == ivf.meta["ivf"]["nprobe_negative"] == [NLIST, NLIST]
+    assert ivf.meta.ivf.nprobe == ivf.meta.ivf.nprobe_negative == [NLIST, NLIST]
     for bucket, vectors in queries.items():
         for query in vectors[:10]:
             for got, expected in zip(ivf.search(query, bucket, 10), flat.search(query, bucket, 10)):
@@ -100,7 +100,7 @@ def test_ivf_probing_every_list_is_exact(ivf_dirs, queries, tmp_path):
 def test_ivf_falls_back_to_exact_when_probed_lists_run_out(ivf_dirs, queries, tmp_path):
     narrow = AttributionIndex.load(reindex(ivf_dirs[0], tmp_path / "nprobe1", FeaturizeOptions(index_type="ivf", ivf_nprobe=1)))
     flat = AttributionIndex.load(ivf_dirs[1])
-    assert narrow.meta["ivf"]["nprobe"] == narrow.meta["ivf"]["nprobe_negative"] == [1, 1]
+    assert narrow.meta.ivf.nprobe == narrow.meta.ivf.nprobe_negative == [1, 1]
     query = queries[0][0]
     _, raw = narrow.indexes[0].search(np.stack([query, -query]), 300)
     assert (raw < 0).any(), "one list of ~39 rows cannot fill a top-300: FAISS pads with -1"
@@ -111,18 +111,14 @@ def test_ivf_falls_back_to_exact_when_probed_lists_run_out(ivf_dirs, queries, tm
         assert np.isin(got.positions, expected.positions).mean() >= 0.99
 
 
-def test_index_without_index_type_loads_as_flat(tiny_index_dir, tmp_path):
-    """Indexes written before IVF existed (format 1, no index_type) still load and search."""
-    old = reindex(tiny_index_dir, tmp_path / "old", FeaturizeOptions(center=False))  # pre-IVF indexes were uncentered
-    current = AttributionIndex.load(old)
+def test_an_index_without_index_type_is_refused_naming_the_field(tiny_index_dir, tmp_path):
+    old = reindex(tiny_index_dir, tmp_path / "old", FeaturizeOptions(center=False))
+    AttributionIndex.load(old)
     meta = json.loads((old / META_NAME).read_text())
-    meta.pop("index_type", None)
-    meta.pop("center", None)
-    (old / META_NAME).write_text(json.dumps(dict(meta, format_version=1)))
-    index = AttributionIndex.load(old)
-    assert index.index_type == "flat"
-    query = current.vectors(1)[7]
-    assert index.search(query, 1, 5)[0].positions.tolist() == current.search(query, 1, 5)[0].positions.tolist()
+    meta.pop("index_type")
+    (old / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ExplorerError, match="malformed \\(index_type is missing, must be one of flat, ivf\\): rebuild"):
+        AttributionIndex.load(old)
 
 
 def _edit_meta(source, target, edit) -> None:
@@ -133,14 +129,14 @@ def _edit_meta(source, target, edit) -> None:
 
 
 BAD_IVF_META = {
-    "unknown index type": (lambda m: m.update(index_type="hnsw"), "index_type 'hnsw' must be one of flat, ivf"),
-    "nprobe zero": (lambda m: m["ivf"].update(nprobe=[0, 1]), "ivf.nprobe must list one integer between 1 and nlist 41"),
-    "nprobe above nlist": (lambda m: m["ivf"].update(nprobe=[42, 1]), "ivf.nprobe must list one integer between 1 and nlist 41"),
-    "nprobe not per bucket": (lambda m: m["ivf"].update(nprobe=4), "ivf.nprobe must list one integer"),
-    "no nprobe for -q": (lambda m: m["ivf"].pop("nprobe_negative"), "ivf.nprobe_negative must list one integer"),
-    "nlist not an integer": (lambda m: m["ivf"].update(nlist="many"), "ivf.nlist must be a positive integer"),
+    "unknown index type": (lambda m: m.update(index_type="hnsw"), "index_type is 'hnsw', must be one of flat, ivf"),
+    "nprobe zero": (lambda m: m["ivf"].update(nprobe=[0, 1]), "ivf.nprobe is \\[0, 1\\], must list one integer between 1 and nlist 41"),
+    "nprobe above nlist": (lambda m: m["ivf"].update(nprobe=[42, 1]), "ivf.nprobe is \\[42, 1\\], must list one integer between 1 and nlist 41"),
+    "nprobe not per bucket": (lambda m: m["ivf"].update(nprobe=4), "ivf.nprobe is 4, must list one integer"),
+    "no nprobe for -q": (lambda m: m["ivf"].pop("nprobe_negative"), "ivf.nprobe_negative is null, must list one integer"),
+    "nlist not an integer": (lambda m: m["ivf"].update(nlist="many"), "ivf.nlist is 'many', must be a positive integer"),
     "nlist above count": (lambda m: m["ivf"].update(nlist=5000), "ivf.nlist 5000 exceeds the 1617 rows"),
-    "no ivf block": (lambda m: m.pop("ivf"), "ivf.nlist must be a positive integer"),
+    "no ivf block": (lambda m: m.pop("ivf"), "ivf.nlist is null, must be a positive integer"),
     "ivf in format 1": (lambda m: m.update(format_version=1, center=False), "index_type ivf needs format_version 2"),
     "nlist differs from the file": (lambda m: m["ivf"].update(nlist=10, nprobe=[2, 2], nprobe_negative=[2, 2]),
                                     "has 41 IVF lists, meta.json says ivf.nlist 10"),

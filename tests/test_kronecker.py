@@ -108,7 +108,7 @@ def test_kronecker_index_round_trips_and_searches(tiny_model_dir, tiny_model, ti
     explorer = Explorer.from_dirs(tiny_model_dir, [tmp_path / "kron"])
     name = next(iter(explorer.indexes))
     assert explorer.computer(name).kronecker is not None
-    timesteps = index.meta["timesteps"]
+    timesteps = index.meta.timesteps
     for position in (0, 17, 55):
         for bucket in range(3):
             result = explorer.attribute_image(data.images[position], timesteps[bucket][0], top_k=5)

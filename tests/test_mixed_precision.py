@@ -114,7 +114,7 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
     name = next(iter(explorer.indexes))
     assert name.endswith("(square, centered, normalized, kronecker, bf16 below t = 500)")
     index = explorer.indexes[name]
-    for t in (index.meta["timesteps"][0][0], index.meta["timesteps"][1][0]):  # a bf16 bucket and an fp32 one
+    for t in (index.meta.timesteps[0][0], index.meta.timesteps[1][0]):  # a bf16 bucket and an fp32 one
         result = explorer.attribute_image(index.train_images[7], t, top_k=3)
         assert result.positive.positions[0] == 7  # its own stored vector, featurized the same way, is its top-1
         assert result.positive.scores[0] == pytest.approx(1.0, abs=1e-3)

@@ -65,7 +65,7 @@ def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, t
     assert explorer.computer(name).spec.params == LAST_LEVEL
     assert name.endswith("(mean, centered, normalized, kronecker, params up_blocks.1 conv_norm_out conv_out)")
     index = explorer.indexes[name]
-    result = explorer.attribute_image(index.train_images[11], index.meta["timesteps"][0][0], top_k=3)
+    result = explorer.attribute_image(index.train_images[11], index.meta.timesteps[0][0], top_k=3)
     assert result.positive.positions[0] == 11
 
 

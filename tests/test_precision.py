@@ -55,21 +55,23 @@ def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_
     assert name.endswith("(square, centered, normalized, kronecker, bf16)")
     assert explorer.computer(name).spec.precision == "bf16"
     index = explorer.indexes[name]
-    result = explorer.attribute_image(index.train_images[11], index.meta["timesteps"][0][0], top_k=3)
+    result = explorer.attribute_image(index.train_images[11], index.meta.timesteps[0][0], top_k=3)
     assert result.positive.positions[0] == 11  # its own stored vector, featurized the same way, is its top-1
     assert result.positive.scores[0] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_index_without_precision_loads_as_fp32_and_a_bad_one_is_refused(tiny_index_dir, tmp_path):
+def test_an_index_without_precision_or_with_a_bad_one_is_refused_naming_it(tiny_index_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_index_dir, old, ignore=shutil.ignore_patterns(FEATURES_NAME))
     meta = json.loads((old / META_NAME).read_text())
+    assert AttributionIndex.load(old).meta.spec.precision == "fp32"
     meta["spec"].pop("precision")
     (old / META_NAME).write_text(json.dumps(meta))
-    assert FeatureSpec(**AttributionIndex.load(old).meta["spec"]).precision == "fp32"
+    with pytest.raises(ExplorerError, match=r"spec is .*must hold exactly the FeatureSpec fields \(differs in precision\)"):
+        AttributionIndex.load(old)
     meta["spec"]["precision"] = "fp8"
     (old / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ExplorerError, match="spec.precision must be one of fp32, bf16"):
+    with pytest.raises(ExplorerError, match="spec.precision is 'fp8', must be one of fp32, bf16"):
         AttributionIndex.load(old)
 
 

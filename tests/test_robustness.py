@@ -39,10 +39,10 @@ REBUILD = "rebuild the index with `python -m precompute featurize`"
 # json_values holds lists of at most 3 items and keys of at most 8 characters, so it never builds a valid
 # spec, files, dataset (class_names has 11 characters) or lambda (one entry per bucket, 4 buckets).
 ALWAYS_INVALID = {
-    "spec": "(spec must hold exactly the FeatureSpec fields)",
-    "files": "(files must list exactly the bucket, whitening and training-data files with their sha256)",
-    "dataset": "(dataset.class_names must be a non-empty list of strings)",
-    "lambda": "(lambda must list one {value: number} per bucket)",
+    "spec": "must hold exactly the FeatureSpec fields",
+    "files": "must list exactly the bucket, whitening and training-data files with their sha256",
+    "dataset": "must be a non-empty list of strings",
+    "lambda": "must list one {value, relative, method, gcv_curve} per bucket",
 }
 
 
@@ -71,27 +71,26 @@ def expected_refusal(meta: dict, meta_path, key: str, value) -> list[str] | None
                 REBUILD,
             ]
         return None
+    field = "dataset.class_names" if key == "dataset" else key
     if key in ALWAYS_INVALID:
-        return [f"{where} is malformed {ALWAYS_INVALID[key]}", REBUILD]
+        return [f"{where} is malformed ({field} is ", ALWAYS_INVALID[key], REBUILD]
+    shown = "is missing" if value is MISSING else f"is {value!r}" if isinstance(value, str) else f"is {json.dumps(value)}"[:60]
+    bad = f"{where} is malformed ({key} {shown}"
     if key == "model_hash":
-        return (
-            None
-            if isinstance(value, str)
-            else [f"{where} is malformed (model_hash must be a string)", REBUILD]
-        )
+        return None if isinstance(value, str) else [bad, "must be a string", REBUILD]
     if key == "normalize":
-        if isinstance(value, bool):
-            return None
-        return [f"{where} is malformed (normalize, das and center must be true or false)", REBUILD]
+        return None if isinstance(value, bool) else [bad, "must be true or false", REBUILD]
     if key == "num_train_timesteps":
-        if not _whole(value, 1):
-            return [f"{where} is malformed (num_train_timesteps must be a positive integer)", REBUILD]
+        if value is MISSING or not _whole(value, 1):
+            return [bad, "must be a positive integer", REBUILD]
         if value < meta["spec"]["buckets"]:
-            return [f"{where} is malformed (spec.buckets exceeds num_train_timesteps)", REBUILD]
+            return [f"(spec.buckets {meta['spec']['buckets']} exceeds num_train_timesteps {value})", REBUILD]
+        if value <= max(max(bucket) for bucket in meta["timesteps"]):
+            return ["(timesteps is ", "must list the train timesteps of each of the", REBUILD]
         return None
     if key == "count":
-        if not _whole(value, 0):
-            return [f"{where} is malformed (count must be a non-negative integer)", REBUILD]
+        if value is MISSING or not _whole(value, 0):
+            return [bad, "must be a non-negative integer", REBUILD]
         if value == meta["count"]:
             return None
         rows, dim = meta["count"], meta["spec"]["proj_dim"]
@@ -124,7 +123,7 @@ def test_malformed_meta_is_refused_clearly(index_copy, key, value, drop):
         (index_copy / META_NAME).write_text(json.dumps(meta))
         if expected is None:
             loaded = AttributionIndex.load(index_copy)
-            assert loaded.meta[key] == value
+            assert loaded.meta.to_json()[key] == value
         else:
             with pytest.raises(ExplorerError) as error:
                 AttributionIndex.load(index_copy)

@@ -66,12 +66,12 @@ def test_centered_scores_equal_the_exact_solve():
 def test_served_index_reads_what_the_scoring_module_computes(tiny_index_dir, tmp_path):
     exact = reindex(tiny_index_dir, tmp_path / "fp32", FeaturizeOptions(storage="float32"))
     index = AttributionIndex.load(exact)
-    assert index.meta["center"] is True and index.meta["format_version"] == 3
+    assert index.meta.center is True and index.meta.format_version == 3
     raw = np.load(tiny_index_dir / FEATURES_NAME)  # (B, N, k)
     rng = np.random.default_rng(2)
     for bucket in range(index.buckets):
         phi_q = raw[bucket][:5] + rng.normal(scale=raw[bucket].std(), size=(5, raw.shape[2]))
-        scorer, _ = fit_bucket(raw[bucket], index.meta["lambda"][bucket]["relative"], center=True, normalize=True)
+        scorer, _ = fit_bucket(raw[bucket], index.meta.lambdas[bucket].relative, center=True, normalize=True)
         expected = all_scores(scorer.vectors(raw[bucket]), scorer.vectors(phi_q))
         served = all_scores(index.vectors(bucket), index.query_vectors(phi_q, np.full(5, bucket)))
         assert np.abs(served - expected).max() < 1e-6
@@ -94,5 +94,5 @@ def test_a_centered_index_without_its_centers_is_refused(tiny_index_dir, tmp_pat
 
 def test_plain_index_stays_readable_by_older_explorers(tiny_index_dir, tmp_path):
     plain = AttributionIndex.load(reindex(tiny_index_dir, tmp_path / "plain", FeaturizeOptions(center=False)))
-    assert plain.meta["center"] is False and plain.meta["format_version"] == 1
-    assert not any(name.startswith("center_") for name in plain.meta["files"])
+    assert plain.meta.center is False and plain.meta.format_version == 1
+    assert not any(name.startswith("center_") for name in plain.meta.file_hashes)

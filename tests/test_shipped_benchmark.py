@@ -84,10 +84,10 @@ def test_lds_scores_through_the_index_equal_the_scoring_module(truth_dir, tiny_m
     whole = queries.finals  # (G, C, S, S)
     served = index_scores(exact, tiny_model, whole, queries)
     raw = np.load(tiny_index_dir / FEATURES_NAME)  # (B, N, k)
-    computer = FeatureComputer(tiny_model, FeatureSpec(**exact.meta["spec"]))
+    computer = FeatureComputer(tiny_model, exact.meta.spec)
     query_phi = computer.all_bucket_features(torch.from_numpy(whole)).numpy()  # (G, B, k)
     for bucket in range(exact.buckets):
-        scorer, _ = fit_bucket(raw[bucket], exact.meta["lambda"][bucket]["relative"], center=True, normalize=True)
+        scorer, _ = fit_bucket(raw[bucket], exact.meta.lambdas[bucket].relative, center=True, normalize=True)
         expected = all_scores(scorer.vectors(raw[bucket]), scorer.vectors(query_phi[:, bucket]))
         assert np.abs(served.whole_by_bucket[:, bucket] - expected).max() < 1e-6
 
