@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExplorerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from explorer import ui
+    from explorer.web import ui
 
     ui.launch(ui.build(explorer), args.host, args.port)
     return 0

@@ -1,4 +1,4 @@
-"""What explorer.allocator's malloc settings change: `precompute featurize` with and without them, alternating.
+"""What precompute.allocator's malloc settings change: `precompute featurize` with and without them, alternating.
 
     flock /tmp/cpu.lock python bench/allocator_ab.py                           # default count-sketch, 256 images
     flock /tmp/cpu.lock python bench/allocator_ab.py --projector kronecker --rounds 6
@@ -79,7 +79,7 @@ def main() -> None:
           "rounds (medians)\n")
     print("| malloc | featurize s | peak RSS GB | page faults | system s |")
     print("|---|---|---|---|---|")
-    for name, label in (("defaults", "glibc defaults (EXPLORER_MALLOC_TUNING=0)"), ("tuned", "explorer.allocator")):
+    for name, label in (("defaults", "glibc defaults (EXPLORER_MALLOC_TUNING=0)"), ("tuned", "precompute.allocator")):
         print(f"| {label} | {statistics.median(r['seconds'] for r in runs[name]):.1f} | "
               f"{statistics.median(r['peak_rss_gb'] for r in runs[name]):.2f} | "
               f"{statistics.median(r['page_faults'] for r in runs[name]):.0f} | "

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explorer.calibration import calibrate  # noqa: E402
+from precompute.calibration import calibrate  # noqa: E402
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec, default_workers  # noqa: E402
+from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
+from precompute.featurizer import Featurizer, default_workers  # noqa: E402
 from explorer.index import FeatureSource, LambdaRecord, write_index  # noqa: E402
 from explorer.index_meta import DatasetInfo  # noqa: E402
 from explorer.model import load_model  # noqa: E402
@@ -95,7 +96,7 @@ def stage_profile(computer: FeatureComputer, x0: torch.Tensor, buckets: torch.Te
     return {name: statistics.median(values) for name, values in stages.items()}
 
 
-def end_to_end(computer: FeatureComputer, images: torch.Tensor, chunk: int, dataset) -> dict[str, float]:
+def end_to_end(computer: Featurizer, images: torch.Tensor, chunk: int, dataset) -> dict[str, float]:
     """One featurize run as precompute/featurize.py does it: features, whitening, I/O (seconds)."""
     n, nb, k = len(images), computer.spec.buckets, computer.spec.proj_dim
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +166,7 @@ def main() -> None:
                         "precompute featurize's, 2 on 2 or more threads); the stages run on one")
     parser.add_argument("--train-steps", type=int, default=10, help="training steps per timed repeat")
     parser.add_argument("--paths", nargs="+", default=["countsketch", "kronecker", "kronecker+calibrated"],
-                        help="projectors to profile; name+calibrated calibrates the spec first (explorer.calibration), "
+                        help="projectors to profile; name+calibrated calibrates the spec first (precompute.calibration), "
                              "kronecker+bf16 runs under bfloat16 autocast (FeatureSpec.precision)")
     parser.add_argument("--calibrate", type=int, default=16, help="training images the +calibrated paths calibrate on")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -190,12 +191,12 @@ def main() -> None:
             raise SystemExit(f"--paths {path!r}: use a projector name, optionally with +calibrated and/or +bf16")
         spec = FeatureSpec(output=args.output, buckets=args.buckets, projector=projector, proj_dim=args.proj_dim,
                            precision="bf16" if "bf16" in variants else "fp32")
-        if "calibrated" in variants:  # explorer.calibration on the first --calibrate images (not timed: once per index)
+        if "calibrated" in variants:  # precompute.calibration on the first --calibrate images (not timed: once per index)
             calibration = calibrate(model, spec, images[: args.calibrate], chunk_size=args.batch)
             spec = calibration.spec
             print(f"{path}: {calibration.summary()}")
         stages[path] = stage_profile(FeatureComputer(model, spec, chunk_size=args.batch), x0, buckets, args.repeats)
-        computers[path] = FeatureComputer(model, spec, chunk_size=args.batch, workers=workers)
+        computers[path] = Featurizer(model, spec, chunk_size=args.batch, workers=workers)
         computers[path].all_bucket_features(images[:16])  # untimed: first calls build oneDNN's kernels per thread
 
     # Interleaved repeats: the machine is shared, so each repeat times the training step and every

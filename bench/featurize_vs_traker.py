@@ -26,11 +26,11 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
      the arithmetic ours uses with --precision bf16 or mixed; not a traker setting, timed so that the part
      of our speed-up that is precision alone can be read off, and ours is also compared with the faster
      of traker's two arithmetics in each repeat.
-2. ours: FeatureComputer(FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10,
+2. ours: Featurizer(FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10,
    proj_dim=2048, projector=--projector, precision=--precision), workers=--workers).features(images,
    bucket 0), on --workers threads (precompute featurize's default: 2 on 2 cores, each single-threaded,
    against traker's one call at a time on all of torch's threads); with --calibrate n the spec is first
-   calibrated on n of the N training images (explorer.calibration, counted in our setup, as are the
+   calibrated on n of the N training images (precompute.calibration, counted in our setup, as are the
    workers' model copies). --workers-baseline 1 also times ours on one worker in the same repeats,
    so the part of the speed-up that is the worker threads can be read off.
 
@@ -71,9 +71,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from explorer.calibration import calibrate  # noqa: E402
+from precompute.calibration import calibrate  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec, default_workers  # noqa: E402
+from explorer.features import FeatureSpec  # noqa: E402
+from precompute.featurizer import Featurizer, default_workers  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from featurize_profile import seconds_per_sample, training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
@@ -131,22 +132,22 @@ def traker_featurize(model, output: DiffusionSquareOutput, train: torch.Tensor, 
     return seconds, grads[: len(train)], grads[len(train) :]
 
 
-def ours_featurize(computer: FeatureComputer, train: torch.Tensor, queries: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
+def ours_featurize(computer: Featurizer, train: torch.Tensor, queries: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
     started = time.perf_counter()
     phi = computer.features(train, torch.zeros(len(train), dtype=torch.long)).numpy()  # (N, k)
     seconds = time.perf_counter() - started
     return seconds, phi, computer.features(queries, torch.zeros(len(queries), dtype=torch.long)).numpy()
 
 
-def check_same_quantity(model, output: DiffusionSquareOutput, computer: FeatureComputer, images: torch.Tensor) -> float:
+def check_same_quantity(model, output: DiffusionSquareOutput, computer: Featurizer, images: torch.Tensor) -> float:
     """Max relative difference between traker's output gradient and ours on a few images (must be ~1e-6)."""
     weights = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    ours = exact_gradients(computer, images)
+    ours = exact_gradients(computer.computer, images)
     worst = 0.0
     for row, image in enumerate(images):
         grads = torch.func.grad(output.get_output, argnums=1)(model, weights, buffers, image)
-        flat = torch.cat([grads[name].reshape(-1) for name in computer.names]).numpy()
+        flat = torch.cat([grads[name].reshape(-1) for name in computer.computer.names]).numpy()
         worst = max(worst, float(np.abs(flat - ours[row]).max() / np.abs(ours[row]).max()))
     return worst
 
@@ -163,7 +164,7 @@ def main() -> None:
                         "--calibrate measures safe; kronecker only; FeatureSpec.precision)")
     parser.add_argument("--traker-bf16", action="store_true", help="also time traker best with its model under bfloat16 "
                         "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (FeatureComputer "
+    parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (precompute.featurizer "
                         "workers; default: precompute featurize's, 2 on 2 or more cores)")
     parser.add_argument("--workers-baseline", type=int, default=0, help="also time ours on this many worker threads "
                         "(e.g. 1), in the same repeats, for the speed-up of --workers alone (0: off)")
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--default-n", type=int, default=16, help="images timed with traker default (~18 s each)")
     parser.add_argument("--skip-default", action="store_true", help="leave out traker default (its slowest mode)")
     parser.add_argument("--calibrate", type=int, default=0, help="calibrate our spec on this many of the N training "
-                        "images (explorer.calibration; 0: off); its time counts in our setup")
+                        "images (precompute.calibration; 0: off); its time counts in our setup")
     parser.add_argument("--seeds", type=int, default=1, help="projection seeds the agreement is averaged over (traker "
                         "best and ours; the timed runs use seed 0)")
     parser.add_argument("--first-seed", type=int, default=0, help="the agreement's seeds are --first-seed .. --first-seed "
@@ -196,19 +197,19 @@ def main() -> None:
         calibration = calibrate(model, spec, train[: args.calibrate], chunk_size=args.chunk)
         spec = calibration.spec
         print(calibration.summary(), flush=True)
-    computer = FeatureComputer(model, spec, chunk_size=args.chunk, workers=args.workers)
+    computer = Featurizer(model, spec, chunk_size=args.chunk, workers=args.workers)
     our_setup = time.perf_counter() - started
     # traker's output is built from our FeatureComputer's timesteps and noise bank (bucket 0 of 1).
-    output = DiffusionSquareOutput(computer.draw_timesteps[0], computer.noise[0], model.scheduler.alphas_cumprod)
+    output = DiffusionSquareOutput(computer.computer.draw_timesteps[0], computer.computer.noise[0], model.scheduler.alphas_cumprod)
     unet = model.unet
-    print(f"timesteps {computer.draw_timesteps[0].tolist()}, noise bank {tuple(computer.noise[0].shape)}; "
+    print(f"timesteps {computer.computer.draw_timesteps[0].tolist()}, noise bank {tuple(computer.computer.noise[0].shape)}; "
           f"{computer.num_params:,} parameters; torch threads {torch.get_num_threads()}", flush=True)
     mismatch = check_same_quantity(unet, output, computer, train[:3])
     print(f"traker output gradient vs ours, max relative difference: {mismatch:.2e}", flush=True)
     if mismatch > 1e-4:
         raise SystemExit("the traker model output does not compute the same gradient as ours: fix it before timing")
 
-    exact = exact_gradients(computer, torch.cat([train, queries]))  # (N + Q, d)
+    exact = exact_gradients(computer.computer, torch.cat([train, queries]))  # (N + Q, d)
     exact_train, exact_queries = exact[: args.n], exact[args.n :]
     del exact
 
@@ -221,7 +222,7 @@ def main() -> None:
                                 projector=traker_projector(seed))[1:]
 
     def ours_other_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        other = FeatureComputer(model, dataclasses.replace(computer.spec, proj_seed=seed), chunk_size=args.chunk,
+        other = Featurizer(model, dataclasses.replace(computer.spec, proj_seed=seed), chunk_size=args.chunk,
                                 workers=args.workers)
         return ours_featurize(other, train, queries)[1:]
 
@@ -243,7 +244,7 @@ def main() -> None:
                     lambda: traker_featurize(unet, output, train, queries, args.proj_dim, args.traker_batch, half=False,
                                              projector=projector), traker_other_seed, args.n))
     if args.traker_bf16:
-        output_bf16 = DiffusionSquareOutput(computer.draw_timesteps[0], computer.noise[0], model.scheduler.alphas_cumprod, bf16=True)
+        output_bf16 = DiffusionSquareOutput(computer.computer.draw_timesteps[0], computer.computer.noise[0], model.scheduler.alphas_cumprod, bf16=True)
         methods.append(("traker best, bf16 autocast", "as traker best, its model under torch.autocast(bfloat16) (not a traker "
                         "setting)", traker_setup,
                         lambda: traker_featurize(unet, output_bf16, train, queries, args.proj_dim, args.traker_batch, half=False,
@@ -253,7 +254,7 @@ def main() -> None:
     if computer.spec.precision == "mixed":
         calibrated += f", bf16 below t = {computer.spec.bf16_below}"
     if args.workers_baseline:  # the same computation on fewer threads, timed in the same repeats: the workers' share
-        baseline = FeatureComputer(model, computer.spec, chunk_size=args.chunk, workers=args.workers_baseline)
+        baseline = Featurizer(model, computer.spec, chunk_size=args.chunk, workers=args.workers_baseline)
         methods.append((f"ours on {args.workers_baseline} worker thread(s)", f"as ours, workers={args.workers_baseline}",
                         our_setup, lambda: ours_featurize(baseline, train, queries), None, args.n))
     methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
@@ -329,7 +330,7 @@ def main() -> None:
         print(f"| {row['method']} | {row['settings']} | {row['n']} | {row['setup_s']:.1f} | {row['median_images_per_s']:.3f} | {agree} |")
     print("\n" + ", ".join(f"ours / {name}: {ratio:.1f}x" for name, ratio in ratios.items())
           + " (median over repeats of the within-repeat ratio)")
-    pairs = ours_n * computer.draw_timesteps.shape[1]  # (example, timestep) pairs per featurize run
+    pairs = ours_n * computer.computer.draw_timesteps.shape[1]  # (example, timestep) pairs per featurize run
     versus_training = [mine / pairs / train for mine, train in zip(times[ours_name], train_per_sample)]
     cost = {"ms_per_example_timestep": statistics.median(times[ours_name]) / pairs * 1e3,
             "train_step_ms_per_sample": statistics.median(train_per_sample) * 1e3,

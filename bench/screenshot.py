@@ -42,7 +42,7 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from explorer import ui
+    from explorer.web import ui
     from explorer.attribution import Explorer
 
     explorer = Explorer.from_dirs(args.model, [args.index])

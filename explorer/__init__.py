@@ -1,1 +1,1 @@
-"""Diffusion Attribution Explorer: the engine library (no gradio outside explorer.ui)."""
+"""Diffusion Attribution Explorer: the engine library (no gradio outside explorer.web)."""

@@ -14,24 +14,17 @@ Two ways to get phi, chosen by spec.projector:
   activations and output gradients separately (explorer.kronecker); the full per-example gradients
   are never formed.
 
-With workers > 1, features() runs its chunks on that many threads, each with its own copy of the
-model (hooks and functional_call are per module) and torch's intra-op threads divided among them.
-On 2 cores, two single-threaded workers featurize ~1.1x faster than one chunk at a time on both
-cores: many of the model's operations are too small to keep two threads busy.
+Offline featurization runs these chunks on worker threads (precompute.featurizer); the engine runs them in turn.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-from explorer.allocator import keep_freed_memory
 from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
@@ -57,7 +50,7 @@ class FeatureSpec:
     proj_dim: int = 512  # k; 512 beats 2048 on LDS (docs/evaluation.md)
     proj_seed: int = 0  # seeds the projector
     params: tuple[str, ...] = ()  # parameter-name prefixes whose gradient is featurized; empty: all (select_params)
-    # From explorer.calibration (both empty unless an index was built with --calibrate):
+    # From precompute.calibration (both empty unless an index was built with --calibrate):
     exact_params: tuple[str, ...] = ()  # parameter tensors kept as exact coordinates in front of the projection
     exact_layers: tuple[str, ...] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
     precision: str = "fp32"  # kronecker only: bf16 runs the forward and backward under bfloat16 autocast (PRECISIONS)
@@ -79,7 +72,7 @@ NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
 # timesteps, where x_t is mostly the shared noise: at t = 950 the scores' agreement with exact ones falls from
 # 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
 # mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells the stored
-# bucket features apart (explorer.calibration measures that and picks bf16_below), and the rest in fp32.
+# bucket features apart (precompute.calibration measures that and picks bf16_below), and the rest in fp32.
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
@@ -132,12 +125,6 @@ def bucket_of_timestep(timestep: int, buckets: int, num_train_timesteps: int) ->
     return min(buckets - 1, timestep * buckets // num_train_timesteps)
 
 
-def default_workers() -> int:
-    """Worker threads for offline featurization: 2 where torch has at least 2 intra-op threads (measured on 2 cores;
-    more workers than that are not measured), else 1."""
-    return min(2, torch.get_num_threads())
-
-
 def noise_bank(spec: FeatureSpec, timesteps: list[list[int]], shape: tuple[int, int, int]) -> torch.Tensor:
     """(buckets, m R, C, H, W): eps_{t,r} from a generator seeded by (noise_seed, t, r)."""
     bank = []
@@ -149,6 +136,13 @@ def noise_bank(spec: FeatureSpec, timesteps: list[list[int]], shape: tuple[int, 
                 draws.append(torch.randn(shape, generator=generator))
         bank.append(torch.stack(draws))
     return torch.stack(bank)
+
+
+def every_bucket(features, images: torch.Tensor, buckets: int) -> torch.Tensor:
+    """features(pairs, buckets) over every (image, bucket) pair of images (N, C, H, W) -> (N, buckets, k)."""
+    n = len(images)
+    pairs = images.repeat_interleave(buckets, dim=0)  # (N B, C, H, W), example-major
+    return features(pairs, torch.arange(buckets).repeat(n)).view(n, buckets, -1)
 
 
 @dataclass(frozen=True)
@@ -165,12 +159,9 @@ class Chunk:
 class FeatureComputer:
     """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
 
-    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1, *,
-                 replica: bool = False):
-        if workers < 1:
-            raise ExplorerError(f"workers {workers} must be >= 1, e.g. --workers {default_workers()}")
-        keep_freed_memory()  # no page faults on every chunk's fresh activations (explorer.allocator)
-        self.model, self.spec, self.chunk_size, self.workers = model, spec, chunk_size, workers
+    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, *, quiet: bool = False):
+        """quiet: skip the precision warnings (a worker's copy of a computer that has given them)."""
+        self.model, self.spec, self.chunk_size = model, spec, chunk_size
         self.output_fn = get_output_function(spec.output)
         T = model.num_train_timesteps
         self.timesteps = bucket_timesteps(spec, T)
@@ -194,11 +185,11 @@ class FeatureComputer:
                                 f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}")
         if spec.precision != "mixed" and spec.bf16_below:
             raise ExplorerError(f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}")
-        if spec.precision == "bf16" and not replica:  # a worker's replica: its computer has said it
+        if spec.precision == "bf16" and not quiet:
             logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
                            "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
                            "timestep-averaged outputs only (bench/precision_agreement.py)")
-        if spec.precision != "fp32" and not replica and not native_bf16():
+        if spec.precision != "fp32" and not quiet and not native_bf16():
             logger.warning(f"this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision {spec.precision} "
                            "is emulated here and slower than fp32")
         self.projector, self.kronecker = None, None
@@ -208,13 +199,12 @@ class FeatureComputer:
         else:
             if spec.exact_layers:
                 raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
-                                    f"{spec.projector!r}: calibrate without them (explorer.calibration.calibrate)")
+                                    f"{spec.projector!r}: calibrate without them (precompute.calibration.calibrate)")
             sizes = {name: p.numel() for name, p in self.params.items()}
             kept, kept_width = kept_mask(self.names, sizes, spec.exact_params, spec.proj_dim)
             inner = make_projector(spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
-        self._replicas = [self._replica() for _ in range(workers - 1)]  # the other workers' computers
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)
@@ -234,6 +224,11 @@ class FeatureComputer:
 
     def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
         """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket) pair."""
+        chunks = self.plan(images, buckets)
+        return self.combine(len(images), chunks, self.run_chunks(images, buckets, chunks))
+
+    def plan(self, images: torch.Tensor, buckets: torch.Tensor) -> list[Chunk]:
+        """Check the pairs and split them into the forwards (chunks) that featurize them."""
         self._check(images)
         if tuple(buckets.shape) != (len(images),):
             raise ExplorerError(f"buckets of shape {tuple(buckets.shape)} do not pair with {len(images)} images: give one bucket each")
@@ -242,14 +237,12 @@ class FeatureComputer:
             if low < 0 or high >= self.spec.buckets:
                 raise ExplorerError(f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
                                     f"buckets 0..{self.spec.buckets - 1}")
-        chunks = self._plan(buckets)
-        if not chunks:
-            return torch.zeros(0, self.spec.proj_dim)
-        workers = min(self.workers, len(chunks))
-        phi = self._chunks(images, buckets, chunks) if workers == 1 else \
-            self._parallel_chunks(images, buckets, chunks, workers)
-        out = torch.zeros(len(images), self.spec.proj_dim)
-        for chunk, part in zip(chunks, phi):  # under mixed a pair's bf16 and fp32 columns come from two chunks
+        return self._plan(buckets)
+
+    def combine(self, pairs: int, chunks: list[Chunk], parts: list[torch.Tensor]) -> torch.Tensor:
+        """The chunks' parts -> phi (pairs, k)."""
+        out = torch.zeros(pairs, self.spec.proj_dim)
+        for chunk, part in zip(chunks, parts):  # under mixed a pair's bf16 and fp32 columns come from two chunks
             out.index_add_(0, chunk.rows, part)
         return out
 
@@ -285,7 +278,7 @@ class FeatureComputer:
         of cache."""
         return max(1, min(self.chunk_size, KRONECKER_ROWS // rows_per_pair))
 
-    def _chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]) -> list[torch.Tensor]:
+    def run_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
         for chunk in chunks:
@@ -300,28 +293,6 @@ class FeatureComputer:
             phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16), groups=len(x0))
             out.append(phi * chunk.share if chunk.share != 1 else phi)
         return out
-
-    def _parallel_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk],
-                         workers: int) -> list[torch.Tensor]:
-        """_chunks, the chunks dealt round-robin to `workers` threads (this computer and its replicas)."""
-        computers = [self, *self._replicas][:workers]
-
-        def run(worker: int) -> list[torch.Tensor]:
-            return computers[worker]._chunks(images, buckets, chunks[worker::workers])
-
-        threads = torch.get_num_threads()  # a process-wide setting: divided among the workers, restored after
-        torch.set_num_threads(max(1, threads // workers))
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurize") as pool:
-                per_worker = list(pool.map(run, range(workers)))
-        finally:
-            torch.set_num_threads(threads)
-        return [per_worker[index % workers][index // workers] for index in range(len(chunks))]
-
-    def _replica(self) -> FeatureComputer:
-        """The same computer on its own copy of the model, for a worker thread."""
-        model = dataclasses.replace(self.model, unet=copy.deepcopy(self.model.unet))
-        return FeatureComputer(model, self.spec, chunk_size=self.chunk_size, replica=True)
 
     def exact_gradients(self, x0: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W), buckets (P,)."""
@@ -357,7 +328,7 @@ class FeatureComputer:
 
     def timestep_features(self, images: torch.Tensor, bucket: int, timestep: int, bf16: bool) -> torch.Tensor:
         """(P, k): kronecker features of images (P, C, H, W) at one timestep of a bucket alone (its R noise draws),
-        all in bf16 or all in fp32; what explorer.calibration compares to choose bf16_below."""
+        all in bf16 or all in fp32; what precompute.calibration compares to choose bf16_below."""
         if self.kronecker is None:
             raise ExplorerError(f"timestep features need the kronecker projector, not {self.spec.projector!r}")
         columns = self.draw_timesteps[bucket] == timestep  # (mR,)
@@ -371,10 +342,7 @@ class FeatureComputer:
 
     def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, C, H, W) -> phi (N, buckets, k)."""
-        n, nb = len(images), self.spec.buckets
-        pairs = images.repeat_interleave(nb, dim=0)  # (N nb, C, H, W), example-major
-        buckets = torch.arange(nb).repeat(n)
-        return self.features(pairs, buckets).view(n, nb, -1)
+        return every_bucket(self.features, images, self.spec.buckets)
 
     @torch.no_grad()
     def residual_norms(self, images: torch.Tensor) -> torch.Tensor:

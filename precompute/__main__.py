@@ -136,7 +136,7 @@ def run_featurize(args) -> None:
 
     import torch
 
-    from explorer.calibration import calibrate, calibration_rows
+    from precompute.calibration import calibrate, calibration_rows
     from explorer.data import load_dataset, to_model_range, train_heldout_split
     from explorer.features import FeatureSpec
     from explorer.model import load_model

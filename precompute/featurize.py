@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec, default_workers
+from explorer.features import FeatureSpec
 from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, FeatureSource, LambdaRecord, write_index
 from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
 from explorer.scoring import fit_bucket
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
+from precompute.featurizer import Featurizer, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class FeaturizeOptions:
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
-    workers: int | None = None  # featurizing threads (FeatureComputer workers); None: default_workers()
+    workers: int | None = None  # featurizing threads (precompute.featurizer); None: default_workers()
 
 
 @dataclass
@@ -146,7 +147,7 @@ def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec
     if (out_dir / META_NAME).is_file() and not (out_dir / PARTIAL_DIR).exists():
         raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
     workers = default_workers() if options.workers is None else options.workers
-    computer = FeatureComputer(model, spec, chunk_size=options.chunk_size, workers=workers)
+    computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
     n, nb, k = len(dataset), spec.buckets, spec.proj_dim
     config = _partial_config(model, dataset, spec, options)
     features, residuals, done, done_path = _open_partial(out_dir, config, (nb, n, k), options.das_weights)

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from explorer.atomic import write_atomic, write_json_atomic
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep, default_workers
+from explorer.features import FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
 from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from precompute.featurizer import Featurizer, default_workers
 from precompute.ground_truth import QuerySet
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def query_buckets(spec: FeatureSpec, queries: QuerySet, num_train_timesteps: int
 def compute_features(model: DiffusionModel, spec: FeatureSpec, train_images: np.ndarray, queries: QuerySet,
                      residuals: bool = False, chunk: int = 64) -> FeatureSet:
     """train_images (N, C, H, W) in [-1, 1] -> a FeatureSet (gradients only for the buckets needed)."""
-    computer = FeatureComputer(model, spec, chunk_size=chunk, workers=default_workers())
+    computer = Featurizer(model, spec, chunk_size=chunk, workers=default_workers())
     buckets = query_buckets(spec, queries, model.num_train_timesteps)
     needed = sorted(set(buckets[buckets >= 0].tolist()))
     n, k = len(train_images), spec.proj_dim

@@ -39,7 +39,7 @@ def start_app(model_dir: str | Path, *index_dirs: str | Path) -> RunningApp:
     """Load the explorer and launch the UI in this process (non-blocking); reused across test files."""
     key = (str(model_dir), *map(str, index_dirs))
     if key not in _apps:
-        from explorer import ui
+        from explorer.web import ui
         from explorer.attribution import Explorer
 
         explorer = Explorer.from_dirs(model_dir, list(index_dirs))

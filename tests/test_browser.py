@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
 
-from explorer.ui_handlers import NO_INFLUENCER, ROLLOUT_COMPLETIONS
+from explorer.web.handlers import NO_INFLUENCER, ROLLOUT_COMPLETIONS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -165,7 +165,7 @@ def test_clicking_an_influencer_shows_when_it_mattered(page, generated: dict, ti
 def test_clicking_the_trajectory_strip_jumps_to_that_step(
     page, generated: dict, timesteps: list[int]
 ) -> None:
-    # the strip's third thumbnail (ui_handlers.Session.strip_steps)
+    # the strip's third thumbnail (explorer.web.handlers.Session.strip_steps)
     step = int(np.linspace(0, len(timesteps) - 1, 10).round()[2])
     thumbnail = page.locator(".strip button.thumbnail-item").nth(2)
     assert thumbnail.locator(".caption-label").text_content() == f"t={timesteps[step]}"

@@ -9,7 +9,7 @@ from torch import nn
 
 from cli import run_featurize
 from explorer.attribution import Explorer
-from explorer.calibration import EXACT_LAYER_SHARE, calibrate, calibration_rows, choose_kept, gradient_shares
+from precompute.calibration import EXACT_LAYER_SHARE, calibrate, calibration_rows, choose_kept, gradient_shares
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec

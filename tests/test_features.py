@@ -5,6 +5,7 @@ import torch
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep, bucket_timesteps, noise_bank
+from precompute.featurizer import Featurizer
 
 
 def test_bucket_timesteps_cover_their_ranges():
@@ -77,7 +78,7 @@ def test_worker_threads_compute_the_same_features(tiny_model, digits_splits, pro
     buckets = torch.arange(11) % 3
     one = FeatureComputer(tiny_model, spec, chunk_size=2).features(images, buckets)
     threads = torch.get_num_threads()
-    parallel = FeatureComputer(tiny_model, spec, chunk_size=2, workers=3)  # 6 chunks (or 1 per 40 rows), dealt 2 each
+    parallel = Featurizer(tiny_model, spec, chunk_size=2, workers=3)  # 6 chunks (or 1 per 40 rows), dealt 2 each
     for _ in range(2):  # the replicas are reused
         assert torch.allclose(parallel.features(images, buckets), one, rtol=1e-4, atol=1e-6 * float(one.abs().max()))
     assert torch.get_num_threads() == threads
@@ -88,4 +89,4 @@ def test_worker_threads_compute_the_same_features(tiny_model, digits_splits, pro
 
 def test_workers_must_be_positive(tiny_model, tiny_spec):
     with pytest.raises(ExplorerError, match="workers 0 must be >= 1"):
-        FeatureComputer(tiny_model, tiny_spec, workers=0)
+        Featurizer(tiny_model, tiny_spec, workers=0)

@@ -5,14 +5,15 @@ import json
 
 import pytest
 import torch
-
 from cli import run_featurize
+
 from explorer.attribution import Explorer
-from explorer.calibration import MAX_BF16_MOVE, bf16_moves, calibrate, choose_bf16_below
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
+from precompute.calibration import MAX_BF16_MOVE, bf16_moves, calibrate, choose_bf16_below
+from precompute.featurizer import Featurizer
 
 # timesteps of the tiny model (T = 1000): bucket 0 [83, 250], bucket 1 [416, 583], bucket 2 [750, 916]
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, projector="kronecker", proj_dim=256)
@@ -51,7 +52,7 @@ def test_mixed_features_run_each_timestep_in_its_precision(tiny_model, images):
 def test_mixed_with_two_workers_equals_one(tiny_model, images):
     buckets = torch.tensor([0, 1, 2, 1, 2, 0])
     one = FeatureComputer(tiny_model, MIXED, chunk_size=2).features(images, buckets)
-    two = FeatureComputer(tiny_model, MIXED, chunk_size=2, workers=2).features(images, buckets)
+    two = Featurizer(tiny_model, MIXED, chunk_size=2, workers=2).features(images, buckets)
     assert _relative(two, one).max() < 1e-5
 
 
@@ -121,7 +122,7 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
     meta = json.loads((out / META_NAME).read_text())
     meta["spec"]["bf16_below"] = -1
     (out / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ExplorerError, match="spec.bf16_below must be a non-negative integer"):
+    with pytest.raises(ExplorerError, match="spec.bf16_below is -1, must be an integer >= 0"):
         AttributionIndex.load(out)
 
 
@@ -138,7 +139,7 @@ def test_mixed_warns_where_bf16_is_emulated(tiny_model, monkeypatch, caplog):
 
     monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
-        FeatureComputer(tiny_model, MIXED, workers=2)
+        Featurizer(tiny_model, MIXED, workers=2)
     warnings = [record.getMessage() for record in caplog.records]
     assert sum("--precision mixed is emulated" in message for message in warnings) == 1, warnings  # not once per worker
 

@@ -6,14 +6,15 @@ import shutil
 
 import pytest
 import torch
-
 from cli import run_featurize
+
 from explorer.attribution import Explorer
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
 from precompute.featurize import FEATURES_NAME
+from precompute.featurizer import Featurizer
 
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, projector="kronecker", proj_dim=256)
 
@@ -81,7 +82,7 @@ def test_bf16_warns_of_high_timesteps_and_of_emulation(tiny_model, monkeypatch, 
     assert isinstance(features.native_bf16(), bool)
     monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
-        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"), workers=3)
+        Featurizer(tiny_model, dataclasses.replace(SPEC, precision="bf16"), workers=3)
     assert "emulated" in caplog.text and "high timesteps" in caplog.text
     assert caplog.text.count("high timesteps") == 1, "the workers' replicas do not repeat the warnings"
     caplog.clear()

@@ -233,7 +233,7 @@ def allocator_command(args: dict) -> str:
 
 
 @page("docs/benchmarks/allocator.md", "Memory allocator settings",
-      "featurize time, peak memory and page faults with and without explorer.allocator's glibc malloc "
+      "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
       "settings", *ALLOCATOR)
 def allocator() -> str:
     rows = []
@@ -255,7 +255,7 @@ def allocator() -> str:
     first = load(ALLOCATOR[0])["args"]
     intro = para(f"""
         `FeatureComputer` sets glibc's malloc, once per process, to serve blocks under 32 MiB from its heap
-        and never to shrink it (`explorer/allocator.py`; `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
+        and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
         What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first['images']}`
         in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first['rounds']}
         rounds), and reads from each process its featurization seconds (featurize's own report), peak RSS,

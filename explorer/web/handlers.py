@@ -22,7 +22,7 @@ import gradio.utils as gr_utils
 import numpy as np
 from gradio.components.plot import PlotData
 
-from explorer import plots
+from explorer.web import plots
 from explorer.attribution import MAX_TOP_K, Explorer, StepAttribution, TrajectoryAttribution
 from explorer.data import load_image_file
 from explorer.errors import ExplorerError, whole_number

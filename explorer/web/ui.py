@@ -1,15 +1,15 @@
 """The Gradio web UI: generate a digit, scrub the denoising steps, watch influencers and likelihoods.
 
 `build(explorer)` lays out the page and wires every event (each with an explicit api_name) to
-the handlers in ui_handlers.py; `launch` serves it offline (system fonts, no analytics, no
-server-side rendering). Only this module, ui_handlers.py and plots.py import gradio or plotly.
+the handlers in handlers.py; `launch` serves it offline (system fonts, no analytics, no
+server-side rendering). Only this package (ui.py, handlers.py, plots.py) imports gradio or plotly.
 """
 
 import gradio as gr
 
 from explorer.attribution import Explorer
 from explorer.sampler import MAX_SEED, MIN_STEPS
-from explorer.ui_handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, Handlers
+from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, Handlers
 
 UI_MAX_STEPS = 200  # sampler steps offered by the slider (the engine accepts up to 1000)
 UI_MAX_TOP_K = 32
@@ -93,7 +93,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                     image_positive = gr.Gallery(label="top positive influencers", columns=8, **influencers)
                     image_negative = gr.Gallery(label="top negative influencers (least aligned where fewer are negative)", columns=8, **influencers)
 
-        # Handlers return serialized outputs (see ui_handlers), hence postprocess=False; the heavy
+        # Handlers return serialized outputs (see handlers), hence postprocess=False; the heavy
         # engine calls share one queue ("engine") so they never oversubscribe the CPU together.
         view = [slider, xt, x0, positive, negative, plot, step_info]
         chosen_views = [chosen, chosen_plot, chosen_info]

@@ -1,0 +1,82 @@
+"""The offline featurizer: the engine's FeatureComputer plus what only a featurize of a whole training set needs.
+
+- Worker threads: the computer's chunks are dealt round-robin to `workers` threads, each with its own copy of
+  the model (hooks and functional_call are per module) and torch's intra-op threads divided among them. On 2
+  cores, two single-threaded workers featurize ~1.1x faster than one chunk at a time on both cores: many of
+  the model's operations are too small to keep two threads busy.
+- glibc malloc settings that keep freed memory for the next chunk (precompute.allocator).
+
+Calibration (precompute.calibration) picks the spec's exact coordinates and bf16 range before this runs;
+the features themselves are the engine's, so queries featurized by the explorer match them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from explorer.errors import ExplorerError
+from explorer.features import FeatureComputer, FeatureSpec, every_bucket
+from explorer.model import DiffusionModel
+from precompute.allocator import keep_freed_memory
+
+
+def default_workers() -> int:
+    """2 where torch has at least 2 intra-op threads (measured on 2 cores; more workers are not measured), else 1."""
+    return min(2, torch.get_num_threads())
+
+
+class Featurizer:
+    """features / all_bucket_features / residual_norms of a FeatureComputer, its chunks run on worker threads."""
+
+    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1):
+        if workers < 1:
+            raise ExplorerError(f"workers {workers} must be >= 1, e.g. --workers {default_workers()}")
+        keep_freed_memory()  # no page faults on every chunk's fresh activations
+        self.computer = FeatureComputer(model, spec, chunk_size)
+        self.workers = workers
+        self._replicas = [FeatureComputer(dataclasses.replace(model, unet=copy.deepcopy(model.unet)), spec, chunk_size,
+                                          quiet=True) for _ in range(workers - 1)]
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.computer.spec
+
+    @property
+    def timesteps(self) -> list[list[int]]:
+        return self.computer.timesteps
+
+    @property
+    def num_params(self) -> int:
+        return self.computer.num_params
+
+    def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """What FeatureComputer.features returns, its chunks dealt to the worker threads."""
+        chunks = self.computer.plan(images, buckets)
+        workers = min(self.workers, len(chunks))
+        if workers <= 1:
+            return self.computer.combine(len(images), chunks, self.computer.run_chunks(images, buckets, chunks))
+        computers = [self.computer, *self._replicas][:workers]
+
+        def run(worker: int) -> list[torch.Tensor]:
+            return computers[worker].run_chunks(images, buckets, chunks[worker::workers])
+
+        threads = torch.get_num_threads()  # a process-wide setting: divided among the workers, restored after
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurize") as pool:
+                per_worker = list(pool.map(run, range(workers)))
+        finally:
+            torch.set_num_threads(threads)
+        parts = [per_worker[index % workers][index // workers] for index in range(len(chunks))]
+        return self.computer.combine(len(images), chunks, parts)
+
+    def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, H, W) -> phi (N, buckets, k)."""
+        return every_bucket(self.features, images, self.spec.buckets)
+
+    def residual_norms(self, images: torch.Tensor) -> torch.Tensor:
+        return self.computer.residual_norms(images)
