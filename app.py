@@ -16,12 +16,24 @@ DEFAULT_MODEL, DEFAULT_INDEX = "assets/model", "assets/index"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: %(default)s)")
-    parser.add_argument("--index", action="append", metavar="DIR",
-                        help=f"attribution index directory; repeat to offer several methods (default: {DEFAULT_INDEX})")
-    parser.add_argument("--classifier", default=None, help="feature classifier directory (default: MODEL/classifier)")
-    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument(
+        "--index",
+        action="append",
+        metavar="DIR",
+        help=f"attribution index directory; repeat to offer several methods (default: {DEFAULT_INDEX})",
+    )
+    parser.add_argument(
+        "--classifier", default=None, help="feature classifier directory (default: MODEL/classifier)"
+    )
+    parser.add_argument(
+        "--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port (default: $GRADIO_SERVER_PORT or 7860)",
+    )
     args = parser.parse_args(argv)
     args.index = args.index or [DEFAULT_INDEX]
     if args.host is None:

@@ -1,6 +1,8 @@
-"""What precompute.allocator's malloc settings change: `precompute featurize` with and without them, alternating.
+"""What precompute.allocator's malloc settings change: `precompute featurize` with and without them,
+alternating.
 
-    flock /tmp/cpu.lock python bench/allocator_ab.py                           # default count-sketch, 256 images
+    flock /tmp/cpu.lock python bench/allocator_ab.py                           # default count-sketch, 256
+    images
     flock /tmp/cpu.lock python bench/allocator_ab.py --projector kronecker --rounds 6
 
 Each round runs the same featurize command twice in fresh processes, once with EXPLORER_MALLOC_TUNING=0
@@ -36,8 +38,22 @@ sys.exit(code)
 
 
 def featurize_once(args, tuned: bool, out: Path) -> dict:
-    command = [sys.executable, "-c", CHILD, "featurize", "--model", args.model, "--data", "mnist5k", "--out", str(out),
-               "--projector", args.projector, "--limit", str(args.images)]
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        "featurize",
+        "--model",
+        args.model,
+        "--data",
+        "mnist5k",
+        "--out",
+        str(out),
+        "--projector",
+        args.projector,
+        "--limit",
+        str(args.images),
+    ]
     if args.calibrate:
         command += ["--calibrate", str(args.calibrate)]
     command += shlex.split(args.featurize_args)
@@ -47,18 +63,31 @@ def featurize_once(args, tuned: bool, out: Path) -> dict:
         raise SystemExit(f"featurize failed:\n{result.stderr[-2000:]}")
     seconds = float(re.search(r"gradients in ([0-9.]+) s", result.stdout).group(1))
     rss_kb, faults, system = re.search(r"RUSAGE (\d+) (\d+) ([0-9.]+)", result.stdout).groups()
-    return {"seconds": seconds, "peak_rss_gb": int(rss_kb) / 1e6, "page_faults": int(faults), "system_s": float(system)}
+    return {
+        "seconds": seconds,
+        "peak_rss_gb": int(rss_kb) / 1e6,
+        "page_faults": int(faults),
+        "system_s": float(system),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "assets/model"))
     parser.add_argument("--projector", default="countsketch")
     parser.add_argument("--calibrate", type=int, default=0, help="featurize --calibrate N (0: off)")
-    parser.add_argument("--images", type=int, default=256, help="featurize --limit: training images x all buckets")
+    parser.add_argument(
+        "--images", type=int, default=256, help="featurize --limit: training images x all buckets"
+    )
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--featurize-args", default="", help="more featurize options, e.g. \"--output square --buckets 1 "
-                        "--timesteps-per-bucket 10 --proj-dim 2048\" (the traker bench's spec) or \"--workers 1\"")
+    parser.add_argument(
+        "--featurize-args",
+        default="",
+        help='more featurize options, e.g. "--output square --buckets 1 '
+        '--timesteps-per-bucket 10 --proj-dim 2048" (the traker bench\'s spec) or "--workers 1"',
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -70,23 +99,37 @@ def main() -> None:
                 name = "tuned" if tuned else "defaults"
                 runs[name].append(featurize_once(args, tuned, Path(scratch) / f"{name}{round_}"))
                 run = runs[name][-1]
-                print(f"round {round_ + 1}, {name}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_gb']:.2f} GB, "
-                      f"{run['page_faults']} page faults, {run['system_s']:.1f} s system", flush=True)
+                print(
+                    f"round {round_ + 1}, {name}: {run['seconds']:.1f} s, peak RSS "
+                    f"{run['peak_rss_gb']:.2f} GB, "
+                    f"{run['page_faults']} page faults, {run['system_s']:.1f} s system",
+                    flush=True,
+                )
 
     speedup = statistics.median(d["seconds"] / t["seconds"] for d, t in zip(runs["defaults"], runs["tuned"]))
-    print(f"\nprecompute featurize --projector {args.projector} --limit {args.images}"
-          f"{f' --calibrate {args.calibrate}' if args.calibrate else ''} {args.featurize_args}, {args.rounds} alternating "
-          "rounds (medians)\n")
+    print(
+        f"\nprecompute featurize --projector {args.projector} --limit {args.images}"
+        f"{f' --calibrate {args.calibrate}' if args.calibrate else ''} {args.featurize_args}, "
+        f"{args.rounds} alternating "
+        "rounds (medians)\n"
+    )
     print("| malloc | featurize s | peak RSS GB | page faults | system s |")
     print("|---|---|---|---|---|")
-    for name, label in (("defaults", "glibc defaults (EXPLORER_MALLOC_TUNING=0)"), ("tuned", "precompute.allocator")):
-        print(f"| {label} | {statistics.median(r['seconds'] for r in runs[name]):.1f} | "
-              f"{statistics.median(r['peak_rss_gb'] for r in runs[name]):.2f} | "
-              f"{statistics.median(r['page_faults'] for r in runs[name]):.0f} | "
-              f"{statistics.median(r['system_s'] for r in runs[name]):.1f} |")
+    for name, label in (
+        ("defaults", "glibc defaults (EXPLORER_MALLOC_TUNING=0)"),
+        ("tuned", "precompute.allocator"),
+    ):
+        print(
+            f"| {label} | {statistics.median(r['seconds'] for r in runs[name]):.1f} | "
+            f"{statistics.median(r['peak_rss_gb'] for r in runs[name]):.2f} | "
+            f"{statistics.median(r['page_faults'] for r in runs[name]):.0f} | "
+            f"{statistics.median(r['system_s'] for r in runs[name]):.1f} |"
+        )
     print(f"\ntuned / defaults: {speedup:.2f}x faster (median of the within-round ratios)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "speedup": speedup}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "runs": runs, "speedup": speedup}, indent=2)
+        )
 
 
 if __name__ == "__main__":

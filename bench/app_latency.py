@@ -41,7 +41,9 @@ def wait_for_page(url: str, process: subprocess.Popen, timeout_s: float) -> floa
     started = time.perf_counter()
     while time.perf_counter() - started < timeout_s:
         if process.poll() is not None:
-            raise SystemExit(f"app.py exited with status {process.returncode} before serving the page (see its log above)")
+            raise SystemExit(
+                f"app.py exited with status {process.returncode} before serving the page (see its log above)"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -63,7 +65,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="assets/model")
     parser.add_argument("--index", default="assets/index")
     parser.add_argument("--steps", type=int, default=50)
@@ -77,14 +81,25 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, GRADIO_PROFILING="1")
-    command = [sys.executable, str(ROOT / "app.py"), "--model", args.model, "--index", args.index, "--port", str(port)]
+    command = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--model",
+        args.model,
+        "--index",
+        args.index,
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         startup_s = wait_for_page(url, process, timeout_s=180)
         print(f"start-up: page served {startup_s:.1f} s after `{' '.join(command[1:])}` started")
         client = Client(url, verbose=False, download_files=False)
         api = client.view_api(print_info=False, return_format="dict")
-        index_name = api["named_endpoints"]["/generate"]["parameters"][3]["parameter_default"]  # the dropdown's default
+        index_name = api["named_endpoints"]["/generate"]["parameters"][3][
+            "parameter_default"
+        ]  # the dropdown's default
 
         measured: dict[str, float] = {}
         for label, seed in (("cold", args.seed), ("warm", args.seed + 1)):
@@ -94,38 +109,60 @@ def main() -> None:
             handler = measured[f"generate_{label}"] = traces(url, "generate")[-1]["fn_call_ms"] / 1e3
             status = out[9]
             assert len(out[5]) == 8 and len(out[6]) == 8, "generate returned no galleries"
-            print(f"generate ({label}, seed {seed}, {args.steps} steps): server handler {handler:.2f} s, "
-                  f"round trip {round_trip:.2f} s  [{status.split(' · ', 3)[3].split(' · rollout')[0]}]")
+            print(
+                f"generate ({label}, seed {seed}, {args.steps} steps): server handler {handler:.2f} s, "
+                f"round trip {round_trip:.2f} s  [{status.split(' · ', 3)[3].split(' · rollout')[0]}]"
+            )
             started = time.perf_counter()
             plot, status = client.predict(api_name="/rollouts")
             round_trip = time.perf_counter() - started
             server = measured[f"rollouts_{label}"] = traces(url, "rollouts")[-1]["total_ms"] / 1e3
             rollout_traces = [t for t in json.loads(plot["plot"])["data"] if t["line"].get("dash") == "dash"]
             assert rollout_traces and len(rollout_traces[0]["x"]) >= 10, "rollout curves missing"
-            print(f"rollout curves ({label}; {len(rollout_traces[0]['x'])} steps x 16 completions): "
-                  f"server {server:.2f} s, round trip {round_trip:.2f} s")
+            print(
+                f"rollout curves ({label}; {len(rollout_traces[0]['x'])} steps x 16 completions): "
+                f"server {server:.2f} s, round trip {round_trip:.2f} s"
+            )
 
-        steps = random.Random(0).sample(range(args.steps), args.updates)  # distinct steps: first visits, no reuse
+        steps = random.Random(0).sample(
+            range(args.steps), args.updates
+        )  # distinct steps: first visits, no reuse
         round_trips = []
         for step in steps:
             started = time.perf_counter()
             out = client.predict(step, api_name="/scrub")
             round_trips.append(1e3 * (time.perf_counter() - started))
             assert len(out[3]) == 8 and f"step {step} " in out[6], f"scrub to step {step} returned {out[6]!r}"
-        scrubs = traces(url, "scrub")[-args.updates:]
+        scrubs = traces(url, "scrub")[-args.updates :]
         server = [trace["total_ms"] for trace in scrubs]
         handler = [trace["fn_call_ms"] for trace in scrubs]
         median = statistics.median(server)
-        phases = ", ".join(f"{phase} {statistics.median(trace[phase + '_ms'] for trace in scrubs):.1f} ms"
-                           for phase in ("queue_wait", "preprocess", "fn_call", "postprocess"))
-        print(f"slider updates ({args.updates}): server-side (gradio trace total: preprocess + handler + postprocess) "
-              f"median {median:.1f} ms, p95 {percentile(server, 95):.1f} ms; handler alone median "
-              f"{statistics.median(handler):.1f} ms; gradio_client round trip median {statistics.median(round_trips):.1f} ms, "
-              f"p95 {percentile(round_trips, 95):.1f} ms\n  median per phase: {phases}")
-        checks = [(f"slider update median <= {TARGETS['slider_median_ms']:.0f} ms", median <= TARGETS["slider_median_ms"]),
-                  (f"generate (warm) <= {TARGETS['generate_s']:.0f} s", measured["generate_warm"] <= TARGETS["generate_s"]),
-                  (f"rollout curves <= {TARGETS['rollouts_s']:.0f} s",
-                   max(measured["rollouts_cold"], measured["rollouts_warm"]) <= TARGETS["rollouts_s"])]
+        phases = ", ".join(
+            f"{phase} {statistics.median(trace[phase + '_ms'] for trace in scrubs):.1f} ms"
+            for phase in ("queue_wait", "preprocess", "fn_call", "postprocess")
+        )
+        print(
+            f"slider updates ({args.updates}): server-side (gradio trace total: preprocess + handler + "
+            "postprocess) "
+            f"median {median:.1f} ms, p95 {percentile(server, 95):.1f} ms; handler alone median "
+            f"{statistics.median(handler):.1f} ms; gradio_client round trip median "
+            f"{statistics.median(round_trips):.1f} ms, "
+            f"p95 {percentile(round_trips, 95):.1f} ms\n  median per phase: {phases}"
+        )
+        checks = [
+            (
+                f"slider update median <= {TARGETS['slider_median_ms']:.0f} ms",
+                median <= TARGETS["slider_median_ms"],
+            ),
+            (
+                f"generate (warm) <= {TARGETS['generate_s']:.0f} s",
+                measured["generate_warm"] <= TARGETS["generate_s"],
+            ),
+            (
+                f"rollout curves <= {TARGETS['rollouts_s']:.0f} s",
+                max(measured["rollouts_cold"], measured["rollouts_warm"]) <= TARGETS["rollouts_s"],
+            ),
+        ]
         print("targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
     finally:
         process.terminate()

@@ -3,7 +3,8 @@
     pip install -r bench/requirements-bench.txt        # traker, bench-only (torch stays 2.13.0 CPU)
     python bench/featurize_vs_traker.py                # N=256, 24 queries, 3 runs, countsketch
     python bench/featurize_vs_traker.py --projector kronecker --runs 5
-    python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --seeds 5 --runs 5 --default-n 8   # the README's figures
+    python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --seeds 5 --runs 5
+    --default-n 8   # the README's figures
 
 Both sides featurize the same N training images of the shipped model (assets/model, mnist5k
 train split) with the same quantity: the gradient of D-TRAK's `square` output averaged over the
@@ -71,13 +72,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from precompute.calibration import calibrate  # noqa: E402
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureSpec  # noqa: E402
-from precompute.featurizer import Featurizer, default_workers  # noqa: E402
-from explorer.model import load_model  # noqa: E402
 from featurize_profile import seconds_per_sample, training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
+
+from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
+from explorer.features import FeatureSpec  # noqa: E402
+from explorer.model import load_model  # noqa: E402
+from precompute.calibration import calibrate  # noqa: E402
+from precompute.featurizer import Featurizer, default_workers  # noqa: E402
 
 try:
     from trak import TRAKer
@@ -94,7 +96,9 @@ class DiffusionSquareOutput(AbstractModelOutput):
     (DDPM eq. 4), with fixed timesteps t_j and noise eps_j shared by every example (D-TRAK).
     """
 
-    def __init__(self, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, bf16: bool = False):
+    def __init__(
+        self, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, bf16: bool = False
+    ):
         super().__init__()
         self.bf16 = bf16  # run the model under bfloat16 autocast (not a traker setting: --traker-bf16)
         self.timesteps = timesteps  # (m,)
@@ -114,32 +118,57 @@ class DiffusionSquareOutput(AbstractModelOutput):
         return torch.ones(batch[0].shape[0], 1)
 
 
-def traker_featurize(model, output: DiffusionSquareOutput, train: torch.Tensor, queries: torch.Tensor,
-                     proj_dim: int, batch: int, half: bool, projector=None) -> tuple[float, np.ndarray, np.ndarray]:
-    """One traker featurization: (seconds for the N training images, train features (N, k), query features (Q, k))."""
+def traker_featurize(
+    model,
+    output: DiffusionSquareOutput,
+    train: torch.Tensor,
+    queries: torch.Tensor,
+    proj_dim: int,
+    batch: int,
+    half: bool,
+    projector=None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """One traker featurization: (seconds for the N training images, train features (N, k), query features
+    (Q, k))."""
     with tempfile.TemporaryDirectory() as save_dir:
-        traker = TRAKer(model=model, task=output, train_set_size=len(train) + len(queries), save_dir=save_dir,
-                        device="cpu", proj_dim=proj_dim, projector=projector, use_half_precision=half,
-                        logging_level=logging.ERROR)
+        traker = TRAKer(
+            model=model,
+            task=output,
+            train_set_size=len(train) + len(queries),
+            save_dir=save_dir,
+            device="cpu",
+            proj_dim=proj_dim,
+            projector=projector,
+            use_half_precision=half,
+            logging_level=logging.ERROR,
+        )
         traker.load_checkpoint(model.state_dict(), model_id=0)
         started = time.perf_counter()
         for start in range(0, len(train), batch):
-            traker.featurize(batch=(train[start : start + batch],), num_samples=len(train[start : start + batch]))
+            traker.featurize(
+                batch=(train[start : start + batch],), num_samples=len(train[start : start + batch])
+            )
         seconds = time.perf_counter() - started
         for start in range(0, len(queries), batch):
-            traker.featurize(batch=(queries[start : start + batch],), num_samples=len(queries[start : start + batch]))
+            traker.featurize(
+                batch=(queries[start : start + batch],), num_samples=len(queries[start : start + batch])
+            )
         grads = np.asarray(traker.saver.current_store["grads"], dtype=np.float32)  # (N + Q, k)
     return seconds, grads[: len(train)], grads[len(train) :]
 
 
-def ours_featurize(computer: Featurizer, train: torch.Tensor, queries: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
+def ours_featurize(
+    computer: Featurizer, train: torch.Tensor, queries: torch.Tensor
+) -> tuple[float, np.ndarray, np.ndarray]:
     started = time.perf_counter()
     phi = computer.features(train, torch.zeros(len(train), dtype=torch.long)).numpy()  # (N, k)
     seconds = time.perf_counter() - started
     return seconds, phi, computer.features(queries, torch.zeros(len(queries), dtype=torch.long)).numpy()
 
 
-def check_same_quantity(model, output: DiffusionSquareOutput, computer: Featurizer, images: torch.Tensor) -> float:
+def check_same_quantity(
+    model, output: DiffusionSquareOutput, computer: Featurizer, images: torch.Tensor
+) -> float:
     """Max relative difference between traker's output gradient and ours on a few images (must be ~1e-6)."""
     weights = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -153,33 +182,84 @@ def check_same_quantity(model, output: DiffusionSquareOutput, computer: Featuriz
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "assets/model"))
     parser.add_argument("--n", type=int, default=256, help="training images featurized")
     parser.add_argument("--queries", type=int, default=24, help="held-out images scored against them (>= 20)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method (the median is reported)")
     parser.add_argument("--proj-dim", type=int, default=2048)
-    parser.add_argument("--projector", default="countsketch", help="our projector (countsketch, gaussian, kronecker, ...)")
-    parser.add_argument("--precision", default="fp32", help="ours: fp32, bf16, or mixed (bf16 for the timesteps that "
-                        "--calibrate measures safe; kronecker only; FeatureSpec.precision)")
-    parser.add_argument("--traker-bf16", action="store_true", help="also time traker best with its model under bfloat16 "
-                        "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="our worker threads (precompute.featurizer "
-                        "workers; default: precompute featurize's, 2 on 2 or more cores)")
-    parser.add_argument("--workers-baseline", type=int, default=0, help="also time ours on this many worker threads "
-                        "(e.g. 1), in the same repeats, for the speed-up of --workers alone (0: off)")
-    parser.add_argument("--chunk", type=int, default=64, help="our examples per vmap chunk (the kronecker path "
-                        "caps a forward at explorer.features.KRONECKER_ROWS rows)")
-    parser.add_argument("--traker-batch", type=int, default=32, help="images per featurize call in traker 'best' (its "
-                        "fastest here: 24-32 images run at 14.8 images/s, 16 at 13.2, 48 at 11.4, 64 at 9.5, 128 at 4.9)")
-    parser.add_argument("--default-n", type=int, default=16, help="images timed with traker default (~18 s each)")
-    parser.add_argument("--skip-default", action="store_true", help="leave out traker default (its slowest mode)")
-    parser.add_argument("--calibrate", type=int, default=0, help="calibrate our spec on this many of the N training "
-                        "images (precompute.calibration; 0: off); its time counts in our setup")
-    parser.add_argument("--seeds", type=int, default=1, help="projection seeds the agreement is averaged over (traker "
-                        "best and ours; the timed runs use seed 0)")
-    parser.add_argument("--first-seed", type=int, default=0, help="the agreement's seeds are --first-seed .. --first-seed "
-                        "+ --seeds - 1 (e.g. 5 for seeds 5-9, a second sample of them)")
+    parser.add_argument(
+        "--projector", default="countsketch", help="our projector (countsketch, gaussian, kronecker, ...)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="ours: fp32, bf16, or mixed (bf16 for the timesteps that "
+        "--calibrate measures safe; kronecker only; FeatureSpec.precision)",
+    )
+    parser.add_argument(
+        "--traker-bf16",
+        action="store_true",
+        help="also time traker best with its model under bfloat16 "
+        "autocast (not one of traker's settings: the same arithmetic as ours with --precision bf16)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="our worker threads (precompute.featurizer "
+        "workers; default: precompute featurize's, 2 on 2 or more cores)",
+    )
+    parser.add_argument(
+        "--workers-baseline",
+        type=int,
+        default=0,
+        help="also time ours on this many worker threads "
+        "(e.g. 1), in the same repeats, for the speed-up of --workers alone (0: off)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=64,
+        help="our examples per vmap chunk (the kronecker path "
+        "caps a forward at explorer.features.KRONECKER_ROWS rows)",
+    )
+    parser.add_argument(
+        "--traker-batch",
+        type=int,
+        default=32,
+        help="images per featurize call in traker 'best' (its "
+        "fastest here: 24-32 images run at 14.8 images/s, 16 at 13.2, 48 at 11.4, 64 at 9.5, 128 at 4.9)",
+    )
+    parser.add_argument(
+        "--default-n", type=int, default=16, help="images timed with traker default (~18 s each)"
+    )
+    parser.add_argument(
+        "--skip-default", action="store_true", help="leave out traker default (its slowest mode)"
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        help="calibrate our spec on this many of the N training "
+        "images (precompute.calibration; 0: off); its time counts in our setup",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="projection seeds the agreement is averaged over (traker "
+        "best and ours; the timed runs use seed 0)",
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the agreement's seeds are --first-seed .. --first-seed "
+        "+ --seeds - 1 (e.g. 5 for seeds 5-9, a second sample of them)",
+    )
     parser.add_argument("--train-batch", type=int, default=64, help="samples per timed AdamW training step")
     parser.add_argument("--train-steps", type=int, default=10, help="AdamW training steps timed per repeat")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -190,8 +270,14 @@ def main() -> None:
     train_set, heldout = train_heldout_split(load_dataset("mnist5k", model.sample_size))
     train = torch.from_numpy(to_model_range(train_set.images[: args.n]))  # (N, 1, 16, 16)
     queries = torch.from_numpy(to_model_range(heldout.images[: args.queries]))  # (Q, 1, 16, 16)
-    spec = FeatureSpec(output="square", buckets=1, timesteps_per_bucket=10, proj_dim=args.proj_dim, projector=args.projector,
-                       precision=args.precision)
+    spec = FeatureSpec(
+        output="square",
+        buckets=1,
+        timesteps_per_bucket=10,
+        proj_dim=args.proj_dim,
+        projector=args.projector,
+        precision=args.precision,
+    )
     started = time.perf_counter()
     if args.calibrate:
         calibration = calibrate(model, spec, train[: args.calibrate], chunk_size=args.chunk)
@@ -200,81 +286,192 @@ def main() -> None:
     computer = Featurizer(model, spec, chunk_size=args.chunk, workers=args.workers)
     our_setup = time.perf_counter() - started
     # traker's output is built from our FeatureComputer's timesteps and noise bank (bucket 0 of 1).
-    output = DiffusionSquareOutput(computer.computer.draw_timesteps[0], computer.computer.noise[0], model.scheduler.alphas_cumprod)
+    output = DiffusionSquareOutput(
+        computer.computer.draw_timesteps[0], computer.computer.noise[0], model.scheduler.alphas_cumprod
+    )
     unet = model.unet
-    print(f"timesteps {computer.computer.draw_timesteps[0].tolist()}, noise bank {tuple(computer.computer.noise[0].shape)}; "
-          f"{computer.num_params:,} parameters; torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"timesteps {computer.computer.draw_timesteps[0].tolist()}, noise bank "
+        f"{tuple(computer.computer.noise[0].shape)}; "
+        f"{computer.num_params:,} parameters; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     mismatch = check_same_quantity(unet, output, computer, train[:3])
     print(f"traker output gradient vs ours, max relative difference: {mismatch:.2e}", flush=True)
     if mismatch > 1e-4:
-        raise SystemExit("the traker model output does not compute the same gradient as ours: fix it before timing")
+        raise SystemExit(
+            "the traker model output does not compute the same gradient as ours: fix it before timing"
+        )
 
     exact = exact_gradients(computer.computer, torch.cat([train, queries]))  # (N + Q, d)
     exact_train, exact_queries = exact[: args.n], exact[args.n :]
     del exact
 
     def traker_projector(seed: int) -> BasicProjector:
-        return BasicProjector(grad_dim=computer.num_params, proj_dim=args.proj_dim, seed=seed, proj_type=ProjectionType.normal,
-                              device="cpu", block_size=args.proj_dim, dtype=torch.float32)
+        return BasicProjector(
+            grad_dim=computer.num_params,
+            proj_dim=args.proj_dim,
+            seed=seed,
+            proj_type=ProjectionType.normal,
+            device="cpu",
+            block_size=args.proj_dim,
+            dtype=torch.float32,
+        )
 
     def traker_other_seed(seed: int, output=output) -> tuple[np.ndarray, np.ndarray]:
-        return traker_featurize(unet, output, train, queries, args.proj_dim, args.traker_batch, half=False,
-                                projector=traker_projector(seed))[1:]
+        return traker_featurize(
+            unet,
+            output,
+            train,
+            queries,
+            args.proj_dim,
+            args.traker_batch,
+            half=False,
+            projector=traker_projector(seed),
+        )[1:]
 
     def ours_other_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        other = Featurizer(model, dataclasses.replace(computer.spec, proj_seed=seed), chunk_size=args.chunk,
-                                workers=args.workers)
+        other = Featurizer(
+            model,
+            dataclasses.replace(computer.spec, proj_seed=seed),
+            chunk_size=args.chunk,
+            workers=args.workers,
+        )
         return ours_featurize(other, train, queries)[1:]
 
     # Each method: (name, settings, setup seconds, run() -> (seconds, train features, query features) with
     # projection seed 0, other_seed(seed) -> (train, query features) or None, images timed).
     methods = []
     if not args.skip_default:
-        trainable = load_model(args.model).unet.requires_grad_(True)  # as a trained nn.Module comes out of training
-        methods.append(("traker default", f"fp16, BasicProjector 100-col blocks regenerated per call, {args.default_n} images "
-                        "in one call, params require grad", 0.0,
-                        lambda: traker_featurize(trainable, output, train[: args.default_n], queries[:0], args.proj_dim,
-                                                 args.default_n, half=True), None, args.default_n))
+        trainable = load_model(args.model).unet.requires_grad_(
+            True
+        )  # as a trained nn.Module comes out of training
+        methods.append(
+            (
+                "traker default",
+                f"fp16, BasicProjector 100-col blocks regenerated per call, {args.default_n} images "
+                "in one call, params require grad",
+                0.0,
+                lambda: traker_featurize(
+                    trainable,
+                    output,
+                    train[: args.default_n],
+                    queries[:0],
+                    args.proj_dim,
+                    args.default_n,
+                    half=True,
+                ),
+                None,
+                args.default_n,
+            )
+        )
     started = time.perf_counter()
     projector = traker_projector(0)
     traker_setup = time.perf_counter() - started
     unet.eval().requires_grad_(False)
-    methods.append(("traker best", f"fp32, one {args.proj_dim}-col BasicProjector block built once, batch {args.traker_batch}, "
-                    "model frozen + eval", traker_setup,
-                    lambda: traker_featurize(unet, output, train, queries, args.proj_dim, args.traker_batch, half=False,
-                                             projector=projector), traker_other_seed, args.n))
+    methods.append(
+        (
+            "traker best",
+            f"fp32, one {args.proj_dim}-col BasicProjector block built once, batch {args.traker_batch}, "
+            "model frozen + eval",
+            traker_setup,
+            lambda: traker_featurize(
+                unet,
+                output,
+                train,
+                queries,
+                args.proj_dim,
+                args.traker_batch,
+                half=False,
+                projector=projector,
+            ),
+            traker_other_seed,
+            args.n,
+        )
+    )
     if args.traker_bf16:
-        output_bf16 = DiffusionSquareOutput(computer.computer.draw_timesteps[0], computer.computer.noise[0], model.scheduler.alphas_cumprod, bf16=True)
-        methods.append(("traker best, bf16 autocast", "as traker best, its model under torch.autocast(bfloat16) (not a traker "
-                        "setting)", traker_setup,
-                        lambda: traker_featurize(unet, output_bf16, train, queries, args.proj_dim, args.traker_batch, half=False,
-                                                 projector=projector),
-                        lambda seed: traker_other_seed(seed, output_bf16), args.n))
+        output_bf16 = DiffusionSquareOutput(
+            computer.computer.draw_timesteps[0],
+            computer.computer.noise[0],
+            model.scheduler.alphas_cumprod,
+            bf16=True,
+        )
+        methods.append(
+            (
+                "traker best, bf16 autocast",
+                "as traker best, its model under torch.autocast(bfloat16) (not a traker setting)",
+                traker_setup,
+                lambda: traker_featurize(
+                    unet,
+                    output_bf16,
+                    train,
+                    queries,
+                    args.proj_dim,
+                    args.traker_batch,
+                    half=False,
+                    projector=projector,
+                ),
+                lambda seed: traker_other_seed(seed, output_bf16),
+                args.n,
+            )
+        )
     calibrated = f", calibrated on {args.calibrate} of the N images" if args.calibrate else ""
     if computer.spec.precision == "mixed":
         calibrated += f", bf16 below t = {computer.spec.bf16_below}"
-    if args.workers_baseline:  # the same computation on fewer threads, timed in the same repeats: the workers' share
+    if (
+        args.workers_baseline
+    ):  # the same computation on fewer threads, timed in the same repeats: the workers' share
         baseline = Featurizer(model, computer.spec, chunk_size=args.chunk, workers=args.workers_baseline)
-        methods.append((f"ours on {args.workers_baseline} worker thread(s)", f"as ours, workers={args.workers_baseline}",
-                        our_setup, lambda: ours_featurize(baseline, train, queries), None, args.n))
-    methods.append((f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
-                    f"{', ' + args.precision if args.precision != 'fp32' else ''})",
-                    f"FeatureComputer, chunk {args.chunk}, {args.workers} worker thread(s){calibrated}", our_setup,
-                    lambda: ours_featurize(computer, train, queries), ours_other_seed, args.n))
+        methods.append(
+            (
+                f"ours on {args.workers_baseline} worker thread(s)",
+                f"as ours, workers={args.workers_baseline}",
+                our_setup,
+                lambda: ours_featurize(baseline, train, queries),
+                None,
+                args.n,
+            )
+        )
+    methods.append(
+        (
+            f"ours ({args.projector}{', calibrated' if args.calibrate else ''}"
+            f"{', ' + args.precision if args.precision != 'fp32' else ''})",
+            f"FeatureComputer, chunk {args.chunk}, {args.workers} worker thread(s){calibrated}",
+            our_setup,
+            lambda: ours_featurize(computer, train, queries),
+            ours_other_seed,
+            args.n,
+        )
+    )
 
     # Timed runs interleaved (every method and the training step once per repeat): the machine's speed
     # drifts by ~1.5x over minutes, so ratios are taken within a repeat and their median is reported.
     step = training_step(model, torch.from_numpy(to_model_range(train_set.images)), args.train_batch)
     step()  # warm-up
-    # One untimed call of every method but traker default (~12 s per image, ~500x off) on a few images first: first
-    # calls build oneDNN's kernels for their shapes and thread counts (ours' first repeat ran 1-15% slow without).
+    # One untimed call of every method but traker default (~12 s per image, ~500x off) on a few images first:
+    # first
+    # calls build oneDNN's kernels for their shapes and thread counts (ours' first repeat ran 1-15% slow
+    # without).
     few = train[: max(args.traker_batch, 16)]
-    warm_ups = [lambda: traker_featurize(unet, output, few, queries[:0], args.proj_dim, args.traker_batch, half=False,
-                                         projector=projector),
-                lambda: computer.features(few, torch.zeros(len(few), dtype=torch.long))]
+    warm_ups = [
+        lambda: traker_featurize(
+            unet, output, few, queries[:0], args.proj_dim, args.traker_batch, half=False, projector=projector
+        ),
+        lambda: computer.features(few, torch.zeros(len(few), dtype=torch.long)),
+    ]
     if args.traker_bf16:
-        warm_ups.append(lambda: traker_featurize(unet, output_bf16, few, queries[:0], args.proj_dim, args.traker_batch,
-                                                 half=False, projector=projector))
+        warm_ups.append(
+            lambda: traker_featurize(
+                unet,
+                output_bf16,
+                few,
+                queries[:0],
+                args.proj_dim,
+                args.traker_batch,
+                half=False,
+                projector=projector,
+            )
+        )
     if args.workers_baseline:
         warm_ups.append(lambda: baseline.features(few, torch.zeros(len(few), dtype=torch.long)))
     for warm_up in warm_ups:
@@ -284,7 +481,10 @@ def main() -> None:
     features = {}
     for repeat in range(args.runs):
         train_per_sample.append(seconds_per_sample(step, args.train_steps, args.train_batch))
-        print(f"  repeat {repeat + 1}, AdamW training step: {train_per_sample[-1] * 1e3:.3f} ms per sample", flush=True)
+        print(
+            f"  repeat {repeat + 1}, AdamW training step: {train_per_sample[-1] * 1e3:.3f} ms per sample",
+            flush=True,
+        )
         for name, _, _, run, _, n in methods:
             seconds, phi_train, phi_queries = run()
             times[name].append(seconds)
@@ -301,23 +501,46 @@ def main() -> None:
             elif other_seed:
                 per_seed.append(agreement(*other_seed(seed), exact_train, exact_queries))
                 print(f"  {name}: agreement with projection seed {seed} measured", flush=True)
-        rows.append({"method": name, "settings": settings, "setup_s": round(setup_s, 2), "n": n,
-                     "images_per_s": [round(n / t, 4) for t in times[name]],
-                     "median_images_per_s": n / statistics.median(times[name]),
-                     "spearman": over_seeds(per_seed) if per_seed else None})
+        rows.append(
+            {
+                "method": name,
+                "settings": settings,
+                "setup_s": round(setup_s, 2),
+                "n": n,
+                "images_per_s": [round(n / t, 4) for t in times[name]],
+                "median_images_per_s": n / statistics.median(times[name]),
+                "spearman": over_seeds(per_seed) if per_seed else None,
+            }
+        )
     ours_name, ours_n = methods[-1][0], methods[-1][5]
-    ratios = {name: statistics.median((ours_n / mine) / (n / theirs) for mine, theirs in zip(times[ours_name], times[name]))
-              for name, *_, n in methods[:-1]}
-    if args.traker_bf16:  # when ours runs in bf16, traker's best is whichever of its two arithmetics ran faster
+    ratios = {
+        name: statistics.median(
+            (ours_n / mine) / (n / theirs) for mine, theirs in zip(times[ours_name], times[name])
+        )
+        for name, *_, n in methods[:-1]
+    }
+    if (
+        args.traker_bf16
+    ):  # when ours runs in bf16, traker's best is whichever of its two arithmetics ran faster
         fastest = [min(pair) for pair in zip(times["traker best"], times["traker best, bf16 autocast"])]
         ratios["traker best, the faster of fp32 and bf16 autocast in each repeat"] = statistics.median(
-            (ours_n / mine) / (args.n / theirs) for mine, theirs in zip(times[ours_name], fastest))
+            (ours_n / mine) / (args.n / theirs) for mine, theirs in zip(times[ours_name], fastest)
+        )
 
-    print(f"\nN = {args.n} mnist5k training images, {args.queries} held-out queries, square output averaged over 10 "
-          f"timesteps, k = {args.proj_dim}, {args.runs} runs, torch threads {torch.get_num_threads()}\n")
-    print(f"Spearman vs exact: mean over queries, averaged over projection seed(s) {seeds.start}..{seeds.stop - 1} "
-          "(each seed's mean in brackets) / the worst query of any seed\n")
-    print("| method | settings | images timed | setup s | images/s (median) | Spearman, inner product | Spearman, cosine |")
+    print(
+        f"\nN = {args.n} mnist5k training images, {args.queries} held-out queries, square output "
+        "averaged over 10 "
+        f"timesteps, k = {args.proj_dim}, {args.runs} runs, torch threads {torch.get_num_threads()}\n"
+    )
+    print(
+        "Spearman vs exact: mean over queries, averaged over projection seed(s) "
+        f"{seeds.start}..{seeds.stop - 1} "
+        "(each seed's mean in brackets) / the worst query of any seed\n"
+    )
+    print(
+        "| method | settings | images timed | setup s | images/s (median) | Spearman, inner product | "
+        "Spearman, cosine |"
+    )
     print("|---|---|---|---|---|---|---|")
 
     def cell(agreement_of: dict) -> str:
@@ -327,22 +550,44 @@ def main() -> None:
     for row in rows:
         s = row["spearman"]
         agree = f"{cell(s['inner'])} | {cell(s['cosine'])}" if s else "not measured | not measured"
-        print(f"| {row['method']} | {row['settings']} | {row['n']} | {row['setup_s']:.1f} | {row['median_images_per_s']:.3f} | {agree} |")
-    print("\n" + ", ".join(f"ours / {name}: {ratio:.1f}x" for name, ratio in ratios.items())
-          + " (median over repeats of the within-repeat ratio)")
+        print(
+            f"| {row['method']} | {row['settings']} | {row['n']} | {row['setup_s']:.1f} | "
+            f"{row['median_images_per_s']:.3f} | {agree} |"
+        )
+    print(
+        "\n"
+        + ", ".join(f"ours / {name}: {ratio:.1f}x" for name, ratio in ratios.items())
+        + " (median over repeats of the within-repeat ratio)"
+    )
     pairs = ours_n * computer.computer.draw_timesteps.shape[1]  # (example, timestep) pairs per featurize run
     versus_training = [mine / pairs / train for mine, train in zip(times[ours_name], train_per_sample)]
-    cost = {"ms_per_example_timestep": statistics.median(times[ours_name]) / pairs * 1e3,
-            "train_step_ms_per_sample": statistics.median(train_per_sample) * 1e3,
-            "train_step_ms_per_sample_runs": [t * 1e3 for t in train_per_sample],
-            "relative_to_train_step": statistics.median(versus_training), "ratios": versus_training}
-    print(f"ours: {cost['ms_per_example_timestep']:.3f} ms per (example, timestep); AdamW training step, batch "
-          f"{args.train_batch}: {cost['train_step_ms_per_sample']:.3f} ms per sample; ours / training step "
-          f"{cost['relative_to_train_step']:.2f}x ({', '.join(f'{r:.2f}' for r in versus_training)}; median of the "
-          "within-repeat ratios)")
+    cost = {
+        "ms_per_example_timestep": statistics.median(times[ours_name]) / pairs * 1e3,
+        "train_step_ms_per_sample": statistics.median(train_per_sample) * 1e3,
+        "train_step_ms_per_sample_runs": [t * 1e3 for t in train_per_sample],
+        "relative_to_train_step": statistics.median(versus_training),
+        "ratios": versus_training,
+    }
+    print(
+        f"ours: {cost['ms_per_example_timestep']:.3f} ms per (example, timestep); AdamW training step, batch "
+        f"{args.train_batch}: {cost['train_step_ms_per_sample']:.3f} ms per sample; ours / training step "
+        f"{cost['relative_to_train_step']:.2f}x ({', '.join(f'{r:.2f}' for r in versus_training)}; "
+        "median of the "
+        "within-repeat ratios)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "ratios": ratios, "cost_vs_training": cost,
-                                               "gradient_mismatch": mismatch}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "rows": rows,
+                    "ratios": ratios,
+                    "cost_vs_training": cost,
+                    "gradient_mismatch": mismatch,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

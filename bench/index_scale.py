@@ -60,7 +60,9 @@ def normalize(x: np.ndarray) -> np.ndarray:
 def power_law_gaussian(dim: int, rng: np.random.Generator):
     """f(n, rng) -> (n, dim) draws of N(0, B diag(i^-0.75) B^T) with a random orthonormal basis B."""
     basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-    mixing = (basis * (np.arange(1, dim + 1) ** -0.375)).T.astype(np.float32)  # (dim, dim): diag(sqrt eig) B^T
+    mixing = (basis * (np.arange(1, dim + 1) ** -0.375)).T.astype(
+        np.float32
+    )  # (dim, dim): diag(sqrt eig) B^T
 
     def draw(n: int, generator: np.random.Generator) -> np.ndarray:
         return generator.standard_normal((n, dim), dtype=np.float32) @ mixing
@@ -108,15 +110,18 @@ def shipped_model(bucket: int, noise: float):
         out = np.empty((n, dim), dtype=np.float32)
         for start in range(0, n, 100_000):
             size = min(100_000, n - start)
-            out[start : start + size] = rows[rng.integers(len(rows), size=size)] + \
-                rng.standard_normal((size, dim), dtype=np.float32) * np.float32(noise / math.sqrt(dim))
+            out[start : start + size] = rows[rng.integers(len(rows), size=size)] + rng.standard_normal(
+                (size, dim), dtype=np.float32
+            ) * np.float32(noise / math.sqrt(dim))
         return normalize(out)
 
     return sample, dim
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(e.tolist())) / exact.shape[1] for f, e in zip(found, exact)]))
+    return float(
+        np.mean([len(set(f.tolist()) & set(e.tolist())) / exact.shape[1] for f, e in zip(found, exact)])
+    )
 
 
 def single_query_latency(index: faiss.Index, queries: np.ndarray, top: int) -> tuple[list[float], np.ndarray]:
@@ -131,9 +136,15 @@ def single_query_latency(index: faiss.Index, queries: np.ndarray, top: int) -> t
     return times, found
 
 
-def evaluate(index: faiss.Index, queries: np.ndarray, exact: dict[int, np.ndarray], top: int,
-             nprobe: tuple[int, int] | None = None) -> dict:
-    """Latency and recall@10 for q and -q; an IVF index searches them with nprobe = (for q, for -q) if given."""
+def evaluate(
+    index: faiss.Index,
+    queries: np.ndarray,
+    exact: dict[int, np.ndarray],
+    top: int,
+    nprobe: tuple[int, int] | None = None,
+) -> dict:
+    """Latency and recall@10 for q and -q; an IVF index searches them with nprobe = (for q, for -q) if
+    given."""
     if nprobe is not None:
         index.nprobe = nprobe[0]
     times_pos, found_pos = single_query_latency(index, queries, top)
@@ -141,9 +152,14 @@ def evaluate(index: faiss.Index, queries: np.ndarray, exact: dict[int, np.ndarra
         index.nprobe = nprobe[1]
     times_neg, found_neg = single_query_latency(index, -queries, top)
     times = times_pos + times_neg
-    return {"median_ms": statistics.median(times), "p95_ms": float(np.percentile(times, 95)),
-            "median_ms_pos": statistics.median(times_pos), "median_ms_neg": statistics.median(times_neg),
-            "recall_pos": recall(found_pos, exact[1]), "recall_neg": recall(found_neg, exact[-1])}
+    return {
+        "median_ms": statistics.median(times),
+        "p95_ms": float(np.percentile(times, 95)),
+        "median_ms_pos": statistics.median(times_pos),
+        "median_ms_neg": statistics.median(times_neg),
+        "recall_pos": recall(found_pos, exact[1]),
+        "recall_neg": recall(found_neg, exact[-1]),
+    }
 
 
 def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
@@ -155,13 +171,25 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
     print(f"\n{name}: N = {n:,} x k = {dim} generated in {time.perf_counter() - started:.1f} s", flush=True)
 
     def report(kind: str, params: str, build_s: float, result: dict) -> None:
-        row = {"data": name, "n": n, "dim": dim, "index": kind, "params": params, "build_s": build_s, **result}
+        row = {
+            "data": name,
+            "n": n,
+            "dim": dim,
+            "index": kind,
+            "params": params,
+            "build_s": build_s,
+            **result,
+        }
         rows.append(row)
         if args.json:  # after every row: a run that dies keeps what it measured
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-        print(f"  {kind:5s} {params:32s} build {build_s:7.1f} s   median q {result['median_ms_pos']:6.2f} ms, "
-              f"-q {result['median_ms_neg']:6.2f} ms   "
-              f"p95 {result['p95_ms']:7.2f} ms   recall@10 +{result['recall_pos']:.3f} -{result['recall_neg']:.3f}", flush=True)
+        print(
+            f"  {kind:5s} {params:32s} build {build_s:7.1f} s   median q {result['median_ms_pos']:6.2f} ms, "
+            f"-q {result['median_ms_neg']:6.2f} ms   "
+            f"p95 {result['p95_ms']:7.2f} ms   recall@10 +{result['recall_pos']:.3f} "
+            f"-{result['recall_neg']:.3f}",
+            flush=True,
+        )
 
     faiss.omp_set_num_threads(args.build_threads)
     started = time.perf_counter()
@@ -170,7 +198,12 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
     flat_build = time.perf_counter() - started
     exact = {sign: flat.search(sign * queries, args.top)[1] for sign in (1, -1)}  # ground truth, all threads
     flat_queries = queries[: args.flat_queries]
-    report("flat", "exact", flat_build, evaluate(flat, flat_queries, {s: e[: args.flat_queries] for s, e in exact.items()}, args.top))
+    report(
+        "flat",
+        "exact",
+        flat_build,
+        evaluate(flat, flat_queries, {s: e[: args.flat_queries] for s, e in exact.items()}, args.top),
+    )
     del flat
 
     for factor in args.nlist_factors:
@@ -185,12 +218,18 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
                 continue
             ivf.nprobe = nprobe
             report("ivf", f"nlist {nlist} nprobe {nprobe}", build, evaluate(ivf, queries, exact, args.top))
-        if nlist == nlist_rule(n):  # the explorer's own choice: calibrate nprobe on the index's rows, then measure
+        if nlist == nlist_rule(
+            n
+        ):  # the explorer's own choice: calibrate nprobe on the index's rows, then measure
             started = time.perf_counter()
             chosen = calibrate_nprobe(ivf, data)
             print(f"  calibration ({time.perf_counter() - started:.1f} s): {chosen}", flush=True)
-            report("ivf", f"rule: nlist {nlist} nprobe {chosen[1][0]} / {chosen[-1][0]}", build,
-                   evaluate(ivf, queries, exact, args.top, (chosen[1][0], chosen[-1][0])))
+            report(
+                "ivf",
+                f"rule: nlist {nlist} nprobe {chosen[1][0]} / {chosen[-1][0]}",
+                build,
+                evaluate(ivf, queries, exact, args.top, (chosen[1][0], chosen[-1][0])),
+            )
         del ivf
 
     if args.hnsw_m and n <= args.hnsw_max_n:
@@ -208,20 +247,33 @@ def run_size(name: str, sample, n: int, args, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--data", nargs="+", choices=("mixture", "gaussian", "shipped"), default=["mixture", "gaussian", "shipped"])
-    parser.add_argument("--dim", type=int, default=512, help="k of mixture and gaussian (shipped: the shipped index's k, 512)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=("mixture", "gaussian", "shipped"),
+        default=["mixture", "gaussian", "shipped"],
+    )
+    parser.add_argument(
+        "--dim", type=int, default=512, help="k of mixture and gaussian (shipped: the shipped index's k, 512)"
+    )
     parser.add_argument("--components", type=int, default=4096, help="mixture components")
     parser.add_argument("--bucket", type=int, default=0, help="shipped-index bucket to tile (0: the hardest)")
     parser.add_argument("--noise", type=float, default=1.0, help="norm of the noise added to shipped rows")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--flat-queries", type=int, default=50, help="queries timed on the (slow) flat index")
     parser.add_argument("--top", type=int, default=10)
-    parser.add_argument("--nlist-factors", type=float, nargs="+", default=[1.0, 4.0], help="nlist = f sqrt(N)")
+    parser.add_argument(
+        "--nlist-factors", type=float, nargs="+", default=[1.0, 4.0], help="nlist = f sqrt(N)"
+    )
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
     parser.add_argument("--hnsw-m", type=int, default=32, help="0: no HNSW")
-    parser.add_argument("--hnsw-max-n", type=int, default=100_000, help="HNSW only up to this N (its 1M build takes ~10 min)")
+    parser.add_argument(
+        "--hnsw-max-n", type=int, default=100_000, help="HNSW only up to this N (its 1M build takes ~10 min)"
+    )
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--build-threads", type=int, default=2)
@@ -232,7 +284,10 @@ def main() -> None:
     rows: list[dict] = []
     for name in args.data:
         if name == "mixture":
-            sample, label = mixture_model(args.dim, args.components, args.seed), f"mixture (C={args.components})"
+            sample, label = (
+                mixture_model(args.dim, args.components, args.seed),
+                f"mixture (C={args.components})",
+            )
         elif name == "gaussian":
             sample, label = gaussian_model(args.dim, args.seed), "gaussian (continuous)"
         else:
@@ -242,16 +297,28 @@ def main() -> None:
             run_size(label, sample, n, args, rows)
 
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\nsingle-query latency with faiss threads 1 (builds with {args.build_threads}); {args.queries} queries "
-          f"(flat: {args.flat_queries}), each searched as q and -q; peak RSS {peak_gib:.1f} GiB\n")
-    print("| data | N | k | index | parameters | build s | median ms, q / -q | p95 ms (both) | recall@10 (q) | recall@10 (-q) |")
+    print(
+        f"\nsingle-query latency with faiss threads 1 (builds with {args.build_threads}); "
+        f"{args.queries} queries "
+        f"(flat: {args.flat_queries}), each searched as q and -q; peak RSS {peak_gib:.1f} GiB\n"
+    )
+    print(
+        "| data | N | k | index | parameters | build s | median ms, q / -q | p95 ms (both) | recall@10 "
+        "(q) | recall@10 (-q) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['data']} | {row['n']:,} | {row['dim']} | {row['index']} | {row['params']} | {row['build_s']:.1f} | "
-              f"{row['median_ms_pos']:.2f} / {row['median_ms_neg']:.2f} | {row['p95_ms']:.2f} | {row['recall_pos']:.3f} | "
-              f"{row['recall_neg']:.3f} |")
+        print(
+            f"| {row['data']} | {row['n']:,} | {row['dim']} | {row['index']} | {row['params']} | "
+            f"{row['build_s']:.1f} | "
+            f"{row['median_ms_pos']:.2f} / {row['median_ms_neg']:.2f} | {row['p95_ms']:.2f} | "
+            f"{row['recall_pos']:.3f} | "
+            f"{row['recall_neg']:.3f} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_rss_gib": peak_gib, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "peak_rss_gib": peak_gib, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from app_latency import ROOT, free_port, percentile, wait_for_page  # noqa: E402
 STEP_INFO = re.compile(r"step (\d+)")
 
 
-def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, results: dict, lock: threading.Lock) -> None:
+def session(
+    url: str, seed: int, steps: int, scrubs: int, deadline: float, results: dict, lock: threading.Lock
+) -> None:
     from gradio_client import Client
 
     latencies = {"generate": [], "scrub": []}
@@ -61,7 +63,9 @@ def session(url: str, seed: int, steps: int, scrubs: int, deadline: float, resul
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--scrubs", type=int, default=20, help="slider updates per session")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps per generation")
@@ -75,15 +79,21 @@ def main() -> int:
         command += ["--model", args.model]
     if args.index:
         command += ["--index", args.index]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         print(f"app served after {wait_for_page(url, process, 120):.1f} s")
         results: dict = {"generate": [], "scrub": [], "errors": [], "starts": []}
         lock = threading.Lock()
         deadline = time.time() + args.timeout
-        threads = [threading.Thread(target=session, args=(url, 100 + i, args.steps, args.scrubs, deadline, results, lock))
-                   for i in range(args.sessions)]
+        threads = [
+            threading.Thread(
+                target=session, args=(url, 100 + i, args.steps, args.scrubs, deadline, results, lock)
+            )
+            for i in range(args.sessions)
+        ]
         started = time.time()
         for thread in threads:
             thread.start()
@@ -93,14 +103,20 @@ def main() -> int:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    print(f"{args.sessions} concurrent sessions, {args.scrubs} scrubs each, {args.steps}-step generations, wall {wall:.1f} s")
+    print(
+        f"{args.sessions} concurrent sessions, {args.scrubs} scrubs each, {args.steps}-step "
+        f"generations, wall {wall:.1f} s"
+    )
     for kind in ("generate", "scrub"):
         values = results[kind]
         if not values:
             print(f"{kind:>8}: n=0")
             continue
-        print(f"{kind:>8}: n={len(values)}  p50={percentile(values, 50) * 1000:.0f} ms  p95={percentile(values, 95) * 1000:.0f} ms"
-              "  (client round trip on 127.0.0.1, queueing included)")
+        print(
+            f"{kind:>8}: n={len(values)}  p50={percentile(values, 50) * 1000:.0f} ms  "
+            f"p95={percentile(values, 95) * 1000:.0f} ms"
+            "  (client round trip on 127.0.0.1, queueing included)"
+        )
     if len(set(results["starts"])) != len(results["starts"]):
         results["errors"].append("two sessions showed the same trajectory")
     print(f"errors: {len(results['errors'])}")

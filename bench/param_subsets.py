@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from precompute.calibration import gradient_shares  # noqa: E402
+from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
+
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
+from precompute.calibration import gradient_shares  # noqa: E402
 
 SUBSETS = {
     "all": (),
@@ -43,7 +44,9 @@ SUBSETS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "assets/model"))
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--queries", type=int, default=24)
@@ -75,25 +78,46 @@ def main() -> None:
                 phi = computer.features(train, zeros).numpy()
                 times.append(time.perf_counter() - started)
             for seed in range(args.seeds):
-                seeded = computer if seed == 0 else FeatureComputer(model, dataclasses.replace(spec, proj_seed=seed))
+                seeded = (
+                    computer
+                    if seed == 0
+                    else FeatureComputer(model, dataclasses.replace(spec, proj_seed=seed))
+                )
                 phi = seeded.features(train, zeros).numpy()
                 phi_q = seeded.features(queries, torch.zeros(len(queries), dtype=torch.long)).numpy()
                 per_seed.append(agreement(phi, phi_q, exact[: args.n], exact[args.n :]))
             share = sum(shares[name] for name in computer.names)
-            rows.append({"subset": label, "params": list(prefixes), "projector": projector, "num_params": computer.num_params,
-                         "norm_share": share, "images_per_s": [args.n / t for t in times],
-                         "median_images_per_s": args.n / statistics.median(times), "spearman": over_seeds(per_seed)})
+            rows.append(
+                {
+                    "subset": label,
+                    "params": list(prefixes),
+                    "projector": projector,
+                    "num_params": computer.num_params,
+                    "norm_share": share,
+                    "images_per_s": [args.n / t for t in times],
+                    "median_images_per_s": args.n / statistics.median(times),
+                    "spearman": over_seeds(per_seed),
+                }
+            )
             print(f"  {label}, {projector}: {rows[-1]['median_images_per_s']:.1f} images/s", flush=True)
 
-    print(f"\nN = {args.n}, {args.queries} queries, square over 10 timesteps, k = {args.proj_dim}, {args.runs} runs, "
-          f"agreement with the full exact scores averaged over {args.seeds} seeds\n")
-    print("| parameters | projector | parameters featurized | share of the squared gradient norm | images/s (median) "
-          "| Spearman, inner product | Spearman, cosine |")
+    print(
+        f"\nN = {args.n}, {args.queries} queries, square over 10 timesteps, k = {args.proj_dim}, "
+        f"{args.runs} runs, "
+        f"agreement with the full exact scores averaged over {args.seeds} seeds\n"
+    )
+    print(
+        "| parameters | projector | parameters featurized | share of the squared gradient norm | "
+        "images/s (median) "
+        "| Spearman, inner product | Spearman, cosine |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         s = row["spearman"]
-        print(f"| {row['subset']} | {row['projector']} | {row['num_params']:,} | {row['norm_share']:.1%} | "
-              f"{row['median_images_per_s']:.1f} | {s['inner']['mean']:.4f} | {s['cosine']['mean']:.4f} |")
+        print(
+            f"| {row['subset']} | {row['projector']} | {row['num_params']:,} | {row['norm_share']:.1%} | "
+            f"{row['median_images_per_s']:.1f} | {s['inner']['mean']:.4f} | {s['cosine']['mean']:.4f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

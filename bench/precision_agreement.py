@@ -1,6 +1,7 @@
 """Agreement with exact scores of kronecker features in fp32 and in bf16, one timestep at a time.
 
-    flock /tmp/cpu.lock python bench/precision_agreement.py                       # shipped spec: mean, k = 512
+    flock /tmp/cpu.lock python bench/precision_agreement.py                       # shipped spec: mean, k
+    = 512
     flock /tmp/cpu.lock python bench/precision_agreement.py --output square --proj-dim 2048
 
 For the shipped model, N mnist5k training images and Q held-out queries, a calibrated kronecker spec
@@ -27,15 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from precompute.calibration import calibrate  # noqa: E402
+from fidelity import agreement, exact_gradients  # noqa: E402
+
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from fidelity import agreement, exact_gradients  # noqa: E402
+from precompute.calibration import calibrate  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "assets/model"))
     parser.add_argument("--output", default="mean")
     parser.add_argument("--proj-dim", type=int, default=512)
@@ -51,12 +55,20 @@ def main() -> None:
     train_set, heldout = train_heldout_split(load_dataset("mnist5k", model.sample_size))
     train = torch.from_numpy(to_model_range(train_set.images[: args.n]))
     queries = torch.from_numpy(to_model_range(heldout.images[: args.queries]))
-    spec = FeatureSpec(output=args.output, buckets=args.buckets, projector="kronecker", proj_dim=args.proj_dim)
+    spec = FeatureSpec(
+        output=args.output, buckets=args.buckets, projector="kronecker", proj_dim=args.proj_dim
+    )
     spec = calibrate(model, spec, train[: args.calibrate]).spec
-    computers = {precision: FeatureComputer(model, dataclasses.replace(spec, precision=precision)) for precision in ("fp32", "bf16")}
+    computers = {
+        precision: FeatureComputer(model, dataclasses.replace(spec, precision=precision))
+        for precision in ("fp32", "bf16")
+    }
     timesteps = computers["fp32"].timesteps
-    print(f"{args.output}, k = {args.proj_dim}, calibrated kronecker, N = {args.n}, {args.queries} queries; Spearman of "
-          "scores with exact scores (inner product / cosine)\n")
+    print(
+        f"{args.output}, k = {args.proj_dim}, calibrated kronecker, N = {args.n}, {args.queries} "
+        "queries; Spearman of "
+        "scores with exact scores (inner product / cosine)\n"
+    )
     print("| bucket (t) | fp32 | bf16 | bf16 move / example-specific part |")
     print("|---|---|---|---|")
     for bucket in args.bucket_ids:
@@ -67,11 +79,17 @@ def main() -> None:
         for precision, computer in computers.items():
             phi_train = computer.features(train, ids_train).numpy()
             features[precision] = phi_train
-            scores = agreement(phi_train, computer.features(queries, ids_queries).numpy(), exact_train, exact_queries)
+            scores = agreement(
+                phi_train, computer.features(queries, ids_queries).numpy(), exact_train, exact_queries
+            )
             cells.append(f"{scores['inner']['mean']:.4f} / {scores['cosine']['mean']:.4f}")
         specific = np.linalg.norm(features["fp32"] - features["fp32"].mean(0), axis=1)
         moved = np.linalg.norm(features["bf16"] - features["fp32"], axis=1)
-        print(f"| {bucket} ({timesteps[bucket][0]}) | {cells[0]} | {cells[1]} | {np.median(moved / specific):.3f} |", flush=True)
+        print(
+            f"| {bucket} ({timesteps[bucket][0]}) | {cells[0]} | {cells[1]} | "
+            f"{np.median(moved / specific):.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from fidelity import exact_gradients  # noqa: E402
+
 from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.projector import make_projector  # noqa: E402
-from fidelity import exact_gradients  # noqa: E402
 
 
 def scores(train: np.ndarray, query: np.ndarray, kind: str, relative_lambda: float) -> np.ndarray:
@@ -56,7 +57,9 @@ def agreement(exact: np.ndarray, approx: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "assets" / "model"))
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--queries", type=int, default=24)
@@ -64,27 +67,40 @@ def main() -> None:
     parser.add_argument("--output", default="square")
     parser.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 1.0], help="relative lambda for TRAK")
+    parser.add_argument(
+        "--lambdas", type=float, nargs="+", default=[0.01, 1.0], help="relative lambda for TRAK"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     train, heldout = train_heldout_split(load_builtin("mnist5k", model.sample_size))
-    images = torch.from_numpy(to_model_range(np.concatenate([train.images[: args.train], heldout.images[: args.queries]])))
+    images = torch.from_numpy(
+        to_model_range(np.concatenate([train.images[: args.train], heldout.images[: args.queries]]))
+    )
     buckets = torch.full((len(images),), args.bucket)
 
     # 1. exact per-example gradients (vmap reference), flattened: (N + Q, d)
     reference = FeatureComputer(model, FeatureSpec(output=args.output, projector="countsketch", proj_dim=1))
     started = time.perf_counter()
     flat = torch.from_numpy(exact_gradients(reference, images, buckets))  # (N + Q, d) float32
-    print(f"exact gradients: {tuple(flat.shape)} in {time.perf_counter() - started:.1f} s; t = "
-          f"{reference.timesteps[args.bucket]}, output {args.output}, {args.queries} queries x {args.train} training images")
+    print(
+        f"exact gradients: {tuple(flat.shape)} in {time.perf_counter() - started:.1f} s; t = "
+        f"{reference.timesteps[args.bucket]}, output {args.output}, {args.queries} queries x "
+        f"{args.train} training images"
+    )
 
-    kinds = [("inner product", 0.0)] + [(kind, lam) for lam in args.lambdas for kind in ("TRAK", "TRAK + ReTrac")]
+    kinds = [("inner product", 0.0)] + [
+        (kind, lam) for lam in args.lambdas for kind in ("TRAK", "TRAK + ReTrac")
+    ]
     exact64 = flat.double().numpy()
-    exact = {(kind, lam): scores(exact64[: args.train], exact64[args.train :], kind, lam) for kind, lam in kinds}
-    header = "".join(f"{kind + (f' l={lam:g}' if kind != 'inner product' else ''):>24}" for kind, lam in kinds)
+    exact = {
+        (kind, lam): scores(exact64[: args.train], exact64[args.train :], kind, lam) for kind, lam in kinds
+    }
+    header = "".join(
+        f"{kind + (f' l={lam:g}' if kind != 'inner product' else ''):>24}" for kind, lam in kinds
+    )
     print(f"\nSpearman vs exact scores, mean over queries (median over {args.seeds} seeds, [min, max])")
     print(f"{'projector':<12}{'k':>6}{header}")
     for dim in args.dims:
@@ -94,13 +110,20 @@ def main() -> None:
                 spec = FeatureSpec(output=args.output, projector=projector, proj_dim=dim, proj_seed=seed)
                 if projector == "kronecker":
                     phi = FeatureComputer(model, spec).features(images, buckets)
-                else:  # project the exact gradients already computed (the vmap cost is the same for every seed)
+                else:  # project the exact gradients already computed (the vmap cost is the same for every
+                    # seed)
                     sketch = make_projector(projector, flat.shape[1], dim, seed)
                     phi = torch.cat([sketch.project([flat[s : s + 32]]) for s in range(0, len(flat), 32)])
                 phi64 = phi.double().numpy()
                 for kind, lam in kinds:
-                    values[(kind, lam)].append(agreement(exact[(kind, lam)], scores(phi64[: args.train], phi64[args.train :], kind, lam)))
-            cells = "".join(f"{statistics.median(v):>8.3f} [{min(v):.3f},{max(v):.3f}]" for v in values.values())
+                    values[(kind, lam)].append(
+                        agreement(
+                            exact[(kind, lam)], scores(phi64[: args.train], phi64[args.train :], kind, lam)
+                        )
+                    )
+            cells = "".join(
+                f"{statistics.median(v):>8.3f} [{min(v):.3f},{max(v):.3f}]" for v in values.values()
+            )
             print(f"{projector:<12}{dim:>6}{cells}")
 
 

@@ -36,8 +36,9 @@ from bench.reporting.speed import FASTER_TRAKER, TRAKER, speed_headline  # noqa:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 and name the pages that would change")
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 and name the pages that would change"
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = core.stale_pages()
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stale: {path} (run python bench/report.py)")
         return 1 if stale else 0
     written = core.write_pages()
-    print(f"{len(core.all_pages())} pages, {len(written)} rewritten"
-          + (": " + ", ".join(written) if written else ""))
+    print(
+        f"{len(core.all_pages())} pages, {len(written)} rewritten"
+        + (": " + ", ".join(written) if written else "")
+    )
     return 0
 
 

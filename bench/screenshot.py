@@ -19,9 +19,16 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -31,9 +38,15 @@ def free_port() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "assets/model"), help="model directory (default: the shipped one)")
-    parser.add_argument("--index", default=str(ROOT / "assets/index"), help="index directory (default: the shipped one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=str(ROOT / "assets/model"), help="model directory (default: the shipped one)"
+    )
+    parser.add_argument(
+        "--index", default=str(ROOT / "assets/index"), help="index directory (default: the shipped one)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs/screenshot.png"))
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--step", type=int, default=28, help="step to scrub to (0 = pure noise)")
@@ -42,8 +55,8 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from explorer.web import ui
     from explorer.attribution import Explorer
+    from explorer.web import ui
 
     explorer = Explorer.from_dirs(args.model, [args.index])
     demo = ui.build(explorer)
@@ -60,18 +73,26 @@ def main() -> None:
             seed.fill(str(args.seed))
             seed.press("Enter")
             page.get_by_role("button", name="Generate", exact=True).click()
-            page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
-            page.wait_for_function(f"() => {{ const p = document.querySelector('#likelihood .js-plotly-plot');"
-                                   f" return p && p.data.length === {2 * classes}; }}")
+            page.wait_for_function(
+                "() => document.querySelector('#status').textContent.includes('completions')"
+            )
+            page.wait_for_function(
+                f"() => {{ const p = document.querySelector('#likelihood .js-plotly-plot');"
+                f" return p && p.data.length === {2 * classes}; }}"
+            )
             slider = page.locator("#step-slider input[type=range]")
             slider.focus()
             slider.press("Home")
             for _ in range(args.step):
                 slider.press("ArrowRight")
-            page.wait_for_function(f"() => document.querySelector('#step-slider').textContent.includes('step {args.step} of')")
+            page.wait_for_function(
+                f"() => document.querySelector('#step-slider').textContent.includes('step {args.step} of')"
+            )
             time.sleep(1.0)  # let the last scrub's images load
             page.locator("#positive button.thumbnail-item").first.click()
-            page.wait_for_function("() => document.querySelector('#chosen-info').textContent.includes('influencer #1')")
+            page.wait_for_function(
+                "() => document.querySelector('#chosen-info').textContent.includes('influencer #1')"
+            )
             time.sleep(1.0)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)

@@ -1,11 +1,16 @@
 """How far the served index is from exact scores at the query's own timestep (issue 19, item 6).
 
-    python bench/served_vs_exact.py --index assets/index --queries 100 --json bench/results/served_vs_exact.json
+    python bench/served_vs_exact.py --index assets/index --queries 100 --json
+    bench/results/served_vs_exact.json
 
-The served index stores one timestep per bucket (its centre) in its storage (int8 for the shipped one); a query at
-train timestep t is searched in the bucket that holds t. The exact reference featurizes every training image and
-the query at t itself, with the index's own spec and scoring (explorer.scoring: centering, lambda, normalization),
-stored in float32. Per t: mean top-10 overlap of the two lists (positive and negative), over held-out test-split
+The served index stores one timestep per bucket (its centre) in its storage (int8 for the shipped one); a
+query at
+train timestep t is searched in the bucket that holds t. The exact reference featurizes every training
+image and
+the query at t itself, with the index's own spec and scoring (explorer.scoring: centering, lambda,
+normalization),
+stored in float32. Per t: mean top-10 overlap of the two lists (positive and negative), over held-out
+test-split
 digits. t runs over one timestep per bucket, a quarter or three quarters into its range (alternating; never
 its centre, where the stored features were taken).
 """
@@ -46,7 +51,9 @@ def overlap(first: np.ndarray, second: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--index", default="assets/index")
     parser.add_argument("--model", default="assets/model")
     parser.add_argument("--queries", type=int, default=100, help="held-out test-split digits")
@@ -62,8 +69,13 @@ def main() -> None:
     queries = heldout.images[rows]
     width = T // index.buckets
     timesteps = [b * width + (width // 4 if b % 2 == 0 else 3 * width // 4) for b in range(index.buckets)]
-    results = {"command": "python " + " ".join(sys.argv), "index": index.label, "storage": meta.storage,
-               "queries": int(len(rows)), "per_timestep": {}}
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "index": index.label,
+        "storage": meta.storage,
+        "queries": int(len(rows)),
+        "per_timestep": {},
+    }
     served_computer = FeatureComputer(model, spec)
     for t in timesteps:
         started = time.perf_counter()
@@ -73,12 +85,15 @@ def main() -> None:
         scorer, _ = fit_bucket(train_phi, meta.lambdas[bucket].relative, meta.center, index.normalize)
         exact = all_scores(scorer.vectors(train_phi), scorer.vectors(query_phi))  # (P, N)
         # what the explorer serves: the query featurized at its bucket's timestep, searched in the stored rows
-        served_phi = served_computer.features(torch.from_numpy(to_model_range(queries)), torch.full((len(rows),), bucket))
+        served_phi = served_computer.features(
+            torch.from_numpy(to_model_range(queries)), torch.full((len(rows),), bucket)
+        )
         served = served_scores(index, served_phi.numpy(), bucket)
         entry = {"bucket": bucket, "bucket_timestep": meta.timesteps[bucket][0]}
         for sign, name in ((1, "positive"), (-1, "negative")):
-            entry[f"top{TOP}_overlap_{name}"] = overlap(np.argsort(-sign * exact, axis=1)[:, :TOP],
-                                                        np.argsort(-sign * served, axis=1)[:, :TOP])
+            entry[f"top{TOP}_overlap_{name}"] = overlap(
+                np.argsort(-sign * exact, axis=1)[:, :TOP], np.argsort(-sign * served, axis=1)[:, :TOP]
+            )
         entry["seconds"] = round(time.perf_counter() - started, 1)
         results["per_timestep"][str(t)] = entry
         print(t, entry, flush=True)

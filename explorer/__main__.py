@@ -13,11 +13,21 @@ from explorer.errors import ExplorerError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m explorer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    attribute = commands.add_parser("attribute", help="top positive and negative training influencers of an image")
-    attribute.add_argument("--index", required=True, help="index directory written by `python -m precompute featurize`")
-    attribute.add_argument("--model", default=None, help="model directory (default: the one recorded in the index)")
-    attribute.add_argument("--image", required=True, help="query image file (any size or mode; resized to the model's)")
-    attribute.add_argument("--timestep", type=int, required=True, help="train timestep 0..T-1 to attribute at")
+    attribute = commands.add_parser(
+        "attribute", help="top positive and negative training influencers of an image"
+    )
+    attribute.add_argument(
+        "--index", required=True, help="index directory written by `python -m precompute featurize`"
+    )
+    attribute.add_argument(
+        "--model", default=None, help="model directory (default: the one recorded in the index)"
+    )
+    attribute.add_argument(
+        "--image", required=True, help="query image file (any size or mode; resized to the model's)"
+    )
+    attribute.add_argument(
+        "--timestep", type=int, required=True, help="train timestep 0..T-1 to attribute at"
+    )
     attribute.add_argument("--top-k", type=int, default=10)
     attribute.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -39,12 +49,24 @@ def run_attribute(args) -> dict:
     result = explorer.attribute_image(image, args.timestep, args.index, args.top_k)
 
     def rows(search, negative: bool = False) -> list[dict]:
-        return [{"id": int(i), "label": index.class_names[int(index.train_labels[p])], "score": float(s),
-                 **({"kind": "negative" if s < 0 else "least aligned"} if negative else {})}
-                for i, p, s in zip(search.ids, search.positions, search.scores)]
+        return [
+            {
+                "id": int(i),
+                "label": index.class_names[int(index.train_labels[p])],
+                "score": float(s),
+                **({"kind": "negative" if s < 0 else "least aligned"} if negative else {}),
+            }
+            for i, p, s in zip(search.ids, search.positions, search.scores)
+        ]
 
-    return {"timestep": result.timestep, "bucket": result.bucket, "score": index.score_name, "negative_count": result.negative_count, "positive": rows(result.positive),
-            "negative": rows(result.negative, negative=True)}
+    return {
+        "timestep": result.timestep,
+        "bucket": result.bucket,
+        "score": index.score_name,
+        "negative_count": result.negative_count,
+        "positive": rows(result.positive),
+        "negative": rows(result.negative, negative=True),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

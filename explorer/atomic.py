@@ -64,7 +64,12 @@ def write_json_atomic(path: str | Path, value: object) -> None:
 
 def explain_os_error(error: OSError, path: Path) -> ExplorerError:
     if error.errno == errno.ENOSPC:
-        return ExplorerError(f"no space left on the device while writing {str(path)!r}: free disk space, then run the same command again to resume")
+        return ExplorerError(
+            f"no space left on the device while writing {str(path)!r}: free disk space, then run the "
+            "same command again to resume"
+        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ExplorerError(f"cannot write {str(path)!r} ({error.strerror}): choose a writable --out directory")
+        return ExplorerError(
+            f"cannot write {str(path)!r} ({error.strerror}): choose a writable --out directory"
+        )
     return ExplorerError(f"writing {str(path)!r} failed: {error}")

@@ -19,7 +19,7 @@ import torch
 from explorer.classifier import FeatureClassifier, load_classifier
 from explorer.data import image_to_array, to_model_range
 from explorer.errors import ExplorerError, whole_number
-from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
+from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
 from explorer.model import DiffusionModel, load_model
@@ -46,13 +46,17 @@ class StepAttribution:
         return int((self.scores < 0).sum())
 
     def negatives_note(self) -> str:
-        """Says how many of the listed negatives really have a negative score (the rest are only least aligned)."""
+        """Says how many of the listed negatives really have a negative score (the rest are only least
+        aligned)."""
         listed = len(self.negative.scores)
         below = int((self.negative.scores < 0).sum())
         if below == listed:
             return f"all {listed} listed negatives have negative scores"
-        return (f"only {self.negative_count} training images have a negative score: the last {listed - below} of the "
-                f"{listed} listed are the least aligned, not negative influencers")
+        return (
+            f"only {self.negative_count} training images have a negative score: the last "
+            f"{listed - below} of the "
+            f"{listed} listed are the least aligned, not negative influencers"
+        )
 
     def percentile(self, position: int) -> float:
         """Share of training rows (in %) whose score is <= this row's score."""
@@ -79,7 +83,9 @@ def check_top_k(top_k: int) -> int:
 class Explorer:
     """A model, its feature classifier and one or more attribution indexes."""
 
-    def __init__(self, model: DiffusionModel, indexes: dict[str, AttributionIndex], classifier: FeatureClassifier):
+    def __init__(
+        self, model: DiffusionModel, indexes: dict[str, AttributionIndex], classifier: FeatureClassifier
+    ):
         if not indexes:
             raise ExplorerError("no attribution index given: pass --index DIR")
         self.model, self.indexes, self.classifier = model, indexes, classifier
@@ -87,7 +93,9 @@ class Explorer:
         faiss.omp_set_num_threads(1)  # single queries: threads only add overhead (and a 2nd OpenMP pool)
 
     @classmethod
-    def from_dirs(cls, model_dir: str | Path, index_dirs: list[str | Path], classifier_dir: str | Path | None = None) -> "Explorer":
+    def from_dirs(
+        cls, model_dir: str | Path, index_dirs: list[str | Path], classifier_dir: str | Path | None = None
+    ) -> Explorer:
         model = load_model(model_dir)
         indexes = {}
         for directory in index_dirs:
@@ -98,7 +106,9 @@ class Explorer:
             if name in indexes:
                 raise ExplorerError(f"index {str(directory)!r} is given twice: pass each --index once")
             indexes[name] = index
-        classifier = load_classifier(classifier_dir if classifier_dir is not None else Path(model_dir) / "classifier")
+        classifier = load_classifier(
+            classifier_dir if classifier_dir is not None else Path(model_dir) / "classifier"
+        )
         return cls(model, indexes, classifier)
 
     @property
@@ -117,7 +127,9 @@ class Explorer:
             self._computers[name] = FeatureComputer(self.model, self.indexes[name].meta.spec)
         return self._computers[name]
 
-    def _attribute(self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int) -> list[StepAttribution]:
+    def _attribute(
+        self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int
+    ) -> list[StepAttribution]:
         """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,)."""
         top_k = check_top_k(top_k)
         _, index = self.index(name)
@@ -128,10 +140,16 @@ class Explorer:
         results = []
         for query, bucket, timestep in zip(queries, buckets, timesteps):
             positive, negative = index.search(query, int(bucket), top_k)
-            results.append(StepAttribution(int(timestep), int(bucket), positive, negative, index.scores(query, int(bucket))))
+            results.append(
+                StepAttribution(
+                    int(timestep), int(bucket), positive, negative, index.scores(query, int(bucket))
+                )
+            )
         return results
 
-    def generate(self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8) -> TrajectoryAttribution:
+    def generate(
+        self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8
+    ) -> TrajectoryAttribution:
         """Sample, then attribute every step and compute the x0hat likelihood proxy."""
         name, _ = self.index(index_name)
         timings = {}
@@ -146,24 +164,42 @@ class Explorer:
         timings["proxy_s"] = time.perf_counter() - started
         return TrajectoryAttribution(trajectory, name, steps_attr, proxy, timings)
 
-    def reattribute(self, attribution: TrajectoryAttribution, index_name: str, top_k: int) -> TrajectoryAttribution:
+    def reattribute(
+        self, attribution: TrajectoryAttribution, index_name: str, top_k: int
+    ) -> TrajectoryAttribution:
         """The same trajectory against another index or top-k (no resampling)."""
         name, _ = self.index(index_name)
         started = time.perf_counter()
-        steps_attr = self._attribute(name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k)
+        steps_attr = self._attribute(
+            name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k
+        )
         timings = dict(attribution.timings, attribute_s=time.perf_counter() - started)
         return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
 
-    def rollouts(self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0) -> RolloutCurves:
-        return rollout_curves(self.model, self.classifier, trajectory, evenly_spaced_steps(trajectory.steps, count), completions, seed)
+    def rollouts(
+        self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0
+    ) -> RolloutCurves:
+        return rollout_curves(
+            self.model,
+            self.classifier,
+            trajectory,
+            evenly_spaced_steps(trajectory.steps, count),
+            completions,
+            seed,
+        )
 
-    def attribute_image(self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8) -> StepAttribution:
+    def attribute_image(
+        self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8
+    ) -> StepAttribution:
         """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep."""
         name, index = self.index(index_name)
         timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
         if not isinstance(image, np.ndarray):
             image = image_to_array(image, self.model.sample_size)
         if image.ndim != 2 or image.shape != (self.model.sample_size, self.model.sample_size):
-            raise ExplorerError(f"query image of shape {image.shape} must be ({self.model.sample_size}, {self.model.sample_size}) grayscale: resize it first")
+            raise ExplorerError(
+                f"query image of shape {image.shape} must be ({self.model.sample_size}, "
+                f"{self.model.sample_size}) grayscale: resize it first"
+            )
         tensor = torch.from_numpy(to_model_range(image[None]))
         return self._attribute(name, tensor, np.array([int(timestep)]), top_k)[0]

@@ -37,10 +37,16 @@ class FeatureClassifier(nn.Module):
         self.config = config
         w = config.width
         self.features = nn.Sequential(
-            nn.Conv2d(config.channels, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(config.channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
         )
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), nn.ReLU())
         self.head = nn.Linear(128, config.num_classes)
@@ -81,5 +87,7 @@ def load_classifier(directory: str | Path) -> FeatureClassifier:
         model = FeatureClassifier(ClassifierConfig(**fields))
         model.load_state_dict(load_file(str(weights_path)))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise ExplorerError(f"the feature classifier in {str(directory)!r} is unreadable ({error}): retrain it") from error
+        raise ExplorerError(
+            f"the feature classifier in {str(directory)!r} is unreadable ({error}): retrain it"
+        ) from error
     return model.eval().requires_grad_(False)

@@ -43,7 +43,7 @@ class Dataset:
     def resolution(self) -> int:
         return int(self.images.shape[-1])
 
-    def subset(self, positions: np.ndarray, suffix: str) -> "Dataset":
+    def subset(self, positions: np.ndarray, suffix: str) -> Dataset:
         return Dataset(
             name=f"{self.name}:{suffix}",
             images=self.images[positions],
@@ -92,7 +92,9 @@ def load_image_file(path: str | Path, size: int) -> np.ndarray:
             image.load()
             return image_to_array(image, size)
     except Image.DecompressionBombError as error:
-        raise ExplorerError(f"image file {str(path)!r} is too large to decode safely ({error}): pass a smaller image") from error
+        raise ExplorerError(
+            f"image file {str(path)!r} is too large to decode safely ({error}): pass a smaller image"
+        ) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ExplorerError(
             f"image file {str(path)!r} could not be read as an image ({error}): pass a valid PNG/JPEG file"
@@ -168,7 +170,9 @@ def load_folder(root: str | Path, size: int) -> Dataset:
             f"folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
             "put images in class subfolders, e.g. root/cat/1.png"
         )
-    class_of = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "unlabeled" for p in files]
+    class_of = [
+        p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "unlabeled" for p in files
+    ]
     class_names = sorted(set(class_of))
     images = np.stack([load_image_file(p, size) for p in files])
     labels = np.array([class_names.index(c) for c in class_of], dtype=np.int64)

@@ -10,7 +10,9 @@ def whole_number(value, name: str, low: int, high: int) -> int:
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ExplorerError(f"{name} {value!r} is not a number: use a whole number from {low} to {high}") from None
+        raise ExplorerError(
+            f"{name} {value!r} is not a number: use a whole number from {low} to {high}"
+        ) from None
     if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
         raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
     return int(number)

@@ -14,7 +14,8 @@ Two ways to get phi, chosen by spec.projector:
   activations and output gradients separately (explorer.kronecker); the full per-example gradients
   are never formed.
 
-Offline featurization runs these chunks on worker threads (precompute.featurizer); the engine runs them in turn.
+Offline featurization runs these chunks on worker threads (precompute.featurizer); the engine runs them in
+turn.
 """
 
 from __future__ import annotations
@@ -49,12 +50,21 @@ class FeatureSpec:
     projector: str = "countsketch"  # countsketch | gaussian | kronecker
     proj_dim: int = 512  # k; 512 beats 2048 on LDS (docs/evaluation.md)
     proj_seed: int = 0  # seeds the projector
-    params: tuple[str, ...] = ()  # parameter-name prefixes whose gradient is featurized; empty: all (select_params)
+    params: tuple[
+        str, ...
+    ] = ()  # parameter-name prefixes whose gradient is featurized; empty: all (select_params)
     # From precompute.calibration (both empty unless an index was built with --calibrate):
-    exact_params: tuple[str, ...] = ()  # parameter tensors kept as exact coordinates in front of the projection
-    exact_layers: tuple[str, ...] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
-    precision: str = "fp32"  # kronecker only: bf16 runs the forward and backward under bfloat16 autocast (PRECISIONS)
-    bf16_below: int = 0  # precision mixed only: timesteps t < bf16_below run in bf16, the rest in fp32 (calibration picks it)
+    exact_params: tuple[
+        str, ...
+    ] = ()  # parameter tensors kept as exact coordinates in front of the projection
+    exact_layers: tuple[
+        str, ...
+    ] = ()  # kronecker only: layers whose per-example weight gradient is formed exactly
+    precision: str = (
+        "fp32"  # kronecker only: bf16 runs the forward and backward under bfloat16 autocast (PRECISIONS)
+    )
+    bf16_below: int = 0  # precision mixed only: timesteps t < bf16_below run in bf16, the rest in fp32
+    # (calibration picks it)
 
     def __post_init__(self) -> None:  # metadata JSON gives lists
         for key in NAME_LIST_FIELDS:
@@ -65,26 +75,32 @@ class FeatureSpec:
 
 
 NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
-# Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in bfloat16,
+# Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in
+# bfloat16,
 # normalizations in float32; explorer.kronecker forms the blocks to match) runs the shipped model's forward +
 # backward 1.7x faster on a CPU with AVX512-BF16 (1.37x end to end on bench/featurize_vs_traker.py), but its
 # rounding, ~0.2-0.6% of each gradient's norm, exceeds the example-specific part of the gradient at high
 # timesteps, where x_t is mostly the shared noise: at t = 950 the scores' agreement with exact ones falls from
 # 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
-# mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells the stored
+# mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells the
+# stored
 # bucket features apart (precompute.calibration measures that and picks bf16_below), and the rest in fp32.
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
 def check_precision_projector(spec: FeatureSpec) -> None:
-    """Refuse a reduced precision on a projector other than kronecker (the vmap path is the exact fp32 reference)."""
+    """Refuse a reduced precision on a projector other than kronecker (the vmap path is the exact fp32
+    reference)."""
     if spec.precision != "fp32" and spec.projector != "kronecker":
-        raise ExplorerError(f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
-                            "path is the exact fp32 reference): use --projector kronecker or --precision fp32")
+        raise ExplorerError(
+            f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
+            "path is the exact fp32 reference): use --projector kronecker or --precision fp32"
+        )
 
 
 def native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes --precision bf16 pay)."""
+    """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes --precision
+    bf16 pay)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private torch API: if it moves, assume no
@@ -92,14 +108,17 @@ def native_bf16() -> bool:
 
 
 def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
-    """The parameter names under any of the prefixes (a prefix is a parameter or module name), in model order."""
+    """The parameter names under any of the prefixes (a prefix is a parameter or module name), in model
+    order."""
     if not prefixes:
         return names
     unmatched = [prefix for prefix in prefixes if not any(_under(name, prefix) for name in names)]
     if unmatched:
         tops = sorted({name.split(".")[0] for name in names})
-        raise ExplorerError(f"--params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
-                            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)")
+        raise ExplorerError(
+            f"--params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
+            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)"
+        )
     return [name for name in names if any(_under(name, prefix) for prefix in prefixes)]
 
 
@@ -113,7 +132,9 @@ def bucket_timesteps(spec: FeatureSpec, num_train_timesteps: int) -> list[list[i
         raise ExplorerError(f"--buckets {spec.buckets} must be between 1 and {num_train_timesteps}")
     width = num_train_timesteps / spec.buckets
     if spec.timesteps_per_bucket < 1 or spec.timesteps_per_bucket > width:
-        raise ExplorerError(f"--timesteps-per-bucket {spec.timesteps_per_bucket} must be between 1 and {int(width)}")
+        raise ExplorerError(
+            f"--timesteps-per-bucket {spec.timesteps_per_bucket} must be between 1 and {int(width)}"
+        )
     m = spec.timesteps_per_bucket
     return [[int(b * width + (j + 0.5) * width / m) for j in range(m)] for b in range(spec.buckets)]
 
@@ -147,19 +168,24 @@ def every_bucket(features, images: torch.Tensor, buckets: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One forward (or vmap call) of features(): the pairs `rows`, over their bucket's (t, r) columns `columns`
+    """One forward (or vmap call) of features(): the pairs `rows`, over their bucket's (t, r) columns
+    `columns`
     (None: all of them), in bf16 or fp32."""
 
     rows: torch.Tensor
     columns: torch.Tensor | None = None
     bf16: bool = False
-    share: float = 1.0  # len(columns) / the bucket's columns: f averages over columns, so phi sums the shares' parts
+    share: float = (
+        1.0  # len(columns) / the bucket's columns: f averages over columns, so phi sums the shares' parts
+    )
 
 
 class FeatureComputer:
     """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
 
-    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, *, quiet: bool = False):
+    def __init__(
+        self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, *, quiet: bool = False
+    ):
         """quiet: skip the precision warnings (a worker's copy of a computer that has given them)."""
         self.model, self.spec, self.chunk_size = model, spec, chunk_size
         self.output_fn = get_output_function(spec.output)
@@ -181,28 +207,48 @@ class FeatureComputer:
             raise ExplorerError(f"unknown precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}")
         check_precision_projector(spec)
         if spec.precision == "mixed" and not 1 <= spec.bf16_below <= T:
-            raise ExplorerError(f"--precision mixed with bf16_below {spec.bf16_below}: give --calibrate N (which measures "
-                                f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}")
+            raise ExplorerError(
+                f"--precision mixed with bf16_below {spec.bf16_below}: give --calibrate N (which measures "
+                f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}"
+            )
         if spec.precision != "mixed" and spec.bf16_below:
-            raise ExplorerError(f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}")
+            raise ExplorerError(
+                f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}"
+            )
         if spec.precision == "bf16" and not quiet:
-            logger.warning("--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its scores "
-                           "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
-                           "timestep-averaged outputs only (bench/precision_agreement.py)")
+            logger.warning(
+                "--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 "
+                "its scores "
+                "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
+                "timestep-averaged outputs only (bench/precision_agreement.py)"
+            )
         if spec.precision != "fp32" and not quiet and not native_bf16():
-            logger.warning(f"this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision {spec.precision} "
-                           "is emulated here and slower than fp32")
+            logger.warning(
+                "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision "
+                f"{spec.precision} "
+                "is emulated here and slower than fp32"
+            )
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
-            self.kronecker = KroneckerProjector(model.unet, spec.proj_dim, spec.proj_seed, kept_params=spec.exact_params,
-                                                exact_layers=spec.exact_layers, params=self.names)
+            self.kronecker = KroneckerProjector(
+                model.unet,
+                spec.proj_dim,
+                spec.proj_seed,
+                kept_params=spec.exact_params,
+                exact_layers=spec.exact_layers,
+                params=self.names,
+            )
         else:
             if spec.exact_layers:
-                raise ExplorerError(f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
-                                    f"{spec.projector!r}: calibrate without them (precompute.calibration.calibrate)")
+                raise ExplorerError(
+                    f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
+                    f"{spec.projector!r}: calibrate without them (precompute.calibration.calibrate)"
+                )
             sizes = {name: p.numel() for name, p in self.params.items()}
             kept, kept_width = kept_mask(self.names, sizes, spec.exact_params, spec.proj_dim)
-            inner = make_projector(spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
+            inner = make_projector(
+                spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed
+            )
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
 
@@ -210,20 +256,28 @@ class FeatureComputer:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)
         return abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4
 
-    def _output(self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _output(
+        self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """f averaged over one example's (t, r) pairs; x0 (C, H, W), timesteps (mR,), noise (mR, C, H, W)."""
-        prediction = functional_call(self.model.unet, {**self._frozen, **params}, (self._noisy(x0, timesteps, noise), timesteps)).sample
+        prediction = functional_call(
+            self.model.unet, {**self._frozen, **params}, (self._noisy(x0, timesteps, noise), timesteps)
+        ).sample
         return self.output_fn(prediction, noise)
 
     def _check(self, images: torch.Tensor) -> None:
         expected = (self.model.channels, self.model.sample_size, self.model.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ExplorerError(f"images of shape {tuple(images.shape)} do not fit the model: expected (N, {', '.join(map(str, expected))})")
+            raise ExplorerError(
+                f"images of shape {tuple(images.shape)} do not fit the model: expected (N, "
+                f"{', '.join(map(str, expected))})"
+            )
         if not torch.isfinite(images).all():
             raise ExplorerError("images contain NaN or infinite values")
 
     def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket) pair."""
+        """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket)
+        pair."""
         chunks = self.plan(images, buckets)
         return self.combine(len(images), chunks, self.run_chunks(images, buckets, chunks))
 
@@ -231,27 +285,37 @@ class FeatureComputer:
         """Check the pairs and split them into the forwards (chunks) that featurize them."""
         self._check(images)
         if tuple(buckets.shape) != (len(images),):
-            raise ExplorerError(f"buckets of shape {tuple(buckets.shape)} do not pair with {len(images)} images: give one bucket each")
+            raise ExplorerError(
+                f"buckets of shape {tuple(buckets.shape)} do not pair with {len(images)} images: give "
+                "one bucket each"
+            )
         if len(buckets):
             low, high = int(buckets.min()), int(buckets.max())
             if low < 0 or high >= self.spec.buckets:
-                raise ExplorerError(f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
-                                    f"buckets 0..{self.spec.buckets - 1}")
+                raise ExplorerError(
+                    f"bucket {high if high >= self.spec.buckets else low} is out of range: this spec has "
+                    f"buckets 0..{self.spec.buckets - 1}"
+                )
         return self._plan(buckets)
 
     def combine(self, pairs: int, chunks: list[Chunk], parts: list[torch.Tensor]) -> torch.Tensor:
         """The chunks' parts -> phi (pairs, k)."""
         out = torch.zeros(pairs, self.spec.proj_dim)
-        for chunk, part in zip(chunks, parts):  # under mixed a pair's bf16 and fp32 columns come from two chunks
+        for chunk, part in zip(
+            chunks, parts
+        ):  # under mixed a pair's bf16 and fp32 columns come from two chunks
             out.index_add_(0, chunk.rows, part)
         return out
 
     def _plan(self, buckets: torch.Tensor) -> list[Chunk]:
         """The forwards that featurize pairs with these buckets.
 
-        Under precision mixed each bucket's pairs run twice, once over the (t, r) columns below bf16_below in bf16 and
-        once over the rest in fp32, so that every forward runs in one precision at full size: every output function
-        is a mean over its columns (explorer.outputs), so phi is the two column sets' phi weighted by their shares of
+        Under precision mixed each bucket's pairs run twice, once over the (t, r) columns below bf16_below
+        in bf16 and
+        once over the rest in fp32, so that every forward runs in one precision at full size: every output
+        function
+        is a mean over its columns (explorer.outputs), so phi is the two column sets' phi weighted by
+        their shares of
         the columns. (A chunk that held both sets as two smaller forwards ran no faster; only a bucket that
         straddles bf16_below is split at all.)
         """
@@ -260,7 +324,9 @@ class FeatureComputer:
             return [Chunk(rows) for rows in pairs.split(self.chunk_size) if len(rows)]
         if self.spec.precision != "mixed":
             step = self._kronecker_step(self.draw_timesteps.shape[1])
-            return [Chunk(rows, bf16=self.spec.precision == "bf16") for rows in pairs.split(step) if len(rows)]
+            return [
+                Chunk(rows, bf16=self.spec.precision == "bf16") for rows in pairs.split(step) if len(rows)
+            ]
         order = torch.argsort(buckets, stable=True)
         per_bucket = torch.bincount(buckets, minlength=self.spec.buckets).tolist()
         chunks = []
@@ -269,16 +335,21 @@ class FeatureComputer:
             for bf16 in (True, False):
                 columns = torch.nonzero((draws < self.spec.bf16_below) == bf16).flatten()
                 if len(rows) and len(columns):
-                    chunks += [Chunk(part, columns, bf16, len(columns) / len(draws))
-                               for part in rows.split(self._kronecker_step(len(columns)))]
+                    chunks += [
+                        Chunk(part, columns, bf16, len(columns) / len(draws))
+                        for part in rows.split(self._kronecker_step(len(columns)))
+                    ]
         return chunks
 
     def _kronecker_step(self, rows_per_pair: int) -> int:
-        """Pairs per chunk of the kronecker path: rows per forward are pairs x rows_per_pair; more than ~80 fall out
+        """Pairs per chunk of the kronecker path: rows per forward are pairs x rows_per_pair; more than
+        ~80 fall out
         of cache."""
         return max(1, min(self.chunk_size, KRONECKER_ROWS // rows_per_pair))
 
-    def run_chunks(self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]) -> list[torch.Tensor]:
+    def run_chunks(
+        self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]
+    ) -> list[torch.Tensor]:
         """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
         for chunk in chunks:
@@ -295,7 +366,8 @@ class FeatureComputer:
         return out
 
     def exact_gradients(self, x0: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W), buckets (P,)."""
+        """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W),
+        buckets (P,)."""
         return self._per_example_grad(self.params, x0, self.draw_timesteps[buckets], self.noise[buckets])
 
     def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
@@ -306,12 +378,17 @@ class FeatureComputer:
         so d (sum_i f_i) / d row = d f_i / d row: rows do not interact in the UNet.
         """
         if self.spec.precision == "mixed":
-            raise ExplorerError("precision mixed runs a bucket's bf16 and fp32 timesteps as separate forwards: use "
-                                "features(), or timestep_features() for one timestep")
-        return self._capture(x0, self.draw_timesteps[buckets], self.noise[buckets], self.spec.precision == "bf16")
+            raise ExplorerError(
+                "precision mixed runs a bucket's bf16 and fp32 timesteps as separate forwards: use "
+                "features(), or timestep_features() for one timestep"
+            )
+        return self._capture(
+            x0, self.draw_timesteps[buckets], self.noise[buckets], self.spec.precision == "bf16"
+        )
 
     def _capture(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16: bool):
-        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), under bfloat16 autocast if bf16."""
+        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), under bfloat16 autocast
+        if bf16."""
         pairs, draws = timesteps.shape
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
         noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
@@ -327,13 +404,18 @@ class FeatureComputer:
         return total, records
 
     def timestep_features(self, images: torch.Tensor, bucket: int, timestep: int, bf16: bool) -> torch.Tensor:
-        """(P, k): kronecker features of images (P, C, H, W) at one timestep of a bucket alone (its R noise draws),
+        """(P, k): kronecker features of images (P, C, H, W) at one timestep of a bucket alone (its R
+        noise draws),
         all in bf16 or all in fp32; what precompute.calibration compares to choose bf16_below."""
         if self.kronecker is None:
-            raise ExplorerError(f"timestep features need the kronecker projector, not {self.spec.projector!r}")
+            raise ExplorerError(
+                f"timestep features need the kronecker projector, not {self.spec.projector!r}"
+            )
         columns = self.draw_timesteps[bucket] == timestep  # (mR,)
         if not bool(columns.any()):
-            raise ExplorerError(f"timestep {timestep} is not one of bucket {bucket}'s: {self.timesteps[bucket]}")
+            raise ExplorerError(
+                f"timestep {timestep} is not one of bucket {bucket}'s: {self.timesteps[bucket]}"
+            )
         pairs = len(images)
         timesteps = self.draw_timesteps[bucket][columns].expand(pairs, -1)
         noise = self.noise[bucket][columns].expand(pairs, -1, -1, -1, -1)  # (P, R, C, H, W)
@@ -360,7 +442,9 @@ class FeatureComputer:
                 x0 = images[start : start + self.chunk_size]  # (c, C, H, W)
                 c = len(x0)
                 abar = self.abar[t].view(1, -1, 1, 1, 1)
-                noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * self.noise[b].unsqueeze(0)  # (c, mR, C, H, W)
+                noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * self.noise[b].unsqueeze(
+                    0
+                )  # (c, mR, C, H, W)
                 prediction = self.model.unet(noisy.flatten(0, 1), t.repeat(c)).sample.view(c, draws, -1)
                 residual = prediction - self.noise[b].flatten(1).unsqueeze(0)
                 out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt()

@@ -27,21 +27,52 @@ import numpy as np
 
 from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
+from explorer.index_meta import (
+    CENTER_FORMAT_VERSION,
+    FLAT_FORMAT_VERSION,
+    FORMAT_VERSION,
+    INDEX_TYPES,
+    META_NAME,
+    READABLE_VERSIONS,
+    STORAGES,
+    FeatureSource,
+    IndexMeta,
+    LambdaRecord,
+    bucket_file,
+    center_file,
+    factor_file,
+    read_meta,
+)
 from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
-from explorer.index_meta import (CENTER_FORMAT_VERSION, FLAT_FORMAT_VERSION, FORMAT_VERSION, INDEX_TYPES, META_NAME,
-                                 READABLE_VERSIONS, STORAGES, FeatureSource, IndexMeta, LambdaRecord, bucket_file,
-                                 center_file, factor_file, read_meta)
 from explorer.scoring import BucketScorer
 
-__all__ = ["CENTER_FORMAT_VERSION", "FLAT_FORMAT_VERSION", "FORMAT_VERSION", "INDEX_TYPES", "META_NAME", "READABLE_VERSIONS",
-           "STORAGES", "AttributionIndex", "FeatureSource", "IndexMeta", "LambdaRecord", "SearchResult", "bucket_file",
-           "center_file", "factor_file", "read_meta", "sha256_file", "write_index"]
+__all__ = [
+    "CENTER_FORMAT_VERSION",
+    "FLAT_FORMAT_VERSION",
+    "FORMAT_VERSION",
+    "INDEX_TYPES",
+    "META_NAME",
+    "READABLE_VERSIONS",
+    "STORAGES",
+    "AttributionIndex",
+    "FeatureSource",
+    "IndexMeta",
+    "LambdaRecord",
+    "SearchResult",
+    "bucket_file",
+    "center_file",
+    "factor_file",
+    "read_meta",
+    "sha256_file",
+    "write_index",
+]
 
 logger = logging.getLogger(__name__)
 
 # The whitening factor is kept at the precision of the stored vectors: exact with float32, and
 # float32 (error ~1e-6, far below the quantization's) with the lossy storages, which halves its size.
 FACTOR_DTYPES = {"float32": np.float64, "float16": np.float32, "int8": np.float32}
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -51,7 +82,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _build_faiss(vectors: np.ndarray, storage: str, ivf: IVFParams | None = None, nprobe: int | None = None) -> faiss.Index:
+def _build_faiss(
+    vectors: np.ndarray, storage: str, ivf: IVFParams | None = None, nprobe: int | None = None
+) -> faiss.Index:
     """A flat index of the rows, or with `ivf` an IVF index trained on them (nprobe calibrated unless
     given; the choice is appended to `ivf`)."""
     dim = vectors.shape[1]
@@ -119,14 +152,33 @@ def write_index(
         if centers is not None:
             save_npy_atomic(directory / center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
             record(center_file(bucket))
-    for name, array in (("train_images.npy", train_images.astype(np.uint8)), ("train_labels.npy", train_labels.astype(np.int64)),
-                        ("train_ids.npy", train_ids.astype(np.int64))):
+    for name, array in (
+        ("train_images.npy", train_images.astype(np.uint8)),
+        ("train_labels.npy", train_labels.astype(np.int64)),
+        ("train_ids.npy", train_ids.astype(np.int64)),
+    ):
         save_npy_atomic(directory / name, array)
         record(name)
-    version = CENTER_FORMAT_VERSION if centers is not None else FLAT_FORMAT_VERSION if ivf is None else FORMAT_VERSION
-    meta = IndexMeta(**vars(source), lambdas=tuple(lambdas), normalize=normalize, das=das, center=centers is not None,
-                     storage=storage, index_type=index_type, count=int(len(train_ids)), files=tuple(sorted(files.items())),
-                     format_version=version, ivf=ivf)
+    version = (
+        CENTER_FORMAT_VERSION
+        if centers is not None
+        else FLAT_FORMAT_VERSION
+        if ivf is None
+        else FORMAT_VERSION
+    )
+    meta = IndexMeta(
+        **vars(source),
+        lambdas=tuple(lambdas),
+        normalize=normalize,
+        das=das,
+        center=centers is not None,
+        storage=storage,
+        index_type=index_type,
+        count=int(len(train_ids)),
+        files=tuple(sorted(files.items())),
+        format_version=version,
+        ivf=ivf,
+    )
     write_json_atomic(directory / META_NAME, meta.to_json())
     return directory
 
@@ -143,13 +195,23 @@ class SearchResult:
 class AttributionIndex:
     """A loaded, validated index directory."""
 
-    def __init__(self, directory: Path, meta: IndexMeta, indexes: list[faiss.Index], factors: list[np.ndarray],
-                 train_images: np.ndarray, train_labels: np.ndarray, train_ids: np.ndarray,
-                 centers: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        meta: IndexMeta,
+        indexes: list[faiss.Index],
+        factors: list[np.ndarray],
+        train_images: np.ndarray,
+        train_labels: np.ndarray,
+        train_ids: np.ndarray,
+        centers: list[np.ndarray] | None = None,
+    ):
         self.directory, self.meta = directory, meta
         self.indexes, self.factors = indexes, factors
-        self.scorers = [BucketScorer(factor, None if centers is None else centers[b], self.normalize)
-                        for b, factor in enumerate(factors)]
+        self.scorers = [
+            BucketScorer(factor, None if centers is None else centers[b], self.normalize)
+            for b, factor in enumerate(factors)
+        ]
         self.train_images, self.train_labels, self.train_ids = train_images, train_labels, train_ids
         self._vectors: dict[int, np.ndarray] = {}
 
@@ -172,9 +234,14 @@ class AttributionIndex:
 
     @property
     def label(self) -> str:
-        """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker, calibrated'."""
+        """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker,
+        calibrated'."""
         spec = self.meta.spec
-        parts = [spec.output, *(["centered"] if self.meta.center else []), "normalized" if self.normalize else "raw"]
+        parts = [
+            spec.output,
+            *(["centered"] if self.meta.center else []),
+            "normalized" if self.normalize else "raw",
+        ]
         if self.meta.das:
             parts.append("DAS")
         if spec.projector != "countsketch":
@@ -188,7 +255,7 @@ class AttributionIndex:
         return ", ".join(parts)
 
     @classmethod
-    def load(cls, directory: str | Path, model_hash: str | None = None) -> "AttributionIndex":
+    def load(cls, directory: str | Path, model_hash: str | None = None) -> AttributionIndex:
         directory = Path(directory)
         meta = read_meta(directory)
         if model_hash is not None and meta.model_hash != model_hash:
@@ -200,43 +267,70 @@ class AttributionIndex:
         for name, digest in meta.files:
             path = directory / name
             if not path.is_file():
-                raise ExplorerError(f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute featurize`")
+                raise ExplorerError(
+                    f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute "
+                    "featurize`"
+                )
             if sha256_file(path) != digest:
-                raise ExplorerError(f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the index with `python -m precompute featurize`")
+                raise ExplorerError(
+                    f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the "
+                    "index with `python -m precompute featurize`"
+                )
         count, buckets, dim = meta.count, meta.spec.buckets, meta.spec.proj_dim
         indexes, factors, centers = [], [], []
         for bucket in range(buckets):
             try:
                 index = faiss.read_index(str(directory / bucket_file(bucket)))
             except RuntimeError as error:
-                raise ExplorerError(f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index") from error
+                raise ExplorerError(
+                    f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index"
+                ) from error
             if index.ntotal != count or index.d != dim:
-                raise ExplorerError(f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says {count} x {dim}: rebuild the index")
+                raise ExplorerError(
+                    f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says "
+                    f"{count} x {dim}: rebuild the index"
+                )
             _check_kind(index, meta, bucket, directory)
             factor = np.load(directory / factor_file(bucket), allow_pickle=False)
             if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
-                raise ExplorerError(f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} matrix: rebuild the index")
+                raise ExplorerError(
+                    f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} "
+                    "matrix: rebuild the index"
+                )
             indexes.append(index)
             factors.append(factor)
             if meta.center:
                 center = np.load(directory / center_file(bucket), allow_pickle=False)
                 if center.shape != (index.d,) or not np.isfinite(center).all():
-                    raise ExplorerError(f"{center_file(bucket)} in {str(directory)!r} is not a finite vector of {index.d}: rebuild the index")
+                    raise ExplorerError(
+                        f"{center_file(bucket)} in {str(directory)!r} is not a finite vector of "
+                        f"{index.d}: rebuild the index"
+                    )
                 centers.append(center)
         images = np.load(directory / "train_images.npy", allow_pickle=False)
         labels = np.load(directory / "train_labels.npy", allow_pickle=False)
         ids = np.load(directory / "train_ids.npy", allow_pickle=False)
-        if images.ndim != 3 or images.dtype != np.uint8 or not (len(images) == len(labels) == len(ids) == count):
-            raise ExplorerError(f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} ids for {count} rows: rebuild it")
+        if (
+            images.ndim != 3
+            or images.dtype != np.uint8
+            or not (len(images) == len(labels) == len(ids) == count)
+        ):
+            raise ExplorerError(
+                f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} "
+                f"ids for {count} rows: rebuild it"
+            )
         loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers if meta.center else None)
         for bucket in range(buckets):
             if not np.isfinite(loaded.vectors(bucket)).all():
-                raise ExplorerError(f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: rebuild the index")
+                raise ExplorerError(
+                    f"{bucket_file(bucket)} in {str(directory)!r} holds NaN or infinite vectors: "
+                    "rebuild the index"
+                )
         return loaded
 
     @property
     def index_type(self) -> str:
-        """"flat" (exact search) or "ivf" (inverted lists)."""
+        """ "flat" (exact search) or "ivf" (inverted lists)."""
         return self.meta.index_type
 
     def nprobe(self, bucket: int) -> tuple[int, int]:
@@ -272,9 +366,16 @@ class AttributionIndex:
         top_k = min(top_k, self.indexes[bucket].ntotal)
         queries = np.stack([query, -query]).astype(np.float32)  # negatives: search with -query
         if self.index_type == "ivf":
-            answers = [self.indexes[bucket].search(queries[row : row + 1], top_k, params=faiss.SearchParametersIVF(nprobe=nprobe))
-                       for row, nprobe in enumerate(self.nprobe(bucket))]
-            scores, positions = np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])  # (2, top_k)
+            answers = [
+                self.indexes[bucket].search(
+                    queries[row : row + 1], top_k, params=faiss.SearchParametersIVF(nprobe=nprobe)
+                )
+                for row, nprobe in enumerate(self.nprobe(bucket))
+            ]
+            scores, positions = (
+                np.concatenate([a[0] for a in answers]),
+                np.concatenate([a[1] for a in answers]),
+            )  # (2, top_k)
         else:
             scores, positions = self.indexes[bucket].search(queries, top_k)
         for row, sign in enumerate((1, -1)):
@@ -295,10 +396,17 @@ def _check_kind(index: faiss.Index, meta: IndexMeta, bucket: int, directory: Pat
     ivf = faiss.try_extract_index_ivf(index)
     if meta.index_type == "flat":
         if ivf is not None:
-            raise ExplorerError(f"{name} in {where} is an IVF index but meta.json says index_type flat: rebuild the index")
+            raise ExplorerError(
+                f"{name} in {where} is an IVF index but meta.json says index_type flat: rebuild the index"
+            )
         return
     if ivf is None:
-        raise ExplorerError(f"{name} in {where} is not an IVF index but meta.json says index_type ivf: rebuild the index")
+        raise ExplorerError(
+            f"{name} in {where} is not an IVF index but meta.json says index_type ivf: rebuild the index"
+        )
     if ivf.nlist != meta.ivf.nlist:
-        raise ExplorerError(f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta.ivf.nlist}: rebuild the index")
+        raise ExplorerError(
+            f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta.ivf.nlist}: "
+            "rebuild the index"
+        )
     ivf.nprobe = meta.ivf.nprobe[bucket]  # what a plain FAISS search uses; search() passes it per call

@@ -37,7 +37,9 @@ NPROBE_FRACTION = 1 / 256  # first nprobe tried: 16 of 4,000 lists at 1M rows
 TARGET_RECALL = 0.95  # recall@10 that calibration must reach
 CALIBRATION_QUERIES = 200
 CALIBRATION_SEED = 0
-CALIBRATION_NOISE = 1.0  # off-data calibration queries: row + noise of this norm (relative), cosine ~0.7 to the row
+CALIBRATION_NOISE = (
+    1.0  # off-data calibration queries: row + noise of this norm (relative), cosine ~0.7 to the row
+)
 KMEANS_POINTS_PER_LIST = 64  # k-means trains on at most this many sampled rows per list (FAISS: 256)
 
 
@@ -60,10 +62,15 @@ class IVFParams:
         self.recall_at_10_negative.append(chosen[-1][1])
 
     def to_meta(self) -> dict:
-        return {"nlist": self.nlist, "nprobe": list(self.nprobe), "nprobe_negative": list(self.nprobe_negative),
-                "recall_at_10": [round(r, 4) for r in self.recall_at_10],
-                "recall_at_10_negative": [round(r, 4) for r in self.recall_at_10_negative],
-                "target_recall": TARGET_RECALL, "rule": self.rule}
+        return {
+            "nlist": self.nlist,
+            "nprobe": list(self.nprobe),
+            "nprobe_negative": list(self.nprobe_negative),
+            "recall_at_10": [round(r, 4) for r in self.recall_at_10],
+            "recall_at_10_negative": [round(r, 4) for r in self.recall_at_10_negative],
+            "target_recall": TARGET_RECALL,
+            "rule": self.rule,
+        }
 
 
 def nlist_rule(count: int) -> int:
@@ -76,11 +83,17 @@ def check_ivf_request(count: int, nlist: int | None, nprobe: int | None) -> int:
     if nlist is None:
         nlist = nlist_rule(count)
     if not isinstance(nlist, int) or isinstance(nlist, bool) or not 1 <= nlist <= count:
-        raise ExplorerError(f"--ivf-nlist {nlist!r} must be an integer between 1 and the {count} training rows "
-                            f"(leave it out for the rule's {nlist_rule(count)})")
-    if nprobe is not None and (not isinstance(nprobe, int) or isinstance(nprobe, bool) or not 1 <= nprobe <= nlist):
-        raise ExplorerError(f"--ivf-nprobe {nprobe!r} must be an integer between 1 and nlist {nlist} "
-                            "(leave it out to calibrate it)")
+        raise ExplorerError(
+            f"--ivf-nlist {nlist!r} must be an integer between 1 and the {count} training rows "
+            f"(leave it out for the rule's {nlist_rule(count)})"
+        )
+    if nprobe is not None and (
+        not isinstance(nprobe, int) or isinstance(nprobe, bool) or not 1 <= nprobe <= nlist
+    ):
+        raise ExplorerError(
+            f"--ivf-nprobe {nprobe!r} must be an integer between 1 and nlist {nlist} "
+            "(leave it out to calibrate it)"
+        )
     return nlist
 
 
@@ -118,14 +131,25 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, top: int, chunk: int = 1
     return out
 
 
-def recall_at_10(index: faiss.IndexIVF, queries: np.ndarray, exact: np.ndarray, nprobe: int,
-                 own_rows: np.ndarray | None = None) -> float:
+def recall_at_10(
+    index: faiss.IndexIVF,
+    queries: np.ndarray,
+    exact: np.ndarray,
+    nprobe: int,
+    own_rows: np.ndarray | None = None,
+) -> float:
     """Mean recall@10 of the IVF search at nprobe against the exact top (Q, 11). With own_rows, the
     query's own row is left out of both lists (a stored row used as a query)."""
-    _, found = index.search(queries, 11, params=faiss.SearchParametersIVF(nprobe=nprobe))  # (Q, 11), -1 past the lists
-    own = own_rows if own_rows is not None else np.full(len(queries), -2)  # -2: matches no row and no -1 padding
-    hits = [len(set(f[(f != row) & (f >= 0)][:10].tolist()) & set(e[e != row][:10].tolist())) / 10
-            for f, e, row in zip(found, exact, own)]
+    _, found = index.search(
+        queries, 11, params=faiss.SearchParametersIVF(nprobe=nprobe)
+    )  # (Q, 11), -1 past the lists
+    own = (
+        own_rows if own_rows is not None else np.full(len(queries), -2)
+    )  # -2: matches no row and no -1 padding
+    hits = [
+        len(set(f[(f != row) & (f >= 0)][:10].tolist()) & set(e[e != row][:10].tolist())) / 10
+        for f, e, row in zip(found, exact, own)
+    ]
     return float(np.mean(hits))
 
 
@@ -140,12 +164,19 @@ def calibration_queries(vectors: np.ndarray) -> dict[int, list[tuple[np.ndarray,
     rows = np.sort(rng.choice(len(vectors), size=min(CALIBRATION_QUERIES, len(vectors)), replace=False))
     stored = vectors[rows].astype(np.float32)
     norms = np.linalg.norm(stored, axis=1, keepdims=True)
-    noise = rng.standard_normal(stored.shape).astype(np.float32) * (CALIBRATION_NOISE / np.sqrt(stored.shape[1]))
+    noise = rng.standard_normal(stored.shape).astype(np.float32) * (
+        CALIBRATION_NOISE / np.sqrt(stored.shape[1])
+    )
     moved = stored + norms * noise
-    return {1: [(stored, rows), (np.ascontiguousarray(moved), None)], -1: [(np.ascontiguousarray(-stored), rows)]}
+    return {
+        1: [(stored, rows), (np.ascontiguousarray(moved), None)],
+        -1: [(np.ascontiguousarray(-stored), rows)],
+    }
 
 
-def calibrate_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, nprobe: int | None = None) -> dict[int, tuple[int, float]]:
+def calibrate_nprobe(
+    index: faiss.IndexIVF, vectors: np.ndarray, nprobe: int | None = None
+) -> dict[int, tuple[int, float]]:
     """nprobe for q (+1) and for -q (-1): the given one, or the smallest of start, 2 start, ..., nlist
     (start = nlist * NPROBE_FRACTION) whose recall@10 reaches TARGET_RECALL on every query set of
     `calibration_queries`; with that recall@10 (the lowest over the sets)."""
@@ -154,21 +185,36 @@ def calibrate_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, nprobe: int | N
         exact = [exact_top(vectors, queries, min(11, len(vectors))) for queries, _ in sets]
         trial = nprobe if nprobe is not None else max(1, round(index.nlist * NPROBE_FRACTION))
         while True:
-            recall = min(recall_at_10(index, queries, top, trial, own) for (queries, own), top in zip(sets, exact))
+            recall = min(
+                recall_at_10(index, queries, top, trial, own) for (queries, own), top in zip(sets, exact)
+            )
             if nprobe is not None or recall >= TARGET_RECALL or trial == index.nlist:
                 break
             trial = min(index.nlist, trial * 2)
         if recall < TARGET_RECALL:
-            logger.warning("IVF recall@10 %.3f < %.2f for %sq at nprobe %d of nlist %d", recall, TARGET_RECALL,
-                           "" if sign > 0 else "-", trial, index.nlist)
+            logger.warning(
+                "IVF recall@10 %.3f < %.2f for %sq at nprobe %d of nlist %d",
+                recall,
+                TARGET_RECALL,
+                "" if sign > 0 else "-",
+                trial,
+                index.nlist,
+            )
         chosen[sign] = (trial, recall)
     index.nprobe = chosen[1][0]
     return chosen
 
 
 def rule_text(nlist_given: bool, nprobe_given: bool) -> str:
-    nlist = "given" if nlist_given else f"nlist = round({NLIST_PER_SQRT_N:g} sqrt(N)), <= N/{MIN_ROWS_PER_LIST}"
-    nprobe = ("given" if nprobe_given else f"nprobe from nlist/{round(1 / NPROBE_FRACTION)} doubled until recall@10 >= "
-              f"{TARGET_RECALL} on {CALIBRATION_QUERIES} stored rows (self left out) and the rows moved off the data by "
-              f"noise of {CALIBRATION_NOISE:g} x their norm (q), and the negated rows (-q)")
+    nlist = (
+        "given" if nlist_given else f"nlist = round({NLIST_PER_SQRT_N:g} sqrt(N)), <= N/{MIN_ROWS_PER_LIST}"
+    )
+    nprobe = (
+        "given"
+        if nprobe_given
+        else f"nprobe from nlist/{round(1 / NPROBE_FRACTION)} doubled until recall@10 >= "
+        f"{TARGET_RECALL} on {CALIBRATION_QUERIES} stored rows (self left out) and the rows moved off "
+        "the data by "
+        f"noise of {CALIBRATION_NOISE:g} x their norm (q), and the negated rows (-q)"
+    )
     return f"{nlist}; {nprobe}"

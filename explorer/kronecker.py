@@ -104,12 +104,19 @@ def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     padded = F.pad(a, (pw, pw, ph, ph))
     out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
     out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    slices = [padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
-              for i in range(kh) for j in range(kw)]
-    return torch.stack(slices, dim=2).flatten(1, 2).flatten(2)  # (rows, C_in, kh kw, Ho, Wo) -> (rows, C_in kh kw, L)
+    slices = [
+        padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return (
+        torch.stack(slices, dim=2).flatten(1, 2).flatten(2)
+    )  # (rows, C_in, kh kw, Ho, Wo) -> (rows, C_in kh kw, L)
 
 
-def _group_norm_weight_gradients(norm: nn.GroupNorm, a: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _group_norm_weight_gradients(
+    norm: nn.GroupNorm, a: torch.Tensor, y: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
     """(rows, C): sum over positions of g x_hat, the per-row gradient of the GroupNorm's weight.
 
     x_hat comes back from the output y = w x_hat + b as (y - b) / w, which saves normalizing the input
@@ -118,7 +125,9 @@ def _group_norm_weight_gradients(norm: nn.GroupNorm, a: torch.Tensor, y: torch.T
     """
     weight = norm.weight.detach()
     bias = norm.bias.detach() if norm.bias is not None else torch.zeros_like(weight)
-    if bool((weight.abs() >= 1e-3 * bias.abs().clamp_min(1.0)).all()):  # vecdot: half the time of einsum's bmm of 1x1 products
+    if bool(
+        (weight.abs() >= 1e-3 * bias.abs().clamp_min(1.0)).all()
+    ):  # vecdot: half the time of einsum's bmm of 1x1 products
         return (torch.linalg.vecdot(g, y.flatten(2), dim=2) - bias * g.sum(2)) / weight
     x_hat = F.group_norm(a, norm.num_groups, eps=norm.eps).flatten(2)  # (rows, C, L)
     return torch.linalg.vecdot(g, x_hat, dim=2)
@@ -142,13 +151,19 @@ def _graph_leaves(total: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
-    """A Conv2d with a kernel larger than 1x1, stride 1 and dilation 1 (what _conv_weight_gradients handles)."""
-    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.stride == (1, 1) \
+    """A Conv2d with a kernel larger than 1x1, stride 1 and dilation 1 (what _conv_weight_gradients
+    handles)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size != (1, 1)
+        and module.stride == (1, 1)
         and module.dilation == (1, 1)
+    )
 
 
 def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, groups: int) -> torch.Tensor:
-    """(groups, C_out, C_in kh kw): each example's exact weight gradient, the sum over its rows of sum_p g_p a_p^T,
+    """(groups, C_out, C_in kh kw): each example's exact weight gradient, the sum over its rows of sum_p
+    g_p a_p^T,
     without unfolding the patches.
 
     With the padded input flattened row-major at width Wp, the patch entry (i, j) of output position (y, x)
@@ -159,7 +174,10 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
     products are summed over the example's rows before the offsets are interleaved, so the interleaving
     copy is of `groups`, not `rows`, gradients.
     """
-    if a.shape[0] // groups >= BACKWARD_MIN_ROWS and min(conv.in_channels, conv.out_channels) >= BACKWARD_MIN_CHANNELS:
+    if (
+        a.shape[0] // groups >= BACKWARD_MIN_ROWS
+        and min(conv.in_channels, conv.out_channels) >= BACKWARD_MIN_CHANNELS
+    ):
         return _conv_weight_gradients_by_backward(a, g, conv, groups)
     (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
     padded = F.pad(a, (pw, pw, ph, ph + 1))  # one extra zero row: the last window runs kw - 1 past the end
@@ -168,41 +186,77 @@ def _conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, gr
     flat = padded.flatten(2)  # (rows, C_in, (Hp + 1) Wp)
     g_wide = F.pad(g, (0, width - out_w)).flatten(2)  # (rows, C_out, Ho Wp)
     span = out_h * width
-    per_offset = [_grouped_sum(torch.bmm(g_wide, flat[:, :, i * width + j : i * width + j + span].transpose(1, 2)), groups)
-                  for i in range(kh) for j in range(kw)]  # each (groups, C_out, C_in)
-    return torch.stack(per_offset, dim=3).flatten(2)  # (groups, C_out, C_in, kh kw) -> the weight's (C_in, kh, kw) order
+    per_offset = [
+        _grouped_sum(
+            torch.bmm(g_wide, flat[:, :, i * width + j : i * width + j + span].transpose(1, 2)), groups
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]  # each (groups, C_out, C_in)
+    return torch.stack(per_offset, dim=3).flatten(
+        2
+    )  # (groups, C_out, C_in, kh kw) -> the weight's (C_in, kh, kw) order
 
 
-# Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what training's
-# backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 80 rows, 32 -> 32 channels 2.9
-# against 3.6 ms at 8 rows per example and 3.2 against 4.1 at 10, 64 -> 32 5.0 against 6.6 and 5.5 against 8.2;
+# Above these rows per example and channels, a convolution's own weight-gradient kernel (oneDNN, what
+# training's
+# backward runs) once per example beats the windowed matmuls (MKL): 3x3 at 16x16, 80 rows, 32 -> 32 channels
+# 2.9
+# against 3.6 ms at 8 rows per example and 3.2 against 4.1 at 10, 64 -> 32 5.0 against 6.6 and 5.5 against
+# 8.2;
 # at 4 rows per example, or with 1 channel on a side, the matmuls win (bench/featurize_profile.py)
 BACKWARD_MIN_ROWS = 8
 BACKWARD_MIN_CHANNELS = 32
 
 
-def _conv_weight_gradients_by_backward(a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, groups: int) -> torch.Tensor:
+def _conv_weight_gradients_by_backward(
+    a: torch.Tensor, g: torch.Tensor, conv: nn.Conv2d, groups: int
+) -> torch.Tensor:
     """_conv_weight_gradients by one weight-only convolution backward per example over its rows."""
     rows, weight = a.shape[0] // groups, conv.weight.detach().to(a.dtype)
-    per_example = [torch.ops.aten.convolution_backward(
-        g[i * rows : (i + 1) * rows], a[i * rows : (i + 1) * rows], weight, None, conv.stride, conv.padding,
-        conv.dilation, False, [0, 0], 1, [False, True, False])[1] for i in range(groups)]  # each (C_out, C_in, kh, kw)
+    per_example = [
+        torch.ops.aten.convolution_backward(
+            g[i * rows : (i + 1) * rows],
+            a[i * rows : (i + 1) * rows],
+            weight,
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            False,
+            [0, 0],
+            1,
+            [False, True, False],
+        )[1]
+        for i in range(groups)
+    ]  # each (C_out, C_in, kh, kw)
     return torch.stack(per_example).flatten(2)
 
 
 class KroneckerProjector:
     """Projected per-example gradients of a model from one batched forward and backward."""
 
-    def __init__(self, model: nn.Module, dim: int, seed: int, kept_params: tuple[str, ...] = (),
-                 exact_layers: tuple[str, ...] = (), params: list[str] | None = None):
-        """kept_params: parameter tensors kept as exact coordinates in front of the sketch (PartlyExactProjector);
+    def __init__(
+        self,
+        model: nn.Module,
+        dim: int,
+        seed: int,
+        kept_params: tuple[str, ...] = (),
+        exact_layers: tuple[str, ...] = (),
+        params: list[str] | None = None,
+    ):
+        """kept_params: parameter tensors kept as exact coordinates in front of the sketch
+        (PartlyExactProjector);
         exact_layers: Conv2d/Linear layers whose per-example weight gradient is formed exactly, not projected
-        (both from precompute.calibration); params: the parameters phi covers (default all). Only their layers are
+        (both from precompute.calibration); params: the parameters phi covers (default all). Only their
+        layers are
         hooked, so the backward stops below the lowest of them."""
         if dim < 1:
             raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
         self.model, self.dim, self.seed = model, dim, seed
-        self.names = [name for name, _ in model.named_parameters()] if params is None else list(params)  # sketch order
+        self.names = (
+            [name for name, _ in model.named_parameters()] if params is None else list(params)
+        )  # sketch order
         covered = {name.rpartition(".")[0] for name in self.names}
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
@@ -210,13 +264,19 @@ class KroneckerProjector:
                 continue
             self._check_supported(name, module)
             self.modules[name] = module
-        wrong = [name for name in exact_layers if not isinstance(self.modules.get(name), (nn.Conv2d, nn.Linear))]
+        wrong = [
+            name for name in exact_layers if not isinstance(self.modules.get(name), (nn.Conv2d, nn.Linear))
+        ]
         if wrong:
-            raise ExplorerError(f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
-                                "calibrated for another model; calibrate again (precompute featurize --calibrate)")
+            raise ExplorerError(
+                f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
+                "calibrated for another model; calibrate again (precompute featurize --calibrate)"
+            )
         self._name_of = {module: name for name, module in self.modules.items()}
         # a kept weight needs its exact block; kept biases and norm parameters are exact anyway
-        exact = set(exact_layers) | {name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")}
+        exact = set(exact_layers) | {
+            name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")
+        }
         self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
         self.proj_out: dict[str, torch.Tensor] = {}  # module name -> P_out (k_out, d_out)
         for layer, (name, module) in enumerate(self.modules.items()):
@@ -228,19 +288,26 @@ class KroneckerProjector:
         shapes = dict(model.named_parameters())
         self.widths = {name: self._width(name, shapes[name]) for name in self.names}
         kept, kept_width = kept_mask(self.names, self.widths, kept_params, dim)
-        sketch = CountSketchProjector(sum(self.widths.values()) - kept_width, dim - kept_width,
-                                      seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2)
+        sketch = CountSketchProjector(
+            sum(self.widths.values()) - kept_width,
+            dim - kept_width,
+            seed=(seed * SEED_STRIDE + SEED_STRIDE - 1) * 2,
+        )
         self.sketch = PartlyExactProjector(kept, sketch) if kept_width else sketch
 
     @staticmethod
     def _check_supported(name: str, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise ExplorerError(f"layer {name!r} is a grouped, non-zero-padded or 'same'-padded Conv2d, which the "
-                                    "kronecker projector does not handle: use --projector countsketch")
+                raise ExplorerError(
+                    f"layer {name!r} is a grouped, non-zero-padded or 'same'-padded Conv2d, which the "
+                    "kronecker projector does not handle: use --projector countsketch"
+                )
         elif not isinstance(module, (nn.Linear, nn.GroupNorm)):
-            raise ExplorerError(f"layer {name!r} ({type(module).__name__}) holds parameters the kronecker projector cannot "
-                                "cover (it handles Conv2d, Linear and GroupNorm): use --projector countsketch")
+            raise ExplorerError(
+                f"layer {name!r} ({type(module).__name__}) holds parameters the kronecker projector cannot "
+                "cover (it handles Conv2d, Linear and GroupNorm): use --projector countsketch"
+            )
 
     def _width(self, name: str, param: torch.Tensor) -> int:
         module_name, _, kind = name.rpartition(".")
@@ -271,34 +338,54 @@ class KroneckerProjector:
     @staticmethod
     def output_gradients(total: torch.Tensor, records: list[Record]) -> list[torch.Tensor]:
         """d total / d output of every record; total = sum over examples of f_i (rows do not interact)."""
-        return list(torch.autograd.grad(total, [r.output for r in records], allow_unused=True, materialize_grads=True))
+        return list(
+            torch.autograd.grad(total, [r.output for r in records], allow_unused=True, materialize_grads=True)
+        )
 
     # 3. per-example blocks: Kronecker-projected weight gradients and exact small gradients
-    def blocks(self, records: list[Record], grads: list[torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+    def blocks(
+        self, records: list[Record], grads: list[torch.Tensor], groups: int
+    ) -> dict[str, torch.Tensor]:
         """Parameter name -> (groups, k_out, k_in) for Conv2d/Linear weights, (groups, *shape) for the rest,
         from the output gradients of every record (output_gradients)."""
         out: dict[str, torch.Tensor] = {}
         for record, g in zip(records, grads):
-            self._add_record_blocks(out, record.module, record.name, record.inputs, record.output.detach(), g, groups)
+            self._add_record_blocks(
+                out, record.module, record.name, record.inputs, record.output.detach(), g, groups
+            )
         return self._fill_unused(out, groups)
 
     # 2 + 3 in one pass: each record's blocks from inside the backward
-    def backward_blocks(self, total: torch.Tensor, records: list[Record], groups: int) -> dict[str, torch.Tensor]:
-        """What blocks(records, output_gradients(total, records), groups) returns, with each record's blocks formed by a
-        hook the moment the backward reaches its output, while that gradient is still in cache, and the gradient
-        freed right after, instead of ~70 of them held until the backward ends (with the per-example convolution
-        backward of _conv_weight_gradients, 0.93x the time per chunk on the traker bench's spec; docs/benchmarks/featurize_profile.md,
+    def backward_blocks(
+        self, total: torch.Tensor, records: list[Record], groups: int
+    ) -> dict[str, torch.Tensor]:
+        """What blocks(records, output_gradients(total, records), groups) returns, with each record's
+        blocks formed by a
+        hook the moment the backward reaches its output, while that gradient is still in cache, and the
+        gradient
+        freed right after, instead of ~70 of them held until the backward ends (with the per-example
+        convolution
+        backward of _conv_weight_gradients, 0.93x the time per chunk on the traker bench's spec;
+        docs/benchmarks/featurize_profile.md,
         "Calibrated projections").
 
-        The backward is asked for the gradients of the graph's leaves (the hooked outputs made leaves by capture,
+        The backward is asked for the gradients of the graph's leaves (the hooked outputs made leaves by
+        capture,
         and any parameter or input that requires grad), which sends it through every node between `total` and
         them, so every record output that `total` depends on is reached."""
         out: dict[str, torch.Tensor] = {}
         handles = []
         for record in records:
-            def hook(g: torch.Tensor, module=record.module, name=record.name, a=record.inputs,
-                     y=record.output.detach()) -> None:  # defaults, not the record: no cycle through the output
+
+            def hook(
+                g: torch.Tensor,
+                module=record.module,
+                name=record.name,
+                a=record.inputs,
+                y=record.output.detach(),  # noqa: B008 (bound once per hook, as intended)
+            ) -> None:  # defaults, not the record: no cycle through the output
                 self._add_record_blocks(out, module, name, a, y, g, groups)
+
             handles.append(record.output.register_hook(hook))
         try:
             leaves = _graph_leaves(total)
@@ -309,32 +396,53 @@ class KroneckerProjector:
                 handle.remove()
         return self._fill_unused(out, groups)
 
-    def _add_record_blocks(self, out: dict[str, torch.Tensor], module: nn.Module, name: str, a: torch.Tensor,
-                           y: torch.Tensor, g: torch.Tensor, groups: int) -> None:
-        """Adds one module call's blocks to out (a module called twice sums its calls); a its input, y its output,
+    def _add_record_blocks(
+        self,
+        out: dict[str, torch.Tensor],
+        module: nn.Module,
+        name: str,
+        a: torch.Tensor,
+        y: torch.Tensor,
+        g: torch.Tensor,
+        groups: int,
+    ) -> None:
+        """Adds one module call's blocks to out (a module called twice sums its calls); a its input, y its
+        output,
         g the gradient w.r.t. y.
 
-        Under bfloat16 autocast (FeatureSpec.precision bf16) a Conv2d/Linear output gradient g arrives in bfloat16;
+        Under bfloat16 autocast (FeatureSpec.precision bf16) a Conv2d/Linear output gradient g arrives in
+        bfloat16;
         then its weight block's products run in bfloat16 too (fp32 accumulation inside the kernels, each row's
         block rounded once to bfloat16) and everything is summed over rows in float32."""
+
         def add(key: str, value: torch.Tensor) -> None:
             out[key] = out[key] + value if key in out else value
 
         if isinstance(module, nn.GroupNorm):  # autocast keeps normalizations in float32
             g_flat = g.float().flatten(2)
             if module.weight is not None:
-                add(f"{name}.weight", _grouped_sum(_group_norm_weight_gradients(module, a.float(), y.float(), g_flat), groups))
+                add(
+                    f"{name}.weight",
+                    _grouped_sum(_group_norm_weight_gradients(module, a.float(), y.float(), g_flat), groups),
+                )
             if module.bias is not None:
                 add(f"{name}.bias", _grouped_sum(g_flat.sum(2), groups))
             return
         a = a.to(g.dtype)
         if self._exact(name) and _is_plain_conv(module):
-            weight, g_flat = _conv_weight_gradients(a, g, module, groups).float(), g.flatten(2)  # (groups, d_out, d_in)
+            weight, g_flat = (
+                _conv_weight_gradients(a, g, module, groups).float(),
+                g.flatten(2),
+            )  # (groups, d_out, d_in)
         else:
-            a_proj, g_proj, g_flat = self._project_sides(name, module, a, g)  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
+            a_proj, g_proj, g_flat = self._project_sides(
+                name, module, a, g
+            )  # (rows, k_in, L), (rows, k_out, L), (rows, d_out, L)
             # (P_out g)(P_in a)^T summed over positions, one product per row (regrouping the rows first would
             # copy both sides, which costs more than the bmm), then over the example's rows
-            weight = _grouped_sum(torch.bmm(g_proj, a_proj.transpose(1, 2)).float(), groups)  # (groups, k_out, k_in)
+            weight = _grouped_sum(
+                torch.bmm(g_proj, a_proj.transpose(1, 2)).float(), groups
+            )  # (groups, k_out, k_in)
         add(f"{name}.weight", weight)
         if module.bias is not None:
             add(f"{name}.bias", _grouped_sum(g_flat.sum(2, dtype=torch.float32), groups))
@@ -347,24 +455,36 @@ class KroneckerProjector:
 
     def _exact(self, name: str) -> bool:
         """Whether a Conv2d/Linear layer's block is its exact weight gradient (P = I on both sides)."""
-        return self.proj_in[name].shape[0] == self.proj_in[name].shape[1] and \
-            self.proj_out[name].shape[0] == self.proj_out[name].shape[1]
+        return (
+            self.proj_in[name].shape[0] == self.proj_in[name].shape[1]
+            and self.proj_out[name].shape[0] == self.proj_out[name].shape[1]
+        )
 
     def _project_sides(self, name: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor):
         """(P_in a, P_out g, g) at every output position, each (rows, width, L)."""
         p_in, p_out = self.proj_in[name].to(a.dtype), self.proj_out[name].to(a.dtype)
         if isinstance(module, nn.Conv2d):
-            if p_in.shape[0] == p_in.shape[1]:  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
+            if (
+                p_in.shape[0] == p_in.shape[1]
+            ):  # P_in = I: the unfolded patches themselves (C_in kh kw order, as the weight)
                 a_proj = _unfold(a, module)  # (rows, d_in, L)
             else:
-                kernel = p_in.view(-1, *module.weight.shape[1:])  # (k_in, C_in, kh, kw): P_in on unfolded patches
-                a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation).flatten(2)  # (rows, k_in, L)
+                kernel = p_in.view(
+                    -1, *module.weight.shape[1:]
+                )  # (k_in, C_in, kh, kw): P_in on unfolded patches
+                a_proj = F.conv2d(a, kernel, None, module.stride, module.padding, module.dilation).flatten(
+                    2
+                )  # (rows, k_in, L)
             g_flat = g.flatten(2)  # (rows, C_out, L)
         else:
             a_flat = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)  # (rows, d_in, L)
-            a_proj = a_flat if p_in.shape[0] == p_in.shape[1] else torch.matmul(p_in, a_flat)  # (rows, k_in, L)
+            a_proj = (
+                a_flat if p_in.shape[0] == p_in.shape[1] else torch.matmul(p_in, a_flat)
+            )  # (rows, k_in, L)
             g_flat = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (rows, d_out, L)
-        g_proj = g_flat if p_out.shape[0] == p_out.shape[1] else torch.matmul(p_out, g_flat)  # (rows, k_out, L)
+        g_proj = (
+            g_flat if p_out.shape[0] == p_out.shape[1] else torch.matmul(p_out, g_flat)
+        )  # (rows, k_out, L)
         return a_proj, g_proj, g_flat
 
     # 4. one vector per example

@@ -37,8 +37,14 @@ def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
     return sorted(set(np.linspace(0, total_steps - 1, min(count, total_steps)).round().astype(int).tolist()))
 
 
-def rollout_curves(model: DiffusionModel, classifier: FeatureClassifier, trajectory: Trajectory,
-                   steps: list[int], completions: int = 16, seed: int = 0) -> RolloutCurves:
+def rollout_curves(
+    model: DiffusionModel,
+    classifier: FeatureClassifier,
+    trajectory: Trajectory,
+    steps: list[int],
+    completions: int = 16,
+    seed: int = 0,
+) -> RolloutCurves:
     """p(class | x_t) from `completions` seeded stochastic completions at each of `steps`."""
     if completions < 1:
         raise ExplorerError(f"completions {completions} must be >= 1")

@@ -61,7 +61,9 @@ def tiny_config(sample_size: int = 8) -> UNetConfig:
 
 
 def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon"
+    )
 
 
 @dataclass
@@ -153,7 +155,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
         )
     disable_attention_for_vmap(unet)
     unet.to(device).eval().requires_grad_(False)
-    return DiffusionModel(unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir))
+    return DiffusionModel(
+        unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir)
+    )
 
 
 def disable_attention_for_vmap(unet: UNet2DModel) -> None:

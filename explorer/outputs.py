@@ -57,4 +57,6 @@ def get_output_function(name: str) -> OutputFunction:
     try:
         return OUTPUT_FUNCTIONS[name]
     except KeyError:
-        raise ExplorerError(f"unknown output function {name!r}: use one of {', '.join(OUTPUT_FUNCTIONS)}") from None
+        raise ExplorerError(
+            f"unknown output function {name!r}: use one of {', '.join(OUTPUT_FUNCTIONS)}"
+        ) from None

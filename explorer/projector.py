@@ -22,7 +22,11 @@ import torch
 
 from explorer.errors import ExplorerError
 
-PROJECTORS = ("countsketch", "gaussian", "kronecker")  # every FeatureSpec.projector; kronecker lives in explorer.kronecker
+PROJECTORS = (
+    "countsketch",
+    "gaussian",
+    "kronecker",
+)  # every FeatureSpec.projector; kronecker lives in explorer.kronecker
 GAUSSIAN_BLOCK = 65_536  # parameters per generated block of the dense projection
 GAUSSIAN_CACHE_BYTES = 1 << 30  # keep the dense matrix in memory when it is at most this big
 
@@ -42,7 +46,9 @@ class CountSketchProjector:
         for grad in grads:
             flat = grad.reshape(batch, -1)  # (B, d_p)
             width = flat.shape[1]
-            out.index_add_(1, self.buckets[offset : offset + width], flat * self.signs[offset : offset + width])
+            out.index_add_(
+                1, self.buckets[offset : offset + width], flat * self.signs[offset : offset + width]
+            )
             offset += width
         return out
 
@@ -88,22 +94,31 @@ class PartlyExactProjector:
         return torch.cat([*exact, self.inner.project(rest)], dim=1)
 
 
-def kept_mask(names: list[str], widths: dict[str, int], kept: tuple[str, ...], dim: int) -> tuple[list[bool], int]:
+def kept_mask(
+    names: list[str], widths: dict[str, int], kept: tuple[str, ...], dim: int
+) -> tuple[list[bool], int]:
     """For PartlyExactProjector: which of `names` are kept, and their width; refuses names outside `names`
     and a kept width that leaves nothing of `dim` for the projection."""
     unknown = [name for name in kept if name not in widths]
     if unknown:
-        raise ExplorerError(f"exact_params {unknown} are not featurized parameters of this model: the spec was "
-                            "calibrated for another model or parameter set; calibrate again (precompute featurize --calibrate)")
+        raise ExplorerError(
+            f"exact_params {unknown} are not featurized parameters of this model: the spec was "
+            "calibrated for another model or parameter set; calibrate again (precompute featurize "
+            "--calibrate)"
+        )
     mask = [name in kept for name in names]
     width = sum(widths[name] for name, keep in zip(names, mask) if keep)
     if width >= dim:
-        raise ExplorerError(f"exact_params hold {width} values, which leaves nothing of proj_dim {dim} for the "
-                            "projection: keep fewer tensors or raise --proj-dim")
+        raise ExplorerError(
+            f"exact_params hold {width} values, which leaves nothing of proj_dim {dim} for the "
+            "projection: keep fewer tensors or raise --proj-dim"
+        )
     return mask, width
 
 
-def make_projector(kind: str, num_params: int, dim: int, seed: int) -> CountSketchProjector | GaussianProjector:
+def make_projector(
+    kind: str, num_params: int, dim: int, seed: int
+) -> CountSketchProjector | GaussianProjector:
     if dim < 1:
         raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
     if kind == "countsketch":

@@ -37,7 +37,11 @@ class Trajectory:
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) and not (isinstance(seed, float) and float(seed).is_integer()):
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        and not (isinstance(seed, float) and float(seed).is_integer())
+    ):
         raise ExplorerError(f"seed {seed!r} is not an integer: use a whole number between 0 and {MAX_SEED}")
     seed = int(seed)
     if not 0 <= seed <= MAX_SEED:
@@ -46,11 +50,20 @@ def check_seed(seed: int) -> int:
 
 
 def check_steps(steps: int, num_train_timesteps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) and not (isinstance(steps, float) and float(steps).is_integer()):
-        raise ExplorerError(f"sampler steps {steps!r} is not an integer: use {MIN_STEPS} to {num_train_timesteps}")
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, (int, np.integer))
+        and not (isinstance(steps, float) and float(steps).is_integer())
+    ):
+        raise ExplorerError(
+            f"sampler steps {steps!r} is not an integer: use {MIN_STEPS} to {num_train_timesteps}"
+        )
     steps = int(steps)
     if not MIN_STEPS <= steps <= min(MAX_STEPS, num_train_timesteps):
-        raise ExplorerError(f"sampler steps {steps} is out of range: use {MIN_STEPS} to {min(MAX_STEPS, num_train_timesteps)} (50-100 is typical)")
+        raise ExplorerError(
+            f"sampler steps {steps} is out of range: use {MIN_STEPS} to "
+            f"{min(MAX_STEPS, num_train_timesteps)} (50-100 is typical)"
+        )
     return steps
 
 
@@ -75,13 +88,24 @@ def generate(model: DiffusionModel, seed: int, steps: int = 50) -> Trajectory:
         out = scheduler.step(eps, t, sample, generator=generator)  # 2. x0hat (eq. 15), 3. x_{t-1} (eq. 7)
         estimates.append(out.pred_original_sample[0].clamp(-1, 1))
         sample = out.prev_sample
-    return Trajectory(seed=seed, timesteps=scheduler.timesteps.numpy().copy(), xt=torch.stack(inputs),
-                      x0hat=torch.stack(estimates), final=sample[0].clamp(-1, 1))
+    return Trajectory(
+        seed=seed,
+        timesteps=scheduler.timesteps.numpy().copy(),
+        xt=torch.stack(inputs),
+        x0hat=torch.stack(estimates),
+        final=sample[0].clamp(-1, 1),
+    )
 
 
 @torch.no_grad()
-def complete_from_steps(model: DiffusionModel, trajectory: Trajectory, start_steps: list[int], completions: int,
-                        seed: int = 0, batch_limit: int = 256) -> torch.Tensor:
+def complete_from_steps(
+    model: DiffusionModel,
+    trajectory: Trajectory,
+    start_steps: list[int],
+    completions: int,
+    seed: int = 0,
+    batch_limit: int = 256,
+) -> torch.Tensor:
     """Stochastic completions p(. | x_t): from x_t of each start step, run the sampler to the end.
 
     Returns (len(start_steps), completions, C, H, W). All rollouts that are active at a sampler

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.whitening import (
+    LambdaChoice,
+    cholesky_factor,
+    choose_lambda_gcv,
+    given_lambda,
+    normalize_rows,
+    whiten,
+)
 
 
 @dataclass(frozen=True)
@@ -43,13 +50,19 @@ class BucketScorer:
         return normalize_rows(psi) if self.normalize else psi
 
 
-def fit_bucket(features: np.ndarray, relative_lambda: float | None, center: bool, normalize: bool,
-               seed: int = 0) -> tuple[BucketScorer, LambdaChoice]:
-    """The scorer of one bucket from its training features (N, k); relative_lambda None chooses lambda by GCV."""
+def fit_bucket(
+    features: np.ndarray, relative_lambda: float | None, center: bool, normalize: bool, seed: int = 0
+) -> tuple[BucketScorer, LambdaChoice]:
+    """The scorer of one bucket from its training features (N, k); relative_lambda None chooses lambda by
+    GCV."""
     phi = np.asarray(features, dtype=np.float64)
     mean = phi.mean(axis=0) if center else None
     centered = phi - mean if center else phi
-    choice = choose_lambda_gcv(centered, seed=seed) if relative_lambda is None else given_lambda(centered, relative_lambda)
+    choice = (
+        choose_lambda_gcv(centered, seed=seed)
+        if relative_lambda is None
+        else given_lambda(centered, relative_lambda)
+    )
     return BucketScorer(cholesky_factor(centered, choice.value), mean, normalize), choice
 
 

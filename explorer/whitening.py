@@ -6,9 +6,11 @@ makes the inner product the exact score, so every method is one FAISS inner-prod
 
 lambda defaults to a fixed value relative to the mean eigenvalue of Phi^T Phi (of the centered features
 by default, explorer.scoring), DEFAULT_RELATIVE_LAMBDA, chosen on the dev half of the shipped model's held-out
-digits (bench/step_candidates.py: the best mean top-10 label agreement over the ten buckets) and used unchanged
+digits (bench/step_candidates.py: the best mean top-10 label agreement over the ten buckets) and used
+unchanged
 on every other dataset. The alternative that needs no benchmark at all is
-generalized cross-validation (GCV) on a held-out split of the training features. The score vector tau(q, .) = Phi (Phi^T Phi + lambda I)^-1 phi_q
+generalized cross-validation (GCV) on a held-out split of the training features. The score vector tau(q,
+.) = Phi (Phi^T Phi + lambda I)^-1 phi_q
 is the ridge-regression solution of phi_q (k "observations") on the training gradients Phi^T
 (N "predictors"), so GCV for that ridge regression is a natural, label-free criterion:
 
@@ -29,8 +31,12 @@ from explorer.errors import ExplorerError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RELATIVE_LAMBDA = 3e-2  # centered features, k = 512: the dev choice of bench/results/step_candidates.json
-GCV_GRID = np.logspace(-4, 2, 25)  # lambda relative to the mean eigenvalue of Phi^T Phi; 1e-4 is the stability floor
+DEFAULT_RELATIVE_LAMBDA = (
+    3e-2  # centered features, k = 512: the dev choice of bench/results/step_candidates.json
+)
+GCV_GRID = np.logspace(
+    -4, 2, 25
+)  # lambda relative to the mean eigenvalue of Phi^T Phi; 1e-4 is the stability floor
 GCV_HELDOUT_FRACTION = 0.1
 
 
@@ -61,7 +67,9 @@ def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GC
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     scale = eigenvalues.mean()
     if not np.isfinite(scale) or scale <= 0:
-        raise ExplorerError("the training features are all zero or not finite: check the model and the output function")
+        raise ExplorerError(
+            "the training features are all zero or not finite: check the model and the output function"
+        )
     coordinates = responses @ eigenvectors  # (n_heldout, k), responses in the eigenbasis
     power = (coordinates**2).mean(axis=0)  # (k,)
     curve = []
@@ -82,7 +90,9 @@ def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GC
 def given_lambda(features: np.ndarray, relative: float) -> LambdaChoice:
     """lambda given by the user, relative to the mean eigenvalue of Phi^T Phi."""
     if not relative > 0:
-        raise ExplorerError(f"--lambda {relative} must be > 0 (it is relative to the mean eigenvalue of Phi^T Phi)")
+        raise ExplorerError(
+            f"--lambda {relative} must be > 0 (it is relative to the mean eigenvalue of Phi^T Phi)"
+        )
     scale = float(np.trace(gram(features)) / features.shape[1])
     return LambdaChoice(value=relative * scale, relative=float(relative), method="given")
 
@@ -94,7 +104,9 @@ def cholesky_factor(features: np.ndarray, lam: float) -> np.ndarray:
     try:
         return np.linalg.cholesky(kernel)
     except np.linalg.LinAlgError as error:
-        raise ExplorerError(f"Phi^T Phi + lambda I is not positive definite at lambda={lam:g}: use a larger --lambda") from error
+        raise ExplorerError(
+            f"Phi^T Phi + lambda I is not positive definite at lambda={lam:g}: use a larger --lambda"
+        ) from error
 
 
 def whiten(features: np.ndarray, factor: np.ndarray) -> np.ndarray:

@@ -7,8 +7,6 @@ import logging
 import sys
 
 from explorer.errors import ExplorerError
-
-
 from precompute.cli_types import lambda_rule, non_negative_int, positive_float, positive_int
 from precompute.evaluate_cli import add_evaluate
 
@@ -18,17 +16,27 @@ def add_train(commands) -> None:
 
     defaults = TrainConfig()
     parser = commands.add_parser("train", help="train the DDPM (EMA) and the feature classifier")
-    parser.add_argument("--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders")
+    parser.add_argument(
+        "--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders"
+    )
     parser.add_argument("--out", required=True, help="model directory to write (DDPM pipeline layout)")
-    parser.add_argument("--size", type=positive_int, default=None, help="image side (default: 16 for mnist5k, 8 for digits)")
+    parser.add_argument(
+        "--size", type=positive_int, default=None, help="image side (default: 16 for mnist5k, 8 for digits)"
+    )
     parser.add_argument("--steps", type=positive_int, default=defaults.steps)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
     parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
     parser.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every)
     parser.add_argument("--classifier-epochs", type=positive_int, default=defaults.classifier_epochs)
-    parser.add_argument("--tiny", action="store_true", help="a ~160k-parameter UNet (for tests and quick trials)")
-    parser.add_argument("--classifier-only", action="store_true", help="(re)train only the feature classifier into OUT/classifier")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a ~160k-parameter UNet (for tests and quick trials)"
+    )
+    parser.add_argument(
+        "--classifier-only",
+        action="store_true",
+        help="(re)train only the feature classifier into OUT/classifier",
+    )
     parser.set_defaults(run=run_train)
 
 
@@ -40,8 +48,14 @@ def run_train(args) -> None:
     size = args.size if args.size is not None else (8 if args.data == "digits" else 16)
     train, heldout = train_heldout_split(load_dataset(args.data, size))
     unet_config = tiny_config(size) if args.tiny else UNetConfig(sample_size=size)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, classifier_epochs=args.classifier_epochs)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        classifier_epochs=args.classifier_epochs,
+    )
     if not args.classifier_only:
         train_ddpm(train, args.out, config, unet_config)
     accuracy = train_classifier(train, heldout, f"{args.out}/classifier", config)
@@ -56,90 +70,175 @@ def add_featurize(commands) -> None:
 
     spec = FeatureSpec()
     parser = commands.add_parser("featurize", help="per-example projected gradients -> an index directory")
-    parser.add_argument("--model", required=True, help="model directory (ours, or a diffusers DDPM/UNet2DModel folder)")
-    parser.add_argument("--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders")
+    parser.add_argument(
+        "--model", required=True, help="model directory (ours, or a diffusers DDPM/UNet2DModel folder)"
+    )
+    parser.add_argument(
+        "--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders"
+    )
     parser.add_argument("--out", required=True, help="index directory to write")
-    parser.add_argument("--split", choices=("train", "all"), default="train",
-                        help="train: the fixed 90%% training split the model was trained on (default); all: every image")
-    parser.add_argument("--output", choices=("loss", "square", "mean", "l1", "l2"), default=spec.output,
-                        help="output function (default mean: D-TRAK's best on the LDS benchmark, docs/evaluation.md)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "all"),
+        default="train",
+        help="train: the fixed 90%% training split the model was trained on (default); all: every image",
+    )
+    parser.add_argument(
+        "--output",
+        choices=("loss", "square", "mean", "l1", "l2"),
+        default=spec.output,
+        help="output function (default mean: D-TRAK's best on the LDS benchmark, docs/evaluation.md)",
+    )
     parser.add_argument("--buckets", type=positive_int, default=spec.buckets)
     parser.add_argument("--timesteps-per-bucket", type=positive_int, default=spec.timesteps_per_bucket)
     parser.add_argument("--noise-draws", type=positive_int, default=spec.noise_draws)
     parser.add_argument("--noise-seed", type=non_negative_int, default=spec.noise_seed)
     parser.add_argument("--proj-dim", type=positive_int, default=spec.proj_dim)
-    parser.add_argument("--projector", choices=PROJECTORS, default=spec.projector,
-                        help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
-                             "layer-wise projection of activations and output gradients, no per-example gradients formed (faster; docs/benchmarks/featurize_speed.md)")
+    parser.add_argument(
+        "--projector",
+        choices=PROJECTORS,
+        default=spec.projector,
+        help="countsketch / gaussian: exact per-example gradients (vmap), then projected; kronecker: "
+        "layer-wise projection of activations and output gradients, no per-example gradients formed "
+        "(faster; docs/benchmarks/featurize_speed.md)",
+    )
     parser.add_argument("--proj-seed", type=non_negative_int, default=spec.proj_seed)
-    parser.add_argument("--precision", choices=PRECISIONS, default=spec.precision,
-                        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: ~1.4x faster "
-                             "on CPUs with AVX512-BF16 or AMX, but it loses the high-timestep attributions (t = 950: "
-                             "agreement with exact scores ~0.6-0.75 instead of ~0.995), so only for low timesteps or "
-                             "timestep-averaged outputs (bench/precision_agreement.py); mixed: bf16 below --bf16-below, "
-                             "or where --calibrate measures it safe, fp32 above; default fp32")
-    parser.add_argument("--bf16-below", type=non_negative_int, default=0, metavar="T",
-                        help="with --precision mixed: timesteps t < T run in bf16 (0, the default: chosen by --calibrate)")
-    parser.add_argument("--params", nargs="+", default=[], metavar="PREFIX",
-                        help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
-                             "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py")
-    parser.add_argument("--calibrate", type=non_negative_int, default=0, metavar="N",
-                        help="measure where the gradient norm is on N training images first, then keep the heaviest small "
-                             "tensors as exact coordinates and (kronecker) form the heaviest layers' gradients exactly: "
-                             "closer to the exact scores at the same k (docs/benchmarks/featurize_speed.md); 0: off (default)")
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
-                        help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)")
-    parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-                        help="subtract each bucket's mean training feature before whitening: removes the gradient "
-                        "direction every image shares at high noise (default on)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=spec.precision,
+        help="kronecker only: bf16 runs the forward and backward under bfloat16 autocast: ~1.4x faster "
+        "on CPUs with AVX512-BF16 or AMX, but it loses the high-timestep attributions (t = 950: "
+        "agreement with exact scores ~0.6-0.75 instead of ~0.995), so only for low timesteps or "
+        "timestep-averaged outputs (bench/precision_agreement.py); mixed: bf16 below --bf16-below, "
+        "or where --calibrate measures it safe, fp32 above; default fp32",
+    )
+    parser.add_argument(
+        "--bf16-below",
+        type=non_negative_int,
+        default=0,
+        metavar="T",
+        help="with --precision mixed: timesteps t < T run in bf16 (0, the default: chosen by --calibrate)",
+    )
+    parser.add_argument(
+        "--params",
+        nargs="+",
+        default=[],
+        metavar="PREFIX",
+        help="featurize only the gradient of these parameters (module or parameter names, e.g. up_blocks.2 "
+        "conv_norm_out conv_out): faster, at an accuracy cost measured by bench/param_subsets.py",
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="measure where the gradient norm is on N training images first, then keep the heaviest small "
+        "tensors as exact coordinates and (kronecker) form the heaviest layers' gradients exactly: "
+        "closer to the exact scores at the same k (docs/benchmarks/featurize_speed.md); 0: off (default)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="L2-normalize stored and query vectors (Diffusion-ReTrac; default on)",
+    )
+    parser.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subtract each bucket's mean training feature before whitening: removes the gradient "
+        "direction every image shares at high noise (default on)",
+    )
     parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
-    parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
-                        help=f"ridge lambda relative to the mean eigenvalue of Phi^T Phi (default {DEFAULT_RELATIVE_LAMBDA:g}, "
-                             "chosen on the shipped model's dev split), or gcv: chosen by GCV on held-out training features")
-    parser.add_argument("--storage", choices=STORAGES, default="float32",
-                        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
+    parser.add_argument(
+        "--lambda",
+        dest="relative_lambda",
+        type=lambda_rule,
+        default=DEFAULT_RELATIVE_LAMBDA,
+        help="ridge lambda relative to the mean eigenvalue of Phi^T Phi (default "
+        f"{DEFAULT_RELATIVE_LAMBDA:g}, "
+        "chosen on the shipped model's dev split), or gcv: chosen by GCV on held-out training features",
+    )
+    parser.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default="float32",
+        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)",
+    )
     add_index_type(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
-    parser.add_argument("--workers", type=positive_int, default=None,
-                        help="featurizing threads, each on its own copy of the model with torch's threads divided among "
-                             "them (default: 2 where torch has 2 or more threads, else 1)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)")
-    parser.add_argument("--keep-features", action="store_true",
-                        help="also keep the raw projected features, so `reindex` can try other settings without gradients")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="featurizing threads, each on its own copy of the model with torch's threads divided among "
+        "them (default: 2 where torch has 2 or more threads, else 1)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="featurize only the first N images (quick trials)"
+    )
+    parser.add_argument(
+        "--keep-features",
+        action="store_true",
+        help="also keep the raw projected features, so `reindex` can try other settings without gradients",
+    )
     parser.set_defaults(run=run_featurize)
 
-    parser = commands.add_parser("reindex", help="a new index from kept raw features (other normalization, DAS, lambda, storage)")
-    parser.add_argument("--features-from", required=True, help="an index directory featurized with --keep-features")
+    parser = commands.add_parser(
+        "reindex", help="a new index from kept raw features (other normalization, DAS, lambda, storage)"
+    )
+    parser.add_argument(
+        "--features-from", required=True, help="an index directory featurized with --keep-features"
+    )
     parser.add_argument("--out", required=True, help="index directory to write")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--das-weights", action="store_true")
-    parser.add_argument("--lambda", dest="relative_lambda", type=lambda_rule, default=DEFAULT_RELATIVE_LAMBDA,
-                        help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv")
-    parser.add_argument("--storage", choices=STORAGES, default="float32",
-                        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)")
+    parser.add_argument(
+        "--lambda",
+        dest="relative_lambda",
+        type=lambda_rule,
+        default=DEFAULT_RELATIVE_LAMBDA,
+        help=f"relative ridge lambda (default {DEFAULT_RELATIVE_LAMBDA:g}) or gcv",
+    )
+    parser.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default="float32",
+        help="float32 (exact), float16 or int8 (FAISS scalar quantizer: 1/2 or 1/4 of the disk)",
+    )
     add_index_type(parser)
     parser.set_defaults(run=run_reindex)
 
 
 def add_index_type(parser) -> None:
-    parser.add_argument("--index-type", choices=("flat", "ivf"), default="flat",
-                        help="flat: exact search (default); ivf: inverted lists for large training sets (~1M rows), "
-                             "nlist ~ sqrt(N) and nprobe calibrated for recall@10 >= 0.95, both recorded in meta.json")
-    parser.add_argument("--ivf-nlist", type=positive_int, default=None, help="IVF lists (default: the rule, ~sqrt(N))")
-    parser.add_argument("--ivf-nprobe", type=positive_int, default=None,
-                        help="IVF lists scanned per query (default: calibrated per bucket)")
+    parser.add_argument(
+        "--index-type",
+        choices=("flat", "ivf"),
+        default="flat",
+        help="flat: exact search (default); ivf: inverted lists for large training sets (~1M rows), "
+        "nlist ~ sqrt(N) and nprobe calibrated for recall@10 >= 0.95, both recorded in meta.json",
+    )
+    parser.add_argument(
+        "--ivf-nlist", type=positive_int, default=None, help="IVF lists (default: the rule, ~sqrt(N))"
+    )
+    parser.add_argument(
+        "--ivf-nprobe",
+        type=positive_int,
+        default=None,
+        help="IVF lists scanned per query (default: calibrated per bucket)",
+    )
 
 
 def run_featurize(args) -> None:
     import numpy as np
-
     import torch
 
-    from precompute.calibration import calibrate, calibration_rows
     from explorer.data import load_dataset, to_model_range, train_heldout_split
     from explorer.features import FeatureSpec
     from explorer.model import load_model
+    from precompute.calibration import calibrate, calibration_rows
     from precompute.featurize import FeaturizeOptions, featurize
 
     model = load_model(args.model)
@@ -148,31 +247,62 @@ def run_featurize(args) -> None:
         dataset, _ = train_heldout_split(dataset)
     if args.limit is not None:
         dataset = dataset.subset(np.arange(min(args.limit, len(dataset))), f"first{args.limit}")
-    spec = FeatureSpec(output=args.output, buckets=args.buckets, timesteps_per_bucket=args.timesteps_per_bucket,
-                       noise_draws=args.noise_draws, noise_seed=args.noise_seed, projector=args.projector,
-                       proj_dim=args.proj_dim, proj_seed=args.proj_seed, params=tuple(args.params),
-                       precision=args.precision, bf16_below=args.bf16_below)
+    spec = FeatureSpec(
+        output=args.output,
+        buckets=args.buckets,
+        timesteps_per_bucket=args.timesteps_per_bucket,
+        noise_draws=args.noise_draws,
+        noise_seed=args.noise_seed,
+        projector=args.projector,
+        proj_dim=args.proj_dim,
+        proj_seed=args.proj_seed,
+        params=tuple(args.params),
+        precision=args.precision,
+        bf16_below=args.bf16_below,
+    )
     if args.calibrate:
         rows = calibration_rows(args.calibrate, len(dataset))
-        calibration = calibrate(model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size)
+        calibration = calibrate(
+            model, spec, torch.from_numpy(to_model_range(dataset.images[rows])), args.chunk_size
+        )
         spec = calibration.spec
         print(calibration.summary())
-    options = FeaturizeOptions(normalize=args.normalize, center=args.center, das_weights=args.das_weights, relative_lambda=args.relative_lambda,
-                               storage=args.storage, chunk_size=args.chunk_size, keep_features=args.keep_features,
-                               index_type=args.index_type, ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe,
-                               workers=args.workers)
+    options = FeaturizeOptions(
+        normalize=args.normalize,
+        center=args.center,
+        das_weights=args.das_weights,
+        relative_lambda=args.relative_lambda,
+        storage=args.storage,
+        chunk_size=args.chunk_size,
+        keep_features=args.keep_features,
+        index_type=args.index_type,
+        ivf_nlist=args.ivf_nlist,
+        ivf_nprobe=args.ivf_nprobe,
+        workers=args.workers,
+    )
     report = featurize(model, dataset, args.out, spec, options)
-    print(f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in {report.seconds:.1f} s "
-          f"= {report.pairs_per_second:.1f} gradient-examples/s ({report.pairs_per_second / spec.buckets:.1f} images/s); "
-          f"index written to {report.directory}")
+    print(
+        f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in "
+        f"{report.seconds:.1f} s "
+        f"= {report.pairs_per_second:.1f} gradient-examples/s "
+        f"({report.pairs_per_second / spec.buckets:.1f} images/s); "
+        f"index written to {report.directory}"
+    )
 
 
 def run_reindex(args) -> None:
     from precompute.featurize import FeaturizeOptions, reindex
 
-    options = FeaturizeOptions(normalize=args.normalize, center=args.center, das_weights=args.das_weights,
-                               relative_lambda=args.relative_lambda, storage=args.storage, index_type=args.index_type,
-                               ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
+    options = FeaturizeOptions(
+        normalize=args.normalize,
+        center=args.center,
+        das_weights=args.das_weights,
+        relative_lambda=args.relative_lambda,
+        storage=args.storage,
+        index_type=args.index_type,
+        ivf_nlist=args.ivf_nlist,
+        ivf_nprobe=args.ivf_nprobe,
+    )
     print(f"index written to {reindex(args.features_from, args.out, options)}")
 
 
@@ -184,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     add_featurize(commands)
     add_evaluate(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.run(args)
     except ExplorerError as error:

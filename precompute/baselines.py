@@ -21,7 +21,9 @@ def pixel_cosine(query_images: np.ndarray, train_images: np.ndarray) -> np.ndarr
 
 
 @torch.no_grad()
-def embedding_cosine(classifier: FeatureClassifier, query_images: np.ndarray, train_images: np.ndarray) -> np.ndarray:
+def embedding_cosine(
+    classifier: FeatureClassifier, query_images: np.ndarray, train_images: np.ndarray
+) -> np.ndarray:
     """Cosine of the feature classifier's penultimate embeddings (a CLIP-similarity stand-in): (Q, N)."""
     classifier.eval()
     embed = lambda images: classifier.embedding(torch.from_numpy(images)).numpy()  # noqa: E731

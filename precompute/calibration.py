@@ -42,7 +42,8 @@ from explorer.model import DiffusionModel
 EXACT_LAYER_SHARE = 0.01  # a layer at least this heavy is not Kronecker-projected
 # bf16 move / example-specific part of the bucket features up to which timesteps run in bf16. Measured
 # (bench/precision_agreement.py, one timestep per bucket): 0.027-0.030 at t = 50 left the agreement with exact
-# scores as in fp32; 0.063 at t = 550 (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065; 1.2-3.5
+# scores as in fp32; 0.063 at t = 550 (square, k = 2048) cost 0.001 of it, 0.172 (mean, k = 512) 0.0065;
+# 1.2-3.5
 # at t = 950 lost the attributions.
 MAX_BF16_MOVE = 0.05
 
@@ -53,26 +54,40 @@ class Calibration:
     shares: dict[str, float]  # parameter name -> mean share of the squared gradient norm
     kept_share: float  # the share held by spec.exact_params
     kept_width: int  # their number of values (coordinates of phi)
-    predicted_variance_ratio: float  # (1 - kept share)^2 k / (k - kept width): the projection error left, vs. none kept
-    bf16_moves: dict[int, float] = dataclasses.field(default_factory=dict)  # precision mixed: t -> move (bf16_moves)
+    predicted_variance_ratio: (
+        float  # (1 - kept share)^2 k / (k - kept width): the projection error left, vs. none kept
+    )
+    bf16_moves: dict[int, float] = dataclasses.field(
+        default_factory=dict
+    )  # precision mixed: t -> move (bf16_moves)
 
     def bf16_summary(self) -> str:
         if not self.bf16_moves:
             return ""
         moves = ", ".join(f"t={t} {move:.3f}" for t, move in sorted(self.bf16_moves.items()))
-        chosen = f"bf16 below t = {self.spec.bf16_below}" if self.spec.precision == "mixed" else "no timestep in bf16 (fp32)"
-        return (f"; {chosen} (bucket features' bf16 move / example-specific part with bf16 up to t, "
-                f"limit {MAX_BF16_MOVE}: {moves})")
+        chosen = (
+            f"bf16 below t = {self.spec.bf16_below}"
+            if self.spec.precision == "mixed"
+            else "no timestep in bf16 (fp32)"
+        )
+        return (
+            f"; {chosen} (bucket features' bf16 move / example-specific part with bf16 up to t, "
+            f"limit {MAX_BF16_MOVE}: {moves})"
+        )
 
     def summary(self) -> str:
         layers = f"; exact layers {', '.join(self.spec.exact_layers)}" if self.spec.exact_layers else ""
-        return (f"calibration: {len(self.spec.exact_params)} tensors kept exactly ({self.kept_width} of {self.spec.proj_dim} "
-                f"coordinates, {self.kept_share:.1%} of the squared gradient norm; predicted projection variance "
-                f"x{self.predicted_variance_ratio:.2f}){layers}{self.bf16_summary()}")
+        return (
+            f"calibration: {len(self.spec.exact_params)} tensors kept exactly ({self.kept_width} of "
+            f"{self.spec.proj_dim} "
+            f"coordinates, {self.kept_share:.1%} of the squared gradient norm; predicted projection variance "
+            f"x{self.predicted_variance_ratio:.2f}){layers}{self.bf16_summary()}"
+        )
 
 
 def calibration_rows(count: int, size: int) -> np.ndarray:
-    """`count` evenly spaced rows of a data set of `size` (a data set sorted by class still gives every class)."""
+    """`count` evenly spaced rows of a data set of `size` (a data set sorted by class still gives every
+    class)."""
     if count < 1:
         raise ExplorerError(f"--calibrate {count}: use at least 1 image, e.g. --calibrate 16")
     return np.unique(np.linspace(0, size - 1, min(count, size)).round().astype(int))
@@ -85,8 +100,12 @@ def gradient_shares(computer: FeatureComputer, images: torch.Tensor) -> dict[str
     buckets = torch.arange(nb).repeat(len(images))
     totals = dict.fromkeys(computer.names, 0.0)
     for start in range(0, len(pairs), computer.chunk_size):
-        grads = computer.exact_gradients(pairs[start : start + computer.chunk_size], buckets[start : start + computer.chunk_size])
-        squared = {name: grads[name].flatten(1).double().pow(2).sum(1) for name in computer.names}  # (c,) each
+        grads = computer.exact_gradients(
+            pairs[start : start + computer.chunk_size], buckets[start : start + computer.chunk_size]
+        )
+        squared = {
+            name: grads[name].flatten(1).double().pow(2).sum(1) for name in computer.names
+        }  # (c,) each
         norm = sum(squared.values()).clamp_min(torch.finfo(torch.float64).tiny)
         for name in computer.names:
             totals[name] += float((squared[name] / norm).sum())
@@ -95,7 +114,9 @@ def gradient_shares(computer: FeatureComputer, images: torch.Tensor) -> dict[str
 
 def choose_kept(shares: dict[str, float], sizes: dict[str, int], dim: int) -> list[str]:
     """The prefix of tensors by share / size that minimizes (1 - kept share)^2 / (dim - kept size)."""
-    order = sorted((name for name in shares if sizes[name] < dim), key=lambda name: -shares[name] / sizes[name])
+    order = sorted(
+        (name for name in shares if sizes[name] < dim), key=lambda name: -shares[name] / sizes[name]
+    )
     best, best_cost, share, width = 0, 1.0 / dim, 0.0, 0
     for count, name in enumerate(order, start=1):
         share, width = share + shares[name], width + sizes[name]
@@ -111,7 +132,10 @@ def choose_exact_layers(model: nn.Module, shares: dict[str, float], dim: int) ->
     """Conv2d/Linear layers with a weight share >= EXACT_LAYER_SHARE that layer_widths would project."""
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and shares.get(f"{name}.weight", 0.0) >= EXACT_LAYER_SHARE:
+        if (
+            isinstance(module, (nn.Conv2d, nn.Linear))
+            and shares.get(f"{name}.weight", 0.0) >= EXACT_LAYER_SHARE
+        ):
             d_out, d_in = module.weight.shape[0], module.weight[0].numel()
             if layer_widths(d_in, d_out, dim) != (d_in, d_out):
                 layers.append(name)
@@ -119,17 +143,25 @@ def choose_exact_layers(model: nn.Module, shares: dict[str, float], dim: int) ->
 
 
 def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, float]:
-    """Timestep t -> how far bfloat16 moves the features an index stores when every timestep up to t runs in it.
+    """Timestep t -> how far bfloat16 moves the features an index stores when every timestep up to t runs
+    in it.
 
-    For each bucket that is the median over images of |phi_mixed - phi_fp32| / |phi_fp32 - mean phi_fp32|, phi the
-    bucket's feature: the mean of its timesteps' features (every output function averages over its (t, r) columns,
-    explorer.outputs), with the timesteps up to t taken in bf16 in phi_mixed. The move at t is the largest over buckets.
-    With one timestep per bucket that is the largest single-timestep move up to t. On a bucket that averages many
-    timesteps, a high timestep's bf16 rounding is measured against what tells the averaged features apart, which the
-    low timesteps dominate: on the traker bench's 10-timestep bucket all ten together move it 0.038, while t = 950
+    For each bucket that is the median over images of |phi_mixed - phi_fp32| / |phi_fp32 - mean phi_fp32|,
+    phi the
+    bucket's feature: the mean of its timesteps' features (every output function averages over its (t, r)
+    columns,
+    explorer.outputs), with the timesteps up to t taken in bf16 in phi_mixed. The move at t is the largest
+    over buckets.
+    With one timestep per bucket that is the largest single-timestep move up to t. On a bucket that
+    averages many
+    timesteps, a high timestep's bf16 rounding is measured against what tells the averaged features apart,
+    which the
+    low timesteps dominate: on the traker bench's 10-timestep bucket all ten together move it 0.038, while
+    t = 950
     alone moves its own feature 1.7 (bench/precision_agreement.py).
     """
-    buckets = []  # per bucket: its timesteps, fp32 and bf16 features per timestep, fp32 bucket feature, its spread
+    buckets = []  # per bucket: its timesteps, fp32 and bf16 features per timestep, fp32 bucket feature, its
+    # spread
     for bucket, timesteps in enumerate(computer.timesteps):
         exact = [computer.timestep_features(images, bucket, t, bf16=False) for t in timesteps]
         rounded = [computer.timestep_features(images, bucket, t, bf16=True) for t in timesteps]
@@ -141,13 +173,16 @@ def bf16_moves(computer: FeatureComputer, images: torch.Tensor) -> dict[int, flo
         moves[t] = 0.0
         for timesteps, exact, rounded, full, spread in buckets:
             if timesteps[0] <= t:
-                mixed = torch.stack([low if u <= t else high for u, high, low in zip(timesteps, exact, rounded)]).mean(0)
+                mixed = torch.stack(
+                    [low if u <= t else high for u, high, low in zip(timesteps, exact, rounded)]
+                ).mean(0)
                 moves[t] = max(moves[t], float(((mixed - full).norm(dim=1) / spread).median()))
     return moves
 
 
 def choose_bf16_below(moves: dict[int, float]) -> int:
-    """The first timestep (ascending) whose bf16 move exceeds MAX_BF16_MOVE, or one past the last: every timestep
+    """The first timestep (ascending) whose bf16 move exceeds MAX_BF16_MOVE, or one past the last: every
+    timestep
     below it runs in bf16. 0 when even the lowest fails."""
     ascending = sorted(moves)
     for t in ascending:
@@ -156,13 +191,17 @@ def choose_bf16_below(moves: dict[int, float]) -> int:
     return ascending[-1] + 1
 
 
-def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, chunk_size: int = 64) -> Calibration:
+def calibrate(
+    model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, chunk_size: int = 64
+) -> Calibration:
     """images (n, C, H, W) in [-1, 1], a few training images -> the spec with its exact parts chosen, and with
     precision mixed its bf16 timesteps (unless spec.bf16_below is given)."""
     check_precision_projector(spec)  # before the exact pass, which runs on countsketch in fp32
     if len(images) < 2 and spec.precision == "mixed" and not spec.bf16_below:
-        raise ExplorerError(f"--calibrate {len(images)}: choosing the bf16 timesteps of --precision mixed compares "
-                            "examples with each other, so calibrate on at least 2 images, e.g. --calibrate 16")
+        raise ExplorerError(
+            f"--calibrate {len(images)}: choosing the bf16 timesteps of --precision mixed compares "
+            "examples with each other, so calibrate on at least 2 images, e.g. --calibrate 16"
+        )
     plain = dataclasses.replace(spec, exact_params=(), exact_layers=())
     exact = dataclasses.replace(plain, projector="countsketch", precision="fp32", bf16_below=0)
     computer = FeatureComputer(model, exact, chunk_size=chunk_size)
@@ -177,10 +216,14 @@ def calibrate(model: DiffusionModel, spec: FeatureSpec, images: torch.Tensor, ch
     chosen = dataclasses.replace(plain, exact_params=tuple(kept), exact_layers=tuple(layers))
     moves = {}
     if spec.precision == "mixed" and not spec.bf16_below:  # measured with the calibrated projection itself
-        measuring = FeatureComputer(model, dataclasses.replace(chosen, precision="fp32", bf16_below=0),
-                                    chunk_size=chunk_size)
+        measuring = FeatureComputer(
+            model, dataclasses.replace(chosen, precision="fp32", bf16_below=0), chunk_size=chunk_size
+        )
         moves = bf16_moves(measuring, images)
         below = choose_bf16_below(moves)
-        chosen = dataclasses.replace(chosen, bf16_below=below) if below else \
-            dataclasses.replace(chosen, precision="fp32", bf16_below=0)
+        chosen = (
+            dataclasses.replace(chosen, bf16_below=below)
+            if below
+            else dataclasses.replace(chosen, precision="fp32", bf16_below=0)
+        )
     return Calibration(chosen, shares, kept_share, kept_width, ratio, moves)

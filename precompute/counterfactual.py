@@ -34,8 +34,8 @@ from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, load_model
 from explorer.sampler import Trajectory, complete_from_steps, generate
 from precompute.ground_truth import QuerySet
-from precompute.methods import GLOBAL, compute_features, trak_scores, variant, whiten_features
 from precompute.lds import LDSConfig, prepare_full_model, smoke_config
+from precompute.methods import GLOBAL, compute_features, trak_scores, variant, whiten_features
 from precompute.metrics import Interval
 from precompute.retrain import train_cached
 
@@ -63,29 +63,52 @@ class CounterfactualConfig:
 
 def smoke_counterfactual() -> CounterfactualConfig:
     """The harness end to end on the smoke LDS cache's tiny models."""
-    return CounterfactualConfig(queries=3, step=5, sampler_steps=10, fractions=(0.05, 0.1), random_sets=1, completions=8,
-                                method="dtrak-square-norm", lds=smoke_config(), bootstrap=50)
+    return CounterfactualConfig(
+        queries=3,
+        step=5,
+        sampler_steps=10,
+        fractions=(0.05, 0.1),
+        random_sets=1,
+        completions=8,
+        method="dtrak-square-norm",
+        lds=smoke_config(),
+        bootstrap=50,
+    )
 
 
 def parse_method(method: str) -> tuple[str, bool, bool]:
     """'dtrak-square-norm' -> ('square', normalize=True, das=False)."""
     parts = method.split("-")
-    if len(parts) not in (2, 3) or parts[0] not in ("trak", "dtrak", "das") or (len(parts) == 3 and parts[2] != "norm"):
-        raise ExplorerError(f"counterfactual method {method!r} is not a TRAK-family method id: use e.g. dtrak-square-norm, "
-                            "trak-loss, das-mean-norm")
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in ("trak", "dtrak", "das")
+        or (len(parts) == 3 and parts[2] != "norm")
+    ):
+        raise ExplorerError(
+            f"counterfactual method {method!r} is not a TRAK-family method id: use e.g. dtrak-square-norm, "
+            "trak-loss, das-mean-norm"
+        )
     return parts[1], len(parts) == 3, parts[0] == "das"
 
 
-def top_influencers(model: DiffusionModel, config: CounterfactualConfig, train_images: np.ndarray,
-                    trajectories: list[Trajectory], k: int) -> np.ndarray:
+def top_influencers(
+    model: DiffusionModel,
+    config: CounterfactualConfig,
+    train_images: np.ndarray,
+    trajectories: list[Trajectory],
+    k: int,
+) -> np.ndarray:
     """(Q, k) training positions with the highest scores for x0hat at the chosen step."""
     output, normalize, das = parse_method(config.method)
     spec = variant(config.lds.spec, output=output)
     step = config.step
-    queries = QuerySet(images=torch.stack([t.x0hat[step] for t in trajectories]).numpy(),
-                       kinds=np.array(["journey"] * len(trajectories)),
-                       timesteps=np.array([int(t.timesteps[step]) for t in trajectories]),
-                       sources=np.array([t.seed for t in trajectories]), steps=np.full(len(trajectories), step))
+    queries = QuerySet(
+        images=torch.stack([t.x0hat[step] for t in trajectories]).numpy(),
+        kinds=np.array(["journey"] * len(trajectories)),
+        timesteps=np.array([int(t.timesteps[step]) for t in trajectories]),
+        sources=np.array([t.seed for t in trajectories]),
+        steps=np.full(len(trajectories), step),
+    )
     features = compute_features(model, spec, train_images, queries, residuals=das)
     features.train.pop(GLOBAL)  # only the step's bucket is needed
     if features.residuals is not None:
@@ -96,7 +119,9 @@ def top_influencers(model: DiffusionModel, config: CounterfactualConfig, train_i
 
 def pixel_nearest(finals: np.ndarray, train_images: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) training positions nearest to each final image (L2 in pixel space)."""
-    distances = ((finals.reshape(len(finals), 1, -1) - train_images.reshape(1, len(train_images), -1)) ** 2).sum(-1)
+    distances = (
+        (finals.reshape(len(finals), 1, -1) - train_images.reshape(1, len(train_images), -1)) ** 2
+    ).sum(-1)
     return np.argsort(distances, axis=1)[:, :k]
 
 
@@ -112,16 +137,21 @@ class Completions:
     images: torch.Tensor  # (M, C, H, W)
 
 
-def completions(model: DiffusionModel, classifier: FeatureClassifier, trajectory: Trajectory, step: int, count: int) -> Completions:
-    """M completions of the trajectory from x_t at `step`; the sampler seed is the trajectory's, for every model."""
+def completions(
+    model: DiffusionModel, classifier: FeatureClassifier, trajectory: Trajectory, step: int, count: int
+) -> Completions:
+    """M completions of the trajectory from x_t at `step`; the sampler seed is the trajectory's, for every
+    model."""
     finals = complete_from_steps(model, trajectory, [step], count, seed=trajectory.seed)[0]
     return Completions(classifier.probabilities(finals).mean(0).numpy(), finals)
 
 
 def change(full: Completions, new: Completions, target: int) -> dict[str, float]:
-    return {"drop": float(full.probabilities[target] - new.probabilities[target]),
-            "tv": float(0.5 * np.abs(full.probabilities - new.probabilities).sum()),
-            "energy": energy_distance(full.images, new.images)}
+    return {
+        "drop": float(full.probabilities[target] - new.probabilities[target]),
+        "tv": float(0.5 * np.abs(full.probabilities - new.probabilities).sum()),
+        "energy": energy_distance(full.images, new.images),
+    }
 
 
 def _interval(values: np.ndarray, resamples: int, seed: int = 0) -> dict:
@@ -175,15 +205,30 @@ def run_counterfactual(config: CounterfactualConfig, cache: str | Path) -> dict:
         keep = np.setdiff1d(np.arange(len(train)), removed)
         train_cached(train.subset(keep, f"{model_dir.name}"), model_dir, lds.recipe)
         new_model = load_model(model_dir)
-        for q in (range(config.queries) if kind == "random" else [index]):
-            result = change(full[q], completions(new_model, classifier, trajectories[q], config.step, config.completions), int(targets[q]))
-            per_query.setdefault(f"{kind}_k{k}", []).append(dict(result, query=config.seed0 + q, set=index if kind == "random" else 0))
+        for q in range(config.queries) if kind == "random" else [index]:
+            result = change(
+                full[q],
+                completions(new_model, classifier, trajectories[q], config.step, config.completions),
+                int(targets[q]),
+            )
+            per_query.setdefault(f"{kind}_k{k}", []).append(
+                dict(result, query=config.seed0 + q, set=index if kind == "random" else 0)
+            )
     timings["retrain + completions"] = round(time.perf_counter() - started, 1)
     return summarize(config, per_query, ks, targets, full, trajectories, removals, train.ids, timings)
 
 
-def summarize(config: CounterfactualConfig, per_query: dict, ks: list[int], targets: np.ndarray, full: list[Completions],
-              trajectories: list[Trajectory], removals: dict, train_ids: np.ndarray, timings: dict) -> dict:
+def summarize(
+    config: CounterfactualConfig,
+    per_query: dict,
+    ks: list[int],
+    targets: np.ndarray,
+    full: list[Completions],
+    trajectories: list[Trajectory],
+    removals: dict,
+    train_ids: np.ndarray,
+    timings: dict,
+) -> dict:
     """Means with bootstrap CIs over queries; paired differences top-k minus random / minus pixel."""
     q_count = config.queries
 
@@ -206,13 +251,21 @@ def summarize(config: CounterfactualConfig, per_query: dict, ks: list[int], targ
             for other in ("random", "pixel"):
                 difference = per_kind["topk"] - per_kind[other]
                 comparisons.setdefault(f"topk_minus_{other}_k{k}", {})[metric] = dict(
-                    _interval(difference, config.bootstrap), wins=int((difference > 0).sum()), of=q_count)
+                    _interval(difference, config.bootstrap), wins=int((difference > 0).sum()), of=q_count
+                )
     timesteps = int(trajectories[0].timesteps[config.step])
-    return {"config": config.to_dict(), "timestep": timesteps, "ks": ks, "targets": targets.tolist(),
-            "p_full_target": [float(c.probabilities[t]) for c, t in zip(full, targets)],
-            "summary": summary, "comparisons": comparisons, "per_query": per_query,
-            "removed_ids": {f"{kind}_k{k}": train_ids[v].tolist() for (kind, k), v in removals.items()},
-            "timings_s": timings}
+    return {
+        "config": config.to_dict(),
+        "timestep": timesteps,
+        "ks": ks,
+        "targets": targets.tolist(),
+        "p_full_target": [float(c.probabilities[t]) for c, t in zip(full, targets)],
+        "summary": summary,
+        "comparisons": comparisons,
+        "per_query": per_query,
+        "removed_ids": {f"{kind}_k{k}": train_ids[v].tolist() for (kind, k), v in removals.items()},
+        "timings_s": timings,
+    }
 
 
 def counterfactual_markdown(results: dict) -> str:
@@ -220,20 +273,36 @@ def counterfactual_markdown(results: dict) -> str:
         return f"{entry['mean']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
 
     config = results["config"]
-    lines = [f"Counterfactual: {config['queries']} generated queries at sampler step {config['step']} of "
-             f"{config['sampler_steps']} (t = {results['timestep']}), method {config['method']}, "
-             f"{config['completions']} completions per model; mean [95% bootstrap CI over queries]", "",
-             "| removal | k | drop of p(c* given x_t) | TV of class distribution | energy distance of completions |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Counterfactual: {config['queries']} generated queries at sampler step {config['step']} of "
+        f"{config['sampler_steps']} (t = {results['timestep']}), method {config['method']}, "
+        f"{config['completions']} completions per model; mean [95% bootstrap CI over queries]",
+        "",
+        "| removal | k | drop of p(c* given x_t) | TV of class distribution | energy distance of "
+        "completions |",
+        "|---|---|---|---|---|",
+    ]
     for k in results["ks"]:
         for kind in KINDS:
             entry = results["summary"][f"{kind}_k{k}"]
-            lines.append(f"| {kind} | {k} | {cell(entry['drop'])} | {cell(entry['tv'])} | {cell(entry['energy'])} |")
-    lines += ["", "| top-k minus | k | drop | TV | energy (wins = queries where top-k changed more) |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {kind} | {k} | {cell(entry['drop'])} | {cell(entry['tv'])} | {cell(entry['energy'])} |"
+            )
+    lines += [
+        "",
+        "| top-k minus | k | drop | TV | energy (wins = queries where top-k changed more) |",
+        "|---|---|---|---|---|",
+    ]
     for k in results["ks"]:
         for other in ("random", "pixel"):
             entry = results["comparisons"][f"topk_minus_{other}_k{k}"]
-            lines.append(f"| {other} | {k} | " + " | ".join(f"{cell(entry[m])} ({entry[m]['wins']}/{entry[m]['of']})"
-                                                          for m in ("drop", "tv", "energy")) + " |")
+            lines.append(
+                f"| {other} | {k} | "
+                + " | ".join(
+                    f"{cell(entry[m])} ({entry[m]['wins']}/{entry[m]['of']})"
+                    for m in ("drop", "tv", "energy")
+                )
+                + " |"
+            )
     lines += ["", "wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())]
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from explorer.index import AttributionIndex
 from explorer.model import load_model
 
 
-def label_agreement(explorer: Explorer, name: str, images: np.ndarray, labels: np.ndarray, timestep: int, top_k: int) -> float:
+def label_agreement(
+    explorer: Explorer, name: str, images: np.ndarray, labels: np.ndarray, timestep: int, top_k: int
+) -> float:
     """Mean over queries of the share of top-k positive influencers with the query's label."""
     _, index = explorer.index(name)
     tensor = torch.from_numpy(to_model_range(images))
@@ -25,17 +27,25 @@ def label_agreement(explorer: Explorer, name: str, images: np.ndarray, labels: n
     return float(np.mean(shares))
 
 
-def label_agreement_table(model_dir: str, index_dirs: list[str], data: str, timesteps: list[int], top_k: int,
-                          queries: int | None) -> str:
+def label_agreement_table(
+    model_dir: str, index_dirs: list[str], data: str, timesteps: list[int], top_k: int, queries: int | None
+) -> str:
     model = load_model(model_dir)
-    indexes = {directory: AttributionIndex.load(directory, model_hash=model.weights_hash) for directory in index_dirs}
+    indexes = {
+        directory: AttributionIndex.load(directory, model_hash=model.weights_hash) for directory in index_dirs
+    }
     explorer = Explorer(model, indexes, load_classifier(f"{model_dir}/classifier"))
     _, heldout = train_heldout_split(load_dataset(data, model.sample_size))
     images, labels = heldout.images[:queries], heldout.labels[:queries]
     chance = 1.0 / len(heldout.class_names)
     header = "| index (method) | " + " | ".join(f"t={t}" for t in timesteps) + " |"
-    lines = [f"label agreement of the top-{top_k} positive influencers, {len(labels)} held-out {data} queries "
-             f"(chance {chance:.2f})", "", header, "|---|" + "---|" * len(timesteps)]
+    lines = [
+        f"label agreement of the top-{top_k} positive influencers, {len(labels)} held-out {data} queries "
+        f"(chance {chance:.2f})",
+        "",
+        header,
+        "|---|" + "---|" * len(timesteps),
+    ]
     for directory, index in indexes.items():
         values = [label_agreement(explorer, directory, images, labels, t, top_k) for t in timesteps]
         lines.append(f"| {directory} ({index.label}) | " + " | ".join(f"{v:.3f}" for v in values) + " |")

@@ -7,76 +7,138 @@ from precompute.cli_types import non_negative_int, positive_int
 
 def add_retrain_options(parser, results: str, cache: str) -> None:
     """The options of the long retraining benchmarks, which resume from small committed files."""
-    parser.add_argument("--results", default=results, help="one small file per finished model (commit them: the "
-                        "benchmark resumes from them on any machine)")
+    parser.add_argument(
+        "--results",
+        default=results,
+        help="one small file per finished model (commit them: the "
+        "benchmark resumes from them on any machine)",
+    )
     parser.add_argument("--cache", default=cache, help="the retrained weights (not committed)")
-    parser.add_argument("--stop-after", type=positive_int, default=None, help="finish at most N models, then stop")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1: run one "
-                        "process per core; processes share the work)")
+    parser.add_argument(
+        "--stop-after", type=positive_int, default=None, help="finish at most N models, then stop"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads per process (default 1: run one process per core; processes share the work)",
+    )
 
 
 def add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="evaluate attributions")
     kinds = parser.add_subparsers(dest="evaluation", required=True)
-    agreement = kinds.add_parser("label-agreement", help="share of top-10 positive influencers with the query's label")
+    agreement = kinds.add_parser(
+        "label-agreement", help="share of top-10 positive influencers with the query's label"
+    )
     agreement.add_argument("--model", required=True)
-    agreement.add_argument("--index", required=True, nargs="+", help="one or more index directories to compare")
+    agreement.add_argument(
+        "--index", required=True, nargs="+", help="one or more index directories to compare"
+    )
     agreement.add_argument("--data", default="mnist5k", help="dataset whose held-out split gives the queries")
     agreement.add_argument("--timesteps", type=non_negative_int, nargs="+", default=[100, 500, 900])
     agreement.add_argument("--top-k", type=positive_int, default=10)
-    agreement.add_argument("--queries", type=positive_int, default=None, help="use only the first N held-out images")
+    agreement.add_argument(
+        "--queries", type=positive_int, default=None, help="use only the first N held-out images"
+    )
     agreement.set_defaults(run=run_label_agreement)
 
-    lds = kinds.add_parser("lds", help="linear datamodeling score of every method (trains and caches subset models)")
-    lds.add_argument("--benchmark", choices=("digits",), default="digits", help="the benchmark data (digits: sklearn 8x8)")
-    lds.add_argument("--subsets", type=positive_int, default=None, help="subset models M (default 64; 4 with --smoke)")
+    lds = kinds.add_parser(
+        "lds", help="linear datamodeling score of every method (trains and caches subset models)"
+    )
+    lds.add_argument(
+        "--benchmark", choices=("digits",), default="digits", help="the benchmark data (digits: sklearn 8x8)"
+    )
+    lds.add_argument(
+        "--subsets", type=positive_int, default=None, help="subset models M (default 64; 4 with --smoke)"
+    )
     lds.add_argument("--smoke", action="store_true", help="tiny end-to-end run of the harness (~1-3 min)")
-    lds.add_argument("--cache", default=None, help="cache of models/features (default bench/cache/lds-digits[-smoke])")
-    lds.add_argument("--results", default=None, help="where the JSON/NPZ results go (default bench/results; the "
-                     "smoke run writes into its cache)")
-    lds.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    lds.add_argument(
+        "--cache", default=None, help="cache of models/features (default bench/cache/lds-digits[-smoke])"
+    )
+    lds.add_argument(
+        "--results",
+        default=None,
+        help="where the JSON/NPZ results go (default bench/results; the smoke run writes into its cache)",
+    )
+    lds.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)"
+    )
     lds.set_defaults(run=run_lds)
 
-    truth = kinds.add_parser("shipped-truth", help="the shipped model's LDS ground truth: retrain subset models of its "
-                             "training set and measure them (hours; resumable; several processes may share the work)")
-    truth.add_argument("--model", default="assets/model", help="the attributed model (its architecture is retrained)")
+    truth = kinds.add_parser(
+        "shipped-truth",
+        help="the shipped model's LDS ground truth: retrain subset models of its "
+        "training set and measure them (hours; resumable; several processes may share the work)",
+    )
+    truth.add_argument(
+        "--model", default="assets/model", help="the attributed model (its architecture is retrained)"
+    )
     truth.add_argument("--data", default="mnist5k")
     add_retrain_options(truth, "bench/results/lds_mnist5k", "bench/cache/lds-mnist5k")
     truth.set_defaults(run=run_shipped_truth)
 
-    quality = kinds.add_parser("step-quality", help="per bucket, on held-out digits: top-10 label agreement, spread of "
-                               "the top-10 scores, share of queries with a positive-scored 'negative' (dev/test/all)")
+    quality = kinds.add_parser(
+        "step-quality",
+        help="per bucket, on held-out digits: top-10 label agreement, spread of "
+        "the top-10 scores, share of queries with a positive-scored 'negative' (dev/test/all)",
+    )
     quality.add_argument("--model", default="assets/model")
     quality.add_argument("--index", nargs="+", default=["assets/index"])
-    quality.add_argument("--cache", default="bench/cache/step-quality", help="held-out query features are cached here")
+    quality.add_argument(
+        "--cache", default="bench/cache/step-quality", help="held-out query features are cached here"
+    )
     quality.add_argument("--json", default="bench/results/step_quality.json")
     quality.set_defaults(run=run_step_quality)
 
-    shipped = kinds.add_parser("shipped-lds", help="LDS of index directories on the shipped model's ground truth "
-                               "(dev and test splits, bootstrap over models and queries)")
+    shipped = kinds.add_parser(
+        "shipped-lds",
+        help="LDS of index directories on the shipped model's ground truth "
+        "(dev and test splits, bootstrap over models and queries)",
+    )
     shipped.add_argument("--model", default="assets/model")
     shipped.add_argument("--index", nargs="+", default=["assets/index"], help="index directories to score")
-    shipped.add_argument("--truth", default="bench/results/lds_mnist5k", help="the shipped-truth results folder")
+    shipped.add_argument(
+        "--truth", default="bench/results/lds_mnist5k", help="the shipped-truth results folder"
+    )
     shipped.add_argument("--cache", default="bench/cache/lds-mnist5k", help="query features are cached here")
     shipped.add_argument("--json", default="bench/results/lds_mnist5k.json")
     shipped.set_defaults(run=run_shipped_lds)
 
-    step_cf = kinds.add_parser("step-counterfactual", help="per-step counterfactual on the shipped model: retrain without "
-                               "a step's top-k influencers, complete from the same x_t (hours; resumable)")
+    step_cf = kinds.add_parser(
+        "step-counterfactual",
+        help="per-step counterfactual on the shipped model: retrain without "
+        "a step's top-k influencers, complete from the same x_t (hours; resumable)",
+    )
     step_cf.add_argument("--model", default="assets/model")
     step_cf.add_argument("--index", default="assets/index", help="the served index whose top-k is removed")
     add_retrain_options(step_cf, "bench/results/step_counterfactual", "bench/cache/step-counterfactual")
     step_cf.set_defaults(run=run_step_counterfactual)
 
-    counterfactual = kinds.add_parser("counterfactual", help="retrain without a query's top influencers; compare with "
-                                      "random and pixel-nearest removals")
-    counterfactual.add_argument("--queries", type=positive_int, default=None, help="generated queries (default 20)")
-    counterfactual.add_argument("--step", type=non_negative_int, default=None, help="sampler step of 50 (default 35)")
-    counterfactual.add_argument("--method", default="best", help="TRAK-family method id (e.g. dtrak-square-norm), or "
-                                "'best': the best TRAK-family method of the LDS results (default)")
-    counterfactual.add_argument("--smoke", action="store_true", help="tiny end-to-end run on the smoke LDS cache")
-    counterfactual.add_argument("--cache", default=None, help="model cache, shared with `evaluate lds` "
-                                "(default bench/cache/lds-digits[-smoke])")
+    counterfactual = kinds.add_parser(
+        "counterfactual",
+        help="retrain without a query's top influencers; compare with random and pixel-nearest removals",
+    )
+    counterfactual.add_argument(
+        "--queries", type=positive_int, default=None, help="generated queries (default 20)"
+    )
+    counterfactual.add_argument(
+        "--step", type=non_negative_int, default=None, help="sampler step of 50 (default 35)"
+    )
+    counterfactual.add_argument(
+        "--method",
+        default="best",
+        help="TRAK-family method id (e.g. dtrak-square-norm), or "
+        "'best': the best TRAK-family method of the LDS results (default)",
+    )
+    counterfactual.add_argument(
+        "--smoke", action="store_true", help="tiny end-to-end run on the smoke LDS cache"
+    )
+    counterfactual.add_argument(
+        "--cache",
+        default=None,
+        help="model cache, shared with `evaluate lds` (default bench/cache/lds-digits[-smoke])",
+    )
     counterfactual.add_argument("--results", default=None, help="where the JSON goes (default bench/results)")
     counterfactual.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     counterfactual.set_defaults(run=run_counterfactual)
@@ -88,8 +150,14 @@ def run_counterfactual(args) -> None:
 
     from explorer.atomic import write_json_atomic
     from explorer.errors import ExplorerError
-    from precompute.counterfactual import CounterfactualConfig, counterfactual_markdown, run_counterfactual as run_test
-    from precompute.counterfactual import smoke_counterfactual
+    from precompute.counterfactual import (
+        CounterfactualConfig,
+        counterfactual_markdown,
+        smoke_counterfactual,
+    )
+    from precompute.counterfactual import (
+        run_counterfactual as run_test,
+    )
     from precompute.retrain import torch_threads
 
     torch_threads(args.threads)
@@ -103,8 +171,10 @@ def run_counterfactual(args) -> None:
     if args.method == "best":
         lds_path = results_dir / "lds_digits.json"
         if not lds_path.is_file():
-            raise ExplorerError(f"--method best reads the LDS results {str(lds_path)!r}, which do not exist: run "
-                                "`python -m precompute evaluate lds` first, or pass --method dtrak-square-norm")
+            raise ExplorerError(
+                f"--method best reads the LDS results {str(lds_path)!r}, which do not exist: run "
+                "`python -m precompute evaluate lds` first, or pass --method dtrak-square-norm"
+            )
         config.method = json.loads(lds_path.read_text())["best_method"]
     else:
         config.method = args.method
@@ -118,7 +188,8 @@ def run_step_counterfactual(args) -> None:
     import json
 
     from precompute.retrain import torch_threads
-    from precompute.step_counterfactual import run_step_counterfactual as run_models, summarize
+    from precompute.step_counterfactual import run_step_counterfactual as run_models
+    from precompute.step_counterfactual import summarize
 
     torch_threads(args.threads)
     finished = run_models(args.results, args.cache, args.model, args.index, stop_after=args.stop_after)
@@ -146,14 +217,20 @@ def run_step_quality(args) -> None:
 
     model = load_model(args.model)
     _, heldout = shipped_split("mnist5k", model.sample_size)
-    results = {"command": "python -m precompute " + " ".join(_sys.argv[1:]),
-               "indexes": served_quality(model, args.index, heldout.images, heldout.labels, Path(args.cache))}
+    results = {
+        "command": "python -m precompute " + " ".join(_sys.argv[1:]),
+        "indexes": served_quality(model, args.index, heldout.images, heldout.labels, Path(args.cache)),
+    }
     write_json_atomic(Path(args.json), results)
     for directory, entry in results["indexes"].items():
         print(f"{directory} ({entry['label']}, {entry['storage']})")
         print("  t:                 " + " ".join(f"{t:>5}" for t in entry["per_bucket"]))
         for measure in ("label_agreement", "spread_min", "positive_negative_share"):
-            print(f"  {measure:18s} " + " ".join(f"{v['test'][measure]:5.3f}" for v in entry["per_bucket"].values()) + "  (test)")
+            print(
+                f"  {measure:18s} "
+                + " ".join(f"{v['test'][measure]:5.3f}" for v in entry["per_bucket"].values())
+                + "  (test)"
+            )
     print(f"written to {args.json}")
 
 
@@ -173,8 +250,11 @@ def run_shipped_lds(args) -> None:
     write_json_atomic(Path(args.json), results)
     for name, entry in results["methods"].items():
         test = entry["test"]
-        print(f"{name:40s} test LDS heldout {test['heldout']['mean']:.3f} generated {test['generated']['mean']:.3f} "
-              f"per-step {test['step_trajectory']['mean']:.3f} (proxy {test['step_proxy']['mean']:.3f})")
+        print(
+            f"{name:40s} test LDS heldout {test['heldout']['mean']:.3f} generated "
+            f"{test['generated']['mean']:.3f} "
+            f"per-step {test['step_trajectory']['mean']:.3f} (proxy {test['step_proxy']['mean']:.3f})"
+        )
     print(f"written to {args.json}")
 
 
@@ -182,7 +262,8 @@ def run_lds(args) -> None:
     import time
 
     from precompute.eval_report import lds_markdown
-    from precompute.lds import LDSConfig, run_lds as run_benchmark, save_run, smoke_config
+    from precompute.lds import LDSConfig, save_run, smoke_config
+    from precompute.lds import run_lds as run_benchmark
     from precompute.retrain import torch_threads
 
     torch_threads(args.threads)
@@ -196,7 +277,10 @@ def run_lds(args) -> None:
     run.results["timings_s"]["total (this call)"] = round(time.perf_counter() - started, 1)
     paths = save_run(run, results, cache)
     print(lds_markdown(run.results))
-    print(f"\n{run.trained_subsets} subset models trained in this call; results written to {', '.join(map(str, paths))}")
+    print(
+        f"\n{run.trained_subsets} subset models trained in this call; results written to "
+        f"{', '.join(map(str, paths))}"
+    )
 
 
 def run_label_agreement(args) -> None:

@@ -26,7 +26,15 @@ from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
-from explorer.index import INDEX_TYPES, META_NAME, STORAGES, AttributionIndex, FeatureSource, LambdaRecord, write_index
+from explorer.index import (
+    INDEX_TYPES,
+    META_NAME,
+    STORAGES,
+    AttributionIndex,
+    FeatureSource,
+    LambdaRecord,
+    write_index,
+)
 from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
@@ -46,11 +54,15 @@ class FeaturizeOptions:
     normalize: bool = True  # Diffusion-ReTrac: L2-normalize stored and query vectors
     center: bool = True  # subtract each bucket's mean training feature first (explorer.scoring)
     das_weights: bool = False  # DAS: scale each training row by its residual weight
-    relative_lambda: float | None = DEFAULT_RELATIVE_LAMBDA  # None: choose by GCV on held-out training features
+    relative_lambda: float | None = (
+        DEFAULT_RELATIVE_LAMBDA  # None: choose by GCV on held-out training features
+    )
     storage: str = "float32"  # float32 (exact) or float16 (half the disk)
     index_type: str = "flat"  # flat (exact search) or ivf (inverted lists, for large training sets)
     ivf_nlist: int | None = None  # IVF lists (None: the rule of explorer.ivf, ~sqrt(N))
-    ivf_nprobe: int | None = None  # lists scanned per query (None: calibrated per bucket for recall@10 >= 0.95)
+    ivf_nprobe: int | None = (
+        None  # lists scanned per query (None: calibrated per bucket for recall@10 >= 0.95)
+    )
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
@@ -69,10 +81,18 @@ class FeaturizeReport:
         return self.pairs / self.seconds if self.seconds > 0 else 0.0
 
 
-def _partial_config(model: DiffusionModel, dataset: Dataset, spec: FeatureSpec, options: FeaturizeOptions) -> dict:
+def _partial_config(
+    model: DiffusionModel, dataset: Dataset, spec: FeatureSpec, options: FeaturizeOptions
+) -> dict:
     """What the partial features depend on: a resumed run must match it exactly."""
-    return {"model_hash": model.weights_hash, "dataset_fingerprint": dataset.fingerprint(), "count": len(dataset),
-            "spec": spec.to_dict(), "das_weights": options.das_weights, "chunk_size": options.chunk_size}
+    return {
+        "model_hash": model.weights_hash,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "count": len(dataset),
+        "spec": spec.to_dict(),
+        "das_weights": options.das_weights,
+        "chunk_size": options.chunk_size,
+    }
 
 
 def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das: bool):
@@ -83,7 +103,8 @@ def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das:
         if recorded != config:
             changed = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
             raise ExplorerError(
-                f"{str(partial)!r} holds an unfinished featurize with other settings (differs in {', '.join(changed)}): "
+                f"{str(partial)!r} holds an unfinished featurize with other settings (differs in "
+                f"{', '.join(changed)}): "
                 f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
             )
     else:
@@ -100,7 +121,9 @@ def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das:
     residuals = _open_memmap(partial / "residuals.npy", shape[:2]) if das else None  # (B, N)
     done = np.load(done_path, allow_pickle=False) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
     if done.shape != (n_chunks,):
-        raise ExplorerError(f"{str(done_path)!r} does not match this run: delete {str(partial)!r} to start over")
+        raise ExplorerError(
+            f"{str(done_path)!r} does not match this run: delete {str(partial)!r} to start over"
+        )
     return features, residuals, done, done_path
 
 
@@ -109,8 +132,10 @@ def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     if path.is_file():
         array = np.lib.format.open_memmap(path, mode="r+")
         if array.shape != shape or array.dtype != np.float32:
-            raise ExplorerError(f"{str(path)!r} holds {array.shape} {array.dtype}, expected {shape} float32: "
-                                f"delete {str(path.parent)!r} to start over")
+            raise ExplorerError(
+                f"{str(path)!r} holds {array.shape} {array.dtype}, expected {shape} float32: "
+                f"delete {str(path.parent)!r} to start over"
+            )
         return array
     try:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
@@ -136,16 +161,25 @@ def _check_index_options(options: FeaturizeOptions, count: int) -> None:
         raise ExplorerError("--ivf-nlist and --ivf-nprobe apply to --index-type ivf only")
 
 
-def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec: FeatureSpec,
-              options: FeaturizeOptions = FeaturizeOptions()) -> FeaturizeReport:
-    """Compute, whiten and index the features of every (training example, bucket) pair."""
-    out_dir = Path(out_dir)
+def featurize(
+    model: DiffusionModel,
+    dataset: Dataset,
+    out_dir: str | Path,
+    spec: FeatureSpec,
+    options: FeaturizeOptions | None = None,
+) -> FeaturizeReport:
+    """Compute, whiten and index the features of every (training example, bucket) pair; options None: defaults."""
+    out_dir, options = Path(out_dir), options or FeaturizeOptions()
     _check_index_options(options, len(dataset))
     if dataset.resolution != model.sample_size:
-        raise ExplorerError(f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
-                            f"{model.sample_size}x{model.sample_size}: load the data at the model's size")
+        raise ExplorerError(
+            f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
+            f"{model.sample_size}x{model.sample_size}: load the data at the model's size"
+        )
     if (out_dir / META_NAME).is_file() and not (out_dir / PARTIAL_DIR).exists():
-        raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
+        raise ExplorerError(
+            f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild"
+        )
     workers = default_workers() if options.workers is None else options.workers
     computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
     n, nb, k = len(dataset), spec.buckets, spec.proj_dim
@@ -178,10 +212,16 @@ def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec
         return FeaturizeReport(out_dir, pairs, seconds, complete=False)
 
     source = FeatureSource(
-        model_hash=model.weights_hash, model_path=str(model.path),
-        dataset=DatasetInfo(dataset.name, len(dataset), dataset.fingerprint(), tuple(dataset.class_names), dataset.resolution),
-        spec=spec, timesteps=tuple(map(tuple, computer.timesteps)), num_train_timesteps=model.num_train_timesteps,
-        num_params=computer.num_params)
+        model_hash=model.weights_hash,
+        model_path=str(model.path),
+        dataset=DatasetInfo(
+            dataset.name, len(dataset), dataset.fingerprint(), tuple(dataset.class_names), dataset.resolution
+        ),
+        spec=spec,
+        timesteps=tuple(map(tuple, computer.timesteps)),
+        num_train_timesteps=model.num_train_timesteps,
+        num_params=computer.num_params,
+    )
     if options.keep_features:
         save_npy_atomic(out_dir / FEATURES_NAME, np.asarray(features))
         if residuals is not None:
@@ -192,16 +232,25 @@ def featurize(model: DiffusionModel, dataset: Dataset, out_dir: str | Path, spec
     return FeaturizeReport(out_dir, pairs, seconds, complete=True)
 
 
-def build_index(out_dir: Path, source: FeatureSource, features: np.ndarray, residuals: np.ndarray | None, dataset: Dataset,
-                options: FeaturizeOptions) -> None:
+def build_index(
+    out_dir: Path,
+    source: FeatureSource,
+    features: np.ndarray,
+    residuals: np.ndarray | None,
+    dataset: Dataset,
+    options: FeaturizeOptions,
+) -> None:
     """Raw features (B, N, k) [+ residuals (B, N)] -> lambda, whitening, normalization, DAS, FAISS files."""
     bucket_vectors, factors, centers, lambdas = [], [], [], []
     for bucket in tqdm(range(features.shape[0]), desc="whiten", unit="bucket"):
         phi = np.asarray(features[bucket])  # (N, k)
         if not np.isfinite(phi).all():
-            raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
-        scorer, choice = fit_bucket(phi, options.relative_lambda, options.center, options.normalize,
-                                    seed=source.spec.proj_seed)
+            raise ExplorerError(
+                f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients"
+            )
+        scorer, choice = fit_bucket(
+            phi, options.relative_lambda, options.center, options.normalize, seed=source.spec.proj_seed
+        )
         psi = scorer.vectors(phi)
         if residuals is not None and options.das_weights:
             weights = np.asarray(residuals[bucket], dtype=np.float64)
@@ -209,10 +258,26 @@ def build_index(out_dir: Path, source: FeatureSource, features: np.ndarray, resi
         bucket_vectors.append(psi)
         factors.append(scorer.factor)
         centers.append(scorer.center)
-        lambdas.append(LambdaRecord(choice.value, choice.relative, choice.method, tuple(map(tuple, choice.curve))))
-    write_index(out_dir, source, lambdas, options.normalize, bool(options.das_weights), bucket_vectors, factors, dataset.images, dataset.labels, dataset.ids,
-                centers=centers if options.center else None, storage=options.storage,
-                index_type=options.index_type, ivf_nlist=options.ivf_nlist, ivf_nprobe=options.ivf_nprobe)
+        lambdas.append(
+            LambdaRecord(choice.value, choice.relative, choice.method, tuple(map(tuple, choice.curve)))
+        )
+    write_index(
+        out_dir,
+        source,
+        lambdas,
+        options.normalize,
+        bool(options.das_weights),
+        bucket_vectors,
+        factors,
+        dataset.images,
+        dataset.labels,
+        dataset.ids,
+        centers=centers if options.center else None,
+        storage=options.storage,
+        index_type=options.index_type,
+        ivf_nlist=options.ivf_nlist,
+        ivf_nprobe=options.ivf_nprobe,
+    )
 
 
 def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions) -> Path:
@@ -224,14 +289,30 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
     _check_index_options(options, index.meta.count)
     features_path = source_dir / FEATURES_NAME
     if not features_path.is_file():
-        raise ExplorerError(f"{str(source_dir)!r} kept no raw features: featurize it again with --keep-features")
+        raise ExplorerError(
+            f"{str(source_dir)!r} kept no raw features: featurize it again with --keep-features"
+        )
     if options.das_weights and not (source_dir / RESIDUALS_NAME).is_file():
-        raise ExplorerError(f"{str(source_dir)!r} kept no DAS residuals: featurize it again with --keep-features --das-weights")
+        raise ExplorerError(
+            f"{str(source_dir)!r} kept no DAS residuals: featurize it again with --keep-features "
+            "--das-weights"
+        )
     if (out_dir / META_NAME).is_file():
-        raise ExplorerError(f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild")
+        raise ExplorerError(
+            f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild"
+        )
     features = np.load(features_path, mmap_mode="r", allow_pickle=False)
-    residuals = np.load(source_dir / RESIDUALS_NAME, mmap_mode="r", allow_pickle=False) if options.das_weights else None
-    dataset = Dataset(name=index.meta.dataset.name, images=index.train_images, labels=index.train_labels,
-                      ids=index.train_ids, class_names=index.class_names)
+    residuals = (
+        np.load(source_dir / RESIDUALS_NAME, mmap_mode="r", allow_pickle=False)
+        if options.das_weights
+        else None
+    )
+    dataset = Dataset(
+        name=index.meta.dataset.name,
+        images=index.train_images,
+        labels=index.train_labels,
+        ids=index.train_ids,
+        class_names=index.class_names,
+    )
     build_index(out_dir, index.meta.source, features, residuals, dataset, options)
     return out_dir

@@ -1,4 +1,5 @@
-"""The offline featurizer: the engine's FeatureComputer plus what only a featurize of a whole training set needs.
+"""The offline featurizer: the engine's FeatureComputer plus what only a featurize of a whole training set
+needs.
 
 - Worker threads: the computer's chunks are dealt round-robin to `workers` threads, each with its own copy of
   the model (hooks and functional_call are per module) and torch's intra-op threads divided among them. On 2
@@ -25,12 +26,14 @@ from precompute.allocator import keep_freed_memory
 
 
 def default_workers() -> int:
-    """2 where torch has at least 2 intra-op threads (measured on 2 cores; more workers are not measured), else 1."""
+    """2 where torch has at least 2 intra-op threads (measured on 2 cores; more workers are not measured),
+    else 1."""
     return min(2, torch.get_num_threads())
 
 
 class Featurizer:
-    """features / all_bucket_features / residual_norms of a FeatureComputer, its chunks run on worker threads."""
+    """features / all_bucket_features / residual_norms of a FeatureComputer, its chunks run on worker
+    threads."""
 
     def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1):
         if workers < 1:
@@ -38,8 +41,12 @@ class Featurizer:
         keep_freed_memory()  # no page faults on every chunk's fresh activations
         self.computer = FeatureComputer(model, spec, chunk_size)
         self.workers = workers
-        self._replicas = [FeatureComputer(dataclasses.replace(model, unet=copy.deepcopy(model.unet)), spec, chunk_size,
-                                          quiet=True) for _ in range(workers - 1)]
+        self._replicas = [
+            FeatureComputer(
+                dataclasses.replace(model, unet=copy.deepcopy(model.unet)), spec, chunk_size, quiet=True
+            )
+            for _ in range(workers - 1)
+        ]
 
     @property
     def spec(self) -> FeatureSpec:
@@ -58,7 +65,9 @@ class Featurizer:
         chunks = self.computer.plan(images, buckets)
         workers = min(self.workers, len(chunks))
         if workers <= 1:
-            return self.computer.combine(len(images), chunks, self.computer.run_chunks(images, buckets, chunks))
+            return self.computer.combine(
+                len(images), chunks, self.computer.run_chunks(images, buckets, chunks)
+            )
         computers = [self.computer, *self._replicas][:workers]
 
         def run(worker: int) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@ Three kinds of query (DESIGN section 3):
 - journey:   the one-step estimate x0hat of a generated trajectory at a sampler step (Journey-TRAK's
              per-step query), whose output lives at that step's timestep.
 
-f_j(q) = mean over P fixed (t, eps) pairs of |eps_theta_j(sqrt(abar_t) x_q + sqrt(1 - abar_t) eps, t) - eps|^2.
+f_j(q) = mean over P fixed (t, eps) pairs of |eps_theta_j(sqrt(abar_t) x_q + sqrt(1 - abar_t) eps, t) -
+eps|^2.
 The pairs are drawn once from a seed and are identical for every model j, so f_j(q) differs
 across j only through the weights. Whole-image queries (heldout, generated) stratify t over [0, T);
 a journey query stratifies t over its step's neighbourhood: the `truth_buckets`-th part of [0, T)
@@ -52,12 +53,24 @@ class QuerySet:
         return np.flatnonzero(self.timesteps >= 0)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"query_images": self.images, "query_kinds": self.kinds.astype("U9"), "query_timesteps": self.timesteps,
-                "query_sources": self.sources, "query_steps": self.steps}
+        return {
+            "query_images": self.images,
+            "query_kinds": self.kinds.astype("U9"),
+            "query_timesteps": self.timesteps,
+            "query_sources": self.sources,
+            "query_steps": self.steps,
+        }
 
 
-def build_queries(model: DiffusionModel, heldout: Dataset, generated: int, trajectories: int, journey_steps: list[int],
-                  sampler_steps: int, seed: int = 0) -> QuerySet:
+def build_queries(
+    model: DiffusionModel,
+    heldout: Dataset,
+    generated: int,
+    trajectories: int,
+    journey_steps: list[int],
+    sampler_steps: int,
+    seed: int = 0,
+) -> QuerySet:
     """Held-out images, `generated` sampled images (seeds seed..), and x0hat of the first
     `trajectories` of them at each of `journey_steps` (sampler step indices)."""
     images, kinds, timesteps, sources, steps = [to_model_range(heldout.images)], [], [], [], []
@@ -72,10 +85,19 @@ def build_queries(model: DiffusionModel, heldout: Dataset, generated: int, traje
     for g in range(trajectories):
         for step in journey_steps:
             images.append(runs[g].x0hat[step][None].numpy())
-            kinds.append("journey"), timesteps.append(int(runs[g].timesteps[step])), sources.append(seed + g), steps.append(step)
-    return QuerySet(images=np.concatenate(images).astype(np.float32), kinds=np.array(kinds),
-                    timesteps=np.array(timesteps, dtype=np.int64), sources=np.array(sources, dtype=np.int64),
-                    steps=np.array(steps, dtype=np.int64))
+            (
+                kinds.append("journey"),
+                timesteps.append(int(runs[g].timesteps[step])),
+                sources.append(seed + g),
+                steps.append(step),
+            )
+    return QuerySet(
+        images=np.concatenate(images).astype(np.float32),
+        kinds=np.array(kinds),
+        timesteps=np.array(timesteps, dtype=np.int64),
+        sources=np.array(sources, dtype=np.int64),
+        steps=np.array(steps, dtype=np.int64),
+    )
 
 
 @dataclass
@@ -86,7 +108,9 @@ class TruthPairs:
     noise: torch.Tensor
 
 
-def truth_pairs(queries: QuerySet, pairs: int, truth_buckets: int, num_train_timesteps: int, seed: int) -> TruthPairs:
+def truth_pairs(
+    queries: QuerySet, pairs: int, truth_buckets: int, num_train_timesteps: int, seed: int
+) -> TruthPairs:
     """Stratified timesteps (one per equal sub-range) and Gaussian noise, from a generator seeded by `seed`.
 
     All queries share one draw of the stratification offsets and the noise, so queries differ only
@@ -105,7 +129,9 @@ def truth_pairs(queries: QuerySet, pairs: int, truth_buckets: int, num_train_tim
 
 
 @torch.no_grad()
-def query_losses(model: DiffusionModel, queries: QuerySet, pairs: TruthPairs, batch: int = 4096) -> np.ndarray:
+def query_losses(
+    model: DiffusionModel, queries: QuerySet, pairs: TruthPairs, batch: int = 4096
+) -> np.ndarray:
     """f(q) for every query under one model: (Q,) float64, the loss averaged over the query's pairs."""
     x0 = torch.from_numpy(queries.images)  # (Q, C, H, W)
     q_count, p_count = pairs.timesteps.shape

@@ -26,8 +26,16 @@ import numpy as np
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.whitening import normalize_rows
-from precompute.methods import (FeatureSet, fold_features, inner_product_scores, load_feature_set, spec_key, trak_scores,
-                                variant, whiten_features)
+from precompute.methods import (
+    FeatureSet,
+    fold_features,
+    inner_product_scores,
+    load_feature_set,
+    spec_key,
+    trak_scores,
+    variant,
+    whiten_features,
+)
 from precompute.metrics import FairSplit, LDSBootstrap, predictions, spearman_columns
 
 logger = logging.getLogger(__name__)
@@ -39,11 +47,26 @@ STORAGES = {"float16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuanti
 class DefaultsConfig:
     output: str = "mean"  # the output function to ship: raw and ReTrac-normalized at every k of `dims`
     dims: tuple[int, ...] = (256, 512, 2048)  # k studied for `output` (each divides the cached k)
-    shippable: tuple[int, ...] = (256, 512)  # k's whose index fits the size budget: `compare` and storage run here
-    compare: tuple[str, ...] = ("square", "loss")  # the other outputs, ReTrac-normalized, at the shippable k's
-    lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 1e-1, 1.0)  # fixed lambdas relative to the mean eigenvalue of Phi^T Phi
+    shippable: tuple[int, ...] = (
+        256,
+        512,
+    )  # k's whose index fits the size budget: `compare` and storage run here
+    compare: tuple[str, ...] = (
+        "square",
+        "loss",
+    )  # the other outputs, ReTrac-normalized, at the shippable k's
+    lambdas: tuple[float, ...] = (
+        1e-3,
+        3e-3,
+        1e-2,
+        1e-1,
+        1.0,
+    )  # fixed lambdas relative to the mean eigenvalue of Phi^T Phi
     reference: float = 1e-2  # every lambda is also reported minus this one (paired)
-    storages: tuple[str, ...] = ("float16", "int8")  # stored-vector precisions, `output` normalized at the reference
+    storages: tuple[str, ...] = (
+        "float16",
+        "int8",
+    )  # stored-vector precisions, `output` normalized at the reference
 
 
 def row_key(output: str, normalize: bool, k: int, label: str) -> str:
@@ -52,7 +75,8 @@ def row_key(output: str, normalize: bool, k: int, label: str) -> str:
 
 
 def quantized(vectors: np.ndarray, storage: str) -> np.ndarray:
-    """What a FAISS scalar-quantizer index gives back for `vectors` (N, k): fp16, or int8 with a per-dimension range."""
+    """What a FAISS scalar-quantizer index gives back for `vectors` (N, k): fp16, or int8 with a
+    per-dimension range."""
     if storage not in STORAGES:
         raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
     index = faiss.IndexScalarQuantizer(vectors.shape[1], STORAGES[storage], faiss.METRIC_INNER_PRODUCT)
@@ -71,7 +95,9 @@ def _variants(config: DefaultsConfig) -> dict[tuple[str, int], tuple[bool, ...]]
     return out
 
 
-def _score_all(config: DefaultsConfig, base: FeatureSpec, features_dir: Path, masks: np.ndarray) -> tuple[dict, dict]:
+def _score_all(
+    config: DefaultsConfig, base: FeatureSpec, features_dir: Path, masks: np.ndarray
+) -> tuple[dict, dict]:
     """Step 1: predictions g (M, Q) and a description of every row."""
     rows, predicted = {}, {}
     labels = [("gcv", None)] + [(f"{value:g}", value) for value in config.lambdas]
@@ -79,7 +105,9 @@ def _score_all(config: DefaultsConfig, base: FeatureSpec, features_dir: Path, ma
     for (output, k), normalizations in _variants(config).items():
         if output not in loaded:
             spec = variant(base, output=output)
-            loaded = {output: load_feature_set(features_dir / f"full_{spec_key(spec)}.npz", spec)}  # one output in memory
+            loaded = {
+                output: load_feature_set(features_dir / f"full_{spec_key(spec)}.npz", spec)
+            }  # one output in memory
         full = loaded[output]
         features = full if k == full.spec.proj_dim else fold_features(full, k)
         for label, value in labels:
@@ -88,36 +116,63 @@ def _score_all(config: DefaultsConfig, base: FeatureSpec, features_dir: Path, ma
             for normalize in normalizations:
                 key = row_key(output, normalize, k, label)
                 predicted[key] = predictions(masks, trak_scores(whitened, features.query_bucket, normalize))
-                rows[key] = {"output": output, "normalize": normalize, "k": k, "lambda": label,
-                             "relative_lambda": {str(b): v for b, v in whitened.relative_lambda.items()}}
+                rows[key] = {
+                    "output": output,
+                    "normalize": normalize,
+                    "k": k,
+                    "lambda": label,
+                    "relative_lambda": {str(b): v for b, v in whitened.relative_lambda.items()},
+                }
             if output == config.output and k in config.shippable and value == config.reference:
                 query = normalize_rows(whitened.query)
                 for storage in config.storages:
                     train = {b: quantized(normalize_rows(psi), storage) for b, psi in whitened.train.items()}
                     key = row_key(output, True, k, label) + f",{storage}"
-                    predicted[key] = predictions(masks, inner_product_scores(train, query, features.query_bucket, False))
+                    predicted[key] = predictions(
+                        masks, inner_product_scores(train, query, features.query_bucket, False)
+                    )
                     rows[key] = dict(rows[row_key(output, True, k, label)], storage=storage)
             logger.info("defaults: %s k=%d lambda=%s scored", output, k, label)
     return rows, predicted
 
 
-def _fair(rows: dict, predicted: dict, truth: np.ndarray, groups: dict, fair: FairSplit, resamples: int,
-          seed: int) -> dict:
+def _fair(
+    rows: dict, predicted: dict, truth: np.ndarray, groups: dict, fair: FairSplit, resamples: int, seed: int
+) -> dict:
     """Step 3: per (output, normalization, k), the lambda with the best mean LDS on the pick half, and every
     lambda's LDS on the test half (CI over the test models)."""
     test_rows = np.flatnonzero(~fair.pick)
-    local = {g: np.searchsorted(test_rows, rows) for g, rows in fair.test_groups.items()}  # rows of the test columns
+    local = {
+        g: np.searchsorted(test_rows, rows) for g, rows in fair.test_groups.items()
+    }  # rows of the test columns
     pick_models, test_models = fair.pick_models, ~fair.pick_models
     plain = [key for key, row in rows.items() if "storage" not in row]
-    boot = LDSBootstrap(truth[test_models][:, test_rows], {key: predicted[key][test_models][:, test_rows] for key in plain},
-                        local, resamples, seed)
+    boot = LDSBootstrap(
+        truth[test_models][:, test_rows],
+        {key: predicted[key][test_models][:, test_rows] for key in plain},
+        local,
+        resamples,
+        seed,
+    )
     out = {}
     for key in plain:
         row = rows[key]
         family = key.split("@")[0] + f"@k={row['k']}"
-        pick_lds = float(np.nanmean(spearman_columns(truth[pick_models][:, fair.pick], predicted[key][pick_models][:, fair.pick])))
-        entry = out.setdefault(family, {"output": row["output"], "normalize": row["normalize"], "k": row["k"],
-                                        "pick_lds": {}, "test": {}})
+        pick_lds = float(
+            np.nanmean(
+                spearman_columns(truth[pick_models][:, fair.pick], predicted[key][pick_models][:, fair.pick])
+            )
+        )
+        entry = out.setdefault(
+            family,
+            {
+                "output": row["output"],
+                "normalize": row["normalize"],
+                "k": row["k"],
+                "pick_lds": {},
+                "test": {},
+            },
+        )
         entry["pick_lds"][row["lambda"]] = pick_lds
         entry["test"][row["lambda"]] = {g: boot.interval(key, g).to_dict() for g in local}
     for entry in out.values():
@@ -125,8 +180,17 @@ def _fair(rows: dict, predicted: dict, truth: np.ndarray, groups: dict, fair: Fa
     return out
 
 
-def shipped_defaults(config: DefaultsConfig, base: FeatureSpec, features_dir: Path, masks: np.ndarray, truth: np.ndarray,
-                     groups: dict[str, np.ndarray], fair: FairSplit, resamples: int, seed: int = 0) -> dict:
+def shipped_defaults(
+    config: DefaultsConfig,
+    base: FeatureSpec,
+    features_dir: Path,
+    masks: np.ndarray,
+    truth: np.ndarray,
+    groups: dict[str, np.ndarray],
+    fair: FairSplit,
+    resamples: int,
+    seed: int = 0,
+) -> dict:
     """Every number of the "shipped default" section (see the module docstring)."""
     rows, predicted = _score_all(config, base, features_dir, masks)
 
@@ -154,18 +218,38 @@ def shipped_defaults(config: DefaultsConfig, base: FeatureSpec, features_dir: Pa
         suffix = "-norm" if normalize else ""
         for k in config.dims:
             first = at_chosen(config.output, normalize, k)
-            pairs[f"{config.output}{suffix}@k={k}: chosen lambda minus GCV"] = (first, row_key(config.output, normalize, k, "gcv"))
+            pairs[f"{config.output}{suffix}@k={k}: chosen lambda minus GCV"] = (
+                first,
+                row_key(config.output, normalize, k, "gcv"),
+            )
             for other in config.dims:
                 if other > k:
                     pairs[f"{config.output}{suffix}: k={k} minus k={other} (chosen lambdas)"] = (
-                        first, at_chosen(config.output, normalize, other))
+                        first,
+                        at_chosen(config.output, normalize, other),
+                    )
     for k in config.shippable:
         for output in config.compare:
             pairs[f"@k={k}: {config.output}-norm minus {output}-norm (chosen lambdas)"] = (
-                at_chosen(config.output, True, k), at_chosen(output, True, k))
-    differences = {name: {g: boot.difference(first, second, g).to_dict() for g in groups}
-                   for name, (first, second) in pairs.items()}
-    return {"config": {"output": config.output, "dims": list(config.dims), "shippable": list(config.shippable),
-                       "compare": list(config.compare), "lambdas": list(config.lambdas), "reference": config.reference,
-                       "storages": list(config.storages), "folded_from_k": base.proj_dim},
-            "rows": rows, "fair": chosen, "differences": differences}
+                at_chosen(config.output, True, k),
+                at_chosen(output, True, k),
+            )
+    differences = {
+        name: {g: boot.difference(first, second, g).to_dict() for g in groups}
+        for name, (first, second) in pairs.items()
+    }
+    return {
+        "config": {
+            "output": config.output,
+            "dims": list(config.dims),
+            "shippable": list(config.shippable),
+            "compare": list(config.compare),
+            "lambdas": list(config.lambdas),
+            "reference": config.reference,
+            "storages": list(config.storages),
+            "folded_from_k": base.proj_dim,
+        },
+        "rows": rows,
+        "fair": chosen,
+        "differences": differences,
+    }

@@ -31,7 +31,14 @@ from explorer.atomic import write_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
-from explorer.whitening import LambdaChoice, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.whitening import (
+    LambdaChoice,
+    cholesky_factor,
+    choose_lambda_gcv,
+    given_lambda,
+    normalize_rows,
+    whiten,
+)
 from precompute.featurizer import Featurizer, default_workers
 from precompute.ground_truth import QuerySet
 
@@ -56,12 +63,22 @@ class FeatureSet:
 
 
 def query_buckets(spec: FeatureSpec, queries: QuerySet, num_train_timesteps: int) -> np.ndarray:
-    return np.array([GLOBAL if t < 0 else bucket_of_timestep(int(t), spec.buckets, num_train_timesteps)
-                     for t in queries.timesteps.tolist()])
+    return np.array(
+        [
+            GLOBAL if t < 0 else bucket_of_timestep(int(t), spec.buckets, num_train_timesteps)
+            for t in queries.timesteps.tolist()
+        ]
+    )
 
 
-def compute_features(model: DiffusionModel, spec: FeatureSpec, train_images: np.ndarray, queries: QuerySet,
-                     residuals: bool = False, chunk: int = 64) -> FeatureSet:
+def compute_features(
+    model: DiffusionModel,
+    spec: FeatureSpec,
+    train_images: np.ndarray,
+    queries: QuerySet,
+    residuals: bool = False,
+    chunk: int = 64,
+) -> FeatureSet:
     """train_images (N, C, H, W) in [-1, 1] -> a FeatureSet (gradients only for the buckets needed)."""
     computer = Featurizer(model, spec, chunk_size=chunk, workers=default_workers())
     buckets = query_buckets(spec, queries, model.num_train_timesteps)
@@ -105,21 +122,39 @@ def save_feature_set(features: FeatureSet, path: Path) -> None:
 
 def load_feature_set(path: Path, spec: FeatureSpec) -> FeatureSet:
     with np.load(path) as data:
-        keys = sorted(int(name[len("train_"):]) for name in data.files if name.startswith("train_"))
+        keys = sorted(int(name[len("train_") :]) for name in data.files if name.startswith("train_"))
         train = {b: data[f"train_{b}"] for b in keys}
         residuals = {b: data[f"residual_{b}"] for b in keys} if f"residual_{GLOBAL}" in data.files else None
-        return FeatureSet(spec=spec, train=train, query=data["query"], query_bucket=data["query_bucket"], residuals=residuals)
+        return FeatureSet(
+            spec=spec,
+            train=train,
+            query=data["query"],
+            query_bucket=data["query_bucket"],
+            residuals=residuals,
+        )
 
 
-def cached_features(path: Path, model: DiffusionModel, spec: FeatureSpec, train_images: np.ndarray, queries: QuerySet,
-                    residuals: bool = False) -> FeatureSet:
+def cached_features(
+    path: Path,
+    model: DiffusionModel,
+    spec: FeatureSpec,
+    train_images: np.ndarray,
+    queries: QuerySet,
+    residuals: bool = False,
+) -> FeatureSet:
     """Load the feature set from `path`, or compute and save it there."""
     if path.is_file():
         features = load_feature_set(path, spec)
-        if features.query.shape != (len(queries), spec.proj_dim) or features.train[GLOBAL].shape[0] != len(train_images):
-            raise ExplorerError(f"cached features {str(path)!r} do not fit this benchmark: delete it (or the --cache folder)")
+        if features.query.shape != (len(queries), spec.proj_dim) or features.train[GLOBAL].shape[0] != len(
+            train_images
+        ):
+            raise ExplorerError(
+                f"cached features {str(path)!r} do not fit this benchmark: delete it (or the --cache folder)"
+            )
         if residuals and features.residuals is None:
-            raise ExplorerError(f"cached features {str(path)!r} have no DAS residuals: delete it to recompute")
+            raise ExplorerError(
+                f"cached features {str(path)!r} have no DAS residuals: delete it to recompute"
+            )
         return features
     features = compute_features(model, spec, train_images, queries, residuals)
     save_feature_set(features, path)
@@ -135,7 +170,9 @@ class Whitened:
     relative_lambda: dict[int, float]  # GCV's choice per key
 
 
-def whiten_features(features: FeatureSet, relative_lambda: float | None = None, gcv_cache: Path | None = None) -> Whitened:
+def whiten_features(
+    features: FeatureSet, relative_lambda: float | None = None, gcv_cache: Path | None = None
+) -> Whitened:
     """Per key: lambda by GCV on the training features alone (or the given relative lambda), Cholesky
     whitening of both sides. GCV's choices are kept in `gcv_cache` (JSON), so a rerun skips the eigh."""
     train, query, lambdas = {}, np.zeros_like(features.query), {}
@@ -144,7 +181,9 @@ def whiten_features(features: FeatureSet, relative_lambda: float | None = None, 
         if relative_lambda is not None:
             choice = given_lambda(phi, relative_lambda)
         elif str(b) in chosen:
-            choice = LambdaChoice(value=chosen[str(b)]["value"], relative=chosen[str(b)]["relative"], method="gcv")
+            choice = LambdaChoice(
+                value=chosen[str(b)]["value"], relative=chosen[str(b)]["relative"], method="gcv"
+            )
         else:
             choice = choose_lambda_gcv(phi, seed=features.spec.proj_seed)
             chosen[str(b)] = {"value": choice.value, "relative": choice.relative}
@@ -154,14 +193,21 @@ def whiten_features(features: FeatureSet, relative_lambda: float | None = None, 
         if len(rows):
             query[rows] = whiten(features.query[rows], factor)
         lambdas[b] = choice.relative
-        logger.info("%s bucket %d: %s relative lambda %.3g", features.spec.output, b, choice.method, choice.relative)
+        logger.info(
+            "%s bucket %d: %s relative lambda %.3g", features.spec.output, b, choice.method, choice.relative
+        )
     if gcv_cache is not None and relative_lambda is None:
         write_json_atomic(gcv_cache, chosen)
     return Whitened(train=train, query=query, relative_lambda=lambdas)
 
 
-def inner_product_scores(train: dict[int, np.ndarray], query: np.ndarray, query_bucket: np.ndarray, normalize: bool,
-                         weights: dict[int, np.ndarray] | None = None) -> np.ndarray:
+def inner_product_scores(
+    train: dict[int, np.ndarray],
+    query: np.ndarray,
+    query_bucket: np.ndarray,
+    normalize: bool,
+    weights: dict[int, np.ndarray] | None = None,
+) -> np.ndarray:
     """tau (Q, N): <query row, training row of the query's key>, optionally cosine and/or row-weighted."""
     n = next(iter(train.values())).shape[0]
     scores = np.zeros((len(query), n), np.float32)
@@ -178,8 +224,12 @@ def inner_product_scores(train: dict[int, np.ndarray], query: np.ndarray, query_
     return scores
 
 
-def trak_scores(whitened: Whitened, query_bucket: np.ndarray, normalize: bool,
-                das_residuals: dict[int, np.ndarray] | None = None) -> np.ndarray:
+def trak_scores(
+    whitened: Whitened,
+    query_bucket: np.ndarray,
+    normalize: bool,
+    das_residuals: dict[int, np.ndarray] | None = None,
+) -> np.ndarray:
     """TRAK / D-TRAK (and ReTrac-normalized, and DAS-weighted) scores (Q, N)."""
     return inner_product_scores(whitened.train, whitened.query, query_bucket, normalize, das_residuals)
 
@@ -188,7 +238,9 @@ def tracin_scores(checkpoints: list[FeatureSet], learning_rate: float, normalize
     """Diffusion-TracIn: sum_c lr <g_q^c, g_i^c>; Diffusion-ReTrac: the same with unit-norm g (Q, N)."""
     total = None
     for features in checkpoints:
-        scores = learning_rate * inner_product_scores(features.train, features.query, features.query_bucket, normalize)
+        scores = learning_rate * inner_product_scores(
+            features.train, features.query, features.query_bucket, normalize
+        )
         total = scores if total is None else total + scores
     if total is None:
         raise ExplorerError("TracIn needs at least one checkpoint")
@@ -205,11 +257,18 @@ def fold_features(features: FeatureSet, dim: int) -> FeatureSet:
     """
     k = features.spec.proj_dim
     if features.spec.projector != "countsketch" or features.spec.exact_params or dim < 1 or k % dim:
-        raise ExplorerError(f"cannot fold {features.spec.projector} features of k={k} to k={dim}: folding needs the "
-                            "count-sketch projector without calibrated exact_params and a k' that divides k")
+        raise ExplorerError(
+            f"cannot fold {features.spec.projector} features of k={k} to k={dim}: folding needs the "
+            "count-sketch projector without calibrated exact_params and a k' that divides k"
+        )
     fold = lambda phi: phi.reshape(len(phi), k // dim, dim).sum(1)  # noqa: E731  (n, k) -> (n, k')
-    return FeatureSet(spec=variant(features.spec, proj_dim=dim), train={b: fold(phi) for b, phi in features.train.items()},
-                      query=fold(features.query), query_bucket=features.query_bucket, residuals=features.residuals)
+    return FeatureSet(
+        spec=variant(features.spec, proj_dim=dim),
+        train={b: fold(phi) for b, phi in features.train.items()},
+        query=fold(features.query),
+        query_bucket=features.query_bucket,
+        residuals=features.residuals,
+    )
 
 
 def spec_key(spec: FeatureSpec) -> str:

@@ -48,8 +48,14 @@ class Interval:
 class LDSBootstrap:
     """Per-query LDS of every method, and the bootstrap distribution of group means over subsets."""
 
-    def __init__(self, truth: np.ndarray, predicted: dict[str, np.ndarray], groups: dict[str, np.ndarray],
-                 resamples: int = 1000, seed: int = 0):
+    def __init__(
+        self,
+        truth: np.ndarray,
+        predicted: dict[str, np.ndarray],
+        groups: dict[str, np.ndarray],
+        resamples: int = 1000,
+        seed: int = 0,
+    ):
         m = truth.shape[0]
         if m < 3:
             raise ExplorerError(f"{m} subsets are too few for a rank correlation: use --subsets 4 or more")
@@ -60,7 +66,9 @@ class LDSBootstrap:
         self.samples: dict[str, dict[str, np.ndarray]] = {}  # method -> group -> (resamples,)
         for name, g in predicted.items():
             per_draw = np.stack([spearman_columns(truth[d], g[d]) for d in draws])  # (resamples, Q)
-            self.samples[name] = {group: np.nanmean(per_draw[:, rows], axis=1) for group, rows in groups.items()}
+            self.samples[name] = {
+                group: np.nanmean(per_draw[:, rows], axis=1) for group, rows in groups.items()
+            }
 
     def interval(self, method: str, group: str) -> Interval:
         mean = float(np.nanmean(self.per_query[method][self.groups[group]]))
@@ -96,7 +104,9 @@ class FairSplit:
     test_groups: dict[str, np.ndarray]  # group -> query rows not in `pick`
 
 
-def fair_split(subsets: int, groups: dict[str, np.ndarray], seed: int, kinds=("heldout", "generated", "journey")) -> FairSplit:
+def fair_split(
+    subsets: int, groups: dict[str, np.ndarray], seed: int, kinds=("heldout", "generated", "journey")
+) -> FairSplit:
     """Even subset models pick, odd ones test; a seeded random half of every query kind picks."""
     rng = np.random.default_rng(seed)
     pick = np.zeros(len(groups["all"]), dtype=bool)  # groups["all"] is every query

@@ -31,7 +31,13 @@ EMA_DECAY = 0.999  # fixed here, not taken from TrainConfig's default, so the re
 # train_ddpm ignores classifier_epochs, but its checkpoints record it and refuse to resume when it
 # differs: pinned here so a new TrainConfig default cannot strand a half-trained cached model.
 CHECKPOINT_CLASSIFIER_EPOCHS = 12
-WEIGHT_SETTINGS = ("steps", "batch_size", "learning_rate", "ema_decay", "seed")  # what the DDPM weights depend on  # raw (non-EMA) weights of the full model at its TracIn checkpoints
+WEIGHT_SETTINGS = (
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "ema_decay",
+    "seed",
+)  # what the DDPM weights depend on  # raw (non-EMA) weights of the full model at its TracIn checkpoints
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,15 @@ class Recipe:
     unet: UNetConfig = field(default_factory=lambda: tiny_config(8))  # ~160k parameters at 8x8
 
     def train_config(self, steps: int | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.steps if steps is None else steps, batch_size=self.batch_size,
-                           learning_rate=self.learning_rate, ema_decay=EMA_DECAY, seed=self.seed,
-                           checkpoint_every=self.checkpoint_every, classifier_epochs=CHECKPOINT_CLASSIFIER_EPOCHS)
+        return TrainConfig(
+            steps=self.steps if steps is None else steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            ema_decay=EMA_DECAY,
+            seed=self.seed,
+            checkpoint_every=self.checkpoint_every,
+            classifier_epochs=CHECKPOINT_CLASSIFIER_EPOCHS,
+        )
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -62,24 +74,32 @@ def is_trained(model_dir: Path, dataset: Dataset, recipe: Recipe) -> bool:
     record = json.loads(record_path.read_text())
     wanted = asdict(recipe.train_config())
     expected = {"train": {key: wanted[key] for key in WEIGHT_SETTINGS}, "fingerprint": dataset.fingerprint()}
-    found = {"train": {key: record.get("train", {}).get(key) for key in WEIGHT_SETTINGS},
-             "fingerprint": record.get("dataset_fingerprint")}
+    found = {
+        "train": {key: record.get("train", {}).get(key) for key in WEIGHT_SETTINGS},
+        "fingerprint": record.get("dataset_fingerprint"),
+    }
     if found != expected:
         raise ExplorerError(
-            f"{str(model_dir)!r} holds a model trained with other settings or data ({found}, expected {expected}): "
+            f"{str(model_dir)!r} holds a model trained with other settings or data ({found}, expected "
+            f"{expected}): "
             "use another --cache directory, or delete that folder to retrain it"
         )
     return True
 
 
-def train_cached(dataset: Dataset, model_dir: str | Path, recipe: Recipe, keep_checkpoint: bool = False) -> bool:
-    """Train `dataset` into model_dir with the recipe unless it is already there. Returns True if it trained."""
+def train_cached(
+    dataset: Dataset, model_dir: str | Path, recipe: Recipe, keep_checkpoint: bool = False
+) -> bool:
+    """Train `dataset` into model_dir with the recipe unless it is already there. Returns True if it
+    trained."""
     model_dir = Path(model_dir)
     if is_trained(model_dir, dataset, recipe):
         return False
     train_ddpm(dataset, model_dir, recipe.train_config(), recipe.unet)
     if not keep_checkpoint:
-        shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # optimizer state: 3x the weights, not needed again
+        shutil.rmtree(
+            model_dir / CHECKPOINT_DIR, ignore_errors=True
+        )  # optimizer state: 3x the weights, not needed again
     return True
 
 
@@ -100,7 +120,7 @@ def train_full_with_checkpoints(dataset: Dataset, model_dir: str | Path, recipe:
             continue
         train_ddpm(dataset, model_dir, recipe.train_config(stop), recipe.unet)
         state = load_file(str(model_dir / CHECKPOINT_DIR / "state.safetensors"))
-        weights = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        weights = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         tracin_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(weights, str(tmp))
@@ -117,7 +137,8 @@ def load_raw_weights(path: Path, recipe: Recipe) -> DiffusionModel:
 
 
 def subset_masks(count: int, size: int, alpha: float, seed: int) -> np.ndarray:
-    """(count, size) bool: mask j keeps round(alpha * size) examples drawn by a generator seeded by (seed, j)."""
+    """(count, size) bool: mask j keeps round(alpha * size) examples drawn by a generator seeded by (seed,
+    j)."""
     if not 0 < alpha < 1:
         raise ExplorerError(f"subset fraction alpha {alpha} must lie strictly between 0 and 1, e.g. 0.5")
     keep = int(round(alpha * size))

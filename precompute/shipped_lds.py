@@ -1,18 +1,26 @@
 """LDS on the shipped model, scored through index directories: what the explorer serves is what is measured.
 
-    python -m precompute evaluate shipped-lds --index assets/index runs/other [--json bench/results/lds_mnist5k.json]
+    python -m precompute evaluate shipped-lds --index assets/index runs/other [--json
+    bench/results/lds_mnist5k.json]
 
 Ground truth comes from precompute.shipped_truth (committed per-model files). For every index directory:
-- whole-image queries (held-out digits, generated finals): the score of a training image is its score summed over
-  the index's buckets, each bucket queried at its own timestep (the whole-image column), and, bucket by bucket,
-  the score at that bucket against the loss measured inside the bucket (the per-bucket curve of held-out queries);
-- per-step queries (a trajectory at sampler step s, timestep t): the query the explorer builds, x0hat of step s
-  in the bucket of t, against the trajectory-tied truth (the subset model's loss at the trajectory's own x_t) and
+- whole-image queries (held-out digits, generated finals): the score of a training image is its score
+summed over
+  the index's buckets, each bucket queried at its own timestep (the whole-image column), and, bucket by
+  bucket,
+  the score at that bucket against the loss measured inside the bucket (the per-bucket curve of held-out
+  queries);
+- per-step queries (a trajectory at sampler step s, timestep t): the query the explorer builds, x0hat of
+step s
+  in the bucket of t, against the trajectory-tied truth (the subset model's loss at the trajectory's own
+  x_t) and
   against the older proxy (x0hat re-noised);
 - baselines: pixel cosine and random scores.
 
-LDS(q) = Spearman over subset models j of f_j(q) and g_j(q) = -sum_{i in S_j} tau(q, i) (TRAK eq. 5). Dev and test
-split models (even / odd j) and queries (held-out halves by seed; generated and per-step queries by sampler seed,
+LDS(q) = Spearman over subset models j of f_j(q) and g_j(q) = -sum_{i in S_j} tau(q, i) (TRAK eq. 5). Dev
+and test
+split models (even / odd j) and queries (held-out halves by seed; generated and per-step queries by
+sampler seed,
 so no trajectory is in both). Intervals: 95% bootstrap over subset models and over queries together (per-step
 queries resampled a trajectory at a time). The seed-noise ceiling: Spearman over the subsets retrained with a
 second seed of f_j(seed 0) and f_j(seed 1), per query, averaged.
@@ -29,7 +37,7 @@ import torch
 
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
+from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex
 from explorer.model import DiffusionModel
 from explorer.scoring import all_scores
@@ -54,15 +62,28 @@ class QueryScores:
         return self.whole_by_bucket.sum(axis=1)  # (W, N)
 
 
-def index_scores(index: AttributionIndex, model: DiffusionModel, whole_images: np.ndarray, queries: Queries,
-                 cache: Path | None = None) -> QueryScores:
-    """Scores of every training row for the benchmark's queries, through the index's files (explorer's path)."""
+def index_scores(
+    index: AttributionIndex,
+    model: DiffusionModel,
+    whole_images: np.ndarray,
+    queries: Queries,
+    cache: Path | None = None,
+) -> QueryScores:
+    """Scores of every training row for the benchmark's queries, through the index's files (explorer's
+    path)."""
     spec = index.meta.spec
     computer = FeatureComputer(model, spec)
     T = index.meta.num_train_timesteps
     raw = _query_features(computer, index.buckets, whole_images, queries, T, cache)
-    whole = np.stack([all_scores(index.vectors(b), index.query_vectors(raw["whole"][:, b], np.full(len(whole_images), b)))
-                      for b in range(index.buckets)], axis=1)  # (W, B, N)
+    whole = np.stack(
+        [
+            all_scores(
+                index.vectors(b), index.query_vectors(raw["whole"][:, b], np.full(len(whole_images), b))
+            )
+            for b in range(index.buckets)
+        ],
+        axis=1,
+    )  # (W, B, N)
     buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in queries.timesteps.ravel()])
     step_vectors = index.query_vectors(raw["steps"], buckets)
     steps = np.empty((len(buckets), len(index.train_ids)), dtype=np.float32)
@@ -72,8 +93,14 @@ def index_scores(index: AttributionIndex, model: DiffusionModel, whole_images: n
     return QueryScores(whole, steps.reshape(*queries.timesteps.shape, -1))
 
 
-def _query_features(computer: FeatureComputer, buckets: int, whole_images: np.ndarray, queries: Queries, T: int,
-                    cache: Path | None) -> dict[str, np.ndarray]:
+def _query_features(
+    computer: FeatureComputer,
+    buckets: int,
+    whole_images: np.ndarray,
+    queries: Queries,
+    T: int,
+    cache: Path | None,
+) -> dict[str, np.ndarray]:
     """Raw query features {whole (W, B, k), steps (G J, k)}, cached by the spec (they do not depend on lambda,
     centering, normalization or storage)."""
     if cache is not None and cache.is_file():
@@ -89,7 +116,9 @@ def _query_features(computer: FeatureComputer, buckets: int, whole_images: np.nd
     return {"whole": whole, "steps": steps}
 
 
-def baseline_scores(name: str, whole_images: np.ndarray, queries: Queries, train_images: np.ndarray, buckets: int) -> QueryScores:
+def baseline_scores(
+    name: str, whole_images: np.ndarray, queries: Queries, train_images: np.ndarray, buckets: int
+) -> QueryScores:
     """Pixel cosine (of the image, or of the step's x0hat) or seeded random scores, in the same shapes."""
     steps_images = queries.x0hat.reshape(-1, *queries.x0hat.shape[2:])
     if name == "pixel":
@@ -112,12 +141,16 @@ def split(table: TruthTable, queries: Queries, config: TruthConfig) -> Split:
     seed0 = np.flatnonzero(table.seeds == 0)
     models = {"dev": seed0[table.subsets[seed0] % 2 == 0], "test": seed0[table.subsets[seed0] % 2 == 1]}
     dev_gen = queries.generated_dev(config.dev_seeds)
-    return Split(models, {"dev": np.flatnonzero(queries.heldout_dev), "test": np.flatnonzero(~queries.heldout_dev)},
-                 {"dev": np.flatnonzero(dev_gen), "test": np.flatnonzero(~dev_gen)})
+    return Split(
+        models,
+        {"dev": np.flatnonzero(queries.heldout_dev), "test": np.flatnonzero(~queries.heldout_dev)},
+        {"dev": np.flatnonzero(dev_gen), "test": np.flatnonzero(~dev_gen)},
+    )
 
 
-def lds_interval(truth: np.ndarray, predicted: np.ndarray, clusters: np.ndarray, seed: int = 0,
-                 resamples: int = BOOTSTRAP) -> dict:
+def lds_interval(
+    truth: np.ndarray, predicted: np.ndarray, clusters: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP
+) -> dict:
     """Mean per-query LDS of (M, Q) truth and predictions, with a 95% bootstrap over models and over query
     clusters (clusters (Q,): queries of one trajectory share a cluster)."""
     per_query = spearman_columns(truth, predicted)
@@ -132,8 +165,12 @@ def lds_interval(truth: np.ndarray, predicted: np.ndarray, clusters: np.ndarray,
         values = spearman_columns(truth[models][:, rows], predicted[models][:, rows])
         draws.append(np.nanmean(values))
     low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return {"mean": float(np.nanmean(per_query)), "ci95": [float(low), float(high)], "queries": int(len(per_query)),
-            "models": int(m)}
+    return {
+        "mean": float(np.nanmean(per_query)),
+        "ci95": [float(low), float(high)],
+        "queries": int(len(per_query)),
+        "models": int(m),
+    }
 
 
 def method_lds(scores: QueryScores, table: TruthTable, parts: Split, queries: Queries, group: str) -> dict:
@@ -145,21 +182,30 @@ def method_lds(scores: QueryScores, table: TruthTable, parts: Split, queries: Qu
     whole_truth = table.rows["whole_by_bucket"][models]  # (M, W, B)
     out = {}
     for name, rows, clusters in (("heldout", held, held), ("generated", n_held + gen, gen)):
-        out[name] = lds_interval(whole_truth[:, rows].mean(-1), predictions(masks, scores.whole[rows]), clusters)
-    out["heldout_by_bucket"] = [lds_interval(whole_truth[:, held, b], predictions(masks, scores.whole_by_bucket[held, b]), held)
-                                for b in range(whole_truth.shape[-1])]
+        out[name] = lds_interval(
+            whole_truth[:, rows].mean(-1), predictions(masks, scores.whole[rows]), clusters
+        )
+    out["heldout_by_bucket"] = [
+        lds_interval(whole_truth[:, held, b], predictions(masks, scores.whole_by_bucket[held, b]), held)
+        for b in range(whole_truth.shape[-1])
+    ]
     steps = queries.steps
     for truth_name in ("step_trajectory", "step_proxy"):
         truth = table.rows[truth_name][models][:, gen]  # (M, G', J)
         tau = scores.steps[gen]  # (G', J, N)
         clusters = np.repeat(gen, len(steps))
-        out[truth_name] = lds_interval(truth.reshape(len(models), -1), predictions(masks, tau.reshape(-1, tau.shape[-1])), clusters)
-        out[f"{truth_name}_by_step"] = [lds_interval(truth[:, :, j], predictions(masks, tau[:, j]), gen) for j in range(len(steps))]
+        out[truth_name] = lds_interval(
+            truth.reshape(len(models), -1), predictions(masks, tau.reshape(-1, tau.shape[-1])), clusters
+        )
+        out[f"{truth_name}_by_step"] = [
+            lds_interval(truth[:, :, j], predictions(masks, tau[:, j]), gen) for j in range(len(steps))
+        ]
     return out
 
 
 def seed_ceiling(table: TruthTable, queries: Queries) -> dict:
-    """Spearman over the twice-trained subsets of f_j(seed 0) and f_j(seed 1), mean over queries, per column."""
+    """Spearman over the twice-trained subsets of f_j(seed 0) and f_j(seed 1), mean over queries, per
+    column."""
     repeated = sorted(set(table.subsets[table.seeds == 1].tolist()))
     if len(repeated) < 3:
         return {"subsets": len(repeated)}
@@ -167,23 +213,42 @@ def seed_ceiling(table: TruthTable, queries: Queries) -> dict:
     second = [int(np.flatnonzero((table.subsets == j) & (table.seeds == 1))[0]) for j in repeated]
     n_held = len(queries.heldout_ids)
     whole = table.rows["whole_by_bucket"].mean(-1)
-    columns = {"heldout": whole[:, :n_held], "generated": whole[:, n_held:],
-               "step_trajectory": table.rows["step_trajectory"].reshape(len(table.seeds), -1),
-               "step_proxy": table.rows["step_proxy"].reshape(len(table.seeds), -1)}
-    return {"subsets": len(repeated),
-            **{name: float(np.nanmean(spearman_columns(values[first], values[second]))) for name, values in columns.items()}}
+    columns = {
+        "heldout": whole[:, :n_held],
+        "generated": whole[:, n_held:],
+        "step_trajectory": table.rows["step_trajectory"].reshape(len(table.seeds), -1),
+        "step_proxy": table.rows["step_proxy"].reshape(len(table.seeds), -1),
+    }
+    return {
+        "subsets": len(repeated),
+        **{
+            name: float(np.nanmean(spearman_columns(values[first], values[second])))
+            for name, values in columns.items()
+        },
+    }
 
 
-def run_shipped_lds(index_dirs: list[str], model: DiffusionModel, truth_dir: str | Path, train_images: np.ndarray,
-                    heldout_images: np.ndarray, cache: str | Path, baselines: tuple[str, ...] = ("pixel", "random")) -> dict:
+def run_shipped_lds(
+    index_dirs: list[str],
+    model: DiffusionModel,
+    truth_dir: str | Path,
+    train_images: np.ndarray,
+    heldout_images: np.ndarray,
+    cache: str | Path,
+    baselines: tuple[str, ...] = ("pixel", "random"),
+) -> dict:
     """The LDS table of every index directory and baseline on the committed ground truth (dev and test)."""
     import json
 
     from precompute.shipped_truth import QUERIES_NAME, load_truth
 
     truth_dir, cache = Path(truth_dir), Path(cache)
-    config = TruthConfig(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in json.loads((truth_dir / "config.json").read_text())["truth"].items()})
+    config = TruthConfig(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((truth_dir / "config.json").read_text())["truth"].items()
+        }
+    )
     queries = Queries.load(truth_dir / QUERIES_NAME)
     table = load_truth(truth_dir, len(train_images))
     parts = split(table, queries, config)
@@ -192,20 +257,44 @@ def run_shipped_lds(index_dirs: list[str], model: DiffusionModel, truth_dir: str
     for directory in index_dirs:
         index = AttributionIndex.load(directory, model_hash=model.weights_hash)
         if index.buckets != config.buckets:
-            raise ExplorerError(f"index {str(directory)!r} has {index.buckets} buckets, the ground truth in {str(truth_dir)!r} "
-                                f"measures {config.buckets}: score an index built with --buckets {config.buckets}")
+            raise ExplorerError(
+                f"index {str(directory)!r} has {index.buckets} buckets, the ground truth in "
+                f"{str(truth_dir)!r} "
+                f"measures {config.buckets}: score an index built with --buckets {config.buckets}"
+            )
         if index.meta.count != table.masks.shape[1]:
-            raise ExplorerError(f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
-                                f"drawn from {table.masks.shape[1]} training images: featurize the whole training split")
+            raise ExplorerError(
+                f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
+                f"drawn from {table.masks.shape[1]} training images: featurize the whole training split"
+            )
         spec = index.meta.spec
-        key = f"{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}_{spec.noise_seed}_{spec.buckets}"
+        key = "_".join(
+            map(
+                str,
+                (spec.output, spec.projector, spec.proj_dim, spec.proj_seed, spec.noise_seed, spec.buckets),
+            )
+        )
         scores = index_scores(index, model, whole_images, queries, cache / f"queries_{key}.npz")
-        methods[str(directory)] = {"label": index.label, **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")}}
+        methods[str(directory)] = {
+            "label": index.label,
+            **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")},
+        }
         logger.info("%s: test heldout %s", directory, methods[str(directory)]["test"]["heldout"])
     for name in baselines:
         scores = baseline_scores(name, whole_images, queries, to_model_range(train_images), config.buckets)
-        methods[name] = {"label": f"{name} baseline", **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")}}
-    return {"truth": {"models": int((table.seeds == 0).sum()), "dev_models": int(len(parts.models["dev"])),
-                      "test_models": int(len(parts.models["test"])), "recipe_steps": config.steps,
-                      "step_timesteps": queries.timesteps.mean(0).round().astype(int).tolist(), "steps": queries.steps.tolist()},
-            "seed_ceiling": seed_ceiling(table, queries), "methods": methods}
+        methods[name] = {
+            "label": f"{name} baseline",
+            **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")},
+        }
+    return {
+        "truth": {
+            "models": int((table.seeds == 0).sum()),
+            "dev_models": int(len(parts.models["dev"])),
+            "test_models": int(len(parts.models["test"])),
+            "recipe_steps": config.steps,
+            "step_timesteps": queries.timesteps.mean(0).round().astype(int).tolist(),
+            "steps": queries.steps.tolist(),
+        },
+        "seed_ceiling": seed_ceiling(table, queries),
+        "methods": methods,
+    }

@@ -7,15 +7,18 @@ retrains that architecture on M random halves S_j of the same 4,500 training ima
 shorter recipe (Recipe below: 600 steps, 0.24x the shipped one; ~3 min per model on one core here) and
 measures, for every query q, the subset model's output f_j(q):
 
-- whole-image queries (held-out digits, generated finals): the diffusion loss (DDPM eq. 14) averaged over fixed
+- whole-image queries (held-out digits, generated finals): the diffusion loss (DDPM eq. 14) averaged over
+fixed
   (t, eps) pairs, six per bucket of [0, T), kept per bucket;
-- per-step queries, tied to one trajectory of the shipped model at sampler step s with timestep t (Journey-TRAK
+- per-step queries, tied to one trajectory of the shipped model at sampler step s with timestep t
+(Journey-TRAK
   section 3: the step's conditional distribution p(. | x_t)): the subset model's denoising loss at the
   trajectory's own x_t, against the noise that joins x_t to the trajectory's final image,
   eps* = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t);
 - the same per-step queries by the older proxy: x0hat of step s re-noised with fresh noise in its bucket.
 
-Each finished model leaves one small file in the results folder (its mask and truth rows: a few tens of KB, meant
+Each finished model leaves one small file in the results folder (its mask and truth rows: a few tens of
+KB, meant
 to be committed as it finishes), so the benchmark resumes on any machine; the weights stay in the cache.
 Several processes may run at once: each claims a model with an exclusive lock file before training it.
 """
@@ -54,18 +57,26 @@ class TruthConfig:
     alpha: float = 0.5
     mask_seed: int = 0
     steps: int = 600  # the shipped recipe runs 2,500; 600 on 2,250 images is 17 epochs (the shipped: 35)
-    generated_seeds: tuple[int, ...] = tuple(range(1000, 1048))  # finals and trajectories of the shipped model
+    generated_seeds: tuple[int, ...] = tuple(
+        range(1000, 1048)
+    )  # finals and trajectories of the shipped model
     dev_seeds: int = 24  # the first 24 sampler seeds are dev queries, the rest test: no trajectory is in both
     sampler_steps: int = 50  # the app's default
-    journey_steps: tuple[int, ...] = tuple(range(0, 50, 5))  # sampler steps of the per-step queries: the whole slider
-    pairs_per_bucket: int = 6  # (t, eps) pairs per bucket of a whole-image query's loss (measuring costs ~1/3 of training)
+    journey_steps: tuple[int, ...] = tuple(
+        range(0, 50, 5)
+    )  # sampler steps of the per-step queries: the whole slider
+    pairs_per_bucket: int = (
+        6  # (t, eps) pairs per bucket of a whole-image query's loss (measuring costs ~1/3 of training)
+    )
     proxy_pairs: int = 16  # (t, eps) pairs of a per-step query's proxy loss
     buckets: int = 10
     truth_seed: int = 1
     query_split_seed: int = 0  # the dev/test split of the held-out digits
 
     def recipe(self, unet: UNetConfig, seed: int = 0) -> Recipe:
-        return Recipe(steps=self.steps, batch_size=64, learning_rate=1e-3, seed=seed, checkpoint_every=100, unet=unet)
+        return Recipe(
+            steps=self.steps, batch_size=64, learning_rate=1e-3, seed=seed, checkpoint_every=100, unet=unet
+        )
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -91,7 +102,7 @@ class Queries:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Queries":
+    def load(cls, path: Path) -> Queries:
         with np.load(path, allow_pickle=False) as data:
             return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
@@ -108,31 +119,42 @@ def build_queries(model: DiffusionModel, heldout: Dataset, config: TruthConfig) 
     dev[np.random.default_rng(config.query_split_seed).permutation(len(heldout))[: len(heldout) // 2]] = True
     runs = [generate(model, seed, config.sampler_steps) for seed in config.generated_seeds]
     steps = np.array(config.journey_steps)
-    return Queries(heldout_ids=heldout.ids.copy(), heldout_dev=dev, seeds=np.array(config.generated_seeds),
-                   finals=torch.stack([run.final for run in runs]).numpy(),
-                   timesteps=np.stack([run.timesteps[steps] for run in runs]).astype(np.int64),
-                   xt=torch.stack([run.xt[steps] for run in runs]).numpy(),
-                   x0hat=torch.stack([run.x0hat[steps] for run in runs]).numpy(), steps=steps)
+    return Queries(
+        heldout_ids=heldout.ids.copy(),
+        heldout_dev=dev,
+        seeds=np.array(config.generated_seeds),
+        finals=torch.stack([run.final for run in runs]).numpy(),
+        timesteps=np.stack([run.timesteps[steps] for run in runs]).astype(np.int64),
+        xt=torch.stack([run.xt[steps] for run in runs]).numpy(),
+        x0hat=torch.stack([run.x0hat[steps] for run in runs]).numpy(),
+        steps=steps,
+    )
 
 
 class Truth:
     """f_j(q) of one model on the benchmark's queries (the same fixed (t, eps) pairs for every model)."""
 
-    def __init__(self, queries: Queries, heldout_images: np.ndarray, config: TruthConfig, num_train_timesteps: int):
+    def __init__(
+        self, queries: Queries, heldout_images: np.ndarray, config: TruthConfig, num_train_timesteps: int
+    ):
         self.whole = np.concatenate([heldout_images, queries.finals]).astype(np.float32)  # (W, C, S, S)
         generator = torch.Generator().manual_seed(config.truth_seed)
         T, per = num_train_timesteps, config.pairs_per_bucket
         count = config.buckets * per
         offsets = torch.rand(count, generator=generator)
         # 1. whole-image pairs: `per` stratified timesteps in each bucket, shared noise
-        self.whole_t = ((torch.arange(count) + offsets) * T / count).long().clamp(0, T - 1)  # (B per,) bucket-major
+        self.whole_t = (
+            ((torch.arange(count) + offsets) * T / count).long().clamp(0, T - 1)
+        )  # (B per,) bucket-major
         self.whole_eps = torch.randn((count, *self.whole.shape[1:]), generator=generator)
         # 2. proxy pairs of per-step queries: stratified inside the query's bucket
         width = T / config.buckets
         buckets = queries.timesteps // width  # (G, J)
         proxy_offsets = torch.rand(config.proxy_pairs, generator=generator)
         inside = (torch.arange(config.proxy_pairs) + proxy_offsets) * width / config.proxy_pairs  # (P,)
-        self.proxy_t = (torch.from_numpy(buckets).unsqueeze(-1) * width + inside).long().clamp(0, T - 1)  # (G, J, P)
+        self.proxy_t = (
+            (torch.from_numpy(buckets).unsqueeze(-1) * width + inside).long().clamp(0, T - 1)
+        )  # (G, J, P)
         self.proxy_eps = torch.randn((config.proxy_pairs, *self.whole.shape[1:]), generator=generator)
         self.buckets, self.per, self.queries = config.buckets, per, queries
 
@@ -142,7 +164,14 @@ class Truth:
         abar = model.scheduler.alphas_cumprod.to(torch.float32)
         x0 = torch.from_numpy(self.whole)
         w, p = len(x0), len(self.whole_t)
-        losses = _losses(model, x0.repeat_interleave(p, 0), self.whole_t.repeat(w), self.whole_eps.repeat(w, 1, 1, 1), abar, batch)
+        losses = _losses(
+            model,
+            x0.repeat_interleave(p, 0),
+            self.whole_t.repeat(w),
+            self.whole_eps.repeat(w, 1, 1, 1),
+            abar,
+            batch,
+        )
         whole = losses.view(w, self.buckets, self.per).mean(-1)  # (W, B)
 
         q = self.queries
@@ -150,7 +179,9 @@ class Truth:
         xt = torch.from_numpy(q.xt).flatten(0, 1)  # (G J, C, S, S)
         final = torch.from_numpy(q.finals).repeat_interleave(q.xt.shape[1], 0)
         a = abar[t].view(-1, 1, 1, 1)
-        target = (xt - a.sqrt() * final) / (1 - a).sqrt()  # eps* joining x_t to the final image (DDPM eq. 4 solved)
+        target = (xt - a.sqrt() * final) / (
+            1 - a
+        ).sqrt()  # eps* joining x_t to the final image (DDPM eq. 4 solved)
         trajectory = _predict_loss(model, xt, t, target, batch)
 
         pairs = self.proxy_t.shape[-1]
@@ -159,16 +190,28 @@ class Truth:
         eps = self.proxy_eps.repeat(len(t), 1, 1, 1)
         proxy = _losses(model, x0hat, proxy_t, eps, abar, batch).view(len(t), pairs).mean(-1)
         shape = q.timesteps.shape
-        return {"whole_by_bucket": whole.numpy().astype(np.float32), "step_trajectory": trajectory.view(shape).numpy().astype(np.float32),
-                "step_proxy": proxy.view(shape).numpy().astype(np.float32)}
+        return {
+            "whole_by_bucket": whole.numpy().astype(np.float32),
+            "step_trajectory": trajectory.view(shape).numpy().astype(np.float32),
+            "step_proxy": proxy.view(shape).numpy().astype(np.float32),
+        }
 
 
-def _losses(model: DiffusionModel, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, batch: int) -> torch.Tensor:
+def _losses(
+    model: DiffusionModel,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    abar: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
     a = abar[t].view(-1, 1, 1, 1)
     return _predict_loss(model, a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps, batch)  # x_t, DDPM eq. 4
 
 
-def _predict_loss(model: DiffusionModel, xt: torch.Tensor, t: torch.Tensor, target: torch.Tensor, batch: int) -> torch.Tensor:
+def _predict_loss(
+    model: DiffusionModel, xt: torch.Tensor, t: torch.Tensor, target: torch.Tensor, batch: int
+) -> torch.Tensor:
     out = torch.empty(len(xt), dtype=torch.float64)
     for start in range(0, len(xt), batch):
         rows = slice(start, start + batch)
@@ -177,7 +220,8 @@ def _predict_loss(model: DiffusionModel, xt: torch.Tensor, t: torch.Tensor, targ
 
 
 def model_jobs(config: TruthConfig) -> list[tuple[int, int]]:
-    """(subset j, recipe seed) in the order they run: the LDS models, with one seed repeat after every fourth of
+    """(subset j, recipe seed) in the order they run: the LDS models, with one seed repeat after every
+    fourth of
     them, so that a partial run has both LDS models and a first ceiling."""
     jobs, repeats = [], [(j, 1) for j in range(config.seed_repeats)]
     for j in range(config.subsets):
@@ -211,14 +255,17 @@ def _claim(lock: Path) -> bool:
 
 
 def record_settings(results: Path, wanted: dict, what: str) -> None:
-    """Write the settings a results folder depends on, or refuse a folder made with other ones (naming the keys)."""
+    """Write the settings a results folder depends on, or refuse a folder made with other ones (naming the
+    keys)."""
     path = results / CONFIG_NAME
     if path.is_file():
         found = json.loads(path.read_text())
         changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
         if changed:
-            raise ExplorerError(f"{str(results)!r} holds {what} made with other settings (differs in {', '.join(changed)}): "
-                                "use another --results folder, or delete it to start over")
+            raise ExplorerError(
+                f"{str(results)!r} holds {what} made with other settings (differs in {', '.join(changed)}): "
+                "use another --results folder, or delete it to start over"
+            )
     else:
         write_json_atomic(path, wanted)
 
@@ -229,21 +276,33 @@ def shipped_unet(model_dir: str | Path) -> UNetConfig:
     return UNetConfig(**{**recorded, "block_out_channels": tuple(recorded["block_out_channels"])})
 
 
-def prepare(results: Path, model_dir: str, data: str, config: TruthConfig) -> tuple[Queries, Dataset, Dataset]:
+def prepare(
+    results: Path, model_dir: str, data: str, config: TruthConfig
+) -> tuple[Queries, Dataset, Dataset]:
     """The results folder's config and queries (made once from the shipped model, checked afterwards)."""
     results.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir)
     train, heldout = shipped_split(data, model.sample_size)
-    wanted = {"truth": config.to_dict(), "model_hash": model.weights_hash, "train_fingerprint": train.fingerprint(),
-              "heldout_fingerprint": heldout.fingerprint()}
+    wanted = {
+        "truth": config.to_dict(),
+        "model_hash": model.weights_hash,
+        "train_fingerprint": train.fingerprint(),
+        "heldout_fingerprint": heldout.fingerprint(),
+    }
     record_settings(results, wanted, "ground truth")
     if not (results / QUERIES_NAME).is_file():
         build_queries(model, heldout, config).save(results / QUERIES_NAME)
     return Queries.load(results / QUERIES_NAME), train, heldout
 
 
-def run_truth(results: str | Path, cache: str | Path, model_dir: str = "assets/model", data: str = "mnist5k",
-              config: TruthConfig = TruthConfig(), stop_after: int | None = None) -> int:
+def run_truth(
+    results: str | Path,
+    cache: str | Path,
+    model_dir: str = "assets/model",
+    data: str = "mnist5k",
+    config: TruthConfig = TruthConfig(),
+    stop_after: int | None = None,
+) -> int:
     """Train and measure every model not yet in `results`; returns how many this call finished."""
     results, cache = Path(results), Path(cache)
     queries, train, heldout = prepare(results, model_dir, data, config)
@@ -262,7 +321,9 @@ def run_truth(results: str | Path, cache: str | Path, model_dir: str = "assets/m
         try:
             started = time.perf_counter()
             model_dir_j = cache / out.stem
-            train_cached(train.subset(np.flatnonzero(masks[j]), f"subset{j}"), model_dir_j, config.recipe(unet, seed))
+            train_cached(
+                train.subset(np.flatnonzero(masks[j]), f"subset{j}"), model_dir_j, config.recipe(unet, seed)
+            )
             rows = truth.measure(load_model(model_dir_j))
             tmp = out.with_suffix(".tmp")
             with open(tmp, "wb") as handle:
@@ -288,7 +349,10 @@ class TruthTable:
 def load_truth(results: str | Path, size: int) -> TruthTable:
     files = sorted(Path(results).glob("subset_*.npz"))
     if not files:
-        raise ExplorerError(f"{str(results)!r} holds no finished subset model: run `python -m precompute evaluate shipped-truth`")
+        raise ExplorerError(
+            f"{str(results)!r} holds no finished subset model: run `python -m precompute evaluate "
+            "shipped-truth`"
+        )
     masks, subsets, seeds, rows = [], [], [], {}
     for path in files:
         with np.load(path, allow_pickle=False) as data:
@@ -297,4 +361,6 @@ def load_truth(results: str | Path, size: int) -> TruthTable:
             seeds.append(int(data["seed"]))
             for name in ("whole_by_bucket", "step_trajectory", "step_proxy"):
                 rows.setdefault(name, []).append(data[name])
-    return TruthTable(np.stack(masks), np.array(subsets), np.array(seeds), {k: np.stack(v) for k, v in rows.items()})
+    return TruthTable(
+        np.stack(masks), np.array(subsets), np.array(seeds), {k: np.stack(v) for k, v in rows.items()}
+    )

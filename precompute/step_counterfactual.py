@@ -1,16 +1,21 @@
-"""Per-step counterfactual on the shipped model (Journey-TRAK section 3.2): remove the top-k positive influencers
-of a trajectory step, retrain, complete from the same x_t with the same noise, and compare with removing k random
+"""Per-step counterfactual on the shipped model (Journey-TRAK section 3.2): remove the top-k positive
+influencers
+of a trajectory step, retrain, complete from the same x_t with the same noise, and compare with removing k
+random
 or k pixel-nearest training images.
 
-    python -m precompute evaluate step-counterfactual [--stop-after N]      # hours; resumable; several processes
+    python -m precompute evaluate step-counterfactual [--stop-after N]      # hours; resumable; several
+    processes
 
-For each query (a trajectory of the shipped model, sampler seed not used by the LDS benchmark) and each step s:
+For each query (a trajectory of the shipped model, sampler seed not used by the LDS benchmark) and each
+step s:
 1. the explorer's own attribution of step s (the served index, x0hat of s in the bucket of its timestep) gives
    the top-k positive influencers; the pixel-nearest are the k training images closest to the final image;
 2. a model is retrained on the 4,500 training images minus those k with the shipped-truth recipe
    (precompute.shipped_truth: the shipped architecture, 600 steps), and k random images are removed in shared
    seeded sets; the reference is the same recipe on all 4,500 images, so only the data differs;
-3. every model runs M stochastic completions from the trajectory's x_t at step s with the same sampler seed, and
+3. every model runs M stochastic completions from the trajectory's x_t at step s with the same sampler
+seed, and
    the change against the reference is measured: the drop of p(c* | x_t) (c* = the class of the trajectory's
    final image), the total-variation distance of the class distributions, the energy distance of the
    completions (precompute.counterfactual).
@@ -31,7 +36,7 @@ from explorer.atomic import write_json_atomic
 from explorer.classifier import load_classifier
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
+from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex
 from explorer.model import load_model
 from explorer.sampler import generate
@@ -59,8 +64,10 @@ class StepCounterfactualConfig:
 
 
 def jobs(config: StepCounterfactualConfig) -> list[tuple[str, int, int]]:
-    """(kind, query seed or random set, step) per model, in run order: the reference and random sets first. The
-    pixel-nearest set depends on the query's final image only, so one pixel model per query serves every step."""
+    """(kind, query seed or random set, step) per model, in run order: the reference and random sets
+    first. The
+    pixel-nearest set depends on the query's final image only, so one pixel model per query serves every
+    step."""
     out = [("reference", 0, -1)] + [("random", r, -1) for r in range(config.random_sets)]
     out += [("pixel", seed, -1) for seed in config.seeds]
     return out + [("topk", seed, step) for seed in config.seeds for step in config.steps]
@@ -71,7 +78,9 @@ def model_name(kind: str, index: int, step: int) -> str:
     return names.get(kind, f"{kind}_seed{index}_step{step}")
 
 
-def removals(index: AttributionIndex, model, trajectories: dict, config: StepCounterfactualConfig, k: int) -> dict:
+def removals(
+    index: AttributionIndex, model, trajectories: dict, config: StepCounterfactualConfig, k: int
+) -> dict:
     """{(kind, seed, step): training positions to remove} for topk (the served attribution) and pixel."""
     spec = index.meta.spec
     computer = FeatureComputer(model, spec)
@@ -89,9 +98,16 @@ def removals(index: AttributionIndex, model, trajectories: dict, config: StepCou
     return out
 
 
-def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: str = "assets/model",
-                            index_dir: str = "assets/index", config: StepCounterfactualConfig = StepCounterfactualConfig(),
-                            truth: TruthConfig = TruthConfig(), data: str = "mnist5k", stop_after: int | None = None) -> int:
+def run_step_counterfactual(
+    results: str | Path,
+    cache: str | Path,
+    model_dir: str = "assets/model",
+    index_dir: str = "assets/index",
+    config: StepCounterfactualConfig = StepCounterfactualConfig(),
+    truth: TruthConfig = TruthConfig(),
+    data: str = "mnist5k",
+    stop_after: int | None = None,
+) -> int:
     """Train and measure every model not yet in `results`; returns how many this call finished."""
     results, cache = Path(results), Path(cache)
     results.mkdir(parents=True, exist_ok=True)
@@ -101,13 +117,21 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
     classifier = load_classifier(Path(model_dir) / "classifier")
     train, _ = shipped_split(data, model.sample_size)
     if not np.array_equal(train.ids, index.train_ids):
-        raise ExplorerError(f"index {index_dir!r} does not hold the training split of {data!r}: use an index of that split")
+        raise ExplorerError(
+            f"index {index_dir!r} does not hold the training split of {data!r}: use an index of that split"
+        )
     recipe = truth.recipe(shipped_unet(model_dir))
     trajectories = {seed: generate(model, seed, config.sampler_steps) for seed in config.seeds}
     finals = torch.stack([trajectory.final for trajectory in trajectories.values()])
     targets = dict(zip(map(str, config.seeds), classifier.probabilities(finals).argmax(1).tolist()))
-    wanted = {"counterfactual": config.to_dict(), "recipe_steps": truth.steps, "index": index.label,
-              "index_hash": index.meta.file_hashes["bucket_00.faiss"], "model_hash": model.weights_hash, "targets": targets}
+    wanted = {
+        "counterfactual": config.to_dict(),
+        "recipe_steps": truth.steps,
+        "index": index.label,
+        "index_hash": index.meta.file_hashes["bucket_00.faiss"],
+        "model_hash": model.weights_hash,
+        "targets": targets,
+    }
     record_settings(results, wanted, "a counterfactual run")
     k = max(1, int(round(config.fraction * len(train))))
     removed = removals(index, model, trajectories, config, k)
@@ -131,25 +155,45 @@ def run_step_counterfactual(results: str | Path, cache: str | Path, model_dir: s
             new = load_model(cache / name)
             seeds = config.seeds if kind in ("reference", "random") else (which,)
             pairs = [(seed, s) for seed in seeds for s in (config.steps if step < 0 else (step,))]
-            measured = [{"seed": seed, "step": s, "probabilities": completions(new, classifier, trajectories[seed], s,
-                                                                              config.completions).probabilities.tolist()}
-                        for seed, s in pairs]
-            write_json_atomic(out, {"kind": kind, "removed_ids": index.train_ids[gone].tolist(), "completions": measured})
+            measured = [
+                {
+                    "seed": seed,
+                    "step": s,
+                    "probabilities": completions(
+                        new, classifier, trajectories[seed], s, config.completions
+                    ).probabilities.tolist(),
+                }
+                for seed, s in pairs
+            ]
+            write_json_atomic(
+                out, {"kind": kind, "removed_ids": index.train_ids[gone].tolist(), "completions": measured}
+            )
             finished += 1
         finally:
             (cache / f"{name}.lock").unlink(missing_ok=True)
     return finished
 
 
+def _tv(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance of two class distributions."""
+    return float(0.5 * np.abs(p - q).sum())
+
+
 def summarize(results: str | Path) -> dict:
-    """Per step: the TV distance of top-k, random and pixel removals' class distributions from the reference's,
-    with bootstrap CIs over queries, the paired differences top-k minus random / minus pixel, and top-k's drop of
+    """Per step: the TV distance of top-k, random and pixel removals' class distributions from the
+    reference's,
+    with bootstrap CIs over queries, the paired differences top-k minus random / minus pixel, and top-k's
+    drop of
     p(c* | x_t)."""
     results = Path(results)
     recorded = json.loads((results / "config.json").read_text())
-    config = StepCounterfactualConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded["counterfactual"].items()})
+    config = StepCounterfactualConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in recorded["counterfactual"].items()}
+    )
     classifier_targets = {int(seed): int(c) for seed, c in recorded["targets"].items()}
-    loaded = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json") if path.stem != "config"}
+    loaded = {
+        path.stem: json.loads(path.read_text()) for path in results.glob("*.json") if path.stem != "config"
+    }
     if "reference" not in loaded:
         return {"steps": {}, "models": len(loaded)}
 
@@ -165,22 +209,30 @@ def summarize(results: str | Path) -> dict:
         complete_seeds = []
         for seed in config.seeds:
             ref = probabilities("reference", seed, step)
-            top, pix = probabilities(f"topk_seed{seed}_step{step}", seed, step), probabilities(f"pixel_seed{seed}", seed, step)
-            randoms = [p for r in range(config.random_sets) if (p := probabilities(f"random_set{r}", seed, step)) is not None]
+            top, pix = (
+                probabilities(f"topk_seed{seed}_step{step}", seed, step),
+                probabilities(f"pixel_seed{seed}", seed, step),
+            )
+            randoms = [
+                p
+                for r in range(config.random_sets)
+                if (p := probabilities(f"random_set{r}", seed, step)) is not None
+            ]
             if ref is None or top is None or pix is None or not randoms:
                 continue
             target = classifier_targets[seed]
-            tv = lambda p: float(0.5 * np.abs(ref - p).sum())  # noqa: E731
-            per_kind["topk"].append(tv(top))
-            per_kind["pixel"].append(tv(pix))
-            per_kind["random"].append(float(np.mean([tv(p) for p in randoms])))
+            per_kind["topk"].append(_tv(ref, top))
+            per_kind["pixel"].append(_tv(ref, pix))
+            per_kind["random"].append(float(np.mean([_tv(ref, p) for p in randoms])))
             complete_seeds.append((seed, float(ref[target] - top[target])))
         if len(complete_seeds) < 2:
             continue
         values = {kind: np.array(v) for kind, v in per_kind.items()}
-        out[str(step)] = {"queries": len(complete_seeds), "tv": {kind: _interval(v, 1000) for kind, v in values.items()},
-                          "topk_minus_random": _interval(values["topk"] - values["random"], 1000),
-                          "topk_minus_pixel": _interval(values["topk"] - values["pixel"], 1000),
-                          "drop_topk": _interval(np.array([d for _, d in complete_seeds]), 1000)}
+        out[str(step)] = {
+            "queries": len(complete_seeds),
+            "tv": {kind: _interval(v, 1000) for kind, v in values.items()},
+            "topk_minus_random": _interval(values["topk"] - values["random"], 1000),
+            "topk_minus_pixel": _interval(values["topk"] - values["pixel"], 1000),
+            "drop_topk": _interval(np.array([d for _, d in complete_seeds]), 1000),
+        }
     return {"steps": out, "models": len(loaded), "config": config.to_dict()}
-

@@ -9,7 +9,8 @@ For each bucket b and each held-out digit q queried at b's timestep, from every 
 
 Candidates are scored from kept raw features through explorer.scoring (the path the index build uses), and the
 served index through its own files, so both read the same. The held-out digits are split in two halves by a
-seed (precompute.shipped_truth.TruthConfig.query_split_seed): settings are chosen on "dev", reported on "test".
+seed (precompute.shipped_truth.TruthConfig.query_split_seed): settings are chosen on "dev", reported on
+"test".
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def heldout_split(count: int, seed: int = 0) -> np.ndarray:
     return dev
 
 
-def query_features(model: DiffusionModel, spec: FeatureSpec, images: np.ndarray, cache: Path | None = None) -> np.ndarray:
-    """Raw features of uint8 images (P, H, W) at every bucket: (B, P, k), cached in `cache` (.npy) if given."""
+def query_features(
+    model: DiffusionModel, spec: FeatureSpec, images: np.ndarray, cache: Path | None = None
+) -> np.ndarray:
+    """Raw features of uint8 images (P, H, W) at every bucket: (B, P, k), cached in `cache` (.npy) if
+    given."""
     if cache is not None and cache.is_file():
         return np.load(cache)
     computer = FeatureComputer(model, spec, workers=1)
@@ -60,11 +64,17 @@ class StepQuality:
     positive_negative: np.ndarray
 
     def summary(self, rows: np.ndarray) -> dict:
-        return {"label_agreement": float(self.agreement[rows].mean()), "spread_median": float(np.median(self.spread[rows])),
-                "spread_min": float(self.spread[rows].min()), "positive_negative_share": float(self.positive_negative[rows].mean())}
+        return {
+            "label_agreement": float(self.agreement[rows].mean()),
+            "spread_median": float(np.median(self.spread[rows])),
+            "spread_min": float(self.spread[rows].min()),
+            "positive_negative_share": float(self.positive_negative[rows].mean()),
+        }
 
 
-def step_quality(scores: np.ndarray, query_labels: np.ndarray, train_labels: np.ndarray, top: int = TOP) -> StepQuality:
+def step_quality(
+    scores: np.ndarray, query_labels: np.ndarray, train_labels: np.ndarray, top: int = TOP
+) -> StepQuality:
     """scores (P, N) of every training row for P queries -> the three measures."""
     order = np.argsort(-scores, axis=1, kind="stable")
     best, worst = order[:, :top], order[:, ::-1][:, :top]
@@ -75,8 +85,9 @@ def step_quality(scores: np.ndarray, query_labels: np.ndarray, train_labels: np.
     return StepQuality(agreement, spread, positive_negative)
 
 
-def candidate_scores(train_phi: np.ndarray, query_phi: np.ndarray, center: bool, relative_lambda: float,
-                     normalize: bool = True) -> np.ndarray:
+def candidate_scores(
+    train_phi: np.ndarray, query_phi: np.ndarray, center: bool, relative_lambda: float, normalize: bool = True
+) -> np.ndarray:
     """(P, N) scores of one bucket's candidate setting, through explorer.scoring."""
     scorer, _ = fit_bucket(train_phi, relative_lambda, center, normalize)
     return all_scores(scorer.vectors(train_phi), scorer.vectors(query_phi))
@@ -88,17 +99,28 @@ def served_scores(index: AttributionIndex, query_phi: np.ndarray, bucket: int) -
     return all_scores(index.vectors(bucket), vectors)
 
 
-def served_table(index: AttributionIndex, query_phi: np.ndarray, query_labels: np.ndarray, groups: dict[str, np.ndarray]) -> dict:
+def served_table(
+    index: AttributionIndex, query_phi: np.ndarray, query_labels: np.ndarray, groups: dict[str, np.ndarray]
+) -> dict:
     """{bucket timestep: {group: summary}} of a served index."""
     out = {}
     for bucket in range(index.buckets):
-        quality = step_quality(served_scores(index, query_phi[bucket], bucket), query_labels, index.train_labels)
-        out[str(index.meta.timesteps[bucket][0])] = {group: quality.summary(rows) for group, rows in groups.items()}
+        quality = step_quality(
+            served_scores(index, query_phi[bucket], bucket), query_labels, index.train_labels
+        )
+        out[str(index.meta.timesteps[bucket][0])] = {
+            group: quality.summary(rows) for group, rows in groups.items()
+        }
     return out
 
 
-def served_quality(model: DiffusionModel, index_dirs: list[str], heldout_images: np.ndarray, heldout_labels: np.ndarray,
-                   cache: Path | None = None) -> dict:
+def served_quality(
+    model: DiffusionModel,
+    index_dirs: list[str],
+    heldout_images: np.ndarray,
+    heldout_labels: np.ndarray,
+    cache: Path | None = None,
+) -> dict:
     """{index directory: {label, per_bucket: {timestep: {dev, test, all: summary}}}} of served indexes."""
     dev = heldout_split(len(heldout_images))
     groups = {"dev": np.flatnonzero(dev), "test": np.flatnonzero(~dev), "all": np.arange(len(dev))}
@@ -106,8 +128,15 @@ def served_quality(model: DiffusionModel, index_dirs: list[str], heldout_images:
     for directory in index_dirs:
         index = AttributionIndex.load(directory, model_hash=model.weights_hash)
         spec = index.meta.spec
-        path = None if cache is None else cache / f"heldout_{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}.npy"
+        path = (
+            None
+            if cache is None
+            else cache / f"heldout_{spec.output}_{spec.projector}_{spec.proj_dim}_{spec.proj_seed}.npy"
+        )
         phi = query_features(model, spec, heldout_images, path)
-        out[str(directory)] = {"label": index.label, "storage": index.meta.storage,
-                               "per_bucket": served_table(index, phi, heldout_labels, groups)}
+        out[str(directory)] = {
+            "label": index.label,
+            "storage": index.meta.storage,
+            "per_bucket": served_table(index, phi, heldout_labels, groups),
+        }
     return out

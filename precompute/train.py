@@ -51,7 +51,9 @@ def _ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def _save_checkpoint(directory: Path, step: int, unet, ema, optimizer, config: TrainConfig, unet_config: UNetConfig) -> None:
+def _save_checkpoint(
+    directory: Path, step: int, unet, ema, optimizer, config: TrainConfig, unet_config: UNetConfig
+) -> None:
     tensors = {f"unet.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()})
     opt_state = optimizer.state_dict()
@@ -61,11 +63,18 @@ def _save_checkpoint(directory: Path, step: int, unet, ema, optimizer, config: T
     write_atomic(directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json_atomic(
         directory / "progress.json",
-        {"step": step, "train": asdict(config), "unet": asdict(unet_config), "param_groups": opt_state["param_groups"]},
+        {
+            "step": step,
+            "train": asdict(config),
+            "unet": asdict(unet_config),
+            "param_groups": opt_state["param_groups"],
+        },
     )
 
 
-def _load_checkpoint(directory: Path, unet, ema, optimizer, config: TrainConfig, unet_config: UNetConfig) -> int:
+def _load_checkpoint(
+    directory: Path, unet, ema, optimizer, config: TrainConfig, unet_config: UNetConfig
+) -> int:
     progress_path = directory / "progress.json"
     if not progress_path.is_file():
         return 0
@@ -94,7 +103,9 @@ def train_ddpm(dataset: Dataset, out_dir: str | Path, config: TrainConfig, unet_
     """Train an eps-prediction DDPM on `dataset`, save the EMA weights to out_dir (pipeline layout)."""
     out_dir = Path(out_dir)
     if dataset.resolution != unet_config.sample_size:
-        raise ExplorerError(f"dataset resolution {dataset.resolution} != model sample_size {unet_config.sample_size}")
+        raise ExplorerError(
+            f"dataset resolution {dataset.resolution} != model sample_size {unet_config.sample_size}"
+        )
     torch.manual_seed(config.seed)  # the initial weights
     unet = unet_config.build().train()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -105,12 +116,16 @@ def train_ddpm(dataset: Dataset, out_dir: str | Path, config: TrainConfig, unet_
 
     images = torch.from_numpy(to_model_range(dataset.images))  # (N, 1, H, W)
     alphas_cumprod = scheduler.alphas_cumprod
-    progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train ddpm", unit="step")
+    progress = tqdm(
+        range(start, config.steps), initial=start, total=config.steps, desc="train ddpm", unit="step"
+    )
     started, losses = time.time(), []
     for step in progress:
         generator = step_generator(config.seed, step)
         batch = images[torch.randint(0, len(images), (config.batch_size,), generator=generator)]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+        )
         noise = torch.randn(batch.shape, generator=generator)
         abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * batch + (1 - abar).sqrt() * noise  # forward process, DDPM eq. 4
@@ -131,8 +146,16 @@ def train_ddpm(dataset: Dataset, out_dir: str | Path, config: TrainConfig, unet_
     elapsed = time.time() - started
     logger.info("trained %d steps in %.0f s", config.steps - start, elapsed)
     save_model(ema, scheduler, out_dir)
-    write_json_atomic(out_dir / "training.json", {"train": asdict(config), "unet": asdict(unet_config), "dataset": dataset.name,
-                                                  "dataset_fingerprint": dataset.fingerprint(), "seconds": round(elapsed, 1)})
+    write_json_atomic(
+        out_dir / "training.json",
+        {
+            "train": asdict(config),
+            "unet": asdict(unet_config),
+            "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint(),
+            "seconds": round(elapsed, 1),
+        },
+    )
     return out_dir
 
 
@@ -147,7 +170,9 @@ def train_classifier(train: Dataset, heldout: Dataset, out_dir: str | Path, conf
     torch.manual_seed(config.seed)
     classes = len(train.class_names)
     model = FeatureClassifier(
-        ClassifierConfig(sample_size=train.resolution, num_classes=classes, class_names=tuple(train.class_names))
+        ClassifierConfig(
+            sample_size=train.resolution, num_classes=classes, class_names=tuple(train.class_names)
+        )
     ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     images = torch.from_numpy(to_model_range(train.images))
@@ -170,6 +195,8 @@ def train_classifier(train: Dataset, heldout: Dataset, out_dir: str | Path, conf
     predictions = model.probabilities(torch.from_numpy(to_model_range(heldout.images))).argmax(-1).numpy()
     accuracy = float((predictions == heldout.labels).mean())
     save_classifier(model, out_dir)
-    write_json_atomic(Path(out_dir) / "classifier_eval.json", {"heldout_accuracy": accuracy, "heldout_size": len(heldout)})
+    write_json_atomic(
+        Path(out_dir) / "classifier_eval.json", {"heldout_accuracy": accuracy, "heldout_size": len(heldout)}
+    )
     logger.info("classifier held-out accuracy %.4f on %d images", accuracy, len(heldout))
     return accuracy

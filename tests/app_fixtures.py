@@ -18,7 +18,6 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 import pytest  # noqa: E402
 
 
-
 @dataclass
 class RunningApp:
     url: str
@@ -39,8 +38,8 @@ def start_app(model_dir: str | Path, *index_dirs: str | Path) -> RunningApp:
     """Load the explorer and launch the UI in this process (non-blocking); reused across test files."""
     key = (str(model_dir), *map(str, index_dirs))
     if key not in _apps:
-        from explorer.web import ui
         from explorer.attribution import Explorer
+        from explorer.web import ui
 
         explorer = Explorer.from_dirs(model_dir, list(index_dirs))
         demo = ui.build(explorer)

@@ -19,9 +19,24 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 SEED, STEPS, TOP_K = 7, 20, 6
-CAPTION = re.compile(r"^(least aligned · )?id (\d+) · label (\S+) · (?:cos|TRAK score) ([+-]\d+\.\d+) · p(\d+\.\d)$")
-GENERATE_OUTPUTS = ("final", "strip", "slider", "xt", "x0", "positive", "negative", "plot", "step_info",
-                    "status", "chosen", "chosen_plot", "chosen_info")
+CAPTION = re.compile(
+    r"^(least aligned · )?id (\d+) · label (\S+) · (?:cos|TRAK score) ([+-]\d+\.\d+) · p(\d+\.\d)$"
+)
+GENERATE_OUTPUTS = (
+    "final",
+    "strip",
+    "slider",
+    "xt",
+    "x0",
+    "positive",
+    "negative",
+    "plot",
+    "step_info",
+    "status",
+    "chosen",
+    "chosen_plot",
+    "chosen_info",
+)
 SCRUB_OUTPUTS = ("slider", "xt", "x0", "positive", "negative", "plot", "step_info")
 
 
@@ -30,8 +45,13 @@ def parse(gallery: list[dict]) -> list[tuple[int, str, float, float]]:
     rows = []
     for item in gallery:
         match = CAPTION.match(item["caption"])
-        assert match, f"caption {item['caption']!r} does not have the form '[least aligned · ]id I · label L · cos S · pP'"
-        assert not match[1] or float(match[4]) >= 0, f"{item['caption']!r}: a negative score is not 'least aligned'"
+        assert match, (
+            f"caption {item['caption']!r} does not have the form '[least aligned · ]id I · label L · "
+            "cos S · pP'"
+        )
+        assert not match[1] or float(match[4]) >= 0, (
+            f"{item['caption']!r}: a negative score is not 'least aligned'"
+        )
         rows.append((int(match[2]), match[3], float(match[4]), float(match[5])))
     return rows
 
@@ -86,20 +106,28 @@ def test_generate_shows_final_image_strip_galleries_and_plot(generated: dict, ru
         assert scores == sorted(scores, reverse=(sign == "positive"))
         assert all(picture(item["image"]).size == (112, 112) for item in generated[sign])
     assert parse(generated["positive"])[0][2] > parse(generated["negative"])[0][2]
-    # honest negatives: a listed negative is called negative only with a score below 0, and the step line says how many
+    # honest negatives: a listed negative is called negative only with a score below 0, and the step line says
+    # how many
     for item in generated["negative"]:
         score = float(CAPTION.match(item["caption"])[4])
         assert item["caption"].startswith("least aligned · ") == (score >= 0)
     assert not any(item["caption"].startswith("least aligned") for item in generated["positive"])
-    assert "listed negatives have negative scores" in generated["step_info"] or "least aligned" in generated["step_info"]
+    assert (
+        "listed negatives have negative scores" in generated["step_info"]
+        or "least aligned" in generated["step_info"]
+    )
     assert generated["slider"]["maximum"] == STEPS - 1 and generated["slider"]["value"] == STEPS - 1
     traces = figure(generated["plot"])["data"]
-    assert [trace["name"] for trace in traces] == running_app.explorer.class_names  # one proxy curve per class
+    assert [
+        trace["name"] for trace in traces
+    ] == running_app.explorer.class_names  # one proxy curve per class
     assert all(len(trace["y"]) == STEPS for trace in traces)
     assert "sample" in generated["status"] and "attribute" in generated["status"]
 
 
-def test_captions_match_the_engine(client: Client, generated: dict, reference, running_app, index_name) -> None:  # noqa: F811
+def test_captions_match_the_engine(
+    client: Client, generated: dict, reference, running_app, index_name
+) -> None:  # noqa: F811
     index = running_app.explorer.indexes[index_name]
     for step in (STEPS - 1, 3):
         out = dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub")))
@@ -114,7 +142,10 @@ def test_captions_match_the_engine(client: Client, generated: dict, reference, r
 
 
 def test_scrub_changes_step_view_and_moves_marker(client: Client, generated: dict, reference) -> None:
-    views = {step: dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub"))) for step in (0, STEPS // 2, STEPS - 1)}
+    views = {
+        step: dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub")))
+        for step in (0, STEPS // 2, STEPS - 1)
+    }
     for step, view in views.items():
         t = int(reference.trajectory.timesteps[step])
         assert f"t = {t}" in view["slider"]["label"]
@@ -151,7 +182,9 @@ def test_select_influencer_shows_its_score_at_every_step(client: Client, generat
         assert f"id {chosen[0]}" in text and sign in text
 
 
-def test_sessions_do_not_share_trajectories(running_app, index_name: str, client: Client, generated: dict) -> None:  # noqa: F811
+def test_sessions_do_not_share_trajectories(
+    running_app, index_name: str, client: Client, generated: dict
+) -> None:  # noqa: F811
     other = Client(running_app.url, verbose=False)
     other.predict(SEED + 1, STEPS, TOP_K, index_name, api_name="/generate")
     mine = dict(zip(SCRUB_OUTPUTS, client.predict(STEPS - 1, api_name="/scrub")))
@@ -195,8 +228,9 @@ def test_attribute_an_uploaded_image(client: Client, index_name: str, tmp_path: 
     odd = np.zeros((37, 53, 4), dtype=np.uint8)  # RGBA, odd size: the engine converts and resizes
     odd[8:30, 20:30] = 255
     Image.fromarray(odd, mode="RGBA").save(tmp_path / "odd.png")
-    seen, positive, negative, status = client.predict(handle_file(str(tmp_path / "odd.png")), 100, 5, index_name,
-                                                      api_name="/attribute_image")
+    seen, positive, negative, status = client.predict(
+        handle_file(str(tmp_path / "odd.png")), 100, 5, index_name, api_name="/attribute_image"
+    )
     assert len(parse(positive)) == len(parse(negative)) == 5
     assert "t = 100" in status
     size = running_app.explorer.model.sample_size

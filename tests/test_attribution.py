@@ -14,7 +14,9 @@ def test_generate_attributes_every_step(tiny_explorer):
     assert len(result.steps) == 20 and result.proxy.shape == (20, 10)
     for step in result.steps:
         assert len(step.positive.ids) == 5 and len(step.negative.ids) == 5
-        assert np.all(np.diff(step.positive.scores) <= 1e-6) and np.all(np.diff(step.negative.scores) >= -1e-6)
+        assert np.all(np.diff(step.positive.scores) <= 1e-6) and np.all(
+            np.diff(step.negative.scores) >= -1e-6
+        )
         assert step.positive.scores[0] == pytest.approx(step.scores.max(), rel=1e-4)
         assert step.negative.scores[0] == pytest.approx(step.scores.min(), rel=1e-4)
         assert step.percentile(int(step.positive.positions[0])) == 100.0
@@ -43,8 +45,21 @@ def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
     model_dir, index_dir = tiny_assets
     path = tmp_path / "query.png"
     Image.fromarray(digits_splits[1].images[2]).save(path)
-    done = _run("explorer", "attribute", "--index", str(index_dir), "--model", str(model_dir), "--image", str(path),
-                "--timestep", "300", "--top-k", "3", "--json")
+    done = _run(
+        "explorer",
+        "attribute",
+        "--index",
+        str(index_dir),
+        "--model",
+        str(model_dir),
+        "--image",
+        str(path),
+        "--timestep",
+        "300",
+        "--top-k",
+        "3",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert [len(result["positive"]), len(result["negative"])] == [3, 3]
@@ -54,18 +69,51 @@ def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
 
 def test_attribute_cli_bad_input_is_one_clear_line(tiny_assets, tmp_path):
     model_dir, index_dir = tiny_assets
-    done = _run("explorer", "attribute", "--index", str(index_dir), "--model", str(model_dir),
-                "--image", str(tmp_path / "missing.png"), "--timestep", "3")
+    done = _run(
+        "explorer",
+        "attribute",
+        "--index",
+        str(index_dir),
+        "--model",
+        str(model_dir),
+        "--image",
+        str(tmp_path / "missing.png"),
+        "--timestep",
+        "3",
+    )
     assert done.returncode == 2 and "missing.png" in done.stderr and "Traceback" not in done.stderr
-    done = _run("explorer", "attribute", "--index", str(tmp_path), "--model", str(model_dir),
-                "--image", "x.png", "--timestep", "3")
+    done = _run(
+        "explorer",
+        "attribute",
+        "--index",
+        str(tmp_path),
+        "--model",
+        str(model_dir),
+        "--image",
+        "x.png",
+        "--timestep",
+        "3",
+    )
     assert done.returncode == 2 and "not a complete index directory" in done.stderr
 
 
 def test_label_agreement_beats_chance(tiny_assets):
     model_dir, index_dir = tiny_assets
-    done = _run("precompute", "evaluate", "label-agreement", "--model", str(model_dir), "--index", str(index_dir),
-                "--data", "digits", "--timesteps", "100", "--queries", "40")
+    done = _run(
+        "precompute",
+        "evaluate",
+        "label-agreement",
+        "--model",
+        str(model_dir),
+        "--index",
+        str(index_dir),
+        "--data",
+        "digits",
+        "--timesteps",
+        "100",
+        "--queries",
+        "40",
+    )
     assert done.returncode == 0, done.stderr
     value = float(done.stdout.strip().splitlines()[-1].split("|")[-2])
     assert value > 0.3, done.stdout

@@ -5,16 +5,22 @@ import json
 
 import pytest
 import torch
+from cli import run_featurize
 from torch import nn
 
-from cli import run_featurize
 from explorer.attribution import Explorer
-from precompute.calibration import EXACT_LAYER_SHARE, calibrate, calibration_rows, choose_kept, gradient_shares
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME
 from explorer.projector import CountSketchProjector, PartlyExactProjector
+from precompute.calibration import (
+    EXACT_LAYER_SHARE,
+    calibrate,
+    calibration_rows,
+    choose_kept,
+    gradient_shares,
+)
 
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, proj_dim=256)
 
@@ -25,13 +31,16 @@ def _images(split, count: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def calibration(tiny_model, digits_splits):
-    return calibrate(tiny_model, dataclasses.replace(SPEC, projector="kronecker"), _images(digits_splits[0], 8))
+    return calibrate(
+        tiny_model, dataclasses.replace(SPEC, projector="kronecker"), _images(digits_splits[0], 8)
+    )
 
 
 def test_choose_kept_takes_the_heavy_small_tensor_and_stops_when_keeping_costs_more():
     sizes = {"head": 10, "body": 5000, "tiny": 2, "flat": 100}
     shares = {"head": 0.5, "body": 0.45, "tiny": 0.001, "flat": 0.049}
-    # head: (1 - 0.5)^2 / 90 beats none kept (1 / 100); flat would leave no room; tiny helps less than its 2 slots cost
+    # head: (1 - 0.5)^2 / 90 beats none kept (1 / 100); flat would leave no room; tiny helps less than its 2
+    # slots cost
     assert choose_kept(shares, sizes, dim=100) == ["head"]
     # equal norm per value: keeping anything only takes coordinates from the projection
     assert choose_kept({"a": 0.5, "b": 0.5}, {"a": 500, "b": 500}, dim=100) == []
@@ -67,8 +76,13 @@ def test_shares_sum_to_one_and_match_the_exact_gradient_norms(tiny_model, digits
 def test_calibration_keeps_heavy_tensors_and_layers_within_the_dimension(calibration, tiny_model):
     spec = calibration.spec
     sizes = {name: p.numel() for name, p in tiny_model.unet.named_parameters()}
-    assert spec.exact_params and calibration.kept_width == sum(sizes[name] for name in spec.exact_params) < spec.proj_dim
-    assert calibration.kept_share == pytest.approx(sum(calibration.shares[name] for name in spec.exact_params))
+    assert (
+        spec.exact_params
+        and calibration.kept_width == sum(sizes[name] for name in spec.exact_params) < spec.proj_dim
+    )
+    assert calibration.kept_share == pytest.approx(
+        sum(calibration.shares[name] for name in spec.exact_params)
+    )
     assert calibration.predicted_variance_ratio < 1.0
     modules = dict(tiny_model.unet.named_modules())
     for layer in spec.exact_layers:
@@ -79,8 +93,11 @@ def test_calibration_keeps_heavy_tensors_and_layers_within_the_dimension(calibra
 
 @pytest.mark.parametrize("projector", ["countsketch", "kronecker"])
 def test_kept_coordinates_are_the_exact_gradients(calibration, tiny_model, digits_splits, projector):
-    spec = dataclasses.replace(calibration.spec, projector=projector,
-                               exact_layers=calibration.spec.exact_layers if projector == "kronecker" else ())
+    spec = dataclasses.replace(
+        calibration.spec,
+        projector=projector,
+        exact_layers=calibration.spec.exact_layers if projector == "kronecker" else (),
+    )
     images, buckets = _images(digits_splits[0], 5), torch.tensor([0, 2, 1, 2, 0])
     phi = FeatureComputer(tiny_model, spec).features(images, buckets)
     exact = FeatureComputer(tiny_model, SPEC).exact_gradients(images, buckets)
@@ -98,8 +115,9 @@ def test_exact_layer_blocks_are_the_exact_per_example_gradients(calibration, tin
     exact = FeatureComputer(tiny_model, SPEC).exact_gradients(images, buckets)
     assert calibration.spec.exact_layers
     for layer in calibration.spec.exact_layers:
-        torch.testing.assert_close(blocks[f"{layer}.weight"].flatten(1), exact[f"{layer}.weight"].flatten(1),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            blocks[f"{layer}.weight"].flatten(1), exact[f"{layer}.weight"].flatten(1), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_calibrated_inner_products_stay_unbiased(calibration, tiny_model, digits_splits):
@@ -108,9 +126,16 @@ def test_calibrated_inner_products_stay_unbiased(calibration, tiny_model, digits
     exact = FeatureComputer(tiny_model, SPEC).exact_gradients(images, buckets)
     flat = torch.cat([exact[name].flatten(1) for name in exact], dim=1).double()
     reference = flat @ flat.T
-    estimates = torch.stack([(lambda phi: phi @ phi.T)(FeatureComputer(
-        tiny_model, dataclasses.replace(calibration.spec, proj_seed=seed)).features(images, buckets).double())
-        for seed in range(12)])
+    estimates = torch.stack(
+        [
+            (lambda phi: phi @ phi.T)(
+                FeatureComputer(tiny_model, dataclasses.replace(calibration.spec, proj_seed=seed))
+                .features(images, buckets)
+                .double()
+            )
+            for seed in range(12)
+        ]
+    )
     error = (estimates.mean(0) - reference).abs().max() / reference.abs().max()
     assert error < 0.05
 
@@ -119,17 +144,35 @@ def test_wrong_calibration_is_refused_with_the_fix(tiny_model, calibration):
     with pytest.raises(ExplorerError, match="calibrate again"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, exact_params=("no_such.weight",)))
     with pytest.raises(ExplorerError, match="calibrate again"):
-        FeatureComputer(tiny_model, dataclasses.replace(SPEC, projector="kronecker", exact_layers=("conv_norm_out",)))
+        FeatureComputer(
+            tiny_model, dataclasses.replace(SPEC, projector="kronecker", exact_layers=("conv_norm_out",))
+        )
     with pytest.raises(ExplorerError, match="kronecker projector only"):
-        FeatureComputer(tiny_model, dataclasses.replace(SPEC, exact_layers=calibration.spec.exact_layers or ("conv_in",)))
+        FeatureComputer(
+            tiny_model, dataclasses.replace(SPEC, exact_layers=calibration.spec.exact_layers or ("conv_in",))
+        )
     with pytest.raises(ExplorerError, match="raise --proj-dim"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, proj_dim=8, exact_params=("conv_out.weight",)))
 
 
 def test_precompute_featurize_calibrate_builds_a_searchable_index(tiny_model_dir, tmp_path):
     out = tmp_path / "calibrated"
-    result = run_featurize(tiny_model_dir, out, "--limit", "60", "--buckets", "2", "--proj-dim", "512", "--output", "square",
-                           "--projector", "kronecker", "--calibrate", "6")
+    result = run_featurize(
+        tiny_model_dir,
+        out,
+        "--limit",
+        "60",
+        "--buckets",
+        "2",
+        "--proj-dim",
+        "512",
+        "--output",
+        "square",
+        "--projector",
+        "kronecker",
+        "--calibrate",
+        "6",
+    )
     assert result.returncode == 0, result.stderr
     assert "tensors kept exactly" in result.stdout
     spec = json.loads((out / META_NAME).read_text())["spec"]

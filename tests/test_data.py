@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explorer.data import (Dataset, image_to_array, load_builtin, load_dataset, load_folder, load_image_file,
-                           to_model_range, to_uint8, train_heldout_split)
+from explorer.data import (
+    image_to_array,
+    load_builtin,
+    load_dataset,
+    load_folder,
+    load_image_file,
+    to_model_range,
+    to_uint8,
+    train_heldout_split,
+)
 from explorer.errors import ExplorerError
 
 

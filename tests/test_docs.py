@@ -121,9 +121,14 @@ def test_a_page_waits_for_its_result_files(report, tmp_path, monkeypatch):
 def test_per_step_headline_is_the_result_file():
     import json
 
-    per_bucket = json.loads((ROOT / "bench/results/step_quality.json").read_text())["indexes"]["assets/index"]["per_bucket"]
+    per_bucket = json.loads((ROOT / "bench/results/step_quality.json").read_text())["indexes"][
+        "assets/index"
+    ]["per_bucket"]
     test = [entry["test"] for entry in per_bucket.values()]
     low, high = (round(100 * f([row["label_agreement"] for row in test])) for f in (min, max))
     section = headline_section()
     assert f"share the query's label {low}-{high}% of the time at every bucket" in section
-    assert min(row["spread_min"] for row in test) >= 0.01 and max(row["positive_negative_share"] for row in test) == 0
+    assert (
+        min(row["spread_min"] for row in test) >= 0.01
+        and max(row["positive_negative_share"] for row in test) == 0
+    )

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -78,9 +77,13 @@ def test_worker_threads_compute_the_same_features(tiny_model, digits_splits, pro
     buckets = torch.arange(11) % 3
     one = FeatureComputer(tiny_model, spec, chunk_size=2).features(images, buckets)
     threads = torch.get_num_threads()
-    parallel = Featurizer(tiny_model, spec, chunk_size=2, workers=3)  # 6 chunks (or 1 per 40 rows), dealt 2 each
+    parallel = Featurizer(
+        tiny_model, spec, chunk_size=2, workers=3
+    )  # 6 chunks (or 1 per 40 rows), dealt 2 each
     for _ in range(2):  # the replicas are reused
-        assert torch.allclose(parallel.features(images, buckets), one, rtol=1e-4, atol=1e-6 * float(one.abs().max()))
+        assert torch.allclose(
+            parallel.features(images, buckets), one, rtol=1e-4, atol=1e-6 * float(one.abs().max())
+        )
     assert torch.get_num_threads() == threads
     replicas = parallel._replicas
     assert len(replicas) == 2 and all(r.model.unet is not tiny_model.unet for r in replicas)

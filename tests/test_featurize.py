@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from cli import run_featurize
+
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
@@ -22,7 +22,13 @@ def test_interrupted_featurize_resumes_to_an_identical_index(tiny_model, tiny_tr
     clean = featurize(tiny_model, data, tmp_path / "clean", SPEC, options)
     assert clean.complete and clean.pairs == 90 * 3
 
-    first = featurize(tiny_model, data, tmp_path / "resumed", SPEC, FeaturizeOptions(chunk_size=20, das_weights=True, relative_lambda=None, max_chunks=2))
+    first = featurize(
+        tiny_model,
+        data,
+        tmp_path / "resumed",
+        SPEC,
+        FeaturizeOptions(chunk_size=20, das_weights=True, relative_lambda=None, max_chunks=2),
+    )
     assert not first.complete and first.pairs == 40 * 3
     assert not (tmp_path / "resumed" / META_NAME).exists()
     with pytest.raises(ExplorerError, match="unfinished featurize"):
@@ -86,7 +92,9 @@ def test_bad_lambda_argument_names_the_value_and_the_fix(text):
 def test_featurize_on_worker_threads_stores_the_same_features(tiny_model, tiny_train_subset, tmp_path):
     data = tiny_train_subset.subset(np.arange(70), "workers")
     one = featurize(tiny_model, data, tmp_path / "one", SPEC, FeaturizeOptions(workers=1, keep_features=True))
-    three = featurize(tiny_model, data, tmp_path / "three", SPEC, FeaturizeOptions(workers=3, keep_features=True))
+    three = featurize(
+        tiny_model, data, tmp_path / "three", SPEC, FeaturizeOptions(workers=3, keep_features=True)
+    )
     assert one.complete and three.complete
     raw_one, raw_three = (np.load(tmp_path / name / FEATURES_NAME) for name in ("one", "three"))
     assert raw_one.shape == raw_three.shape == (3, 70, 32)

@@ -8,13 +8,16 @@ import torch
 
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
-from explorer.features import FeatureComputer, FeatureSpec
+from explorer.features import FeatureComputer
 from explorer.index import META_NAME, AttributionIndex, bucket_file
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, reindex
 
 
-def _exact_scores(raw: np.ndarray, query: np.ndarray, lam: float, normalize: bool, center: bool = True) -> np.ndarray:
-    """The TRAK score computed from the raw features without FAISS or Cholesky: phi_q^T (Phi^T Phi + lam I)^-1 phi_i,
+def _exact_scores(
+    raw: np.ndarray, query: np.ndarray, lam: float, normalize: bool, center: bool = True
+) -> np.ndarray:
+    """The TRAK score computed from the raw features without FAISS or Cholesky: phi_q^T (Phi^T Phi + lam
+    I)^-1 phi_i,
     with the mean training feature subtracted from both sides when `center`."""
     raw = raw.astype(np.float64)
     mean = raw.mean(axis=0) if center else np.zeros(raw.shape[1])
@@ -48,8 +51,12 @@ def test_faiss_top_k_equals_brute_force_trak(tiny_model, tiny_index_dir, tmp_pat
             positive, negative = index.search(search_vectors[q], bucket, 10)
             assert positive.positions.tolist() == np.argsort(-exact)[:10].tolist()
             assert negative.positions.tolist() == np.argsort(exact)[:10].tolist()
-            assert np.allclose(positive.scores, exact[positive.positions], rtol=1e-4, atol=1e-6 * np.abs(exact).max())
-            assert np.allclose(index.scores(search_vectors[q], bucket), exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
+            assert np.allclose(
+                positive.scores, exact[positive.positions], rtol=1e-4, atol=1e-6 * np.abs(exact).max()
+            )
+            assert np.allclose(
+                index.scores(search_vectors[q], bucket), exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max()
+            )
 
 
 def test_index_round_trip(tiny_index_dir, tiny_train_subset, tiny_spec):
@@ -65,7 +72,9 @@ def test_index_round_trip(tiny_index_dir, tiny_train_subset, tiny_spec):
 
 @pytest.mark.parametrize("storage, size_ratio", [("float16", 0.6), ("int8", 0.35)])
 def test_lossy_storage_keeps_rankings(tiny_index_dir, tmp_path, storage, size_ratio):
-    lossy = AttributionIndex.load(reindex(tiny_index_dir, tmp_path / storage, FeaturizeOptions(storage=storage)))
+    lossy = AttributionIndex.load(
+        reindex(tiny_index_dir, tmp_path / storage, FeaturizeOptions(storage=storage))
+    )
     full = AttributionIndex.load(tiny_index_dir)
     overlaps = []
     for row in range(0, 60, 6):
@@ -75,12 +84,16 @@ def test_lossy_storage_keeps_rankings(tiny_index_dir, tmp_path, storage, size_ra
         overlaps.append(len(set(exact.positions) & set(approximate.positions)) / 10)
     assert np.mean(overlaps) >= 0.8, f"{storage} top-10 overlap {np.mean(overlaps):.2f}"
     assert np.abs(lossy.vectors(1) - full.vectors(1)).max() < 0.05
-    assert (tmp_path / storage / bucket_file(0)).stat().st_size < (tiny_index_dir / bucket_file(0)).stat().st_size * size_ratio
+    assert (tmp_path / storage / bucket_file(0)).stat().st_size < (
+        tiny_index_dir / bucket_file(0)
+    ).stat().st_size * size_ratio
     assert lossy.factors[0].dtype == np.float32 and full.factors[0].dtype == np.float64
 
 
 def test_index_of_another_model_is_refused(tiny_index_dir):
-    with pytest.raises(ExplorerError, match="was built for the model with weights hash .* pass the matching --model"):
+    with pytest.raises(
+        ExplorerError, match="was built for the model with weights hash .* pass the matching --model"
+    ):
         AttributionIndex.load(tiny_index_dir, model_hash="0123456789abcdef")
 
 

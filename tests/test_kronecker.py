@@ -12,7 +12,14 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from explorer.kronecker import BACKWARD_MIN_CHANNELS, BACKWARD_MIN_ROWS, KroneckerProjector, _conv_weight_gradients, _unfold, layer_widths
+from explorer.kronecker import (
+    BACKWARD_MIN_CHANNELS,
+    BACKWARD_MIN_ROWS,
+    KroneckerProjector,
+    _conv_weight_gradients,
+    _unfold,
+    layer_widths,
+)
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize
 
 
@@ -20,7 +27,9 @@ def _images(split, count: int) -> torch.Tensor:
     return torch.from_numpy(to_model_range(split.images[:count]))
 
 
-def _exact_grads(model, spec: FeatureSpec, images: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
+def _exact_grads(
+    model, spec: FeatureSpec, images: torch.Tensor, buckets: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-example gradients of f from the vmap reference path: name -> (P, *shape)."""
     exact = FeatureComputer(model, FeatureSpec(**dict(spec.to_dict(), projector="countsketch")))
     return exact.exact_gradients(images, buckets)
@@ -29,7 +38,9 @@ def _exact_grads(model, spec: FeatureSpec, images: torch.Tensor, buckets: torch.
 @pytest.mark.parametrize("output", ["square", "loss", "l2"])
 def test_layer_blocks_equal_projected_exact_gradients(tiny_model, digits_splits, output):
     # 2 timesteps x 2 noise draws per bucket: each example's block sums 4 rows
-    spec = FeatureSpec(output=output, buckets=3, timesteps_per_bucket=2, noise_draws=2, projector="kronecker", proj_dim=256)
+    spec = FeatureSpec(
+        output=output, buckets=3, timesteps_per_bucket=2, noise_draws=2, projector="kronecker", proj_dim=256
+    )
     computer = FeatureComputer(tiny_model, spec)
     kron = computer.kronecker
     images, buckets = _images(digits_splits[0], 5), torch.tensor([0, 2, 1, 2, 0])
@@ -58,7 +69,9 @@ def test_kronecker_features_are_determined_by_the_seed(tiny_model, digits_splits
     images = _images(digits_splits[0], 4)
     first = FeatureComputer(tiny_model, spec).all_bucket_features(images)
     again = FeatureComputer(tiny_model, spec).all_bucket_features(images)
-    other = FeatureComputer(tiny_model, FeatureSpec(buckets=3, projector="kronecker", proj_dim=64, proj_seed=4))
+    other = FeatureComputer(
+        tiny_model, FeatureSpec(buckets=3, projector="kronecker", proj_dim=64, proj_seed=4)
+    )
     assert first.shape == (4, 3, 64)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other.all_bucket_features(images))
@@ -82,20 +95,30 @@ def test_kronecker_inner_products_track_exact_gradient_inner_products(tiny_model
     exact_gram = (flat @ flat.T).numpy()
     grams = []
     for seed in range(4):
-        phi = FeatureComputer(tiny_model, FeatureSpec(**dict(spec.to_dict(), proj_seed=seed))).features(images, buckets).double()
+        phi = (
+            FeatureComputer(tiny_model, FeatureSpec(**dict(spec.to_dict(), proj_seed=seed)))
+            .features(images, buckets)
+            .double()
+        )
         grams.append((phi @ phi.T).numpy())
     single = [_gram_correlation(exact_gram, gram) for gram in grams]
     averaged = _gram_correlation(exact_gram, np.mean(grams, axis=0))
     assert min(single) > 0.85, f"kronecker inner products correlate only {single} with the exact ones"
-    assert averaged > max(0.93, np.mean(single)), f"averaging seeds does not converge: {averaged:.3f} vs {single}"
+    assert averaged > max(0.93, np.mean(single)), (
+        f"averaging seeds does not converge: {averaged:.3f} vs {single}"
+    )
     ratio = np.mean([np.trace(gram) for gram in grams]) / np.trace(exact_gram)
-    assert 0.85 < ratio < 1.15, f"squared norms are off by a factor {ratio:.3f}: the projection is not norm-preserving"
+    assert 0.85 < ratio < 1.15, (
+        f"squared norms are off by a factor {ratio:.3f}: the projection is not norm-preserving"
+    )
 
 
 def test_kronecker_index_round_trips_and_searches(tiny_model_dir, tiny_model, tiny_train_subset, tmp_path):
     spec = FeatureSpec(output="square", buckets=3, proj_dim=64, projector="kronecker")
     data = tiny_train_subset.subset(np.arange(80), "kron")
-    report = featurize(tiny_model, data, tmp_path / "kron", spec, FeaturizeOptions(chunk_size=32, keep_features=True))
+    report = featurize(
+        tiny_model, data, tmp_path / "kron", spec, FeaturizeOptions(chunk_size=32, keep_features=True)
+    )
     assert report.complete and report.pairs == 80 * 3
     meta = json.loads((tmp_path / "kron" / META_NAME).read_text())
     assert meta["spec"]["projector"] == "kronecker"
@@ -125,27 +148,36 @@ def test_unsupported_layers_are_refused():
         KroneckerProjector(nn.Conv2d(4, 4, 3, groups=2), 16, 0)
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(3, 4, 3, padding=1),
-    nn.Conv2d(3, 4, 1),
-    nn.Conv2d(3, 4, 3, stride=2, padding=1),
-    nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2),
-    nn.Conv2d(3, 4, 2, stride=2),
-], ids=["3x3", "1x1", "stride2", "dilated-rect", "2x2-no-pad"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, 1),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2),
+        nn.Conv2d(3, 4, 2, stride=2),
+    ],
+    ids=["3x3", "1x1", "stride2", "dilated-rect", "2x2-no-pad"],
+)
 def test_patch_slices_equal_im2col(conv):
     a = torch.randn(5, 3, 9, 8)
     ref = nn.functional.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     assert torch.equal(_unfold(a, conv), ref)
 
 
-@pytest.mark.parametrize("rows_per_example, channels", [(1, 4), (BACKWARD_MIN_ROWS, BACKWARD_MIN_CHANNELS), (BACKWARD_MIN_ROWS, 4)],
-                         ids=["windows", "per-example-backward", "windows-narrow"])
+@pytest.mark.parametrize(
+    "rows_per_example, channels",
+    [(1, 4), (BACKWARD_MIN_ROWS, BACKWARD_MIN_CHANNELS), (BACKWARD_MIN_ROWS, 4)],
+    ids=["windows", "per-example-backward", "windows-narrow"],
+)
 def test_exact_conv_weight_gradients_equal_the_sum_over_unfolded_patches(rows_per_example, channels):
     conv = nn.Conv2d(channels, channels, 3, padding=1)
     groups = 3
     a = torch.randn(groups * rows_per_example, channels, 6, 5)
     g = torch.randn(groups * rows_per_example, channels, 6, 5)
-    per_row = torch.einsum("rol,ril->roi", g.flatten(2), nn.functional.unfold(a, 3, padding=1))  # (rows, C_out, C_in 9)
+    per_row = torch.einsum(
+        "rol,ril->roi", g.flatten(2), nn.functional.unfold(a, 3, padding=1)
+    )  # (rows, C_out, C_in 9)
     expected = per_row.reshape(groups, rows_per_example, channels, -1).sum(1)
     assert torch.allclose(_conv_weight_gradients(a, g, conv, groups), expected, rtol=1e-4, atol=1e-4)
 
@@ -156,7 +188,11 @@ class _Reused(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv_in, self.norm = nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4)
-        self.shared, self.unused, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4 * 36, 3)
+        self.shared, self.unused, self.head = (
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 1),
+            nn.Linear(4 * 36, 3),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.shared(nn.functional.silu(self.norm(self.conv_in(x))))

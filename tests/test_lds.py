@@ -20,7 +20,9 @@ def test_spearman_columns_matches_scipy():
     b[:5, 1] = b[0, 1]  # ties
     expected = [spearmanr(a[:, q], b[:, q]).statistic for q in range(7)]
     np.testing.assert_allclose(spearman_columns(a, b), expected, atol=1e-12)
-    assert np.isnan(spearman_columns(a, np.ones_like(a))).all(), "a constant prediction has no rank correlation"
+    assert np.isnan(spearman_columns(a, np.ones_like(a))).all(), (
+        "a constant prediction has no rank correlation"
+    )
 
 
 def test_a_linear_datamodel_has_lds_one_and_random_scores_do_not():
@@ -28,8 +30,16 @@ def test_a_linear_datamodel_has_lds_one_and_random_scores_do_not():
     masks = subset_masks(32, 50, 0.5, seed=3)
     tau = rng.normal(size=(6, 50))
     truth = -(masks @ tau.T)  # f_j(q) exactly linear in the subset, positive tau lowers the loss
-    boot = LDSBootstrap(truth, {"exact": predictions(masks, tau), "flipped": predictions(masks, -tau),
-                                "random": predictions(masks, rng.normal(size=(6, 50)))}, {"all": np.arange(6)}, resamples=50)
+    boot = LDSBootstrap(
+        truth,
+        {
+            "exact": predictions(masks, tau),
+            "flipped": predictions(masks, -tau),
+            "random": predictions(masks, rng.normal(size=(6, 50))),
+        },
+        {"all": np.arange(6)},
+        resamples=50,
+    )
     assert boot.interval("exact", "all").mean == pytest.approx(1.0)
     assert boot.interval("flipped", "all").mean == pytest.approx(-1.0)
     random = boot.interval("random", "all")
@@ -62,11 +72,20 @@ def _untrained_model() -> DiffusionModel:
 
 def test_truth_pairs_cover_the_right_timesteps_and_losses_match_brute_force():
     rng = np.random.default_rng(0)
-    queries = QuerySet(images=rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32), kinds=np.array(["heldout", "journey", "journey"]),
-                       timesteps=np.array([-1, 250, 999]), sources=np.arange(3), steps=np.array([-1, 3, 0]))
+    queries = QuerySet(
+        images=rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32),
+        kinds=np.array(["heldout", "journey", "journey"]),
+        timesteps=np.array([-1, 250, 999]),
+        sources=np.arange(3),
+        steps=np.array([-1, 3, 0]),
+    )
     pairs = truth_pairs(queries, pairs=10, truth_buckets=10, num_train_timesteps=1000, seed=1)
-    assert pairs.timesteps[0].min() < 100 and pairs.timesteps[0].max() >= 900, "whole-image queries span [0, T)"
-    assert ((pairs.timesteps[1] >= 200) & (pairs.timesteps[1] < 300)).all(), "a journey query stays in its bucket"
+    assert pairs.timesteps[0].min() < 100 and pairs.timesteps[0].max() >= 900, (
+        "whole-image queries span [0, T)"
+    )
+    assert ((pairs.timesteps[1] >= 200) & (pairs.timesteps[1] < 300)).all(), (
+        "a journey query stays in its bucket"
+    )
     assert ((pairs.timesteps[2] >= 900) & (pairs.timesteps[2] < 1000)).all()
     np.testing.assert_array_equal(pairs.noise[0], pairs.noise[2]), "every query shares the noise"
     model = _untrained_model()
@@ -109,8 +128,22 @@ def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
     assert q == config.heldout_queries + config.generated + config.trajectories * len(config.journey_steps)
     assert run.truth.shape == (4, q) and np.isfinite(run.truth).all() and (run.truth > 0).all()
     assert run.masks.shape == (4, n) and (run.masks.sum(1) == n // 2).all()
-    expected = {"trak-loss", "trak-loss-norm", "dtrak-square", "dtrak-square-norm", "dtrak-mean", "dtrak-l1", "dtrak-l2-norm",
-                "das-square", "das-square-norm", "tracin", "retrac", "pixel", "embedding", "random"}
+    expected = {
+        "trak-loss",
+        "trak-loss-norm",
+        "dtrak-square",
+        "dtrak-square-norm",
+        "dtrak-mean",
+        "dtrak-l1",
+        "dtrak-l2-norm",
+        "das-square",
+        "das-square-norm",
+        "tracin",
+        "retrac",
+        "pixel",
+        "embedding",
+        "random",
+    }
     assert expected <= set(run.results["methods"])
     for name, method in run.results["methods"].items():
         assert run.scores[name].shape == (q, n) and run.predictions[name].shape == (4, q)
@@ -120,8 +153,10 @@ def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
         assert all(0 < d <= 1 for d in method["distinctness"].values())
     for name in run.results["methods"]:  # cached features give the same scores
         np.testing.assert_allclose(third.scores[name], run.scores[name], rtol=1e-5, atol=1e-6)
-    assert set(run.results["ablations"]) == {f"{run.results['methods'][run.results['best_method']]['output']}"
-                                             f"{'-norm' if run.results['methods'][run.results['best_method']]['normalize'] else ''}@buckets=2"}
+    assert set(run.results["ablations"]) == {
+        f"{run.results['methods'][run.results['best_method']]['output']}"
+        f"{'-norm' if run.results['methods'][run.results['best_method']]['normalize'] else ''}@buckets=2"
+    }
     paths = save_run(run, tmp_path, cache)
     with np.load(paths[1]) as data:
         masks = np.unpackbits(data["masks_packed"], axis=1)[:, :n].astype(bool)
@@ -146,8 +181,13 @@ def test_folded_count_sketch_equals_features_computed_at_the_smaller_k():
     from precompute.methods import compute_features, fold_features
 
     rng = np.random.default_rng(0)
-    queries = QuerySet(images=rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32), kinds=np.array(["heldout", "journey"]),
-                       timesteps=np.array([-1, 600]), sources=np.arange(2), steps=np.array([-1, 20]))
+    queries = QuerySet(
+        images=rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32),
+        kinds=np.array(["heldout", "journey"]),
+        timesteps=np.array([-1, 600]),
+        sources=np.arange(2),
+        steps=np.array([-1, 20]),
+    )
     train = rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32)
     model = _untrained_model()
     spec = FeatureSpec(output="mean", buckets=4, proj_dim=64)
@@ -167,35 +207,73 @@ def test_shipped_defaults_picks_the_lambda_that_generated_the_truth(tmp_path):
     from explorer.features import FeatureSpec
     from precompute.eval_report import defaults_markdown
     from precompute.lds_defaults import DefaultsConfig, shipped_defaults
-    from precompute.methods import GLOBAL, FeatureSet, fold_features, save_feature_set, spec_key, trak_scores, whiten_features
+    from precompute.methods import (
+        GLOBAL,
+        FeatureSet,
+        fold_features,
+        save_feature_set,
+        spec_key,
+        trak_scores,
+        whiten_features,
+    )
     from precompute.metrics import fair_split
 
     rng = np.random.default_rng(0)
     n, q, m = 40, 12, 12
-    bucket = np.array([GLOBAL] * 8 + [1] * 4)  # 6 heldout + 2 generated whole-image queries, 4 journey queries
-    groups = {"all": np.arange(q), "heldout": np.arange(6), "generated": np.arange(6, 8), "journey": np.arange(8, 12)}
+    bucket = np.array(
+        [GLOBAL] * 8 + [1] * 4
+    )  # 6 heldout + 2 generated whole-image queries, 4 journey queries
+    groups = {
+        "all": np.arange(q),
+        "heldout": np.arange(6),
+        "generated": np.arange(6, 8),
+        "journey": np.arange(8, 12),
+    }
     base = FeatureSpec(output="loss", buckets=4, proj_dim=16)
     for output in ("mean", "square"):
         spec = replace(base, output=output)
-        features = FeatureSet(spec=spec, train={GLOBAL: rng.normal(size=(n, 16)).astype(np.float32),
-                                                1: rng.normal(size=(n, 16)).astype(np.float32)},
-                              query=rng.normal(size=(q, 16)).astype(np.float32), query_bucket=bucket, residuals=None)
+        features = FeatureSet(
+            spec=spec,
+            train={
+                GLOBAL: rng.normal(size=(n, 16)).astype(np.float32),
+                1: rng.normal(size=(n, 16)).astype(np.float32),
+            },
+            query=rng.normal(size=(q, 16)).astype(np.float32),
+            query_bucket=bucket,
+            residuals=None,
+        )
         save_feature_set(features, tmp_path / f"full_{spec_key(spec)}.npz")
         if output == "mean":
             small = fold_features(features, 8)
             tau = trak_scores(whiten_features(small, relative_lambda=1.0), bucket, normalize=True)
     masks = subset_masks(m, n, 0.5, seed=0)
     truth = -(masks @ tau.T)  # f_j(q) exactly linear in the mean-norm k=8 lambda=1 scores
-    config = DefaultsConfig(dims=(8, 16), shippable=(8,), compare=("square",), lambdas=(1e-3, 1.0), reference=1.0, storages=("float16", "int8"))
-    defaults = shipped_defaults(config, base, tmp_path, masks, truth, groups, fair_split(m, groups, 0), resamples=20)
+    config = DefaultsConfig(
+        dims=(8, 16),
+        shippable=(8,),
+        compare=("square",),
+        lambdas=(1e-3, 1.0),
+        reference=1.0,
+        storages=("float16", "int8"),
+    )
+    defaults = shipped_defaults(
+        config, base, tmp_path, masks, truth, groups, fair_split(m, groups, 0), resamples=20
+    )
     exact = defaults["fair"]["dtrak-mean-norm@k=8"]
     assert exact["chosen"] == "1" and exact["test"]["1"]["all"]["mean"] == pytest.approx(1.0)
-    assert set(defaults["fair"]) == {"dtrak-mean@k=8", "dtrak-mean-norm@k=8", "dtrak-mean@k=16", "dtrak-mean-norm@k=16",
-                                     "dtrak-square-norm@k=8"}
+    assert set(defaults["fair"]) == {
+        "dtrak-mean@k=8",
+        "dtrak-mean-norm@k=8",
+        "dtrak-mean@k=16",
+        "dtrak-mean-norm@k=16",
+        "dtrak-square-norm@k=8",
+    }
     assert len(defaults["rows"]) == (4 + 1) * 3 + 2  # (4 mean + 1 square variants) x 3 lambdas + 2 storages
     for row in defaults["rows"].values():
         assert all(-1 <= e["ci95"][0] <= e["ci95"][1] <= 1 for e in row["lds"].values())
     fp16 = defaults["rows"]["dtrak-mean-norm@k=8,lambda=1,float16"]
-    assert fp16["lds"]["all"]["mean"] == pytest.approx(1.0, abs=0.02), "fp16 storage barely changes the scores"
+    assert fp16["lds"]["all"]["mean"] == pytest.approx(1.0, abs=0.02), (
+        "fp16 storage barely changes the scores"
+    )
     assert "@k=8: mean-norm minus square-norm (chosen lambdas)" in defaults["differences"]
     assert "dtrak-square-norm" in defaults_markdown(defaults)

@@ -1,4 +1,5 @@
-"""FeatureSpec.precision mixed: timesteps below bf16_below in bfloat16, the rest in fp32, chosen by calibration."""
+"""FeatureSpec.precision mixed: timesteps below bf16_below in bfloat16, the rest in fp32, chosen by
+calibration."""
 
 import dataclasses
 import json
@@ -59,12 +60,18 @@ def test_mixed_with_two_workers_equals_one(tiny_model, images):
 def test_mixed_precision_is_checked(tiny_model):
     with pytest.raises(ExplorerError, match="--precision mixed with bf16_below 0: give --calibrate N"):
         FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=0))
-    with pytest.raises(ExplorerError, match=r"runs a bucket's bf16 and fp32 timesteps as separate forwards: use features\(\)"):
+    with pytest.raises(
+        ExplorerError, match=r"runs a bucket's bf16 and fp32 timesteps as separate forwards: use features\(\)"
+    ):
         FeatureComputer(tiny_model, MIXED).capture_rows(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(ExplorerError, match="bf16_below 500 applies to --precision mixed only"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, bf16_below=500))
     with pytest.raises(ExplorerError, match="--precision mixed applies to the kronecker projector only"):
-        calibrate(tiny_model, dataclasses.replace(MIXED, projector="countsketch", bf16_below=0), torch.zeros(2, 1, 8, 8))
+        calibrate(
+            tiny_model,
+            dataclasses.replace(MIXED, projector="countsketch", bf16_below=0),
+            torch.zeros(2, 1, 8, 8),
+        )
     with pytest.raises(ExplorerError, match="calibrate on at least 2 images"):
         calibrate(tiny_model, dataclasses.replace(MIXED, bf16_below=0), torch.zeros(1, 1, 8, 8))
 
@@ -81,9 +88,13 @@ def test_bf16_moves_are_those_of_the_stored_bucket_features(tiny_model, images):
     fp32 = computer.all_bucket_features(images)  # (N, buckets, k)
     spread = (fp32 - fp32.mean(0)).norm(dim=2)
     for t in (250, 416, 916):  # bf16 up to the end of bucket 0, inside bucket 1, everywhere
-        mixed = FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=t + 1)).all_bucket_features(images)
+        mixed = FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=t + 1)).all_bucket_features(
+            images
+        )
         per_bucket = ((mixed - fp32).norm(dim=2) / spread).median(dim=0).values  # (buckets,)
-        assert moves[t] == pytest.approx(float(per_bucket.max()), rel=0.1)  # bf16 rounding varies with the batching
+        assert moves[t] == pytest.approx(
+            float(per_bucket.max()), rel=0.1
+        )  # bf16 rounding varies with the batching
     assert moves[83] < moves[250] <= moves[416]  # bf16 over more timesteps of a bucket moves it more
     alone = [computer.timestep_features(images, 2, 916, bf16=bf16) for bf16 in (False, True)]
     alone_move = ((alone[1] - alone[0]).norm(dim=1) / (alone[0] - alone[0].mean(0)).norm(dim=1)).median()
@@ -106,8 +117,24 @@ def test_calibration_measures_every_timestep_and_picks_bf16_below(tiny_model, im
 
 def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_dir, tmp_path):
     out = tmp_path / "mixed"
-    result = run_featurize(tiny_model_dir, out, "--limit", "40", "--buckets", "2", "--proj-dim", "128", "--output", "square",
-                           "--projector", "kronecker", "--precision", "mixed", "--bf16-below", "500")
+    result = run_featurize(
+        tiny_model_dir,
+        out,
+        "--limit",
+        "40",
+        "--buckets",
+        "2",
+        "--proj-dim",
+        "128",
+        "--output",
+        "square",
+        "--projector",
+        "kronecker",
+        "--precision",
+        "mixed",
+        "--bf16-below",
+        "500",
+    )
     assert result.returncode == 0, result.stderr
     spec = json.loads((out / META_NAME).read_text())["spec"]
     assert (spec["precision"], spec["bf16_below"]) == ("mixed", 500)
@@ -117,7 +144,9 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
     index = explorer.indexes[name]
     for t in (index.meta.timesteps[0][0], index.meta.timesteps[1][0]):  # a bf16 bucket and an fp32 one
         result = explorer.attribute_image(index.train_images[7], t, top_k=3)
-        assert result.positive.positions[0] == 7  # its own stored vector, featurized the same way, is its top-1
+        assert (
+            result.positive.positions[0] == 7
+        )  # its own stored vector, featurized the same way, is its top-1
         assert result.positive.scores[0] == pytest.approx(1.0, abs=1e-3)
     meta = json.loads((out / META_NAME).read_text())
     meta["spec"]["bf16_below"] = -1
@@ -127,8 +156,9 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
 
 
 def test_precompute_featurize_mixed_without_a_threshold_says_how_to_get_one(tiny_model_dir, tmp_path):
-    result = run_featurize(tiny_model_dir, tmp_path / "none", "--limit", "8", "--projector", "kronecker",
-                           "--precision", "mixed")
+    result = run_featurize(
+        tiny_model_dir, tmp_path / "none", "--limit", "8", "--projector", "kronecker", "--precision", "mixed"
+    )
     assert result.returncode == 2
     assert "--precision mixed with bf16_below 0: give --calibrate N" in result.stderr
     assert not (tmp_path / "none" / META_NAME).exists()
@@ -137,14 +167,22 @@ def test_precompute_featurize_mixed_without_a_threshold_says_how_to_get_one(tiny
 def test_mixed_warns_where_bf16_is_emulated(tiny_model, monkeypatch, caplog):
     import explorer.features as features
 
-    monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
+    monkeypatch.setattr(
+        features, "native_bf16", lambda: False
+    )  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
         Featurizer(tiny_model, MIXED, workers=2)
     warnings = [record.getMessage() for record in caplog.records]
-    assert sum("--precision mixed is emulated" in message for message in warnings) == 1, warnings  # not once per worker
+    assert sum("--precision mixed is emulated" in message for message in warnings) == 1, (
+        warnings
+    )  # not once per worker
 
 
-@pytest.mark.parametrize("spec", [SPEC, MIXED, dataclasses.replace(SPEC, projector="countsketch")], ids=["fp32", "mixed", "exact"])
+@pytest.mark.parametrize(
+    "spec", [SPEC, MIXED, dataclasses.replace(SPEC, projector="countsketch")], ids=["fp32", "mixed", "exact"]
+)
 def test_no_images_give_no_features(tiny_model, spec):
-    phi = FeatureComputer(tiny_model, spec).features(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    phi = FeatureComputer(tiny_model, spec).features(
+        torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)
+    )
     assert phi.shape == (0, spec.proj_dim)

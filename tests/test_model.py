@@ -1,10 +1,8 @@
-import shutil
-
 import pytest
 import torch
 
 from explorer.errors import ExplorerError
-from explorer.model import file_hash, load_model, save_model, tiny_config, make_scheduler
+from explorer.model import file_hash, load_model, make_scheduler, save_model, tiny_config
 
 
 def test_save_load_round_trip_and_hash(tmp_path):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from cli import run_featurize
+
 from explorer.attribution import Explorer
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
@@ -15,7 +15,11 @@ from explorer.index import META_NAME
 from explorer.projector import CountSketchProjector
 
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, proj_dim=128)
-LAST_LEVEL = ("up_blocks.1", "conv_norm_out", "conv_out")  # the tiny model's last decoder level and output layers
+LAST_LEVEL = (
+    "up_blocks.1",
+    "conv_norm_out",
+    "conv_out",
+)  # the tiny model's last decoder level and output layers
 
 
 def _images(split, count: int) -> torch.Tensor:
@@ -24,7 +28,10 @@ def _images(split, count: int) -> torch.Tensor:
 
 def test_prefixes_select_whole_names_only():
     names = ["up_blocks.2.conv.weight", "up_blocks.20.conv.weight", "conv_out.weight", "conv_out.bias"]
-    assert select_params(names, ("up_blocks.2", "conv_out.bias")) == ["up_blocks.2.conv.weight", "conv_out.bias"]
+    assert select_params(names, ("up_blocks.2", "conv_out.bias")) == [
+        "up_blocks.2.conv.weight",
+        "conv_out.bias",
+    ]
     assert select_params(names, ()) == names
     with pytest.raises(ExplorerError, match="--params up_block matches no parameter"):
         select_params(names, ("up_block",))
@@ -37,7 +44,9 @@ def test_subset_features_project_the_subset_of_the_exact_gradients(tiny_model, d
     assert subset.names and set(subset.names) < set(full.names)
     assert all(name.startswith(LAST_LEVEL) for name in subset.names)
     exact = full.exact_gradients(images, buckets)
-    expected = CountSketchProjector(subset.num_params, SPEC.proj_dim, SPEC.proj_seed).project([exact[n] for n in subset.names])
+    expected = CountSketchProjector(subset.num_params, SPEC.proj_dim, SPEC.proj_seed).project(
+        [exact[n] for n in subset.names]
+    )
     torch.testing.assert_close(subset.features(images, buckets), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -55,8 +64,20 @@ def test_kronecker_subset_hooks_only_its_layers_and_stays_exact(tiny_model, digi
 
 def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, tmp_path):
     out = tmp_path / "subset"
-    result = run_featurize(tiny_model_dir, out, "--limit", "60", "--buckets", "2", "--proj-dim", "64",
-                           "--projector", "kronecker", "--params", *LAST_LEVEL)
+    result = run_featurize(
+        tiny_model_dir,
+        out,
+        "--limit",
+        "60",
+        "--buckets",
+        "2",
+        "--proj-dim",
+        "64",
+        "--projector",
+        "kronecker",
+        "--params",
+        *LAST_LEVEL,
+    )
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / META_NAME).read_text())
     assert meta["spec"]["params"] == list(LAST_LEVEL)

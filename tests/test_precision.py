@@ -1,4 +1,5 @@
-"""FeatureSpec.precision: the kronecker path under bfloat16 autocast, recorded in the index and used for queries."""
+"""FeatureSpec.precision: the kronecker path under bfloat16 autocast, recorded in the index and used for
+queries."""
 
 import dataclasses
 import json
@@ -47,8 +48,22 @@ def test_precision_is_checked(tiny_model):
 
 def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_dir, tmp_path):
     out = tmp_path / "bf16"
-    result = run_featurize(tiny_model_dir, out, "--limit", "40", "--buckets", "2", "--proj-dim", "128", "--output", "square",
-                           "--projector", "kronecker", "--precision", "bf16")
+    result = run_featurize(
+        tiny_model_dir,
+        out,
+        "--limit",
+        "40",
+        "--buckets",
+        "2",
+        "--proj-dim",
+        "128",
+        "--output",
+        "square",
+        "--projector",
+        "kronecker",
+        "--precision",
+        "bf16",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((out / META_NAME).read_text())["spec"]["precision"] == "bf16"
     explorer = Explorer.from_dirs(tiny_model_dir, [out])
@@ -68,7 +83,9 @@ def test_an_index_without_precision_or_with_a_bad_one_is_refused_naming_it(tiny_
     assert AttributionIndex.load(old).meta.spec.precision == "fp32"
     meta["spec"].pop("precision")
     (old / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ExplorerError, match=r"spec is .*must hold exactly the FeatureSpec fields \(differs in precision\)"):
+    with pytest.raises(
+        ExplorerError, match=r"spec is .*must hold exactly the FeatureSpec fields \(differs in precision\)"
+    ):
         AttributionIndex.load(old)
     meta["spec"]["precision"] = "fp8"
     (old / META_NAME).write_text(json.dumps(meta))
@@ -80,7 +97,9 @@ def test_bf16_warns_of_high_timesteps_and_of_emulation(tiny_model, monkeypatch, 
     import explorer.features as features
 
     assert isinstance(features.native_bf16(), bool)
-    monkeypatch.setattr(features, "native_bf16", lambda: False)  # this CPU may have it: the warning branch alone
+    monkeypatch.setattr(
+        features, "native_bf16", lambda: False
+    )  # this CPU may have it: the warning branch alone
     with caplog.at_level("WARNING", logger="explorer.features"):
         Featurizer(tiny_model, dataclasses.replace(SPEC, precision="bf16"), workers=3)
     assert "emulated" in caplog.text and "high timesteps" in caplog.text
@@ -92,10 +111,14 @@ def test_bf16_warns_of_high_timesteps_and_of_emulation(tiny_model, monkeypatch, 
 
 
 def test_bf16_error_grows_against_the_example_specific_part_at_high_timesteps(tiny_model, digits_splits):
-    # why bf16 is for low timesteps only: its rounding scales with the whole gradient, while the part that tells
+    # why bf16 is for low timesteps only: its rounding scales with the whole gradient, while the part that
+    # tells
     # examples apart shrinks as x_t turns into the shared noise
     images = torch.from_numpy(to_model_range(digits_splits[0].images[:12]))
-    fp32, bf16 = FeatureComputer(tiny_model, SPEC), FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16"))
+    fp32, bf16 = (
+        FeatureComputer(tiny_model, SPEC),
+        FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="bf16")),
+    )
     ratios = []
     for bucket in (0, SPEC.buckets - 1):
         buckets = torch.full((12,), bucket)

@@ -74,7 +74,13 @@ def expected_refusal(meta: dict, meta_path, key: str, value) -> list[str] | None
     field = "dataset.class_names" if key == "dataset" else key
     if key in ALWAYS_INVALID:
         return [f"{where} is malformed ({field} is ", ALWAYS_INVALID[key], REBUILD]
-    shown = "is missing" if value is MISSING else f"is {value!r}" if isinstance(value, str) else f"is {json.dumps(value)}"[:60]
+    shown = (
+        "is missing"
+        if value is MISSING
+        else f"is {value!r}"
+        if isinstance(value, str)
+        else f"is {json.dumps(value)}"[:60]
+    )
     bad = f"{where} is malformed ({key} {shown}"
     if key == "model_hash":
         return None if isinstance(value, str) else [bad, "must be a string", REBUILD]

@@ -8,7 +8,11 @@ from explorer.sampler import MAX_SEED, complete_from_steps, generate
 
 
 def test_generation_is_seeded_and_records_every_step(tiny_model):
-    first, again, other = generate(tiny_model, 7, 20), generate(tiny_model, 7, 20), generate(tiny_model, 8, 20)
+    first, again, other = (
+        generate(tiny_model, 7, 20),
+        generate(tiny_model, 7, 20),
+        generate(tiny_model, 8, 20),
+    )
     assert first.steps == 20 and first.xt.shape == (20, 1, 8, 8) and first.x0hat.shape == (20, 1, 8, 8)
     assert list(first.timesteps) == sorted(first.timesteps, reverse=True)
     assert torch.equal(first.final, again.final) and not torch.equal(first.final, other.final)
@@ -32,7 +36,9 @@ def test_completions_start_from_x_t(tiny_model):
     trajectory = generate(tiny_model, 3, 20)
     finals = complete_from_steps(tiny_model, trajectory, [19, 0, 10], completions=4, seed=1)
     assert finals.shape == (3, 4, 1, 8, 8)
-    assert torch.equal(finals, complete_from_steps(tiny_model, trajectory, [19, 0, 10], completions=4, seed=1))
+    assert torch.equal(
+        finals, complete_from_steps(tiny_model, trajectory, [19, 0, 10], completions=4, seed=1)
+    )
     # from the last step only one small noise step remains: completions stay close to each other;
     # from pure noise they spread
     spread = finals.flatten(2).std(dim=1).mean(dim=1)

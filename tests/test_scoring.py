@@ -17,7 +17,8 @@ from precompute.step_quality import step_quality
 
 def _collapsed_features(rng, n: int = 400, k: int = 32, classes: int = 4, common: float = 1e4):
     """Rows = one direction shared by every example (x_t is nearly the same input for all at high t) + a small
-    class-specific part + noise, as the shipped model's raw gradients are at t >= 500 (pairwise cosine 1.000)."""
+    class-specific part + noise, as the shipped model's raw gradients are at t >= 500 (pairwise cosine
+    1.000)."""
     shared = rng.normal(size=k)
     means = rng.normal(size=(classes, k))
     labels = rng.integers(0, classes, n)
@@ -27,7 +28,9 @@ def _collapsed_features(rng, n: int = 400, k: int = 32, classes: int = 4, common
 
 def _stored_int8(vectors: np.ndarray) -> np.ndarray:
     """The rows as the shipped index's int8 FAISS scalar quantizer stores them."""
-    index = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexScalarQuantizer(
+        vectors.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
     index.train(vectors)
     index.add(vectors)
     return index.reconstruct_n(0, len(vectors))
@@ -43,7 +46,8 @@ def test_centering_removes_the_common_mode_collapse():
         scores = all_scores(_stored_int8(scorer.vectors(train)), scorer.vectors(queries))
         measured[center] = step_quality(scores, query_labels, train_labels)
     plain, centered = measured[False], measured[True]
-    # without centering: every score ties near 1, the "negatives" are positive, and int8 rounding orders the list
+    # without centering: every score ties near 1, the "negatives" are positive, and int8 rounding orders the
+    # list
     assert np.median(plain.spread) < 1e-3 and plain.positive_negative.mean() > 0.9
     # centered: distinct top scores, negative negatives, and the class signal kept through int8
     assert np.median(centered.spread) > 0.01 and centered.positive_negative.mean() == 0

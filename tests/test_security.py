@@ -21,19 +21,22 @@ def _get(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
-@pytest.mark.parametrize("path", [
-    "gradio_api/file=/etc/passwd",
-    "gradio_api/file=../../../../../../etc/passwd",
-    "gradio_api/file=" + urllib.parse.quote("/etc/passwd", safe=""),
-    "gradio_api/file=%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-    "file=/etc/passwd",
-    "gradio_api/file=app.py",
-    "gradio_api/file=" + str(ROOT / "app.py"),
-    "gradio_api/file=" + str(ROOT / "assets" / "model" / "unet" / "config.json"),
-    "static/../../../../etc/passwd",
-    "assets/../../../../etc/passwd",
-    "gradio_api/file=~/.bashrc",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "gradio_api/file=/etc/passwd",
+        "gradio_api/file=../../../../../../etc/passwd",
+        "gradio_api/file=" + urllib.parse.quote("/etc/passwd", safe=""),
+        "gradio_api/file=%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "file=/etc/passwd",
+        "gradio_api/file=app.py",
+        "gradio_api/file=" + str(ROOT / "app.py"),
+        "gradio_api/file=" + str(ROOT / "assets" / "model" / "unet" / "config.json"),
+        "static/../../../../etc/passwd",
+        "assets/../../../../etc/passwd",
+        "gradio_api/file=~/.bashrc",
+    ],
+)
 def test_path_traversal_is_refused(running_app, path):  # noqa: F811
     status, body = _get(running_app.url + path)
     assert b"root:x:0:0" not in body and b"argparse" not in body and b"UNet2DModel" not in body
@@ -49,7 +52,9 @@ def test_no_shell_and_no_pickle_in_code():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [alias.name for alias in node.names] + [getattr(node, "module", "") or ""]
-                assert not {"subprocess", "pickle", "shelve", "marshal"} & set(names), f"{path.name} imports {names}"
+                assert not {"subprocess", "pickle", "shelve", "marshal"} & set(names), (
+                    f"{path.name} imports {names}"
+                )
             if isinstance(node, ast.Call):
                 name = getattr(node.func, "attr", getattr(node.func, "id", ""))
                 if isinstance(node.func, ast.Name):
@@ -61,15 +66,20 @@ def test_no_shell_and_no_pickle_in_code():
                 if name == "load" and getattr(getattr(node.func, "value", None), "id", "") == "np":
                     keywords = {k.arg: k.value for k in node.keywords}
                     value = keywords.get("allow_pickle")
-                    assert isinstance(value, ast.Constant) and value.value is False, f"{path.name}:{node.lineno} np.load without allow_pickle=False"
+                    assert isinstance(value, ast.Constant) and value.value is False, (
+                        f"{path.name}:{node.lineno} np.load without allow_pickle=False"
+                    )
 
 
 def _call(url: str, api_name: str, data: list) -> str:
     """A raw API call (no gradio_client, which would upload local files itself): the SSE stream's text."""
     import json
 
-    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/{api_name}",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         event_id = json.loads(response.read())["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
@@ -81,7 +91,11 @@ def test_attribute_image_refuses_server_paths(running_app):  # noqa: F811
     name = next(iter(running_app.explorer.indexes))
     digit = ROOT / "docs" / "screenshot.png"  # a real image on the server, outside the upload folder
     for path in (str(digit), SECRET, "../../../etc/passwd"):
-        stream = _call(running_app.url, "attribute_image", [{"path": path, "meta": {"_type": "gradio.FileData"}}, 100, 5, name])
+        stream = _call(
+            running_app.url,
+            "attribute_image",
+            [{"path": path, "meta": {"_type": "gradio.FileData"}}, 100, 5, name],
+        )
         # gradio refuses to move a non-uploaded file into its cache; the handler's own check backs it up
         assert "event: error" in stream and "event: complete" not in stream, stream[:300]
         assert "root:x" not in stream and "data:image/png" not in stream

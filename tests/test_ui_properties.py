@@ -7,9 +7,17 @@ from hypothesis import strategies as st
 
 from explorer.web.handlers import Handlers
 
-anything = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                     st.text(max_size=6), st.lists(st.integers(), max_size=2))
-RELAXED = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+anything = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+)
+RELAXED = dict(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,11 @@ def test_scrub_any_step(handlers, session, step):
 
 
 @settings(max_examples=60, **RELAXED)
-@given(seed=anything, steps=st.one_of(anything, st.integers(10, 12)), top_k=st.one_of(anything, st.integers(1, 5)))
+@given(
+    seed=anything,
+    steps=st.one_of(anything, st.integers(10, 12)),
+    top_k=st.one_of(anything, st.integers(1, 5)),
+)
 def test_generate_any_controls(handlers, seed, steps, top_k):
     try:
         outputs = handlers.generate(seed, steps, top_k, None, progress=lambda *a, **k: None)
@@ -50,7 +62,11 @@ def test_generate_any_controls(handlers, seed, steps, top_k):
 
 
 @settings(max_examples=40, **RELAXED)
-@given(step=anything, sign=st.one_of(st.sampled_from(["positive", "negative"]), st.text(max_size=5), st.none()), rank=anything)
+@given(
+    step=anything,
+    sign=st.one_of(st.sampled_from(["positive", "negative"]), st.text(max_size=5), st.none()),
+    rank=anything,
+)
 def test_select_influencer_any_input(handlers, session, step, sign, rank):
     try:
         large, plot, text = handlers.select_influencer(session, step, sign, rank)
@@ -61,8 +77,15 @@ def test_select_influencer_any_input(handlers, session, step, sign, rank):
 
 
 @settings(max_examples=30, **RELAXED)
-@given(image=st.one_of(st.none(), st.text(max_size=20), st.dictionaries(st.text(max_size=4), st.text(max_size=20), max_size=2)),
-       timestep=anything, top_k=anything)
+@given(
+    image=st.one_of(
+        st.none(),
+        st.text(max_size=20),
+        st.dictionaries(st.text(max_size=4), st.text(max_size=20), max_size=2),
+    ),
+    timestep=anything,
+    top_k=anything,
+)
 def test_attribute_image_any_payload(handlers, image, timestep, top_k):
     with pytest.raises(gr.Error) as raised:
         handlers.attribute_image(image, timestep, top_k, None)

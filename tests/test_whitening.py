@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from explorer.errors import ExplorerError
-from explorer.whitening import GCV_GRID, choose_lambda_gcv, cholesky_factor, given_lambda, normalize_rows, whiten
+from explorer.whitening import (
+    GCV_GRID,
+    cholesky_factor,
+    choose_lambda_gcv,
+    given_lambda,
+    normalize_rows,
+    whiten,
+)
 
 
 def test_whitened_inner_product_is_the_trak_score():

@@ -62,125 +62,192 @@ def traker_tables(results: dict) -> str:
     args = results["args"]
     speed = table(
         ["method", "settings", "setup s", f"images/s per repeat ({args['runs']} repeats)", "median images/s"],
-        [[row["method"], row["settings"], f"{row['setup_s']:.1f}", rates(row["images_per_s"]),
-          rate(row["median_images_per_s"])] for row in rows.values()],
+        [
+            [
+                row["method"],
+                row["settings"],
+                f"{row['setup_s']:.1f}",
+                rates(row["images_per_s"]),
+                rate(row["median_images_per_s"]),
+            ]
+            for row in rows.values()
+        ],
     )
     first = args.get("first_seed", 0)
     agreement = table(
-        ["method", f"Spearman, inner product: mean [per seed; seeds {first}-{first + args['seeds'] - 1}]",
-         "worst query", "Spearman, cosine: mean [per seed]", "worst query"],
+        [
+            "method",
+            f"Spearman, inner product: mean [per seed; seeds {first}-{first + args['seeds'] - 1}]",
+            "worst query",
+            "Spearman, cosine: mean [per seed]",
+            "worst query",
+        ],
         [[row["method"], *spearman_cells(row["spearman"])] for row in rows.values()],
     )
-    against = [[name, f"**{rate(results['ratios'][name])}x**",
-                rates(ratios(ours["images_per_s"], row["images_per_s"]))]
-               for name, row in rows.items() if row is not ours]
+    against = [
+        [
+            name,
+            f"**{rate(results['ratios'][name])}x**",
+            rates(ratios(ours["images_per_s"], row["images_per_s"])),
+        ]
+        for name, row in rows.items()
+        if row is not ours
+    ]
     if FASTER_TRAKER in results["ratios"]:
         best, bf16 = rows["traker best"]["images_per_s"], rows["traker best, bf16 autocast"]["images_per_s"]
         faster = [max(a, b) for a, b in zip(best, bf16, strict=True)]
-        against.append([FASTER_TRAKER, f"**{rate(results['ratios'][FASTER_TRAKER])}x**",
-                        rates(ratios(ours["images_per_s"], faster))])
-    speedups = table([f"{ours['method']} against", "median of the within-repeat ratios",
-                      "within-repeat ratios"], against)
+        against.append(
+            [
+                FASTER_TRAKER,
+                f"**{rate(results['ratios'][FASTER_TRAKER])}x**",
+                rates(ratios(ours["images_per_s"], faster)),
+            ]
+        )
+    speedups = table(
+        [f"{ours['method']} against", "median of the within-repeat ratios", "within-repeat ratios"], against
+    )
     cost = results["cost_vs_training"]
     training = table(
-        ["ours, ms per (example, timestep)", "AdamW training step, ms per sample (median)",
-         "ours / training step", "within-repeat ratios"],
-        [[f"{cost['ms_per_example_timestep']:.3f}", f"{cost['train_step_ms_per_sample']:.3f}",
-          f"**{cost['relative_to_train_step']:.2f}x**", joined(cost["ratios"])]],
+        [
+            "ours, ms per (example, timestep)",
+            "AdamW training step, ms per sample (median)",
+            "ours / training step",
+            "within-repeat ratios",
+        ],
+        [
+            [
+                f"{cost['ms_per_example_timestep']:.3f}",
+                f"{cost['train_step_ms_per_sample']:.3f}",
+                f"**{cost['relative_to_train_step']:.2f}x**",
+                joined(cost["ratios"]),
+            ]
+        ],
     )
-    return "\n\n".join([
-        speed, agreement, speedups,
-        para(f"""Cost against training ({args['train_steps']} AdamW steps of the same model at batch
-            {args['train_batch']}, fp32, as `precompute train` trains, timed in each repeat):"""),
-        training,
-    ])
+    return "\n\n".join(
+        [
+            speed,
+            agreement,
+            speedups,
+            para(f"""Cost against training ({args["train_steps"]} AdamW steps of the same model at batch
+            {args["train_batch"]}, fp32, as `precompute train` trains, timed in each repeat):"""),
+            training,
+        ]
+    )
 
 
-@page("docs/benchmarks/featurize_speed.md", "Featurization speed: ours against traker",
-      "images/s and agreement with exact scores of our featurizer against traker 0.3.2, and against a "
-      "training step", TRAKER, TRAKER_SEEDS)
+@page(
+    "docs/benchmarks/featurize_speed.md",
+    "Featurization speed: ours against traker",
+    "images/s and agreement with exact scores of our featurizer against traker 0.3.2, and against a "
+    "training step",
+    TRAKER,
+    TRAKER_SEEDS,
+)
 def featurize_speed() -> str:
     results, second = load(TRAKER), load(TRAKER_SEEDS)
     args = results["args"]
     cosines = {}
     for name in ("ours", "traker best"):
         rows = [traker_rows(r)[1] if name == "ours" else traker_rows(r)[0][name] for r in (results, second)]
-        cosines[name] = statistics.fmean(rows[0]["spearman"]["cosine"]["per_seed"]
-                                         + rows[1]["spearman"]["cosine"]["per_seed"])
+        cosines[name] = statistics.fmean(
+            rows[0]["spearman"]["cosine"]["per_seed"] + rows[1]["spearman"]["cosine"]["per_seed"]
+        )
     intro = para(f"""
         How fast does `precompute featurize` turn training images into projected gradients, against traker
         0.3.2 on the same CPU, and how close do both come to the exact scores? Both sides featurize the same
-        {args['n']} mnist5k training images of the shipped model with the same quantity: the gradient of
+        {args["n"]} mnist5k training images of the shipped model with the same quantity: the gradient of
         D-TRAK's `square` output averaged over 10 timesteps (t = 50, 150, ..., 950) with the same shared
-        noise, projected to k = {args['proj_dim']} (traker's unprojected gradient matches ours to
-        {results['gradient_mismatch']:.1e} relative). Ours runs `--projector {args['projector']} --calibrate
-        {args['calibrate']} --precision {args['precision']}` on {args['workers']} worker threads; "traker
-        best" is traker at its fastest settings (fp32, one projector block built once, {args['traker_batch']}
+        noise, projected to k = {args["proj_dim"]} (traker's unprojected gradient matches ours to
+        {results["gradient_mismatch"]:.1e} relative). Ours runs `--projector {args["projector"]} --calibrate
+        {args["calibrate"]} --precision {args["precision"]}` on {args["workers"]} worker threads; "traker
+        best" is traker at its fastest settings (fp32, one projector block built once, {args["traker_batch"]}
         images per call), also timed under the same bf16 autocast (`--traker-bf16`, not a traker setting).
         Timed runs are interleaved (each repeat times every method once) and a speed-up is the median of the
-        within-repeat ratios. Agreement: for {args['queries']} held-out queries, the Spearman correlation of
+        within-repeat ratios. Agreement: for {args["queries"]} held-out queries, the Spearman correlation of
         each method's scores for the training images with the exact scores from full unprojected gradients,
         averaged over projection seeds. traker is a bench-only dependency.""")
     second_intro = para(f"""
-        The same bench with projection seeds 5-9 and {second['args']['runs']} more timed repeats, traker
+        The same bench with projection seeds 5-9 and {second["args"]["runs"]} more timed repeats, traker
         default left out ({source_links([TRAKER_SEEDS])}). Over all ten seeds the mean cosine agreement is
-        {cosines['ours']:.5f} for ours and {cosines['traker best']:.5f} for traker best.""")
-    return "\n\n".join([
-        intro,
-        commands("pip install -r bench/requirements-bench.txt", check_command(TRAKER_COMMAND, args)),
-        f"Results ({source_links([TRAKER])}):",
-        traker_tables(results),
-        "## A second sample of projection seeds",
-        second_intro,
-        commands(check_command(TRAKER_SEEDS_COMMAND, second["args"])),
-        traker_tables(second),
-    ])
+        {cosines["ours"]:.5f} for ours and {cosines["traker best"]:.5f} for traker best.""")
+    return "\n\n".join(
+        [
+            intro,
+            commands("pip install -r bench/requirements-bench.txt", check_command(TRAKER_COMMAND, args)),
+            f"Results ({source_links([TRAKER])}):",
+            traker_tables(results),
+            "## A second sample of projection seeds",
+            second_intro,
+            commands(check_command(TRAKER_SEEDS_COMMAND, second["args"])),
+            traker_tables(second),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # where featurization time goes
 
 PROFILE = "featurize_profile_2048_calibrated_bf16.json"
-PROFILE_COMMAND = ("python bench/featurize_profile.py --paths kronecker+calibrated kronecker+calibrated+bf16 "
-                   f"--repeats 5 --json bench/results/{PROFILE}")
+PROFILE_COMMAND = (
+    "python bench/featurize_profile.py --paths kronecker+calibrated kronecker+calibrated+bf16 "
+    f"--repeats 5 --json bench/results/{PROFILE}"
+)
 
 
-@page("docs/benchmarks/featurize_profile.md", "Where featurization time goes",
-      "per-stage cost of the kronecker featurizer in fp32 and bf16, one (example, timestep) per row, "
-      "against a training step", PROFILE)
+@page(
+    "docs/benchmarks/featurize_profile.md",
+    "Where featurization time goes",
+    "per-stage cost of the kronecker featurizer in fp32 and bf16, one (example, timestep) per row, "
+    "against a training step",
+    PROFILE,
+)
 def featurize_profile() -> str:
     results = load(PROFILE)
     paths, batch = results["paths"], results["batch"]
     names = list(paths)
     stages = list(paths[names[0]]["stages_ms_per_batch"])
-    rows = [[stage, *(f"{paths[name]['stages_ms_per_batch'][stage] / batch:.2f} ms" for name in names)]
-            for stage in stages]
-    rows.append(["features end to end",
-                 *(f"{paths[name]['features_ms_per_example_timestep']:.2f} ms" for name in names)])
-    rows.append(["examples per second, end to end",
-                 *(f"{paths[name]['examples_per_s']:.0f}" for name in names)])
+    rows = [
+        [stage, *(f"{paths[name]['stages_ms_per_batch'][stage] / batch:.2f} ms" for name in names)]
+        for stage in stages
+    ]
+    rows.append(
+        [
+            "features end to end",
+            *(f"{paths[name]['features_ms_per_example_timestep']:.2f} ms" for name in names),
+        ]
+    )
+    rows.append(
+        ["examples per second, end to end", *(f"{paths[name]['examples_per_s']:.0f}" for name in names)]
+    )
     per_repeat = {name: " / ".join(f"{r:.2f}" for r in paths[name]["ratios"]) for name in names}
-    rows.append([
-        f"**featurization / AdamW training step** ({results['train_step_per_sample_ms']:.2f} ms per sample)",
-        *(f"**{paths[name]['relative_to_train_step']:.2f}x** ({per_repeat[name]})" for name in names),
-    ])
+    rows.append(
+        [
+            f"**featurization / AdamW training step** ({results['train_step_per_sample_ms']:.2f} ms "
+            "per sample)",
+            *(f"**{paths[name]['relative_to_train_step']:.2f}x** ({per_repeat[name]})" for name in names),
+        ]
+    )
     parts = ("features", "whitening", "I/O")
     seconds = [[name, *(f"{paths[name]['end_to_end_s'][part]:.2f}" for part in parts)] for name in names]
     intro = para(f"""
         `bench/featurize_profile.py` times each stage of featurization (D-TRAK's `square` output, the script's
-        default) on the shipped model and {results['images']} mnist5k training images x {results['buckets']}
+        default) on the shipped model and {results["images"]} mnist5k training images x {results["buckets"]}
         buckets, with one timestep and one noise draw per bucket, so that one row is one (example, timestep)
-        pair; batches of {batch} rows, k = {results['proj_dim']}, {results['threads']} torch threads. In every
+        pair; batches of {batch} rows, k = {results["proj_dim"]}, {results["threads"]} torch threads. In every
         repeat it also times one batched AdamW training step of the same model at the same batch size; the
         last row is the median of the per-repeat ratios (each repeat in brackets). A stage row is the stage's
         time for one batch divided by {batch}. The two-pass stages (backward, then the blocks) are shown for
         scale; the one-pass backward is what `features()` runs.""")
-    return "\n\n".join([
-        intro, commands(PROFILE_COMMAND), f"Results ({source_links([PROFILE])}):",
-        table(["per (example, timestep)", *names], rows),
-        f"End to end, seconds for {results['images']} images x {results['buckets']} buckets:",
-        table(["path", "features s", "whitening s", "I/O s"], seconds),
-    ])
+    return "\n\n".join(
+        [
+            intro,
+            commands(PROFILE_COMMAND),
+            f"Results ({source_links([PROFILE])}):",
+            table(["per (example, timestep)", *names], rows),
+            f"End to end, seconds for {results['images']} images x {results['buckets']} buckets:",
+            table(["path", "features s", "whitening s", "I/O s"], seconds),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -190,35 +257,64 @@ SUBSETS = "param_subsets.json"
 SUBSETS_COMMAND = f"python bench/param_subsets.py --json bench/results/{SUBSETS}"
 
 
-@page("docs/benchmarks/param_subsets.md", "Featurizing a parameter subset (`--params`)",
-      "speed and agreement with the full exact scores when only some parameters' gradient is featurized",
-      SUBSETS)
+@page(
+    "docs/benchmarks/param_subsets.md",
+    "Featurizing a parameter subset (`--params`)",
+    "speed and agreement with the full exact scores when only some parameters' gradient is featurized",
+    SUBSETS,
+)
 def param_subsets() -> str:
     results = load(SUBSETS)
     args = results["args"]
-    rows = [[row["subset"], row["projector"], f"{row['num_params']:,}", f"{row['norm_share']:.1%}",
-             f"{row['median_images_per_s']:.1f}", f"{row['spearman']['inner']['mean']:.4f}",
-             f"{row['spearman']['cosine']['mean']:.4f}"] for row in results["rows"]]
+    rows = [
+        [
+            row["subset"],
+            row["projector"],
+            f"{row['num_params']:,}",
+            f"{row['norm_share']:.1%}",
+            f"{row['median_images_per_s']:.1f}",
+            f"{row['spearman']['inner']['mean']:.4f}",
+            f"{row['spearman']['cosine']['mean']:.4f}",
+        ]
+        for row in results["rows"]
+    ]
     intro = para(f"""
         What does featurizing only some parameters' gradient (`precompute featurize --params PREFIX ...`) buy
-        in speed and cost in accuracy? The setting of the traker bench: the shipped model, {args['n']} mnist5k
-        training images, D-TRAK's `square` output over 10 timesteps, k = {args['proj_dim']}. For each subset
-        and projector: images/s (median of {args['runs']} runs after a warm-up), the subset's share of the
+        in speed and cost in accuracy? The setting of the traker bench: the shipped model, {args["n"]} mnist5k
+        training images, D-TRAK's `square` output over 10 timesteps, k = {args["proj_dim"]}. For each subset
+        and projector: images/s (median of {args["runs"]} runs after a warm-up), the subset's share of the
         squared gradient norm (on 16 of the images), and the Spearman agreement of its scores for
-        {args['queries']} held-out queries with the exact scores of the *full* gradient (all parameters,
-        unprojected), averaged over {args['seeds']} projection seeds.""")
-    return "\n\n".join([
-        intro, commands(check_command(SUBSETS_COMMAND, args)), f"Results ({source_links([SUBSETS])}):",
-        table(["parameters", "projector", "parameters featurized", "share of the squared gradient norm",
-               "images/s", "Spearman, inner product", "Spearman, cosine"], rows),
-    ])
+        {args["queries"]} held-out queries with the exact scores of the *full* gradient (all parameters,
+        unprojected), averaged over {args["seeds"]} projection seeds.""")
+    return "\n\n".join(
+        [
+            intro,
+            commands(check_command(SUBSETS_COMMAND, args)),
+            f"Results ({source_links([SUBSETS])}):",
+            table(
+                [
+                    "parameters",
+                    "projector",
+                    "parameters featurized",
+                    "share of the squared gradient norm",
+                    "images/s",
+                    "Spearman, inner product",
+                    "Spearman, cosine",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # memory allocator
 
-ALLOCATOR = ("allocator_ab_countsketch.json", "allocator_ab_kronecker.json",
-             "allocator_ab_kronecker_traker_spec.json")
+ALLOCATOR = (
+    "allocator_ab_countsketch.json",
+    "allocator_ab_kronecker.json",
+    "allocator_ab_kronecker_traker_spec.json",
+)
 
 
 def allocator_command(args: dict) -> str:
@@ -228,13 +324,17 @@ def allocator_command(args: dict) -> str:
     if args["calibrate"]:
         parts.append(f"--calibrate {args['calibrate']}")
     if args.get("featurize_args"):
-        parts.append(f"--featurize-args \"{args['featurize_args']}\"")
+        parts.append(f'--featurize-args "{args["featurize_args"]}"')
     return " ".join([*parts, f"--json {args['json']}"])
 
 
-@page("docs/benchmarks/allocator.md", "Memory allocator settings",
-      "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
-      "settings", *ALLOCATOR)
+@page(
+    "docs/benchmarks/allocator.md",
+    "Memory allocator settings",
+    "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
+    "settings",
+    *ALLOCATOR,
+)
 def allocator() -> str:
     rows = []
     for name in ALLOCATOR:
@@ -248,27 +348,38 @@ def allocator() -> str:
             def middle(key: str, runs=runs) -> float:
                 return statistics.median(run[key] for run in runs)
 
-            cells.append(f"{middle('seconds'):.1f} s, {middle('peak_rss_gb'):.2f} GB, "
-                         f"{middle('page_faults') / 1e6:.2f}M, {middle('system_s'):.1f} s")
+            cells.append(
+                f"{middle('seconds'):.1f} s, {middle('peak_rss_gb'):.2f} GB, "
+                f"{middle('page_faults') / 1e6:.2f}M, {middle('system_s'):.1f} s"
+            )
         label = f"{args['projector']}{', calibrated' if args['calibrate'] else ''}, {spec}"
         rows.append([label, *cells, f"**{results['speedup']:.2f}x**"])
     first = load(ALLOCATOR[0])["args"]
     intro = para(f"""
         `FeatureComputer` sets glibc's malloc, once per process, to serve blocks under 32 MiB from its heap
         and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
-        What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first['images']}`
-        in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first['rounds']}
+        What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first["images"]}`
+        in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first["rounds"]}
         rounds), and reads from each process its featurization seconds (featurize's own report), peak RSS,
         minor page faults and system CPU time (the whole process, start-up included). Cells are medians over
         the rounds; the speed-up is the median of the within-round ratios of featurization seconds, defaults
         over tuned.""")
-    return "\n\n".join([
-        intro, commands(*(allocator_command(load(name)["args"]) for name in ALLOCATOR)),
-        f"Results ({source_links(ALLOCATOR)}):",
-        table([f"featurize, {first['images']} images",
-               "glibc defaults: seconds, peak RSS, page faults, system time", "tuned",
-               "speed-up (defaults / tuned)"], rows),
-    ])
+    return "\n\n".join(
+        [
+            intro,
+            commands(*(allocator_command(load(name)["args"]) for name in ALLOCATOR)),
+            f"Results ({source_links(ALLOCATOR)}):",
+            table(
+                [
+                    f"featurize, {first['images']} images",
+                    "glibc defaults: seconds, peak RSS, page faults, system time",
+                    "tuned",
+                    "speed-up (defaults / tuned)",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,9 +388,12 @@ def allocator() -> str:
 SCALE = "index_scale.json"
 
 
-@page("docs/benchmarks/index_scale.md", "Index at scale: flat, IVF and HNSW",
-      "query latency, build time and recall@10 of exact and approximate FAISS indexes at 100k and 1M rows",
-      SCALE)
+@page(
+    "docs/benchmarks/index_scale.md",
+    "Index at scale: flat, IVF and HNSW",
+    "query latency, build time and recall@10 of exact and approximate FAISS indexes at 100k and 1M rows",
+    SCALE,
+)
 def index_scale() -> str:
     results = load(SCALE)
     rows = results["rows"]
@@ -289,17 +403,23 @@ def index_scale() -> str:
         `IndexIVFFlat` (nlist = f sqrt(N), as `--index-type ivf` builds them) and `IndexHNSWFlat` over
         synthetic unit vectors at the shipped k from three data models: a Gaussian mixture, one continuous
         anisotropic Gaussian (no clusters: the hard case), and the shipped index's least structured bucket
-        tiled with noise. {results['queries']} held-out queries (on the flat index {results['flat_queries']})
+        tiled with noise. {results["queries"]} held-out queries (on the flat index {results["flat_queries"]})
         are each searched as q (positive influencers) and -q (negative influencers); single-query latency with
-        faiss threads {threads['queries']} (as the explorer runs), builds with {threads['builds']} threads;
+        faiss threads {threads["queries"]} (as the explorer runs), builds with {threads["builds"]} threads;
         recall@10 against the exact flat search. "rule" rows are what `--index-type ivf` does by itself: nlist
         = 4 sqrt(N), and nprobe for q and for -q calibrated on the index's own rows until recall@10 reaches
         0.95.""")
 
     def cells(row: dict) -> list[str]:
-        return [row["data"], row["index"], row["params"], f"{row['build_s']:.1f}",
-                f"{row['median_ms_pos']:.2f} / {row['median_ms_neg']:.2f}", f"{row['p95_ms']:.2f}",
-                f"{row['recall_pos']:.3f} / {row['recall_neg']:.3f}"]
+        return [
+            row["data"],
+            row["index"],
+            row["params"],
+            f"{row['build_s']:.1f}",
+            f"{row['median_ms_pos']:.2f} / {row['median_ms_neg']:.2f}",
+            f"{row['p95_ms']:.2f}",
+            f"{row['recall_pos']:.3f} / {row['recall_neg']:.3f}",
+        ]
 
     sizes = sorted({row["n"] for row in rows}, reverse=True)
     glance = []
@@ -308,19 +428,50 @@ def index_scale() -> str:
             same = [row for row in rows if row["n"] == n and row["data"] == data]
             flat = next(row for row in same if row["index"] == "flat")
             for rule in (row for row in same if row["params"].startswith("rule")):
-                glance.append([f"{n:,}", data, f"{flat['median_ms_pos']:.1f} / {flat['median_ms_neg']:.1f}",
-                               rule["params"].removeprefix("rule: "),
-                               f"{rule['median_ms_pos']:.2f} / {rule['median_ms_neg']:.2f}",
-                               f"{rule['recall_pos']:.3f} / {rule['recall_neg']:.3f}",
-                               f"{rule['build_s']:.1f}"])
+                glance.append(
+                    [
+                        f"{n:,}",
+                        data,
+                        f"{flat['median_ms_pos']:.1f} / {flat['median_ms_neg']:.1f}",
+                        rule["params"].removeprefix("rule: "),
+                        f"{rule['median_ms_pos']:.2f} / {rule['median_ms_neg']:.2f}",
+                        f"{rule['recall_pos']:.3f} / {rule['recall_neg']:.3f}",
+                        f"{rule['build_s']:.1f}",
+                    ]
+                )
     recorded = [strip_lock(command).replace("  (", "   # (", 1) for command in results["commands"]]
-    parts = [intro, commands(*recorded),
-             f"At a glance, the exact search against the rule ({source_links([SCALE])}):",
-             table(["N", "data", "flat: median ms, q / -q", "IVF rule", "rule: median ms, q / -q",
-                    "rule: recall@10, q / -q", "rule: build s"], glance)]
+    parts = [
+        intro,
+        commands(*recorded),
+        f"At a glance, the exact search against the rule ({source_links([SCALE])}):",
+        table(
+            [
+                "N",
+                "data",
+                "flat: median ms, q / -q",
+                "IVF rule",
+                "rule: median ms, q / -q",
+                "rule: recall@10, q / -q",
+                "rule: build s",
+            ],
+            glance,
+        ),
+    ]
     for n in sizes:
         dims = ", ".join(map(str, sorted({row["dim"] for row in rows if row["n"] == n})))
-        parts += [f"## N = {n:,} (k = {dims})",
-                  table(["data", "index", "parameters", "build s", "median ms, q / -q", "p95 ms",
-                         "recall@10, q / -q"], [cells(row) for row in rows if row["n"] == n])]
+        parts += [
+            f"## N = {n:,} (k = {dims})",
+            table(
+                [
+                    "data",
+                    "index",
+                    "parameters",
+                    "build s",
+                    "median ms, q / -q",
+                    "p95 ms",
+                    "recall@10, q / -q",
+                ],
+                [cells(row) for row in rows if row["n"] == n],
+            ),
+        ]
     return "\n\n".join(parts)

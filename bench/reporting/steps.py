@@ -46,21 +46,28 @@ def index_name(directory: str, label: str) -> str:
     return f"`{directory}`: {note} ({label})" if note else f"`{directory}` ({label})"
 
 
-QUALITY_ROWS = (("top-10 label agreement", "label_agreement", "{:.3f}"),
-                ("min spread of the top-10 scores", "spread_min", "{:.3f}"),
-                ("share of queries with a positive-scored negative", "positive_negative_share", "{:.1%}"))
+QUALITY_ROWS = (
+    ("top-10 label agreement", "label_agreement", "{:.3f}"),
+    ("min spread of the top-10 scores", "spread_min", "{:.3f}"),
+    ("share of queries with a positive-scored negative", "positive_negative_share", "{:.1%}"),
+)
 
 
 def quality_table(per_bucket: dict, split: str) -> str:
     steps = by_timestep(per_bucket)
-    rows = [[name, *(fmt.format(per_bucket[t][split][key]) for t in steps)]
-            for name, key, fmt in QUALITY_ROWS]
+    rows = [
+        [name, *(fmt.format(per_bucket[t][split][key]) for t in steps)] for name, key, fmt in QUALITY_ROWS
+    ]
     return table(["test split", *(f"t = {t}" for t in steps)], rows)
 
 
-@page("docs/benchmarks/step_quality.md", "Per-step quality on held-out digits",
-      "top-10 label agreement, score spread and positive-scored negatives of the served indexes at every "
-      "bucket's timestep", QUALITY)
+@page(
+    "docs/benchmarks/step_quality.md",
+    "Per-step quality on held-out digits",
+    "top-10 label agreement, score spread and positive-scored negatives of the served indexes at every "
+    "bucket's timestep",
+    QUALITY,
+)
 def step_quality() -> str:
     results = load(QUALITY)
     indexes = results["indexes"]
@@ -77,17 +84,22 @@ def step_quality() -> str:
     parts = [intro, commands(strip_lock(results["command"])), f"Results ({source_links([QUALITY])}):"]
     for directory, entry in indexes.items():
         storage = "" if entry["storage"] in entry["label"] else f", {entry['storage']} storage"
-        parts += [f"## {index_name(directory, entry['label'])}{storage}",
-                  quality_table(entry["per_bucket"], "test")]
+        parts += [
+            f"## {index_name(directory, entry['label'])}{storage}",
+            quality_table(entry["per_bucket"], "test"),
+        ]
     shipped = SHIPPED_INDEX if SHIPPED_INDEX in indexes else next(iter(indexes))
     per_bucket = indexes[shipped]["per_bucket"]
     steps = by_timestep(per_bucket)
-    parts += [f"## All 500 held-out digits, `{shipped}`",
-              para("""The top-10 label agreement of the same index over both halves (dev and test
+    parts += [
+        f"## All 500 held-out digits, `{shipped}`",
+        para("""The top-10 label agreement of the same index over both halves (dev and test
                   together):"""),
-              table(["all held-out digits", *(f"t = {t}" for t in steps)],
-                    [["top-10 label agreement", *(f"{per_bucket[t]['all']['label_agreement']:.3f}"
-                                                  for t in steps)]])]
+        table(
+            ["all held-out digits", *(f"t = {t}" for t in steps)],
+            [["top-10 label agreement", *(f"{per_bucket[t]['all']['label_agreement']:.3f}" for t in steps)]],
+        ),
+    ]
     return "\n\n".join(parts)
 
 
@@ -105,9 +117,13 @@ def candidate_label(name: str) -> str:
     return f"{output}, {centering}, lambda {float(lam):g}"
 
 
-@page("docs/benchmarks/step_candidates.md", "Per-step candidates (issue 19)",
-      "top-10 label agreement per bucket of every output function, centering and relative lambda, chosen on "
-      "the dev half of the held-out digits", CANDIDATES)
+@page(
+    "docs/benchmarks/step_candidates.md",
+    "Per-step candidates (issue 19)",
+    "top-10 label agreement per bucket of every output function, centering and relative lambda, chosen on "
+    "the dev half of the held-out digits",
+    CANDIDATES,
+)
 def step_candidates() -> str:
     results = load(CANDIDATES)
     candidates, choices, queries = results["candidates"], results["dev_choice"], results["queries"]
@@ -116,43 +132,73 @@ def step_candidates() -> str:
     intro = para(f"""
         Which index settings keep per-step attributions sound over the whole slider?
         `bench/step_candidates.py` scores every candidate (output function x centering x relative lambda
-        {', '.join(f'{lam:g}' for lam in results['lambdas'])}) bucket by bucket from the raw features an
+        {", ".join(f"{lam:g}" for lam in results["lambdas"])}) bucket by bucket from the raw features an
         index build kept (`precompute featurize --keep-features`), through explorer.scoring, the path the
         index build uses, with the held-out mnist5k digits as queries at each bucket's timestep (the measures
-        of the [per-step quality](step_quality.md) page). The dev half ({queries['dev']} digits) chooses;
-        the test half ({queries['test']} digits) is read only for the choices.""")
+        of the [per-step quality](step_quality.md) page). The dev half ({queries["dev"]} digits) chooses;
+        the test half ({queries["test"]} digits) is read only for the choices.""")
     dev_rows = []
     for name in sorted(candidates, key=candidate_order):
         values = [candidates[name][t]["dev"]["label_agreement"] for t in steps]
         worst = min(range(len(steps)), key=values.__getitem__)
-        dev_rows.append([candidate_label(name), *(f"{v:.3f}" for v in values),
-                         f"{values[worst]:.3f} (t = {steps[worst]})"])
+        dev_rows.append(
+            [
+                candidate_label(name),
+                *(f"{v:.3f}" for v in values),
+                f"{values[worst]:.3f} (t = {steps[worst]})",
+            ]
+        )
     one_rows, per_bucket_rows = [], []
     for name in sorted(choices, key=choice_order):
         output, centering = name.split("|")
         one, per_bucket = choices[name]["one_lambda"], choices[name]["lambda_per_bucket"]
         spread = min(one["test"][t]["spread_min"] for t in steps)
-        one_rows.append([output, centering, f"{one['lambda']:g}", f"{one['dev_mean']:.3f}",
-                         *(f"{one['test'][t]['label_agreement']:.3f}" for t in steps), f"{spread:.3f}"])
-        per_bucket_rows.append([output, centering, *(f"{per_bucket[t]['test']['label_agreement']:.3f} "
-                                                     f"({per_bucket[t]['lambda']:g})" for t in steps)])
-    return "\n\n".join([
-        intro, commands(strip_lock(results["command"])), f"Results ({source_links([CANDIDATES])}):",
-        "## Dev half: top-10 label agreement per bucket",
-        table(["candidate (output, centering, relative lambda)", *columns, "worst bucket"], dev_rows),
-        "## Test half: the dev choices",
-        para("""One relative lambda per output function and centering, the one with the best mean dev label
+        one_rows.append(
+            [
+                output,
+                centering,
+                f"{one['lambda']:g}",
+                f"{one['dev_mean']:.3f}",
+                *(f"{one['test'][t]['label_agreement']:.3f}" for t in steps),
+                f"{spread:.3f}",
+            ]
+        )
+        per_bucket_rows.append(
+            [
+                output,
+                centering,
+                *(
+                    f"{per_bucket[t]['test']['label_agreement']:.3f} ({per_bucket[t]['lambda']:g})"
+                    for t in steps
+                ),
+            ]
+        )
+    return "\n\n".join(
+        [
+            intro,
+            commands(strip_lock(results["command"])),
+            f"Results ({source_links([CANDIDATES])}):",
+            "## Dev half: top-10 label agreement per bucket",
+            table(["candidate (output, centering, relative lambda)", *columns, "worst bucket"], dev_rows),
+            "## Test half: the dev choices",
+            para("""One relative lambda per output function and centering, the one with the best mean
+            dev label
             agreement over the buckets: its test label agreement per bucket, and the lowest min spread of the
             top-10 scores over the buckets."""),
-        table(["output", "centering", "lambda (dev)", "dev mean", *columns, "min spread"], one_rows),
-        para("""With a lambda chosen on dev for each bucket instead: test label agreement (lambda in
+            table(["output", "centering", "lambda (dev)", "dev mean", *columns, "min spread"], one_rows),
+            para("""With a lambda chosen on dev for each bucket instead: test label agreement (lambda in
             brackets)."""),
-        table(["output", "centering", *columns], per_bucket_rows),
-    ])
+            table(["output", "centering", *columns], per_bucket_rows),
+        ]
+    )
 
 
-LDS_COLUMNS = (("held-out digits", "heldout"), ("generated images", "generated"),
-               ("per-step (trajectory-tied)", "step_trajectory"), ("per-step proxy", "step_proxy"))
+LDS_COLUMNS = (
+    ("held-out digits", "heldout"),
+    ("generated images", "generated"),
+    ("per-step (trajectory-tied)", "step_trajectory"),
+    ("per-step proxy", "step_proxy"),
+)
 
 
 def method_name(name: str, label: str) -> str:
@@ -164,9 +210,13 @@ def planned_models() -> int | None:
     return load("lds_mnist5k/config.json")["truth"]["subsets"] if config.exists() else None
 
 
-@page("docs/benchmarks/lds_mnist5k.md", "LDS on the shipped model",
-      "linear datamodeling score of the served index and the baselines on mnist5k, whole images and per "
-      "step, against subset models of the shipped architecture", SHIPPED_LDS)
+@page(
+    "docs/benchmarks/lds_mnist5k.md",
+    "LDS on the shipped model",
+    "linear datamodeling score of the served index and the baselines on mnist5k, whole images and per "
+    "step, against subset models of the shipped architecture",
+    SHIPPED_LDS,
+)
 def lds_mnist5k() -> str:
     results = load(SHIPPED_LDS)
     truth, ceiling, methods = results["truth"], results["seed_ceiling"], results["methods"]
@@ -177,8 +227,8 @@ def lds_mnist5k() -> str:
         How well do the served scores predict what training data does to the shipped model itself?
         `precompute evaluate shipped-lds` scores each index directory through its own files (what the explorer
         serves is what is measured) against subset models of the shipped architecture, retrained on random
-        halves of the 4,500 mnist5k training images with a {truth['recipe_steps']}-step recipe
-        ({truth['recipe_steps'] / SHIPPED_STEPS:.2f}x the shipped {SHIPPED_STEPS:,}). The ground truth is in
+        halves of the 4,500 mnist5k training images with a {truth["recipe_steps"]}-step recipe
+        ({truth["recipe_steps"] / SHIPPED_STEPS:.2f}x the shipped {SHIPPED_STEPS:,}). The ground truth is in
         [`bench/results/lds_mnist5k/`](../../bench/results/lds_mnist5k/), one file per model. Whole-image
         columns: held-out digits ({heldout_queries} test queries) and generated images ({generated_queries}),
         a training image's score summed over the buckets, each bucket queried at its own timestep. Per-step
@@ -189,67 +239,115 @@ def lds_mnist5k() -> str:
         95% bootstrap over models and queries together. The seed ceiling is the Spearman correlation of
         subset models retrained with a second seed with their first, the LDS that seed noise leaves.""")
     if planned and truth["models"] >= planned:
-        models = para(f"""These numbers use all {truth['models']} subset models, {truth['test_models']} of
-            them in the test split ({truth['dev_models']} dev).""")
+        models = para(f"""These numbers use all {truth["models"]} subset models, {truth["test_models"]} of
+            them in the test split ({truth["dev_models"]} dev).""")
     else:
         of_planned = f" of the {planned} planned" if planned else ""
         models = para(f"""
-            These numbers use {truth['models']}{of_planned} subset models, {truth['test_models']} of them in
-            the test split ({truth['dev_models']} dev): the run is partial while models are still being
+            These numbers use {truth["models"]}{of_planned} subset models, {truth["test_models"]} of them in
+            the test split ({truth["dev_models"]} dev): the run is partial while models are still being
             retrained, and this page is rewritten as they are added.""")
-    rows = [[method_name(name, entry["label"]), *(lds_cell(entry["test"][key]) for _, key in LDS_COLUMNS)]
-            for name, entry in methods.items()]
+    rows = [
+        [method_name(name, entry["label"]), *(lds_cell(entry["test"][key]) for _, key in LDS_COLUMNS)]
+        for name, entry in methods.items()
+    ]
     twice = ceiling["subsets"]
-    rows.append([f"seed ceiling ({twice} subset{'' if twice == 1 else 's'} trained twice)",
-                 *(number(ceiling.get(key)) for _, key in LDS_COLUMNS)])
+    rows.append(
+        [
+            f"seed ceiling ({twice} subset{'' if twice == 1 else 's'} trained twice)",
+            *(number(ceiling.get(key)) for _, key in LDS_COLUMNS),
+        ]
+    )
     buckets = len(first["heldout_by_bucket"])
     width = 1000 // buckets  # the shipped scheduler's 1,000 training timesteps in equal buckets
-    by_bucket = table(["method", *(f"t = {b * width + width // 2}" for b in range(buckets))],
-                      [[method_name(name, entry["label"]),
-                        *(number(cell["mean"]) for cell in entry["test"]["heldout_by_bucket"])]
-                       for name, entry in methods.items()])
-    step_columns = [f"step {s} (t ~ {t})"
-                    for s, t in zip(truth["steps"], truth["step_timesteps"], strict=True)]
-    by_step = table(["method", *step_columns],
-                    [[method_name(name, entry["label"]),
-                      *(number(cell["mean"]) for cell in entry["test"]["step_trajectory_by_step"])]
-                     for name, entry in methods.items()])
-    return "\n\n".join([
-        intro, models, commands(strip_lock(results["command"])),
-        f"Results, test split, mean [95% interval] ({source_links([SHIPPED_LDS])}):",
-        table(["method", *(name for name, _ in LDS_COLUMNS)], rows),
-        "## Held-out digits by bucket",
-        para("""Mean LDS of the held-out test digits bucket by bucket: the score in the bucket (queried at its
+    by_bucket = table(
+        ["method", *(f"t = {b * width + width // 2}" for b in range(buckets))],
+        [
+            [
+                method_name(name, entry["label"]),
+                *(number(cell["mean"]) for cell in entry["test"]["heldout_by_bucket"]),
+            ]
+            for name, entry in methods.items()
+        ],
+    )
+    step_columns = [
+        f"step {s} (t ~ {t})" for s, t in zip(truth["steps"], truth["step_timesteps"], strict=True)
+    ]
+    by_step = table(
+        ["method", *step_columns],
+        [
+            [
+                method_name(name, entry["label"]),
+                *(number(cell["mean"]) for cell in entry["test"]["step_trajectory_by_step"]),
+            ]
+            for name, entry in methods.items()
+        ],
+    )
+    return "\n\n".join(
+        [
+            intro,
+            models,
+            commands(strip_lock(results["command"])),
+            f"Results, test split, mean [95% interval] ({source_links([SHIPPED_LDS])}):",
+            table(["method", *(name for name, _ in LDS_COLUMNS)], rows),
+            "## Held-out digits by bucket",
+            para("""Mean LDS of the held-out test digits bucket by bucket: the score in the bucket
+            (queried at its
             timestep, the bucket's centre) against the loss measured inside the bucket."""),
-        by_bucket,
-        "## Per-step queries by sampler step",
-        para("""Mean trajectory-tied LDS of the per-step test queries at each sampler step (t: the mean
+            by_bucket,
+            "## Per-step queries by sampler step",
+            para("""Mean trajectory-tied LDS of the per-step test queries at each sampler step (t: the mean
             timestep of the step over the trajectories)."""),
-        by_step,
-    ])
+            by_step,
+        ]
+    )
 
 
-@page("docs/benchmarks/served_vs_exact.md", "Served index against exact scores",
-      "top-10 overlap of the served index's lists with exact float32 scores at the query's own timestep",
-      SERVED)
+@page(
+    "docs/benchmarks/served_vs_exact.md",
+    "Served index against exact scores",
+    "top-10 overlap of the served index's lists with exact float32 scores at the query's own timestep",
+    SERVED,
+)
 def served_vs_exact() -> str:
     results = load(SERVED)
     per_timestep = results["per_timestep"]
     intro = para(f"""
         How far is what the explorer serves from exact scores at the query's own timestep? The served index
-        ({results['index']}; {results['storage']} storage) stores one timestep per bucket, its centre; a
+        ({results["index"]}; {results["storage"]} storage) stores one timestep per bucket, its centre; a
         query at train timestep t is featurized at its bucket's timestep and searched in the stored rows.
         `bench/served_vs_exact.py` featurizes every training image and the query at t itself, with the
         index's own spec and scoring (explorer.scoring: centering, lambda, normalization), in float32, and
         gives per t the mean top-10 overlap of the two lists, positive and negative influencers, over
-        {results['queries']} held-out test-split digits. The {len(per_timestep)} query timesteps lie in
-        {len({entry['bucket'] for entry in per_timestep.values()})} buckets, each off its bucket's centre
+        {results["queries"]} held-out test-split digits. The {len(per_timestep)} query timesteps lie in
+        {len({entry["bucket"] for entry in per_timestep.values()})} buckets, each off its bucket's centre
         (where the stored features were taken).""")
-    rows = [[t, entry["bucket"], entry["bucket_timestep"], f"{entry['top10_overlap_positive']:.3f}",
-             f"{entry['top10_overlap_negative']:.3f}", f"{entry['seconds']:.1f}"]
-            for t, entry in sorted(per_timestep.items(), key=lambda item: int(item[0]))]
-    return "\n\n".join([
-        intro, commands(strip_lock(results["command"])), f"Results ({source_links([SERVED])}):",
-        table(["query t", "bucket", "bucket's timestep", "top-10 overlap, positive",
-               "top-10 overlap, negative", "seconds"], rows),
-    ])
+    rows = [
+        [
+            t,
+            entry["bucket"],
+            entry["bucket_timestep"],
+            f"{entry['top10_overlap_positive']:.3f}",
+            f"{entry['top10_overlap_negative']:.3f}",
+            f"{entry['seconds']:.1f}",
+        ]
+        for t, entry in sorted(per_timestep.items(), key=lambda item: int(item[0]))
+    ]
+    return "\n\n".join(
+        [
+            intro,
+            commands(strip_lock(results["command"])),
+            f"Results ({source_links([SERVED])}):",
+            table(
+                [
+                    "query t",
+                    "bucket",
+                    "bucket's timestep",
+                    "top-10 overlap, positive",
+                    "top-10 overlap, negative",
+                    "seconds",
+                ],
+                rows,
+            ),
+        ]
+    )

@@ -22,13 +22,13 @@ import gradio.utils as gr_utils
 import numpy as np
 from gradio.components.plot import PlotData
 
-from explorer.web import plots
 from explorer.attribution import MAX_TOP_K, Explorer, StepAttribution, TrajectoryAttribution
 from explorer.data import load_image_file
 from explorer.errors import ExplorerError, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
+from explorer.web import plots
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ NO_INFLUENCER = "Click an influencer to see when it mattered."
 
 def user_errors(handler: Callable) -> Callable:
     """Show ExplorerError messages in the page (gr.Error), never a stack trace."""
+
     @functools.wraps(handler)
     def wrapper(*args, **kwargs):
         try:
@@ -49,14 +50,22 @@ def user_errors(handler: Callable) -> Callable:
         except ExplorerError as error:
             logger.info("user error in %s: %s", handler.__name__, error)
             raise gr.Error(str(error), print_exception=False) from None
+
     return wrapper
 
 
 # -- serialized outputs (the events run with postprocess=False) -------------------------------
 def image_payload(data_uri: str) -> dict:
     """gr.Image's value for an inline PNG; no `meta` file marker, so gradio moves no file."""
-    return {"path": None, "url": data_uri, "size": None, "orig_name": "image.png", "mime_type": "image/png",
-            "is_stream": False, "meta": {}}
+    return {
+        "path": None,
+        "url": data_uri,
+        "size": None,
+        "orig_name": "image.png",
+        "mime_type": "image/png",
+        "is_stream": False,
+        "meta": {},
+    }
 
 
 def gallery_payload(items: list[tuple[str, str]]) -> list[dict]:
@@ -87,13 +96,17 @@ class Session:
 
     def status(self) -> str:
         a, t = self.attribution, self.attribution.timings
-        parts = [f"seed {a.trajectory.seed} · {a.trajectory.steps} steps · {a.index_name}",
-                 f"sample {t['sample_s']:.2f} s · attribute {t['attribute_s']:.2f} s · proxy {t['proxy_s']:.2f} s"]
+        parts = [
+            f"seed {a.trajectory.seed} · {a.trajectory.steps} steps · {a.index_name}",
+            f"sample {t['sample_s']:.2f} s · attribute {t['attribute_s']:.2f} s · proxy {t['proxy_s']:.2f} s",
+        ]
         if self.rollouts is None:
             parts.append("rollout curves: computing…")
         else:
-            parts.append(f"rollouts ({len(self.rollouts.steps)} steps × {self.rollouts.completions} completions) "
-                         f"{self.rollout_s:.1f} s")
+            parts.append(
+                f"rollouts ({len(self.rollouts.steps)} steps × {self.rollouts.completions} completions) "
+                f"{self.rollout_s:.1f} s"
+            )
         return " · ".join(parts)
 
 
@@ -102,7 +115,9 @@ class Handlers:
 
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
-        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, encoded once for all sessions
+        self._thumbnails: dict[
+            tuple[int, int], str
+        ] = {}  # (id(index), row) -> data URI, encoded once for all sessions
 
     # -- helpers ---------------------------------------------------------------------------
     def _index(self, name: str | None) -> AttributionIndex:
@@ -114,24 +129,39 @@ class Handlers:
             self._thumbnails[key] = plots.png_data_uri(plots.upscale(index.train_images[position], THUMB_PX))
         return self._thumbnails[key]
 
-    def _caption(self, index: AttributionIndex, step: StepAttribution, position: int, score: float,
-                 negative: bool = False) -> str:
-        """id, label, the score (a cosine of whitened gradients for a normalized index: 1 = the same direction, 0 =
-        unrelated) and its percentile among all training images; a listed negative with a score >= 0 says so."""
+    def _caption(
+        self,
+        index: AttributionIndex,
+        step: StepAttribution,
+        position: int,
+        score: float,
+        negative: bool = False,
+    ) -> str:
+        """id, label, the score (a cosine of whitened gradients for a normalized index: 1 = the same
+        direction, 0 =
+        unrelated) and its percentile among all training images; a listed negative with a score >= 0 says
+        so."""
         label = index.class_names[int(index.train_labels[position])]
         kind = index.score_name
         prefix = "least aligned · " if negative and score >= 0 else ""
-        return (f"{prefix}id {int(index.train_ids[position])} · label {label} · {kind} {score:+.3f} · "
-                f"p{step.percentile(position):.1f}")
+        return (
+            f"{prefix}id {int(index.train_ids[position])} · label {label} · {kind} {score:+.3f} · "
+            f"p{step.percentile(position):.1f}"
+        )
 
     def _gallery(self, index: AttributionIndex, step: StepAttribution, result: SearchResult) -> list[dict]:
         negative = result is step.negative
-        return gallery_payload([(self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s), negative))
-                                for p, s in zip(result.positions, result.scores)])
+        return gallery_payload(
+            [
+                (self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s), negative))
+                for p, s in zip(result.positions, result.scores)
+            ]
+        )
 
     def _likelihood(self, attribution: TrajectoryAttribution, rollouts: RolloutCurves | None) -> dict:
-        figure = plots.likelihood_figure(attribution.trajectory.timesteps, attribution.proxy,
-                                         self.explorer.class_names, rollouts)
+        figure = plots.likelihood_figure(
+            attribution.trajectory.timesteps, attribution.proxy, self.explorer.class_names, rollouts
+        )
         return plots.figure_template(figure)
 
     def step_view(self, session: Session, step: int) -> tuple:
@@ -153,8 +183,11 @@ class Handlers:
         )
         proxy = attribution.proxy[step]
         top = int(proxy.argmax())
-        info = (f"step {step} · t = {current.timestep} · index bucket {current.bucket} · classifier on x0hat: "
-                f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · {current.negatives_note()} · handler {1e3 * (time.perf_counter() - started):.1f} ms")
+        info = (
+            f"step {step} · t = {current.timestep} · index bucket {current.bucket} · classifier on x0hat: "
+            f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · {current.negatives_note()} · "
+            f"handler {1e3 * (time.perf_counter() - started):.1f} ms"
+        )
         return (*outputs, info)
 
     # -- events ----------------------------------------------------------------------------
@@ -169,8 +202,15 @@ class Handlers:
         attribution = self.explorer.generate(seed, steps, index_name, top_k)
         trajectory, last = attribution.trajectory, attribution.trajectory.steps - 1
         session = Session(attribution, self._likelihood(attribution, None), last)
-        strip = gallery_payload([(plots.png_data_uri(plots.tensor_image(trajectory.xt[s], THUMB_PX)),
-                                  f"t={trajectory.timesteps[s]}") for s in session.strip_steps])
+        strip = gallery_payload(
+            [
+                (
+                    plots.png_data_uri(plots.tensor_image(trajectory.xt[s], THUMB_PX)),
+                    f"t={trajectory.timesteps[s]}",
+                )
+                for s in session.strip_steps
+            ]
+        )
         final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.final, IMAGE_PX)))
         slider, *view = self.step_view(session, last)
         slider = gr.update(maximum=last, value=last, label=slider["label"])
@@ -183,7 +223,9 @@ class Handlers:
             raise ExplorerError("nothing generated yet: click Generate first")
         progress(0.05, desc=f"{ROLLOUT_COMPLETIONS} completions from {ROLLOUT_STEPS} steps")
         started = time.perf_counter()
-        curves = self.explorer.rollouts(session.attribution.trajectory, count=ROLLOUT_STEPS, completions=ROLLOUT_COMPLETIONS)
+        curves = self.explorer.rollouts(
+            session.attribution.trajectory, count=ROLLOUT_STEPS, completions=ROLLOUT_COMPLETIONS
+        )
         session.rollouts, session.rollout_s = curves, time.perf_counter() - started
         session.plot = self._likelihood(session.attribution, curves)
         timestep = session.attribution.trajectory.timesteps[session.step]
@@ -233,9 +275,13 @@ class Handlers:
         peak = int(curve.argmax() if sign == "positive" else curve.argmin())
         timesteps = attribution.trajectory.timesteps
         caption = self._caption(index, current, position, float(result.scores[rank]))
-        figure = plots.score_curve_figure(timesteps, curve, step, f"{caption.split(' · score')[0]}: score at every step")
-        text = (f"**{sign} influencer #{rank + 1} at t = {current.timestep}**: {caption}. "
-                f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f}).")
+        figure = plots.score_curve_figure(
+            timesteps, curve, step, f"{caption.split(' · score')[0]}: score at every step"
+        )
+        text = (
+            f"**{sign} influencer #{rank + 1} at t = {current.timestep}**: {caption}. "
+            f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f})."
+        )
         large = image_payload(plots.png_data_uri(plots.upscale(index.train_images[position], LARGE_PX)))
         return large, plot_payload(figure.to_json()), text
 
@@ -244,17 +290,29 @@ class Handlers:
         """An uploaded image (any size or mode) as the query at one train timestep."""
         if not image:
             raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
-        path = image.get("path") if isinstance(image, dict) else image  # preprocess=False: the upload's FileData
+        path = (
+            image.get("path") if isinstance(image, dict) else image
+        )  # preprocess=False: the upload's FileData
         # preprocess=False skips gradio's own path check, so do it here: only files gradio received
         # as uploads are read, never an arbitrary server path named by a crafted request.
         if not isinstance(path, str) or not gr_utils.is_in_or_equal(path, gr_utils.get_upload_folder()):
-            raise ExplorerError(f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page")
+            raise ExplorerError(
+                f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
+            )
         array = load_image_file(path, self.explorer.model.sample_size)
         timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
         top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
         started = time.perf_counter()
         step = self.explorer.attribute_image(array, timestep, index_name, top_k)
         index = self._index(index_name)
-        status = f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()} · attributed in {time.perf_counter() - started:.2f} s"
+        status = (
+            f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()} · "
+            f"attributed in {time.perf_counter() - started:.2f} s"
+        )
         seen = image_payload(plots.png_data_uri(plots.upscale(array, IMAGE_PX)))
-        return seen, self._gallery(index, step, step.positive), self._gallery(index, step, step.negative), status
+        return (
+            seen,
+            self._gallery(index, step, step.positive),
+            self._gallery(index, step, step.negative),
+            status,
+        )

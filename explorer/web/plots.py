@@ -19,8 +19,18 @@ from explorer.data import to_uint8
 from explorer.likelihood import RolloutCurves
 
 # Ten well-separated colours (Tableau 10); classes beyond ten cycle through them.
-CLASS_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-                "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#7f7f7f"]
+CLASS_COLORS = [
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#7f7f7f",
+]
 MARKER_COLOR = "#222222"
 FIGURE_HEIGHT = 380
 
@@ -59,8 +69,16 @@ def _layout(figure: go.Figure, title: str, y_title: str) -> go.Figure:
 
 
 def _marker_shape(timestep: int) -> dict:
-    return dict(type="line", xref="x", yref="paper", x0=timestep, x1=timestep, y0=0, y1=1,
-                line=dict(color=MARKER_COLOR, width=2, dash="dot"))
+    return dict(
+        type="line",
+        xref="x",
+        yref="paper",
+        x0=timestep,
+        x1=timestep,
+        y0=0,
+        y1=1,
+        line=dict(color=MARKER_COLOR, width=2, dash="dot"),
+    )
 
 
 def move_marker(figure: go.Figure, timestep: int) -> go.Figure:
@@ -81,8 +99,13 @@ def with_marker(template: dict, timestep: int) -> str:
     return json.dumps(dict(template, layout=layout))
 
 
-def likelihood_figure(timesteps: np.ndarray, proxy: np.ndarray, class_names: list[str],
-                      rollouts: RolloutCurves | None, current_step: int | None = None) -> go.Figure:
+def likelihood_figure(
+    timesteps: np.ndarray,
+    proxy: np.ndarray,
+    class_names: list[str],
+    rollouts: RolloutCurves | None,
+    current_step: int | None = None,
+) -> go.Figure:
     """Feature likelihoods p(class | x_t) over the steps (Journey-TRAK section 3.1).
 
     timesteps (S,), proxy (S, classes): classifier on x0hat (solid lines); rollouts: the mean
@@ -91,19 +114,38 @@ def likelihood_figure(timesteps: np.ndarray, proxy: np.ndarray, class_names: lis
     figure = go.Figure()
     for c, name in enumerate(class_names):
         color = CLASS_COLORS[c % len(CLASS_COLORS)]
-        figure.add_trace(go.Scatter(x=timesteps.tolist(), y=proxy[:, c].tolist(), mode="lines", name=name, legendgroup=name,
-                                    line=dict(color=color, width=2),
-                                    hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>"))
+        figure.add_trace(
+            go.Scatter(
+                x=timesteps.tolist(),
+                y=proxy[:, c].tolist(),
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                line=dict(color=color, width=2),
+                hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>",
+            )
+        )
         if rollouts is not None:
-            figure.add_trace(go.Scatter(x=timesteps[rollouts.steps].tolist(), y=rollouts.probabilities[:, c].tolist(),
-                                        mode="lines+markers",
-                                        name=f"{name} (rollouts)", legendgroup=name, showlegend=False,
-                                        line=dict(color=color, width=1.5, dash="dash"), marker=dict(size=6),
-                                        hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t)=%{{y:.3f}}<extra></extra>"))
+            figure.add_trace(
+                go.Scatter(
+                    x=timesteps[rollouts.steps].tolist(),
+                    y=rollouts.probabilities[:, c].tolist(),
+                    mode="lines+markers",
+                    name=f"{name} (rollouts)",
+                    legendgroup=name,
+                    showlegend=False,
+                    line=dict(color=color, width=1.5, dash="dash"),
+                    marker=dict(size=6),
+                    hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t)=%{{y:.3f}}<extra></extra>",
+                )
+            )
     if rollouts is None:
         title = "Feature likelihood: solid = classifier on x0hat · rollout curves computing…"
     else:
-        title = f"Feature likelihood: solid = classifier on x0hat · dashed = {rollouts.completions} rollouts from x_t"
+        title = (
+            f"Feature likelihood: solid = classifier on x0hat · dashed = {rollouts.completions} "
+            "rollouts from x_t"
+        )
     _layout(figure, title, "p(class)")
     figure.update_yaxes(range=[-0.02, 1.02])
     return figure if current_step is None else move_marker(figure, int(timesteps[current_step]))
@@ -111,9 +153,17 @@ def likelihood_figure(timesteps: np.ndarray, proxy: np.ndarray, class_names: lis
 
 def score_curve_figure(timesteps: np.ndarray, scores: np.ndarray, current_step: int, title: str) -> go.Figure:
     """One training image's attribution score at every step: when did this image matter?"""
-    figure = go.Figure(go.Scatter(x=timesteps.tolist(), y=scores.tolist(), mode="lines+markers", name="score",
-                                  line=dict(color=CLASS_COLORS[0], width=2), marker=dict(size=4),
-                                  hovertemplate="t=%{x}<br>score=%{y:.4f}<extra></extra>"))
+    figure = go.Figure(
+        go.Scatter(
+            x=timesteps.tolist(),
+            y=scores.tolist(),
+            mode="lines+markers",
+            name="score",
+            line=dict(color=CLASS_COLORS[0], width=2),
+            marker=dict(size=4),
+            hovertemplate="t=%{x}<br>score=%{y:.4f}<extra></extra>",
+        )
+    )
     _layout(figure, title, "attribution score")
     figure.update_layout(showlegend=False)
     figure.update_yaxes(zeroline=True, zerolinecolor="#aaaaaa", zerolinewidth=1)

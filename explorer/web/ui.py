@@ -24,14 +24,17 @@ CSS = """
 
 def theme() -> gr.themes.Base:
     """The default theme with system fonts only, so the page fetches nothing from the internet."""
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+    )
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
     """Launch with this UI's theme and CSS; server-side rendering and sharing off."""
-    return demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
-                       theme=theme(), css=CSS, **kwargs)
+    return demo.launch(
+        server_name=host, server_port=port, share=False, ssr_mode=False, theme=theme(), css=CSS, **kwargs
+    )
 
 
 def build(explorer: Explorer) -> gr.Blocks:
@@ -42,8 +45,10 @@ def build(explorer: Explorer) -> gr.Blocks:
     pixel = dict(elem_classes=["pixelated"], buttons=[], interactive=False)
     influencers = dict(elem_classes=["pixelated", "influencers"], buttons=[], allow_preview=False, height=160)
     with gr.Blocks(title="Diffusion Attribution Explorer") as demo:
-        gr.Markdown("## Diffusion Attribution Explorer\nWhich training images made this generated image, "
-                    "and **at which denoising step** did they matter? Generate a digit, then scrub the steps.")
+        gr.Markdown(
+            "## Diffusion Attribution Explorer\nWhich training images made this generated image, "
+            "and **at which denoising step** did they matter? Generate a digit, then scrub the steps."
+        )
         session = gr.State(None)
         with gr.Tab("Generate & scrub"):
             with gr.Row():
@@ -53,24 +58,51 @@ def build(explorer: Explorer) -> gr.Blocks:
                         dice = gr.Button("random", scale=1, min_width=60)
                     steps = gr.Slider(MIN_STEPS, UI_MAX_STEPS, value=50, step=1, label="sampler steps")
                     top_k = gr.Slider(1, UI_MAX_TOP_K, value=8, step=1, label="top-k influencers")
-                    index_name = gr.Dropdown(names, value=names[0], label="method / index", visible=len(names) > 1)
+                    index_name = gr.Dropdown(
+                        names, value=names[0], label="method / index", visible=len(names) > 1
+                    )
                     go_button = gr.Button("Generate", variant="primary")
-                    final = gr.Image(label="generated image", height=IMAGE_PX + 40, interactive=False,
-                                     elem_classes=["pixelated"], buttons=["download"])
+                    final = gr.Image(
+                        label="generated image",
+                        height=IMAGE_PX + 40,
+                        interactive=False,
+                        elem_classes=["pixelated"],
+                        buttons=["download"],
+                    )
                 with gr.Column(scale=4):
-                    status = gr.Markdown("Click **Generate** to sample a digit and attribute every step.", elem_id="status")
-                    strip = gr.Gallery(label="x_t along the trajectory (click to jump)", columns=STRIP_COUNT, rows=1,
-                                       height=130, allow_preview=False, elem_classes=["pixelated", "strip"], buttons=[])
+                    status = gr.Markdown(
+                        "Click **Generate** to sample a digit and attribute every step.", elem_id="status"
+                    )
+                    strip = gr.Gallery(
+                        label="x_t along the trajectory (click to jump)",
+                        columns=STRIP_COUNT,
+                        rows=1,
+                        height=130,
+                        allow_preview=False,
+                        elem_classes=["pixelated", "strip"],
+                        buttons=[],
+                    )
                     slider = gr.Slider(0, 49, value=49, step=1, label="denoising step", elem_id="step-slider")
                     step_info = gr.Markdown("")
                     with gr.Row():
                         xt = gr.Image(label="x_t", height=IMAGE_PX + 40, **pixel)
                         x0 = gr.Image(label="x0hat: one-step estimate", height=IMAGE_PX + 40, **pixel)
-                        plot = gr.Plot(label="feature likelihood p(class | x_t)", scale=3, elem_id="likelihood")
-                    positive = gr.Gallery(label="top positive influencers at this step (click one)", columns=8,
-                                          elem_id="positive", **influencers)
-                    negative = gr.Gallery(label="top negative influencers at this step (least aligned where fewer are negative; click one)", columns=8,
-                                          elem_id="negative", **influencers)
+                        plot = gr.Plot(
+                            label="feature likelihood p(class | x_t)", scale=3, elem_id="likelihood"
+                        )
+                    positive = gr.Gallery(
+                        label="top positive influencers at this step (click one)",
+                        columns=8,
+                        elem_id="positive",
+                        **influencers,
+                    )
+                    negative = gr.Gallery(
+                        label="top negative influencers at this step (least aligned where fewer are "
+                        "negative; click one)",
+                        columns=8,
+                        elem_id="negative",
+                        **influencers,
+                    )
                     with gr.Row():
                         chosen = gr.Image(label="selected influencer", height=LARGE_PX + 40, scale=1, **pixel)
                         with gr.Column(scale=3):
@@ -81,17 +113,29 @@ def build(explorer: Explorer) -> gr.Blocks:
         with gr.Tab("Attribute an image"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    upload = gr.Image(type="filepath", label="query image (any size; resized to the model's)",
-                                      sources=["upload", "clipboard"], height=240)
-                    timestep = gr.Slider(0, T - 1, value=T // 10, step=1, label=f"train timestep t (0 to {T - 1})")
+                    upload = gr.Image(
+                        type="filepath",
+                        label="query image (any size; resized to the model's)",
+                        sources=["upload", "clipboard"],
+                        height=240,
+                    )
+                    timestep = gr.Slider(
+                        0, T - 1, value=T // 10, step=1, label=f"train timestep t (0 to {T - 1})"
+                    )
                     image_top_k = gr.Slider(1, UI_MAX_TOP_K, value=8, step=1, label="top-k influencers")
-                    image_index = gr.Dropdown(names, value=names[0], label="method / index", visible=len(names) > 1)
+                    image_index = gr.Dropdown(
+                        names, value=names[0], label="method / index", visible=len(names) > 1
+                    )
                     attribute_button = gr.Button("Attribute", variant="primary")
                     seen = gr.Image(label="what the model sees", height=IMAGE_PX + 40, **pixel)
                 with gr.Column(scale=4):
                     image_status = gr.Markdown("Upload an image, pick a timestep, click **Attribute**.")
                     image_positive = gr.Gallery(label="top positive influencers", columns=8, **influencers)
-                    image_negative = gr.Gallery(label="top negative influencers (least aligned where fewer are negative)", columns=8, **influencers)
+                    image_negative = gr.Gallery(
+                        label="top negative influencers (least aligned where fewer are negative)",
+                        columns=8,
+                        **influencers,
+                    )
 
         # Handlers return serialized outputs (see handlers), hence postprocess=False; the heavy
         # engine calls share one queue ("engine") so they never oversubscribe the CPU together.
@@ -99,20 +143,55 @@ def build(explorer: Explorer) -> gr.Blocks:
         chosen_views = [chosen, chosen_plot, chosen_info]
         engine = dict(concurrency_id="engine", postprocess=False)
         dice.click(h.random_seed, None, seed, api_name="random_seed", queue=False)
-        go_button.click(h.generate, [seed, steps, top_k, index_name], [session, final, strip, *view, status, *chosen_views],
-                        api_name="generate", **engine).success(
-            h.rollouts, [session], [plot, status], api_name="rollouts", show_progress="minimal", **engine)
-        slider.change(h.scrub, [session, slider], view, api_name="scrub", trigger_mode="always_last",
-                      show_progress="hidden", concurrency_limit=4, postprocess=False)
+        go_button.click(
+            h.generate,
+            [seed, steps, top_k, index_name],
+            [session, final, strip, *view, status, *chosen_views],
+            api_name="generate",
+            **engine,
+        ).success(
+            h.rollouts, [session], [plot, status], api_name="rollouts", show_progress="minimal", **engine
+        )
+        slider.change(
+            h.scrub,
+            [session, slider],
+            view,
+            api_name="scrub",
+            trigger_mode="always_last",
+            show_progress="hidden",
+            concurrency_limit=4,
+            postprocess=False,
+        )
         for trigger, name in ((index_name.change, "reattribute_index"), (top_k.release, "reattribute_top_k")):
-            trigger(h.reattribute, [session, slider, index_name, top_k], [session, *view, status, *chosen_views],
-                    api_name=name, **engine)
+            trigger(
+                h.reattribute,
+                [session, slider, index_name, top_k],
+                [session, *view, status, *chosen_views],
+                api_name=name,
+                **engine,
+            )
         strip.select(h.jump, [session], slider, api_name="jump", show_progress="hidden")
-        gr.on([positive.select, negative.select], h.pick, None, [sign, rank], api_name="pick_influencer",
-              show_progress="hidden").success(h.select_influencer, [session, slider, sign, rank], chosen_views,
-                                              api_name="select_influencer", postprocess=False)
+        gr.on(
+            [positive.select, negative.select],
+            h.pick,
+            None,
+            [sign, rank],
+            api_name="pick_influencer",
+            show_progress="hidden",
+        ).success(
+            h.select_influencer,
+            [session, slider, sign, rank],
+            chosen_views,
+            api_name="select_influencer",
+            postprocess=False,
+        )
         # preprocess=False too: the handler reads the upload itself, so a corrupt file gets a clear message
-        attribute_button.click(h.attribute_image, [upload, timestep, image_top_k, image_index],
-                               [seen, image_positive, image_negative, image_status],
-                               api_name="attribute_image", preprocess=False, **engine)
+        attribute_button.click(
+            h.attribute_image,
+            [upload, timestep, image_top_k, image_index],
+            [seen, image_positive, image_negative, image_status],
+            api_name="attribute_image",
+            preprocess=False,
+            **engine,
+        )
     return demo
