@@ -43,7 +43,15 @@ from explorer.index_meta import (
     factor_file,
     read_meta,
 )
-from explorer.ivf import IVFParams, add_rows, build_ivf, calibrate_nprobe, check_ivf_request, rule_text
+from explorer.ivf import (
+    IVFParams,
+    add_rows,
+    build_ivf,
+    calibrate_nprobe,
+    check_ivf_request,
+    check_kind,
+    rule_text,
+)
 from explorer.scoring import BucketScorer
 
 __all__ = [
@@ -290,7 +298,9 @@ class AttributionIndex:
                     f"{bucket_file(bucket)} holds {index.ntotal} x {index.d} vectors, meta.json says "
                     f"{count} x {dim}: rebuild the index"
                 )
-            _check_kind(index, meta, bucket, directory)
+            check_kind(
+                index, meta.index_type, meta.ivf, bucket, f"{bucket_file(bucket)} in {str(directory)!r}"
+            )
             factor = np.load(directory / factor_file(bucket), allow_pickle=False)
             if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
                 raise ExplorerError(
@@ -386,27 +396,3 @@ class AttributionIndex:
         positive = SearchResult(self.train_ids[positions[0]], positions[0], scores[0])
         negative = SearchResult(self.train_ids[positions[1]], positions[1], -scores[1])
         return positive, negative
-
-
-def _check_kind(index: faiss.Index, meta: IndexMeta, bucket: int, directory: Path) -> None:
-    """The FAISS file must be the kind meta.json says (flat or IVF with its nlist); sets an IVF's nprobe."""
-    name, where = bucket_file(bucket), repr(str(directory))
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ExplorerError(f"{name} in {where} is not an inner-product index: rebuild the index")
-    ivf = faiss.try_extract_index_ivf(index)
-    if meta.index_type == "flat":
-        if ivf is not None:
-            raise ExplorerError(
-                f"{name} in {where} is an IVF index but meta.json says index_type flat: rebuild the index"
-            )
-        return
-    if ivf is None:
-        raise ExplorerError(
-            f"{name} in {where} is not an IVF index but meta.json says index_type ivf: rebuild the index"
-        )
-    if ivf.nlist != meta.ivf.nlist:
-        raise ExplorerError(
-            f"{name} in {where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {meta.ivf.nlist}: "
-            "rebuild the index"
-        )
-    ivf.nprobe = meta.ivf.nprobe[bucket]  # what a plain FAISS search uses; search() passes it per call

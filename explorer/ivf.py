@@ -218,3 +218,28 @@ def rule_text(nlist_given: bool, nprobe_given: bool) -> str:
         f"noise of {CALIBRATION_NOISE:g} x their norm (q), and the negated rows (-q)"
     )
     return f"{nlist}; {nprobe}"
+
+
+def check_kind(
+    index: faiss.Index, index_type: str, params: IVFParams | None, bucket: int, where: str
+) -> None:
+    """A bucket's FAISS file (`where`: its name and directory) must be the kind meta.json says: flat, or IVF
+    with its nlist; sets an IVF's nprobe."""
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ExplorerError(f"{where} is not an inner-product index: rebuild the index")
+    ivf = faiss.try_extract_index_ivf(index)
+    if index_type == "flat":
+        if ivf is not None:
+            raise ExplorerError(
+                f"{where} is an IVF index but meta.json says index_type flat: rebuild the index"
+            )
+        return
+    if ivf is None:
+        raise ExplorerError(
+            f"{where} is not an IVF index but meta.json says index_type ivf: rebuild the index"
+        )
+    if ivf.nlist != params.nlist:
+        raise ExplorerError(
+            f"{where} has {ivf.nlist} IVF lists, meta.json says ivf.nlist {params.nlist}: rebuild the index"
+        )
+    ivf.nprobe = params.nprobe[bucket]  # what a plain FAISS search uses; search() passes it per call

@@ -168,7 +168,7 @@ def featurize(
     spec: FeatureSpec,
     options: FeaturizeOptions | None = None,
 ) -> FeaturizeReport:
-    """Compute, whiten and index the features of every (training example, bucket) pair; options None: defaults."""
+    """Compute, whiten and index the features of every (example, bucket) pair (options None: the defaults)."""
     out_dir, options = Path(out_dir), options or FeaturizeOptions()
     _check_index_options(options, len(dataset))
     if dataset.resolution != model.sample_size:

@@ -14,10 +14,8 @@ Everything expensive is cached in --cache; a killed run resumes where it stopped
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +24,15 @@ from tqdm.auto import tqdm
 from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
 from explorer.classifier import load_classifier
 from explorer.data import load_builtin, to_model_range, train_heldout_split
-from explorer.errors import ExplorerError
-from explorer.features import FeatureSpec
 from explorer.model import load_model
 from precompute.baselines import embedding_cosine, pixel_cosine, random_scores
 from precompute.eval_report import lds_markdown, lds_plot
 from precompute.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
-from precompute.lds_defaults import DefaultsConfig, shipped_defaults
+from precompute.lds_config import OUTPUT_NAMES, LDSConfig, LDSRun, _check_cache_config, smoke_config  # noqa: F401
+from precompute.lds_defaults import shipped_defaults
+from precompute.lds_studies import ablate, lambda_sweep
 from precompute.methods import (
     cached_features,
-    inner_product_scores,
-    load_feature_set,
     spec_key,
     tracin_scores,
     trak_scores,
@@ -45,7 +41,6 @@ from precompute.methods import (
 )
 from precompute.metrics import LDSBootstrap, distinctness, fair_split, predictions, spearman_columns
 from precompute.retrain import (
-    Recipe,
     load_raw_weights,
     subset_masks,
     train_cached,
@@ -54,126 +49,6 @@ from precompute.retrain import (
 from precompute.train import TrainConfig, train_classifier
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_NAMES = {
-    "loss": "TRAK (loss)",
-    "square": "D-TRAK (square)",
-    "mean": "D-TRAK (mean)",
-    "l1": "D-TRAK (l1)",
-    "l2": "D-TRAK (l2)",
-}
-
-
-@dataclass
-class LDSConfig:
-    subsets: int = 64  # M subset models
-    alpha: float = 0.5  # subset fraction
-    mask_seed: int = 0
-    recipe: Recipe = field(default_factory=Recipe)
-    train_size: int | None = None  # only the first n training images (smoke runs)
-    heldout_queries: int | None = None  # only the first n held-out images (None: all 180)
-    generated: int = 32  # generated-image queries (sampler seeds 0..)
-    trajectories: int = 16  # trajectories whose x0hat give the journey queries
-    journey_steps: tuple[int, ...] = (10, 20, 30, 40)  # sampler step indices of the journey queries
-    sampler_steps: int = 50
-    truth_pairs: int = 128  # (t, eps) pairs per query for f_j(q)
-    truth_buckets: int = 10  # a journey query's truth covers its tenth of [0, T)
-    truth_seed: int = 1
-    spec: FeatureSpec = field(default_factory=lambda: FeatureSpec(output="loss", buckets=10, proj_dim=2048))
-    outputs: tuple[str, ...] = ("loss", "square", "mean", "l1", "l2")
-    das_outputs: tuple[str, ...] = ("square", "mean")
-    ablations: tuple[tuple[str, int], ...] = (
-        ("buckets", 5),
-        ("buckets", 20),
-        ("noise_draws", 4),
-        ("proj_dim", 512),
-    )
-    sweep_outputs: tuple[str, ...] = (
-        "loss",
-        "square",
-        "mean",
-    )  # lambda sweep (a diagnostic: chosen on the benchmark)
-    sweep_lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean eigenvalue
-    defaults: DefaultsConfig | None = field(
-        default_factory=DefaultsConfig
-    )  # the shipped-default study (needs >= 6 subsets)
-    bootstrap: int = 1000
-    top: int = 10  # distinctness top-list length
-    classifier_epochs: int = 12
-    stop_after_subsets: int | None = (
-        None  # train at most this many new subset models, then stop (tests of resuming)
-    )
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def smoke_config(subsets: int = 4) -> LDSConfig:
-    """The whole harness in about a minute: tiny data, steps, queries and features."""
-    return LDSConfig(
-        subsets=subsets,
-        recipe=Recipe(steps=30, checkpoint_every=10),
-        train_size=160,
-        heldout_queries=6,
-        generated=2,
-        trajectories=1,
-        journey_steps=(2, 5, 8),
-        sampler_steps=10,
-        truth_pairs=16,
-        spec=FeatureSpec(output="loss", buckets=4, proj_dim=64),
-        das_outputs=("square",),
-        ablations=(("buckets", 2),),
-        sweep_outputs=("loss",),
-        sweep_lambdas=(1.0,),
-        bootstrap=50,
-        classifier_epochs=1,
-        defaults=DefaultsConfig(
-            dims=(32, 64),
-            shippable=(32,),
-            compare=("square",),
-            lambdas=(1.0,),
-            reference=1.0,
-            storages=("int8",),
-        ),
-    )
-
-
-@dataclass
-class LDSRun:
-    results: dict
-    scores: dict[str, np.ndarray]  # method -> tau (Q, N)
-    predictions: dict[str, np.ndarray]  # method -> g (M, Q)
-    truth: np.ndarray  # (M, Q)
-    masks: np.ndarray  # (M, N)
-    queries: QuerySet
-    trained_subsets: int  # subset models trained by this call (0 when all were cached)
-    complete: bool
-
-
-def _check_cache_config(cache: Path, config: LDSConfig) -> None:
-    path = cache / "config.json"
-    wanted = {
-        "recipe": config.recipe.to_dict(),
-        "subsets_alpha_seed": [config.alpha, config.mask_seed],
-        "train_size": config.train_size,
-        "queries": [
-            config.heldout_queries,
-            config.generated,
-            config.trajectories,
-            list(config.journey_steps),
-            config.sampler_steps,
-        ],
-        "truth": [config.truth_pairs, config.truth_buckets, config.truth_seed],
-    }
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != wanted:
-            raise ExplorerError(
-                f"the cache {str(cache)!r} was made with other settings ({found}): use another --cache "
-                "or delete it to start over"
-            )
-    else:
-        write_json_atomic(path, wanted)
 
 
 def _queries(cache: Path, full_dir: Path, heldout, config: LDSConfig) -> QuerySet:
@@ -456,131 +331,6 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
         "truth_full_model": query_losses(full_model, queries, pairs).tolist(),
     }
     return LDSRun(results, scores, predicted, truth, masks, queries, trained, complete=True)
-
-
-def ablate(
-    config: LDSConfig,
-    cache: Path,
-    full_dir: Path,
-    train_images: np.ndarray,
-    queries: QuerySet,
-    masks: np.ndarray,
-    truth: np.ndarray,
-    groups: dict,
-    best_name: str,
-    best: dict,
-    scores: dict,
-    predicted: dict,
-) -> dict:
-    """LDS of the best method with one feature-spec setting changed at a time, and its difference from the
-    base setting (paired bootstrap). Adds the ablations' scores and predictions to `scores`/`predicted`."""
-    model = load_model(full_dir)
-    base = variant(config.spec, output=best["output"])
-    out = {}
-    for name, value in config.ablations:
-        spec = variant(base, **{name: value})
-        path = cache / "features" / f"full_{spec_key(spec)}.npz"
-        features = cached_features(path, model, spec, train_images, queries)
-        whitened = whiten_features(features, gcv_cache=path.with_suffix(".gcv.json"))
-        key = f"{best['output']}{'-norm' if best['normalize'] else ''}@{name}={value}"
-        scores[key] = trak_scores(whitened, features.query_bucket, best["normalize"])
-        predicted[key] = predictions(masks, scores[key])
-    keys = [k for k in predicted if "@" in k]
-    boot = LDSBootstrap(
-        truth,
-        {best_name: predicted[best_name], **{k: predicted[k] for k in keys}},
-        groups,
-        config.bootstrap,
-        seed=0,
-    )
-    for key in keys:
-        out[key] = {
-            "base": best_name,
-            "lds": {g: boot.interval(key, g).to_dict() for g in groups},
-            "minus_base": {g: boot.difference(key, best_name, g).to_dict() for g in groups},
-        }
-    return out
-
-
-def lambda_sweep(
-    config: LDSConfig,
-    cache: Path,
-    masks: np.ndarray,
-    truth: np.ndarray,
-    groups: dict,
-    methods: dict,
-    scores: dict[str, np.ndarray],
-) -> dict:
-    """Mean LDS over a grid of relative lambdas, and without whitening ("inf": gradient dot / cosine).
-
-    A diagnostic, not a method: picking lambda on these numbers would tune it on the benchmark,
-    which is what D-TRAK and DAS did and what the GCV choice avoids. It shows how much that tuning
-    is worth. "validated" is the fair version of it: lambda picked on half of the queries scored
-    with half of the subset models, and reported on the other queries with the other models.
-    """
-    out = {}
-    fair = fair_split(len(masks), groups, config.mask_seed)
-    half, pick, test_groups = (
-        fair.pick_models,
-        fair.pick,
-        fair.test_groups,
-    )  # even j / half of each kind pick lambda
-    for output in config.sweep_outputs:
-        spec = variant(config.spec, output=output)
-        features = load_feature_set(cache / "features" / f"full_{spec_key(spec)}.npz", spec)
-        family = "trak" if output == "loss" else "dtrak"
-        entry = {
-            "gcv": {
-                "relative_lambda": methods[f"{family}-{output}"]["lambda"],
-                "raw": {g: methods[f"{family}-{output}"]["lds"][g]["mean"] for g in groups},
-                "norm": {g: methods[f"{family}-{output}-norm"]["lds"][g]["mean"] for g in groups},
-            }
-        }
-        split = {
-            "gcv": {
-                name: _split_lds(masks, truth, half, scores[f"{family}-{output}{suffix}"])
-                for name, suffix in (("raw", ""), ("norm", "-norm"))
-            }
-        }
-        grid = [(f"{value:g}", value) for value in config.sweep_lambdas] + [("inf", None)]
-        for label, value in grid:
-            if value is None:
-                train, query = features.train, features.query
-            else:
-                whitened = whiten_features(features, relative_lambda=value)
-                train, query = whitened.train, whitened.query
-            entry[label], split[label] = {}, {}
-            for normalize, name in ((False, "raw"), (True, "norm")):
-                tau = inner_product_scores(train, query, features.query_bucket, normalize)
-                per_query = spearman_columns(truth, predictions(masks, tau))
-                entry[label][name] = {g: float(np.nanmean(per_query[rows])) for g, rows in groups.items()}
-                split[label][name] = _split_lds(masks, truth, half, tau)
-        validated = {}
-        for name in ("raw", "norm"):
-            candidates = [label for label in split if label != "gcv"]
-            chosen = max(candidates, key=lambda label: np.nanmean(split[label][name][0][pick]))
-            validated[name] = {
-                "chosen": chosen,
-                "test": {g: _mean(split[chosen][name][1][rows]) for g, rows in test_groups.items()},
-                "gcv_test": {g: _mean(split["gcv"][name][1][rows]) for g, rows in test_groups.items()},
-            }
-        entry["validated"] = validated
-        out[output] = entry
-    return out
-
-
-def _mean(values: np.ndarray) -> float:
-    """nanmean that gives NaN for an empty or all-NaN group without a warning."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if len(finite) else float("nan")
-
-
-def _split_lds(
-    masks: np.ndarray, truth: np.ndarray, half: np.ndarray, tau: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query LDS on the subset models of `half`, and on the others."""
-    g = predictions(masks, tau)
-    return spearman_columns(truth[half], g[half]), spearman_columns(truth[~half], g[~half])
 
 
 def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:

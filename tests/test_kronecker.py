@@ -12,14 +12,8 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from explorer.kronecker import (
-    BACKWARD_MIN_CHANNELS,
-    BACKWARD_MIN_ROWS,
-    KroneckerProjector,
-    _conv_weight_gradients,
-    _unfold,
-    layer_widths,
-)
+from explorer.kronecker import KroneckerProjector, layer_widths
+from explorer.layer_gradients import BACKWARD_MIN_CHANNELS, BACKWARD_MIN_ROWS, conv_weight_gradients, unfold
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize
 
 
@@ -162,7 +156,7 @@ def test_unsupported_layers_are_refused():
 def test_patch_slices_equal_im2col(conv):
     a = torch.randn(5, 3, 9, 8)
     ref = nn.functional.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    assert torch.equal(_unfold(a, conv), ref)
+    assert torch.equal(unfold(a, conv), ref)
 
 
 @pytest.mark.parametrize(
@@ -179,7 +173,7 @@ def test_exact_conv_weight_gradients_equal_the_sum_over_unfolded_patches(rows_pe
         "rol,ril->roi", g.flatten(2), nn.functional.unfold(a, 3, padding=1)
     )  # (rows, C_out, C_in 9)
     expected = per_row.reshape(groups, rows_per_example, channels, -1).sum(1)
-    assert torch.allclose(_conv_weight_gradients(a, g, conv, groups), expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(conv_weight_gradients(a, g, conv, groups), expected, rtol=1e-4, atol=1e-4)
 
 
 class _Reused(nn.Module):

@@ -4,7 +4,7 @@ order of MODULES (the order of the index page)."""
 
 import importlib
 
-MODULES = ("speed", "accuracy", "steps")
+MODULES = ("speed", "scale", "accuracy", "steps")
 
 for _name in MODULES:
     importlib.import_module(f"{__name__}.{_name}")

@@ -1,0 +1,184 @@
+"""Speed pages at the edges of featurization: the memory allocator's settings and the index at scale."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.reporting.core import (
+    commands,
+    load,
+    page,
+    para,
+    source_links,
+    strip_lock,
+    table,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# memory allocator
+
+ALLOCATOR = (
+    "allocator_ab_countsketch.json",
+    "allocator_ab_kronecker.json",
+    "allocator_ab_kronecker_traker_spec.json",
+)
+
+
+def allocator_command(args: dict) -> str:
+    parts = ["python bench/allocator_ab.py"]
+    if args["projector"] != "countsketch":
+        parts.append(f"--projector {args['projector']}")
+    if args["calibrate"]:
+        parts.append(f"--calibrate {args['calibrate']}")
+    if args.get("featurize_args"):
+        parts.append(f'--featurize-args "{args["featurize_args"]}"')
+    return " ".join([*parts, f"--json {args['json']}"])
+
+
+@page(
+    "docs/benchmarks/allocator.md",
+    "Memory allocator settings",
+    "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
+    "settings",
+    *ALLOCATOR,
+)
+def allocator() -> str:
+    rows = []
+    for name in ALLOCATOR:
+        results = load(name)
+        args = results["args"]
+        spec = f"`{args['featurize_args']}`" if args.get("featurize_args") else "the shipped spec"
+        cells = []
+        for side in ("defaults", "tuned"):
+            runs = results["runs"][side]
+
+            def middle(key: str, runs=runs) -> float:
+                return statistics.median(run[key] for run in runs)
+
+            cells.append(
+                f"{middle('seconds'):.1f} s, {middle('peak_rss_gb'):.2f} GB, "
+                f"{middle('page_faults') / 1e6:.2f}M, {middle('system_s'):.1f} s"
+            )
+        label = f"{args['projector']}{', calibrated' if args['calibrate'] else ''}, {spec}"
+        rows.append([label, *cells, f"**{results['speedup']:.2f}x**"])
+    first = load(ALLOCATOR[0])["args"]
+    intro = para(f"""
+        `FeatureComputer` sets glibc's malloc, once per process, to serve blocks under 32 MiB from its heap
+        and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
+        What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first["images"]}`
+        in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first["rounds"]}
+        rounds), and reads from each process its featurization seconds (featurize's own report), peak RSS,
+        minor page faults and system CPU time (the whole process, start-up included). Cells are medians over
+        the rounds; the speed-up is the median of the within-round ratios of featurization seconds, defaults
+        over tuned.""")
+    return "\n\n".join(
+        [
+            intro,
+            commands(*(allocator_command(load(name)["args"]) for name in ALLOCATOR)),
+            f"Results ({source_links(ALLOCATOR)}):",
+            table(
+                [
+                    f"featurize, {first['images']} images",
+                    "glibc defaults: seconds, peak RSS, page faults, system time",
+                    "tuned",
+                    "speed-up (defaults / tuned)",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# index at scale
+
+SCALE = "index_scale.json"
+
+
+@page(
+    "docs/benchmarks/index_scale.md",
+    "Index at scale: flat, IVF and HNSW",
+    "query latency, build time and recall@10 of exact and approximate FAISS indexes at 100k and 1M rows",
+    SCALE,
+)
+def index_scale() -> str:
+    results = load(SCALE)
+    rows = results["rows"]
+    threads = results["faiss_threads"]
+    intro = para(f"""
+        Can one index serve a million training images? `bench/index_scale.py` builds an exact `IndexFlatIP`,
+        `IndexIVFFlat` (nlist = f sqrt(N), as `--index-type ivf` builds them) and `IndexHNSWFlat` over
+        synthetic unit vectors at the shipped k from three data models: a Gaussian mixture, one continuous
+        anisotropic Gaussian (no clusters: the hard case), and the shipped index's least structured bucket
+        tiled with noise. {results["queries"]} held-out queries (on the flat index {results["flat_queries"]})
+        are each searched as q (positive influencers) and -q (negative influencers); single-query latency with
+        faiss threads {threads["queries"]} (as the explorer runs), builds with {threads["builds"]} threads;
+        recall@10 against the exact flat search. "rule" rows are what `--index-type ivf` does by itself: nlist
+        = 4 sqrt(N), and nprobe for q and for -q calibrated on the index's own rows until recall@10 reaches
+        0.95.""")
+
+    def cells(row: dict) -> list[str]:
+        return [
+            row["data"],
+            row["index"],
+            row["params"],
+            f"{row['build_s']:.1f}",
+            f"{row['median_ms_pos']:.2f} / {row['median_ms_neg']:.2f}",
+            f"{row['p95_ms']:.2f}",
+            f"{row['recall_pos']:.3f} / {row['recall_neg']:.3f}",
+        ]
+
+    sizes = sorted({row["n"] for row in rows}, reverse=True)
+    glance = []
+    for n in sizes:
+        for data in dict.fromkeys(row["data"] for row in rows):
+            same = [row for row in rows if row["n"] == n and row["data"] == data]
+            flat = next(row for row in same if row["index"] == "flat")
+            for rule in (row for row in same if row["params"].startswith("rule")):
+                glance.append(
+                    [
+                        f"{n:,}",
+                        data,
+                        f"{flat['median_ms_pos']:.1f} / {flat['median_ms_neg']:.1f}",
+                        rule["params"].removeprefix("rule: "),
+                        f"{rule['median_ms_pos']:.2f} / {rule['median_ms_neg']:.2f}",
+                        f"{rule['recall_pos']:.3f} / {rule['recall_neg']:.3f}",
+                        f"{rule['build_s']:.1f}",
+                    ]
+                )
+    recorded = [strip_lock(command).replace("  (", "   # (", 1) for command in results["commands"]]
+    parts = [
+        intro,
+        commands(*recorded),
+        f"At a glance, the exact search against the rule ({source_links([SCALE])}):",
+        table(
+            [
+                "N",
+                "data",
+                "flat: median ms, q / -q",
+                "IVF rule",
+                "rule: median ms, q / -q",
+                "rule: recall@10, q / -q",
+                "rule: build s",
+            ],
+            glance,
+        ),
+    ]
+    for n in sizes:
+        dims = ", ".join(map(str, sorted({row["dim"] for row in rows if row["n"] == n})))
+        parts += [
+            f"## N = {n:,} (k = {dims})",
+            table(
+                [
+                    "data",
+                    "index",
+                    "parameters",
+                    "build s",
+                    "median ms, q / -q",
+                    "p95 ms",
+                    "recall@10, q / -q",
+                ],
+                [cells(row) for row in rows if row["n"] == n],
+            ),
+        ]
+    return "\n\n".join(parts)
