@@ -66,6 +66,13 @@ def fit_bucket(
     return BucketScorer(cholesky_factor(centered, choice.value), mean, normalize), choice
 
 
+def das_weighted(train_vectors: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """Training rows (N, k) scaled by their DAS residual weights r_i / mean(r) (DAS's Newton step: removing
+    example i moves the output by J_q H^-1 J_i^T r_i; the RMS of r_i per bucket stands in for r_i)."""
+    weights = np.asarray(residuals, dtype=np.float64)
+    return (np.asarray(train_vectors) * (weights / weights.mean())[:, None]).astype(np.float32)
+
+
 def all_scores(train_vectors: np.ndarray, query_vectors: np.ndarray) -> np.ndarray:
     """(N, k) stored rows and (P, k) search vectors -> (P, N) scores."""
     return np.asarray(query_vectors, dtype=np.float32) @ np.asarray(train_vectors, dtype=np.float32).T

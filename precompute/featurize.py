@@ -38,7 +38,7 @@ from explorer.index import (
 from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
-from explorer.scoring import fit_bucket
+from explorer.scoring import das_weighted, fit_bucket
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 from precompute.featurizer import Featurizer, default_workers
 
@@ -253,8 +253,7 @@ def build_index(
         )
         psi = scorer.vectors(phi)
         if residuals is not None and options.das_weights:
-            weights = np.asarray(residuals[bucket], dtype=np.float64)
-            psi = (psi * (weights / weights.mean())[:, None]).astype(np.float32)
+            psi = das_weighted(psi, residuals[bucket])
         bucket_vectors.append(psi)
         factors.append(scorer.factor)
         centers.append(scorer.center)

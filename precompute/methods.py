@@ -31,13 +31,13 @@ from explorer.atomic import write_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
+from explorer.scoring import BucketScorer, das_weighted
 from explorer.whitening import (
     LambdaChoice,
     cholesky_factor,
     choose_lambda_gcv,
     given_lambda,
     normalize_rows,
-    whiten,
 )
 from precompute.featurizer import Featurizer, default_workers
 from precompute.ground_truth import QuerySet
@@ -187,11 +187,13 @@ def whiten_features(
         else:
             choice = choose_lambda_gcv(phi, seed=features.spec.proj_seed)
             chosen[str(b)] = {"value": choice.value, "relative": choice.relative}
-        factor = cholesky_factor(phi, choice.value)
-        train[b] = whiten(phi, factor)
+        scorer = BucketScorer(
+            cholesky_factor(phi, choice.value), center=None, normalize=False
+        )  # the digits study
+        train[b] = scorer.vectors(phi)  # is uncentered; inner_product_scores normalizes where asked
         rows = np.flatnonzero(features.query_bucket == b)
         if len(rows):
-            query[rows] = whiten(features.query[rows], factor)
+            query[rows] = scorer.vectors(features.query[rows])
         lambdas[b] = choice.relative
         logger.info(
             "%s bucket %d: %s relative lambda %.3g", features.spec.output, b, choice.method, choice.relative
@@ -219,7 +221,7 @@ def inner_product_scores(
         if normalize:
             left, right = normalize_rows(left), normalize_rows(right)
         if weights is not None:
-            right = right * (weights[b] / weights[b].mean())[:, None]  # DAS residual weights
+            right = das_weighted(right, weights[b])
         scores[rows] = left @ right.T
     return scores
 
