@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
 
+from bench.screenshot import CHROMIUM_ARGS  # the same offline flags as the screenshot tool
 from explorer.web.handlers import NO_INFLUENCER, ROLLOUT_COMPLETIONS
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TIMEOUT_MS = 60_000
 
 pytestmark = [

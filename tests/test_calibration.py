@@ -160,18 +160,7 @@ def test_precompute_featurize_calibrate_builds_a_searchable_index(tiny_model_dir
     result = run_featurize(
         tiny_model_dir,
         out,
-        "--limit",
-        "60",
-        "--buckets",
-        "2",
-        "--proj-dim",
-        "512",
-        "--output",
-        "square",
-        "--projector",
-        "kronecker",
-        "--calibrate",
-        "6",
+        *"--limit 60 --buckets 2 --proj-dim 512 --output square --projector kronecker --calibrate 6".split(),
     )
     assert result.returncode == 0, result.stderr
     assert "tensors kept exactly" in result.stdout

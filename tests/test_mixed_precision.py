@@ -120,20 +120,8 @@ def test_precompute_featurize_mixed_index_records_its_bf16_timesteps(tiny_model_
     result = run_featurize(
         tiny_model_dir,
         out,
-        "--limit",
-        "40",
-        "--buckets",
-        "2",
-        "--proj-dim",
-        "128",
-        "--output",
-        "square",
-        "--projector",
-        "kronecker",
-        "--precision",
-        "mixed",
-        "--bf16-below",
-        "500",
+        *"--limit 40 --buckets 2 --proj-dim 128 --output square".split(),
+        *"--projector kronecker --precision mixed --bf16-below 500".split(),
     )
     assert result.returncode == 0, result.stderr
     spec = json.loads((out / META_NAME).read_text())["spec"]

@@ -67,15 +67,7 @@ def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, t
     result = run_featurize(
         tiny_model_dir,
         out,
-        "--limit",
-        "60",
-        "--buckets",
-        "2",
-        "--proj-dim",
-        "64",
-        "--projector",
-        "kronecker",
-        "--params",
+        *"--limit 60 --buckets 2 --proj-dim 64 --projector kronecker --params".split(),
         *LAST_LEVEL,
     )
     assert result.returncode == 0, result.stderr

@@ -51,18 +51,8 @@ def test_precompute_featurize_bf16_index_records_and_queries_in_bf16(tiny_model_
     result = run_featurize(
         tiny_model_dir,
         out,
-        "--limit",
-        "40",
-        "--buckets",
-        "2",
-        "--proj-dim",
-        "128",
-        "--output",
-        "square",
-        "--projector",
-        "kronecker",
-        "--precision",
-        "bf16",
+        *"--limit 40 --buckets 2 --proj-dim 128".split(),
+        *"--output square --projector kronecker --precision bf16".split(),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((out / META_NAME).read_text())["spec"]["precision"] == "bf16"
