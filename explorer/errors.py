@@ -2,7 +2,14 @@
 
 
 class ExplorerError(ValueError):
-    """A user-facing error. The message names the offending value and how to fix it."""
+    """A user-facing error. The message names the offending value and how to fix it.
+
+    The engine names the settings it refuses by their field (e.g. spec.proj_dim); `fields` lists them, so a
+    command line can say which of its flags set them (precompute.cli_types.flag_hint)."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 def whole_number(value, name: str, low: int, high: int) -> int:

@@ -52,14 +52,16 @@ def check_precision_projector(spec: FeatureSpec) -> None:
     reference)."""
     if spec.precision != "fp32" and spec.projector != "kronecker":
         raise ExplorerError(
-            f"--precision {spec.precision} applies to the kronecker projector only (the {spec.projector!r} "
-            "path is the exact fp32 reference): use --projector kronecker or --precision fp32"
+            f"spec.precision {spec.precision} applies to the kronecker projector only (the "
+            f"{spec.projector!r} path is the exact fp32 reference): use spec.projector kronecker or "
+            "spec.precision fp32",
+            ("spec.precision", "spec.projector"),
         )
 
 
 def native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes --precision
-    bf16 pay)."""
+    """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes
+    spec.precision bf16 pay)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private torch API: if it moves, assume no
@@ -109,29 +111,38 @@ class FeatureComputer:
         self._frozen = {name: p for name, p in every.items() if name not in self.params}  # constants of f
         self.num_params = sum(p.numel() for p in self.params.values())
         if spec.projector not in PROJECTORS:
-            raise ExplorerError(f"unknown projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}")
+            raise ExplorerError(
+                f"unknown spec.projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}",
+                ("spec.projector",),
+            )
         if spec.precision not in PRECISIONS:
-            raise ExplorerError(f"unknown precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise ExplorerError(
+                f"unknown spec.precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}",
+                ("spec.precision",),
+            )
         check_precision_projector(spec)
         if spec.precision == "mixed" and not 1 <= spec.bf16_below <= T:
             raise ExplorerError(
-                f"--precision mixed with bf16_below {spec.bf16_below}: give --calibrate N (which measures "
-                f"where bf16 is safe) or --bf16-below T with 1 <= T <= {T}"
+                f"spec.precision mixed with spec.bf16_below {spec.bf16_below}: calibrate it (which measures "
+                f"where bf16 is safe) or give spec.bf16_below T with 1 <= T <= {T}",
+                ("spec.precision", "spec.bf16_below", "calibrate"),
             )
         if spec.precision != "mixed" and spec.bf16_below:
             raise ExplorerError(
-                f"bf16_below {spec.bf16_below} applies to --precision mixed only, not {spec.precision!r}"
+                f"spec.bf16_below {spec.bf16_below} applies to spec.precision mixed only, "
+                f"not {spec.precision!r}",
+                ("spec.bf16_below", "spec.precision"),
             )
         if spec.precision == "bf16" and not quiet:
             logger.warning(
-                "--precision bf16 loses the example-specific gradient at high timesteps (at t = 950 "
+                "spec.precision bf16 loses the example-specific gradient at high timesteps (at t = 950 "
                 "its scores "
                 "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
                 "timestep-averaged outputs only (bench/precision_agreement.py)"
             )
         if spec.precision != "fp32" and not quiet and not native_bf16():
             logger.warning(
-                "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): --precision "
+                "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): spec.precision "
                 f"{spec.precision} "
                 "is emulated here and slower than fp32"
             )

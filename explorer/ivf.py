@@ -84,15 +84,17 @@ def check_ivf_request(count: int, nlist: int | None, nprobe: int | None) -> int:
         nlist = nlist_rule(count)
     if not isinstance(nlist, int) or isinstance(nlist, bool) or not 1 <= nlist <= count:
         raise ExplorerError(
-            f"--ivf-nlist {nlist!r} must be an integer between 1 and the {count} training rows "
-            f"(leave it out for the rule's {nlist_rule(count)})"
+            f"ivf_nlist {nlist!r} must be an integer between 1 and the {count} training rows "
+            f"(leave it out for the rule's {nlist_rule(count)})",
+            ("ivf_nlist",),
         )
     if nprobe is not None and (
         not isinstance(nprobe, int) or isinstance(nprobe, bool) or not 1 <= nprobe <= nlist
     ):
         raise ExplorerError(
-            f"--ivf-nprobe {nprobe!r} must be an integer between 1 and nlist {nlist} "
-            "(leave it out to calibrate it)"
+            f"ivf_nprobe {nprobe!r} must be an integer between 1 and nlist {nlist} "
+            "(leave it out to calibrate it)",
+            ("ivf_nprobe",),
         )
     return nlist
 

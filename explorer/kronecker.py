@@ -112,7 +112,7 @@ class KroneckerProjector:
         layers are
         hooked, so the backward stops below the lowest of them."""
         if dim < 1:
-            raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
+            raise ExplorerError(f"spec.proj_dim {dim} must be >= 1, e.g. 2048", ("spec.proj_dim",))
         self.model, self.dim, self.seed = model, dim, seed
         self.names = (
             [name for name, _ in model.named_parameters()] if params is None else list(params)
@@ -130,7 +130,8 @@ class KroneckerProjector:
         if wrong:
             raise ExplorerError(
                 f"exact_layers {wrong} are not Conv2d or Linear layers of this model: the spec was "
-                "calibrated for another model; calibrate again (precompute featurize --calibrate)"
+                "calibrated for another model; calibrate again",
+                ("calibrate",),
             )
         self._name_of = {module: name for name, module in self.modules.items()}
         # a kept weight needs its exact block; kept biases and norm parameters are exact anyway
@@ -161,12 +162,14 @@ class KroneckerProjector:
             if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
                 raise ExplorerError(
                     f"layer {name!r} is a grouped, non-zero-padded or 'same'-padded Conv2d, which the "
-                    "kronecker projector does not handle: use --projector countsketch"
+                    "kronecker projector does not handle: use spec.projector countsketch",
+                    ("spec.projector",),
                 )
         elif not isinstance(module, (nn.Linear, nn.GroupNorm)):
             raise ExplorerError(
                 f"layer {name!r} ({type(module).__name__}) holds parameters the kronecker projector cannot "
-                "cover (it handles Conv2d, Linear and GroupNorm): use --projector countsketch"
+                "cover (it handles Conv2d, Linear and GroupNorm): use spec.projector countsketch",
+                ("spec.projector",),
             )
 
     def _width(self, name: str, param: torch.Tensor) -> int:

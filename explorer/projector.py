@@ -103,15 +103,16 @@ def kept_mask(
     if unknown:
         raise ExplorerError(
             f"exact_params {unknown} are not featurized parameters of this model: the spec was "
-            "calibrated for another model or parameter set; calibrate again (precompute featurize "
-            "--calibrate)"
+            "calibrated for another model or parameter set; calibrate again",
+            ("calibrate",),
         )
     mask = [name in kept for name in names]
     width = sum(widths[name] for name, keep in zip(names, mask) if keep)
     if width >= dim:
         raise ExplorerError(
             f"exact_params hold {width} values, which leaves nothing of proj_dim {dim} for the "
-            "projection: keep fewer tensors or raise --proj-dim"
+            "projection: keep fewer tensors or raise spec.proj_dim",
+            ("spec.proj_dim",),
         )
     return mask, width
 
@@ -120,7 +121,7 @@ def make_projector(
     kind: str, num_params: int, dim: int, seed: int
 ) -> CountSketchProjector | GaussianProjector:
     if dim < 1:
-        raise ExplorerError(f"projection dimension {dim} must be >= 1, e.g. --proj-dim 2048")
+        raise ExplorerError(f"spec.proj_dim {dim} must be >= 1, e.g. 2048", ("spec.proj_dim",))
     if kind == "countsketch":
         return CountSketchProjector(num_params, dim, seed)
     if kind == "gaussian":

@@ -70,8 +70,9 @@ def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
     if unmatched:
         tops = sorted({name.split(".")[0] for name in names})
         raise ExplorerError(
-            f"--params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
-            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)"
+            f"spec.params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
+            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)",
+            ("spec.params",),
         )
     return [name for name in names if any(_under(name, prefix) for prefix in prefixes)]
 
@@ -83,11 +84,14 @@ def _under(name: str, prefix: str) -> bool:
 def bucket_timesteps(spec: FeatureSpec, num_train_timesteps: int) -> list[list[int]]:
     """Bucket b covers [b T/B, (b+1) T/B); its timesteps are the centres of m equal sub-ranges."""
     if not 1 <= spec.buckets <= num_train_timesteps:
-        raise ExplorerError(f"--buckets {spec.buckets} must be between 1 and {num_train_timesteps}")
+        raise ExplorerError(
+            f"spec.buckets {spec.buckets} must be between 1 and {num_train_timesteps}", ("spec.buckets",)
+        )
     width = num_train_timesteps / spec.buckets
     if spec.timesteps_per_bucket < 1 or spec.timesteps_per_bucket > width:
         raise ExplorerError(
-            f"--timesteps-per-bucket {spec.timesteps_per_bucket} must be between 1 and {int(width)}"
+            f"spec.timesteps_per_bucket {spec.timesteps_per_bucket} must be between 1 and {int(width)}",
+            ("spec.timesteps_per_bucket",),
         )
     m = spec.timesteps_per_bucket
     return [[int(b * width + (j + 0.5) * width / m) for j in range(m)] for b in range(spec.buckets)]

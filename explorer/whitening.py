@@ -59,7 +59,10 @@ def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GC
     phi = np.asarray(features, dtype=np.float64)
     n, k = phi.shape
     if n < 4:
-        raise ExplorerError(f"{n} training examples are too few to choose lambda by GCV: pass --lambda")
+        raise ExplorerError(
+            f"{n} training examples are too few to choose lambda by GCV: give a relative lambda",
+            ("relative_lambda",),
+        )
     order = np.random.default_rng(seed).permutation(n)
     n_heldout = max(1, int(round(n * GCV_HELDOUT_FRACTION)))
     fit, responses = phi[order[n_heldout:]], phi[order[:n_heldout]]
@@ -91,7 +94,8 @@ def given_lambda(features: np.ndarray, relative: float) -> LambdaChoice:
     """lambda given by the user, relative to the mean eigenvalue of Phi^T Phi."""
     if not relative > 0:
         raise ExplorerError(
-            f"--lambda {relative} must be > 0 (it is relative to the mean eigenvalue of Phi^T Phi)"
+            f"relative lambda {relative} must be > 0 (it is relative to the mean eigenvalue of Phi^T Phi)",
+            ("relative_lambda",),
         )
     scale = float(np.trace(gram(features)) / features.shape[1])
     return LambdaChoice(value=relative * scale, relative=float(relative), method="given")
@@ -105,7 +109,8 @@ def cholesky_factor(features: np.ndarray, lam: float) -> np.ndarray:
         return np.linalg.cholesky(kernel)
     except np.linalg.LinAlgError as error:
         raise ExplorerError(
-            f"Phi^T Phi + lambda I is not positive definite at lambda={lam:g}: use a larger --lambda"
+            f"Phi^T Phi + lambda I is not positive definite at lambda={lam:g}: use a larger relative lambda",
+            ("relative_lambda",),
         ) from error
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from explorer.errors import ExplorerError
-from precompute.cli_types import lambda_rule, non_negative_int, positive_float, positive_int
+from precompute.cli_types import flag_hint, lambda_rule, non_negative_int, positive_float, positive_int
 from precompute.evaluate_cli import add_evaluate
 
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except ExplorerError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{flag_hint(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

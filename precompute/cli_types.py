@@ -42,3 +42,26 @@ def lambda_rule(text: str) -> float | None:
         return positive_float(text)
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{error}: use a number > 0 such as 0.01, or gcv") from None
+
+
+# The engine names what it refuses by field (ExplorerError.fields); the CLI says which of its flags sets each.
+FLAG_OF_FIELD = {
+    "spec.output": "--output",
+    "spec.buckets": "--buckets",
+    "spec.timesteps_per_bucket": "--timesteps-per-bucket",
+    "spec.projector": "--projector",
+    "spec.proj_dim": "--proj-dim",
+    "spec.params": "--params",
+    "spec.precision": "--precision",
+    "spec.bf16_below": "--bf16-below",
+    "calibrate": "--calibrate N",
+    "relative_lambda": "--lambda",
+    "ivf_nlist": "--ivf-nlist",
+    "ivf_nprobe": "--ivf-nprobe",
+}
+
+
+def flag_hint(error: Exception) -> str:
+    """ " (flags: --x, --y)" for the fields an ExplorerError names, or ""."""
+    flags = [FLAG_OF_FIELD[field] for field in getattr(error, "fields", ()) if field in FLAG_OF_FIELD]
+    return f" (flags: {', '.join(flags)})" if flags else ""

@@ -151,7 +151,7 @@ def test_wrong_calibration_is_refused_with_the_fix(tiny_model, calibration):
         FeatureComputer(
             tiny_model, dataclasses.replace(SPEC, exact_layers=calibration.spec.exact_layers or ("conv_in",))
         )
-    with pytest.raises(ExplorerError, match="raise --proj-dim"):
+    with pytest.raises(ExplorerError, match="raise spec.proj_dim"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, proj_dim=8, exact_params=("conv_out.weight",)))
 
 

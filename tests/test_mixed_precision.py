@@ -58,15 +58,15 @@ def test_mixed_with_two_workers_equals_one(tiny_model, images):
 
 
 def test_mixed_precision_is_checked(tiny_model):
-    with pytest.raises(ExplorerError, match="--precision mixed with bf16_below 0: give --calibrate N"):
+    with pytest.raises(ExplorerError, match="spec.precision mixed with spec.bf16_below 0: calibrate it"):
         FeatureComputer(tiny_model, dataclasses.replace(MIXED, bf16_below=0))
     with pytest.raises(
         ExplorerError, match=r"runs a bucket's bf16 and fp32 timesteps as separate forwards: use features\(\)"
     ):
         FeatureComputer(tiny_model, MIXED).capture_rows(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]))
-    with pytest.raises(ExplorerError, match="bf16_below 500 applies to --precision mixed only"):
+    with pytest.raises(ExplorerError, match="spec.bf16_below 500 applies to spec.precision mixed only"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, bf16_below=500))
-    with pytest.raises(ExplorerError, match="--precision mixed applies to the kronecker projector only"):
+    with pytest.raises(ExplorerError, match="spec.precision mixed applies to the kronecker projector only"):
         calibrate(
             tiny_model,
             dataclasses.replace(MIXED, projector="countsketch", bf16_below=0),
@@ -148,7 +148,8 @@ def test_precompute_featurize_mixed_without_a_threshold_says_how_to_get_one(tiny
         tiny_model_dir, tmp_path / "none", "--limit", "8", "--projector", "kronecker", "--precision", "mixed"
     )
     assert result.returncode == 2
-    assert "--precision mixed with bf16_below 0: give --calibrate N" in result.stderr
+    assert "spec.precision mixed with spec.bf16_below 0: calibrate it" in result.stderr
+    assert "(flags: --precision, --bf16-below, --calibrate N)" in result.stderr
     assert not (tmp_path / "none" / META_NAME).exists()
 
 
@@ -161,7 +162,7 @@ def test_mixed_warns_where_bf16_is_emulated(tiny_model, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="explorer.features"):
         Featurizer(tiny_model, MIXED, workers=2)
     warnings = [record.getMessage() for record in caplog.records]
-    assert sum("--precision mixed is emulated" in message for message in warnings) == 1, (
+    assert sum("spec.precision mixed is emulated" in message for message in warnings) == 1, (
         warnings
     )  # not once per worker
 

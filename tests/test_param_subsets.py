@@ -33,7 +33,7 @@ def test_prefixes_select_whole_names_only():
         "conv_out.bias",
     ]
     assert select_params(names, ()) == names
-    with pytest.raises(ExplorerError, match="--params up_block matches no parameter"):
+    with pytest.raises(ExplorerError, match="spec.params up_block matches no parameter"):
         select_params(names, ("up_block",))
 
 
@@ -85,5 +85,7 @@ def test_precompute_featurize_params_builds_a_searchable_index(tiny_model_dir, t
 def test_unknown_params_are_refused_by_the_cli(tiny_model_dir, tmp_path):
     result = run_featurize(tiny_model_dir, tmp_path / "x", "--limit", "10", "--params", "decoder")
     assert result.returncode != 0
-    assert "--params decoder matches no parameter" in result.stderr + result.stdout
+    assert (
+        "spec.params decoder matches no parameter" in result.stderr and "(flags: --params)" in result.stderr
+    )
     assert not (tmp_path / "x" / META_NAME).exists()

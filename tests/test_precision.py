@@ -42,7 +42,7 @@ def test_bf16_features_stay_close_to_fp32_as_whole_vectors(tiny_model, digits_sp
 def test_precision_is_checked(tiny_model):
     with pytest.raises(ExplorerError, match="precision 'fp8'"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, precision="fp8"))
-    with pytest.raises(ExplorerError, match="--precision bf16 applies to the kronecker projector only"):
+    with pytest.raises(ExplorerError, match="spec.precision bf16 applies to the kronecker projector only"):
         FeatureComputer(tiny_model, dataclasses.replace(SPEC, projector="countsketch", precision="bf16"))
 
 

@@ -50,5 +50,5 @@ def test_gaussian_block_generation_equals_cached(monkeypatch):
 def test_bad_projector_arguments():
     with pytest.raises(ExplorerError, match="dense"):
         make_projector("dense", 10, 4, 0)
-    with pytest.raises(ExplorerError, match="projection dimension 0"):
+    with pytest.raises(ExplorerError, match="spec.proj_dim 0 must be >= 1"):
         make_projector("countsketch", 10, 0, 0)
