@@ -14,7 +14,6 @@ time. Prints every round and the medians; the speed-up is the median of the with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -25,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_file import write_case  # noqa: E402
 
 # Runs the precompute CLI in this process, then reports its resource use on the last line.
 CHILD = """
@@ -88,7 +90,10 @@ def main() -> None:
         help='more featurize options, e.g. "--output square --buckets 1 '
         '--timesteps-per-bucket 10 --proj-dim 2048" (the traker bench\'s spec) or "--workers 1"',
     )
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here, under cases[--case]")
+    parser.add_argument(
+        "--case", default=None, help="the configuration's name in --json (default: --projector)"
+    )
     args = parser.parse_args()
 
     runs = {"defaults": [], "tuned": []}
@@ -127,9 +132,8 @@ def main() -> None:
         )
     print(f"\ntuned / defaults: {speedup:.2f}x faster (median of the within-round ratios)")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"args": vars(args), "runs": runs, "speedup": speedup}, indent=2)
-        )
+        args.case = args.case or args.projector
+        write_case(args.json, args.case, {"args": vars(args), "runs": runs, "speedup": speedup})
 
 
 if __name__ == "__main__":

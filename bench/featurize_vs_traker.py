@@ -55,7 +55,7 @@ f..f+s-1, a second sample).
 from __future__ import annotations
 
 import dataclasses
-import json
+import resource
 import statistics
 import sys
 import time
@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from featurize_profile import seconds_per_sample, training_step  # noqa: E402
 from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
+from results_file import write_case  # noqa: E402
 from traker_side import (  # noqa: E402
     DiffusionSquareOutput,
     check_same_quantity,
@@ -90,6 +91,11 @@ try:
     from trak.projectors import BasicProjector, ProjectionType
 except ImportError:
     raise SystemExit("this bench needs traker: pip install -r bench/requirements-bench.txt") from None
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def main() -> None:
@@ -149,16 +155,13 @@ def main() -> None:
         )
 
     def traker_other_seed(seed: int, output=output) -> tuple[np.ndarray, np.ndarray]:
-        return traker_featurize(
-            unet,
-            output,
-            train,
-            queries,
-            args.proj_dim,
-            args.traker_batch,
-            half=False,
-            projector=traker_projector(seed),
-        )[1:]
+        other = traker_projector(seed)
+        try:
+            return traker_featurize(
+                unet, output, train, queries, args.proj_dim, args.traker_batch, half=False, projector=other
+            )[1:]
+        finally:  # its matrix is d x k float32 (8.6 GB at k = 2048): one alive at a time
+            other.free_memory()
 
     def ours_other_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
         other = Featurizer(
@@ -321,6 +324,10 @@ def main() -> None:
             features[name] = (phi_train, phi_queries)
             print(f"  repeat {repeat + 1}, {name}: {n / seconds:.3f} images/s", flush=True)
 
+    # The fidelity stage builds one traker projection matrix per seed (d x k float32, 8.6 GB at k = 2048):
+    # the timed one goes first, so at most one is alive (with three, the default run was OOM-killed at 24 GB).
+    projector.free_memory()
+    peak_before_fidelity_gb = peak_rss_gb()
     rows = []
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for name, settings, setup_s, _, other_seed, n in methods:
@@ -368,19 +375,18 @@ def main() -> None:
         "ratios": versus_training,
     }
     print_cost(args, cost)
+    before, end = peak_before_fidelity_gb, peak_rss_gb()
+    print(f"peak resident memory: {before:.1f} GB before the fidelity stage, {end:.1f} GB at the end")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "args": vars(args),
-                    "rows": rows,
-                    "ratios": ratios,
-                    "cost_vs_training": cost,
-                    "gradient_mismatch": mismatch,
-                },
-                indent=2,
-            )
-        )
+        result = {
+            "args": vars(args),
+            "rows": rows,
+            "ratios": ratios,
+            "cost_vs_training": cost,
+            "gradient_mismatch": mismatch,
+            "peak_rss_gb": {"before_fidelity": before, "end": end},
+        }
+        write_case(args.json, args.case, result)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ def parse_args(description: str) -> argparse.Namespace:
     )
     parser.add_argument("--train-batch", type=int, default=64, help="samples per timed AdamW training step")
     parser.add_argument("--train-steps", type=int, default=10, help="AdamW training steps timed per repeat")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here, under cases[--case]")
+    parser.add_argument("--case", default="main", help="the run's name in --json (main: the timed run)")
     return parser.parse_args()
 
 

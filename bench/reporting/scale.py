@@ -17,11 +17,8 @@ from bench.reporting.core import (
 # ------------------------------------------------------------------------------------------------------------
 # memory allocator
 
-ALLOCATOR = (
-    "allocator_ab_countsketch.json",
-    "allocator_ab_kronecker.json",
-    "allocator_ab_kronecker_traker_spec.json",
-)
+ALLOCATOR = "allocator_ab.json"
+ALLOCATOR_CASES = ("countsketch", "kronecker", "kronecker_traker_spec")
 
 
 def allocator_command(args: dict) -> str:
@@ -32,7 +29,7 @@ def allocator_command(args: dict) -> str:
         parts.append(f"--calibrate {args['calibrate']}")
     if args.get("featurize_args"):
         parts.append(f'--featurize-args "{args["featurize_args"]}"')
-    return " ".join([*parts, f"--json {args['json']}"])
+    return " ".join([*parts, f"--json {args['json']} --case {args['case']}"])
 
 
 @page(
@@ -40,12 +37,13 @@ def allocator_command(args: dict) -> str:
     "Memory allocator settings",
     "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
     "settings",
-    *ALLOCATOR,
+    ALLOCATOR,
 )
 def allocator() -> str:
     rows = []
-    for name in ALLOCATOR:
-        results = load(name)
+    cases = load(ALLOCATOR)["cases"]
+    for name in ALLOCATOR_CASES:
+        results = cases[name]
         args = results["args"]
         spec = f"`{args['featurize_args']}`" if args.get("featurize_args") else "the shipped spec"
         cells = []
@@ -61,10 +59,11 @@ def allocator() -> str:
             )
         label = f"{args['projector']}{', calibrated' if args['calibrate'] else ''}, {spec}"
         rows.append([label, *cells, f"**{results['speedup']:.2f}x**"])
-    first = load(ALLOCATOR[0])["args"]
+    first = cases[ALLOCATOR_CASES[0]]["args"]
     intro = para(f"""
-        `FeatureComputer` sets glibc's malloc, once per process, to serve blocks under 32 MiB from its heap
-        and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
+        `precompute.featurizer.Featurizer` sets glibc's malloc, once per process, to serve blocks under
+        32 MiB from its heap and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0`
+        keeps glibc's defaults).
         What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first["images"]}`
         in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first["rounds"]}
         rounds), and reads from each process its featurization seconds (featurize's own report), peak RSS,
@@ -74,8 +73,8 @@ def allocator() -> str:
     return "\n\n".join(
         [
             intro,
-            commands(*(allocator_command(load(name)["args"]) for name in ALLOCATOR)),
-            f"Results ({source_links(ALLOCATOR)}):",
+            commands(*(allocator_command(cases[name]["args"]) for name in ALLOCATOR_CASES)),
+            f"Results ({source_links([ALLOCATOR])}):",
             table(
                 [
                     f"featurize, {first['images']} images",

@@ -22,15 +22,16 @@ from bench.reporting.core import (
 # ------------------------------------------------------------------------------------------------------------
 # featurization against traker
 
-TRAKER = "featurize_vs_traker_mixed_bucket.json"
-TRAKER_SEEDS = "featurize_vs_traker_mixed_bucket_seeds5-9.json"
+TRAKER = "featurize_vs_traker.json"  # cases: main (timed, seeds 0-4) and more_seeds (agreement, seeds 5-9)
 TRAKER_COMMAND = (
     "python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --precision mixed "
-    f"--traker-bf16 --seeds 5 --runs 7 --default-n 8 --workers-baseline 1 --json bench/results/{TRAKER}"
+    "--traker-bf16 --seeds 5 --runs 7 --default-n 8 --workers-baseline 1 "
+    f"--json bench/results/{TRAKER} --case main"
 )
 TRAKER_SEEDS_COMMAND = (
     "python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --precision mixed "
-    f"--traker-bf16 --seeds 5 --first-seed 5 --runs 3 --skip-default --json bench/results/{TRAKER_SEEDS}"
+    "--traker-bf16 --seeds 5 --first-seed 5 --runs 3 --skip-default "
+    f"--json bench/results/{TRAKER} --case more_seeds"
 )
 FASTER_TRAKER = "traker best, the faster of fp32 and bf16 autocast in each repeat"
 
@@ -43,7 +44,7 @@ def traker_rows(results: dict) -> tuple[dict, dict]:
 
 def speed_headline(results: dict | None = None) -> float:
     """The README's speed figure: ours over the faster of traker best's fp32 and bf16 arithmetic."""
-    return (results or load(TRAKER))["ratios"][FASTER_TRAKER]
+    return (results or load(TRAKER)["cases"]["main"])["ratios"][FASTER_TRAKER]
 
 
 def spearman_cells(spearman: dict | None) -> list[str]:
@@ -140,10 +141,9 @@ def traker_tables(results: dict) -> str:
     "images/s and agreement with exact scores of our featurizer against traker 0.3.2, and against a "
     "training step",
     TRAKER,
-    TRAKER_SEEDS,
 )
 def featurize_speed() -> str:
-    results, second = load(TRAKER), load(TRAKER_SEEDS)
+    results, second = load(TRAKER)["cases"]["main"], load(TRAKER)["cases"]["more_seeds"]
     args = results["args"]
     cosines = {}
     for name in ("ours", "traker best"):
@@ -167,13 +167,13 @@ def featurize_speed() -> str:
         averaged over projection seeds. traker is a bench-only dependency.""")
     second_intro = para(f"""
         The same bench with projection seeds 5-9 and {second["args"]["runs"]} more timed repeats, traker
-        default left out ({source_links([TRAKER_SEEDS])}). Over all ten seeds the mean cosine agreement is
-        {cosines["ours"]:.5f} for ours and {cosines["traker best"]:.5f} for traker best.""")
+        default left out ({source_links([TRAKER])}, case `more_seeds`). Over all ten seeds the mean cosine
+        agreement is {cosines["ours"]:.5f} for ours and {cosines["traker best"]:.5f} for traker best.""")
     return "\n\n".join(
         [
             intro,
             commands("pip install -r bench/requirements-bench.txt", check_command(TRAKER_COMMAND, args)),
-            f"Results ({source_links([TRAKER])}):",
+            f"Results ({source_links([TRAKER])}, case `main`):",
             traker_tables(results),
             "## A second sample of projection seeds",
             second_intro,
@@ -186,7 +186,7 @@ def featurize_speed() -> str:
 # ------------------------------------------------------------------------------------------------------------
 # where featurization time goes
 
-PROFILE = "featurize_profile_2048_calibrated_bf16.json"
+PROFILE = "featurize_profile.json"
 PROFILE_COMMAND = (
     "python bench/featurize_profile.py --paths kronecker+calibrated kronecker+calibrated+bf16 "
     f"--repeats 5 --json bench/results/{PROFILE}"
