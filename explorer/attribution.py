@@ -148,17 +148,22 @@ class Explorer:
         return results
 
     def generate(
-        self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8
+        self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8, on_stage=None
     ) -> TrajectoryAttribution:
-        """Sample, then attribute every step and compute the x0hat likelihood proxy."""
+        """Sample, then attribute every step and compute the x0hat likelihood proxy; on_stage(fraction done,
+        what runs next) before each stage, for progress."""
+        stage = on_stage or (lambda done, what: None)
         name, _ = self.index(index_name)
         timings = {}
+        stage(0.0, f"sampling {steps} steps")
         started = time.perf_counter()
         trajectory = generate(self.model, seed, steps)
         timings["sample_s"] = time.perf_counter() - started
+        stage(0.3, f"attributing all {trajectory.steps} steps")
         started = time.perf_counter()
         steps_attr = self._attribute(name, trajectory.x0hat, trajectory.timesteps, top_k)
         timings["attribute_s"] = time.perf_counter() - started
+        stage(0.9, "classifying every x0hat")
         started = time.perf_counter()
         proxy = proxy_curves(self.classifier, trajectory)
         timings["proxy_s"] = time.perf_counter() - started
@@ -177,7 +182,7 @@ class Explorer:
         return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
 
     def rollouts(
-        self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0
+        self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0, on_step=None
     ) -> RolloutCurves:
         return rollout_curves(
             self.model,
@@ -186,6 +191,7 @@ class Explorer:
             evenly_spaced_steps(trajectory.steps, count),
             completions,
             seed,
+            on_step,
         )
 
     def attribute_image(

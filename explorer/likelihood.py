@@ -44,11 +44,15 @@ def rollout_curves(
     steps: list[int],
     completions: int = 16,
     seed: int = 0,
+    on_step=None,
 ) -> RolloutCurves:
-    """p(class | x_t) from `completions` seeded stochastic completions at each of `steps`."""
+    """p(class | x_t) from `completions` seeded stochastic completions at each of `steps` (on_step: see
+    explorer.sampler.complete_from_steps)."""
     if completions < 1:
         raise ExplorerError(f"completions {completions} must be >= 1")
-    finals = complete_from_steps(model, trajectory, steps, completions, seed=seed)  # (n, M, C, H, W)
+    finals = complete_from_steps(
+        model, trajectory, steps, completions, seed=seed, on_step=on_step
+    )  # (n, M, C, H, W)
     n, m = finals.shape[:2]
     probabilities = classifier.probabilities(finals.flatten(0, 1)).view(n, m, -1).mean(1).numpy()
     return RolloutCurves(steps=np.asarray(steps), probabilities=probabilities, completions=completions)

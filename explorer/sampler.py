@@ -8,6 +8,7 @@ sqrt(abar_t), eq. 15) are kept for attribution and for the feature-likelihood cu
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,8 +106,10 @@ def complete_from_steps(
     completions: int,
     seed: int = 0,
     batch_limit: int = 256,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Stochastic completions p(. | x_t): from x_t of each start step, run the sampler to the end.
+    """Stochastic completions p(. | x_t): from x_t of each start step, run the sampler to the end
+    (on_step(done, total) after each sampler step, for progress).
 
     Returns (len(start_steps), completions, C, H, W). All rollouts that are active at a sampler
     step share its timestep, so they run as one batch per step (S UNet calls in all).
@@ -130,6 +133,8 @@ def complete_from_steps(
             eps = model.unet(chunk, t).sample
             outputs.append(scheduler.step(eps, t, chunk, generator=generator).prev_sample)
         states = torch.cat(outputs)
+        if on_step is not None:
+            on_step(step + 1, len(scheduler.timesteps))
     finals = states.clamp(-1, 1)
     order = {s: i for i, s in enumerate(starts)}
     result = torch.empty((len(starts), completions, *shape))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_fixtures import app_assets, running_app, start_app  # noqa: F401  (fixtures; also sets the offline env)
+from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -36,13 +37,28 @@ GENERATE_OUTPUTS = (
     "chosen",
     "chosen_plot",
     "chosen_info",
+    "top_k",
 )
-SCRUB_OUTPUTS = ("slider", "xt", "x0", "positive", "negative", "plot", "step_info")
+SCRUB_OUTPUTS = (
+    "slider",
+    "xt",
+    "x0",
+    "positive",
+    "negative",
+    "plot",
+    "step_info",
+    "chosen",
+    "chosen_plot",
+    "chosen_info",
+)
 
 
-def parse(gallery: list[dict]) -> list[tuple[int, str, float, float]]:
-    """(id, label, score, percentile) of every gallery item, from its caption."""
+def parse(gallery: list[dict] | dict) -> list[tuple[int, str, float, float]]:
+    """(id, label, score, percentile) of every gallery item, from its caption (a step view's galleries come
+    as updates that also set the highlighted item)."""
     rows = []
+    if isinstance(gallery, dict):
+        gallery = gallery["value"]
     for item in gallery:
         match = CAPTION.match(item["caption"])
         assert match, (
@@ -150,7 +166,7 @@ def test_scrub_changes_step_view_and_moves_marker(client: Client, generated: dic
         t = int(reference.trajectory.timesteps[step])
         assert f"t = {t}" in view["slider"]["label"]
         assert marker_x(view["plot"]) == t
-        assert len(view["positive"]) == len(view["negative"]) == TOP_K
+        assert len(parse(view["positive"])) == len(parse(view["negative"])) == TOP_K
         assert "handler" in view["step_info"]
     first, last = views[0], views[STEPS - 1]
     assert parse(first["positive"]) != parse(last["positive"])
@@ -209,19 +225,29 @@ def test_several_indexes_offer_a_method_dropdown(app_assets, tmp_path: Path) -> 
     client.predict(SEED, STEPS, TOP_K, first, api_name="/generate")
     status = client.predict(STEPS - 1, second, TOP_K, api_name="/reattribute_index")[7]
     assert second in status
-    with pytest.raises(AppError):
+    with pytest.raises(AppError, match="not in the list of choices"):  # the dropdown's own check (API only)
         client.predict(STEPS - 1, "no such index", TOP_K, api_name="/reattribute_index")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**40, "abc", 1.5])
-def test_bad_seed_is_a_clear_error(client: Client, index_name: str, seed) -> None:
-    with pytest.raises(AppError, match="seed"):
-        client.predict(seed, STEPS, TOP_K, index_name, api_name="/generate")
+def test_bad_seed_is_a_clear_error_in_the_status_line(client: Client, index_name: str, seed) -> None:
+    status = dict(
+        zip(GENERATE_OUTPUTS, client.predict(seed, STEPS, TOP_K, index_name, api_name="/generate"))
+    )["status"]
+    assert status.startswith("**Not done:**") and "seed" in status and "Traceback" not in status
 
 
 def test_scrub_before_generate_is_a_clear_error(running_app) -> None:  # noqa: F811
-    with pytest.raises(AppError, match="Generate first"):
-        Client(running_app.url, verbose=False).predict(3, api_name="/scrub")
+    out = dict(zip(SCRUB_OUTPUTS, Client(running_app.url, verbose=False).predict(3, api_name="/scrub")))
+    assert "Generate first" in out["step_info"]
+
+
+def test_typed_top_k_outside_the_range_is_clamped_and_said(running_app, index_name: str) -> None:  # noqa: F811
+    other = Client(running_app.url, verbose=False)
+    for typed, used in ((0, 1), (500, 32)):
+        out = dict(zip(GENERATE_OUTPUTS, other.predict(SEED, STEPS, typed, index_name, api_name="/generate")))
+        assert out["top_k"] == used and len(parse(out["positive"])) == used
+        assert f"top-k {typed} is outside 1..32: used {used}" in out["status"]
 
 
 def test_attribute_an_uploaded_image(client: Client, index_name: str, tmp_path: Path, running_app) -> None:  # noqa: F811
@@ -240,7 +266,8 @@ def test_attribute_an_uploaded_image(client: Client, index_name: str, tmp_path: 
 def test_corrupt_or_missing_upload_is_a_clear_error(client: Client, index_name: str, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    with pytest.raises(AppError, match="could not be read as an image"):
-        client.predict(handle_file(str(broken)), 100, 5, index_name, api_name="/attribute_image")
-    with pytest.raises(AppError, match="no image uploaded"):
-        client.predict(None, 100, 5, index_name, api_name="/attribute_image")
+    status = client.predict(handle_file(str(broken)), 100, 5, index_name, api_name="/attribute_image")[3]
+    assert "'broken.png' could not be read as an image" in status
+    assert get_upload_folder() not in status  # the upload is named, not the server's temporary path
+    status = client.predict(None, 100, 5, index_name, api_name="/attribute_image")[3]
+    assert "no image uploaded" in status

@@ -146,11 +146,33 @@ def test_clicking_an_influencer_shows_when_it_mattered(page, generated: dict, ti
         f"() => !({CHOSEN_INFO_JS})().includes({NO_INFLUENCER!r})"
     )  # not while pending either
     info = page.evaluate(CHOSEN_INFO_JS)
-    assert f"positive influencer #1 at t = {timestep}: {caption}." in info
+    step = timesteps.index(timestep)
+    assert f"positive influencer at step {step} (t = {timestep}), #1 of the positive list: {caption}." in info
     assert re.search(r"Its score is most positive at step \d+ \(t = \d+, score -?\d", info)
     page.wait_for_function(f"() => ({SCORE_CURVE_JS})() !== null")
     curve = page.evaluate(SCORE_CURVE_JS)
     assert curve["x"] == timesteps and curve["marker"] == timestep  # its score at every step, this one marked
+
+    slider = page.locator("#step-slider input[type=range]")  # scrubbing keeps the selection, at the new step
+    slider.focus()
+    slider.press("ArrowLeft")
+    page.wait_for_function(
+        f"() => ({CHOSEN_INFO_JS})().includes('at step {step - 1} (t = {timesteps[step - 1]})')"
+    )
+    page.wait_for_function(f"() => ({SCORE_CURVE_JS})().marker === {timesteps[step - 1]}")
+    assert caption.split(" · ")[0] + " · " in page.evaluate(CHOSEN_INFO_JS)  # the same image ("id N · ")
+
+
+def test_a_bad_seed_leaves_the_page_as_it_was(page, generated: dict) -> None:
+    captions = page.evaluate(CAPTIONS_JS, "#positive")
+    seed = page.get_by_label(re.compile(r"^seed \(0 to")).first
+    seed.fill("-5")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('Not done')")
+    assert "seed -5" in page.locator("#status").text_content()
+    assert page.evaluate(CAPTIONS_JS, "#positive") == captions  # the galleries keep the last good run
+    assert page.locator(".error").count() == 0  # no red error pills over the outputs
+    seed.fill("0")
 
 
 def test_clicking_the_trajectory_strip_jumps_to_that_step(

@@ -10,25 +10,24 @@ url or base64 encoded image"). The images are under a kilobyte each; as files, g
 write, path-check and serve every gallery image of every slider update separately.
 """
 
-import functools
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import gradio.utils as gr_utils
 import numpy as np
-from gradio.components.plot import PlotData
 
-from explorer.attribution import MAX_TOP_K, Explorer, StepAttribution, TrajectoryAttribution
+from explorer.attribution import Explorer, StepAttribution, TrajectoryAttribution
 from explorer.data import load_image_file
 from explorer.errors import ExplorerError, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
 from explorer.web import plots
+from explorer.web.payloads import bounded, gallery_payload, image_payload, plot_payload, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -38,44 +37,7 @@ LARGE_PX = 224  # the selected influencer
 STRIP_COUNT = 10  # x_t thumbnails along the trajectory
 ROLLOUT_STEPS, ROLLOUT_COMPLETIONS = 12, 16  # rollout curves: 16 completions at 12 steps
 NO_INFLUENCER = "Click an influencer to see when it mattered."
-
-
-def user_errors(handler: Callable) -> Callable:
-    """Show ExplorerError messages in the page (gr.Error), never a stack trace."""
-
-    @functools.wraps(handler)
-    def wrapper(*args, **kwargs):
-        try:
-            return handler(*args, **kwargs)
-        except ExplorerError as error:
-            logger.info("user error in %s: %s", handler.__name__, error)
-            raise gr.Error(str(error), print_exception=False) from None
-
-    return wrapper
-
-
-# -- serialized outputs (the events run with postprocess=False) -------------------------------
-def image_payload(data_uri: str) -> dict:
-    """gr.Image's value for an inline PNG; no `meta` file marker, so gradio moves no file."""
-    return {
-        "path": None,
-        "url": data_uri,
-        "size": None,
-        "orig_name": "image.png",
-        "mime_type": "image/png",
-        "is_stream": False,
-        "meta": {},
-    }
-
-
-def gallery_payload(items: list[tuple[str, str]]) -> list[dict]:
-    """gr.Gallery's value for (data URI, caption) pairs."""
-    return [{"image": image_payload(uri), "caption": caption} for uri, caption in items]
-
-
-def plot_payload(figure_json: str) -> dict:
-    """gr.Plot's value for a plotly figure already serialized to JSON."""
-    return PlotData(type="plotly", plot=figure_json).model_dump()
+UI_MAX_TOP_K = 32  # top-k the page offers (the engine allows MAX_TOP_K); a larger typed value is clamped
 
 
 @dataclass(eq=False)
@@ -87,6 +49,8 @@ class Session:
     step: int  # the step on screen
     rollouts: RolloutCurves | None = None
     rollout_s: float | None = None
+    selected: tuple[str, int] | None = None  # the clicked influencer: (sign, training row); follows the step
+    notes: tuple[str, ...] = ()  # what the controls' values were changed to (e.g. a clamped top-k)
 
     @property
     def strip_steps(self) -> list[int]:
@@ -107,7 +71,7 @@ class Session:
                 f"rollouts ({len(self.rollouts.steps)} steps × {self.rollouts.completions} completions) "
                 f"{self.rollout_s:.1f} s"
             )
-        return " · ".join(parts)
+        return " · ".join([*parts, *self.notes])
 
 
 class Handlers:
@@ -190,18 +154,53 @@ class Handlers:
         )
         return (*outputs, info)
 
+    def chosen_view(self, session: Session, step: int) -> tuple:
+        """The selected influencer's panel at `step`: its image, its score at every step (marker at
+        `step`) and
+        what it scores and ranks here."""
+        sign, position = session.selected
+        attribution = session.attribution
+        current, index = attribution.steps[step], self._index(attribution.index_name)
+        curve = attribution.score_curve(position)  # (S,)
+        peak = int(curve.argmax() if sign == "positive" else curve.argmin())
+        timesteps = attribution.trajectory.timesteps
+        result = current.positive if sign == "positive" else current.negative
+        listed = result.positions.tolist()
+        where = (
+            f"#{listed.index(position) + 1} of the {sign} list"
+            if position in listed
+            else f"not in the {sign} list"
+        )
+        score = float(result.scores[listed.index(position)]) if position in listed else float(curve[step])
+        caption = self._caption(index, current, position, score)  # as the gallery captions it where listed
+        figure = plots.score_curve_figure(
+            timesteps, curve, step, f"{caption.split(' · ' + index.score_name)[0]}: score at every step"
+        )
+        text = (
+            f"**{sign} influencer at step {step} (t = {current.timestep})**, {where}: {caption}. "
+            f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f})."
+        )
+        large = image_payload(plots.png_data_uri(plots.upscale(index.train_images[position], LARGE_PX)))
+        return large, plot_payload(figure.to_json()), text
+
+    def _chosen_or_skip(self, session: Session, step: int) -> tuple:
+        return self.chosen_view(session, step) if session.selected else (gr.skip(),) * 3
+
     # -- events ----------------------------------------------------------------------------
     def random_seed(self) -> int:
         return random.randint(0, MAX_SEED)
 
-    @user_errors
+    @user_errors(outputs=15, message_at=10)
     def generate(self, seed, steps, top_k, index_name, progress=gr.Progress()) -> tuple:
-        """Sample, attribute every step, classify every x0hat (one engine call)."""
-        progress(0.05, desc="sampling, then attributing every step")
-        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
-        attribution = self.explorer.generate(seed, steps, index_name, top_k)
+        """Sample, attribute every step, classify every x0hat (one engine call, its stages reported)."""
+        top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
+        attribution = self.explorer.generate(
+            seed, steps, index_name, top_k, on_stage=lambda done, what: progress(done, desc=what)
+        )
         trajectory, last = attribution.trajectory, attribution.trajectory.steps - 1
-        session = Session(attribution, self._likelihood(attribution, None), last)
+        session = Session(
+            attribution, self._likelihood(attribution, None), last, notes=(note,) if note else ()
+        )
         strip = gallery_payload(
             [
                 (
@@ -214,39 +213,58 @@ class Handlers:
         final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.final, IMAGE_PX)))
         slider, *view = self.step_view(session, last)
         slider = gr.update(maximum=last, value=last, label=slider["label"])
-        return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER)
+        return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER, top_k)
 
-    @user_errors
+    @user_errors(outputs=2, message_at=1)
     def rollouts(self, session: Session | None, progress=gr.Progress()) -> tuple:
-        """Feature likelihoods from stochastic completions (>= 16 at >= 10 steps); shown when ready."""
+        """Feature likelihoods from stochastic completions (>= 16 at >= 10 steps); shown when ready, with the
+        sampler steps done so far as progress."""
         if session is None:
             raise ExplorerError("nothing generated yet: click Generate first")
-        progress(0.05, desc=f"{ROLLOUT_COMPLETIONS} completions from {ROLLOUT_STEPS} steps")
         started = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            progress(
+                done / total,
+                desc=f"rollouts: {ROLLOUT_COMPLETIONS} completions, sampler step {done} of {total}",
+            )
+
         curves = self.explorer.rollouts(
-            session.attribution.trajectory, count=ROLLOUT_STEPS, completions=ROLLOUT_COMPLETIONS
+            session.attribution.trajectory,
+            count=ROLLOUT_STEPS,
+            completions=ROLLOUT_COMPLETIONS,
+            on_step=report,
         )
         session.rollouts, session.rollout_s = curves, time.perf_counter() - started
         session.plot = self._likelihood(session.attribution, curves)
         timestep = session.attribution.trajectory.timesteps[session.step]
         return plot_payload(plots.with_marker(session.plot, timestep)), session.status()
 
-    @user_errors
+    @user_errors(outputs=10, message_at=6)
     def scrub(self, session: Session | None, step) -> tuple:
-        """Show one recorded step: a lookup in the session, no gradients."""
+        """Show one recorded step: a lookup in the session, no gradients; the selected influencer follows."""
         if session is None:
             raise ExplorerError("nothing generated yet: click Generate first")
-        return self.step_view(session, step)
+        view = self.step_view(session, step)
+        return (*view, *self._chosen_or_skip(session, session.step))
 
-    @user_errors
+    @user_errors(outputs=13, message_at=8)
     def reattribute(self, session: Session | None, step, index_name, top_k) -> tuple:
-        """The same trajectory against another index or top-k (no resampling)."""
+        """The same trajectory against another index or top-k (no resampling); a top-k typed outside
+        1..UI_MAX_TOP_K is clamped and the status says so."""
         if session is None:
-            return (gr.skip(),) * 12
-        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
+            return (gr.skip(),) * 13
+        top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
         attribution = self.explorer.reattribute(session.attribution, index_name, top_k)
-        new = Session(attribution, session.plot, session.step, session.rollouts, session.rollout_s)
-        return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER)
+        new = Session(
+            attribution,
+            session.plot,
+            session.step,
+            session.rollouts,
+            session.rollout_s,
+            notes=(note,) if note else (),
+        )
+        return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER, top_k)
 
     def jump(self, session: Session | None, evt: gr.SelectData) -> dict:
         """A click on the trajectory strip moves the step slider there."""
@@ -258,9 +276,10 @@ class Handlers:
         """A click in either influencer gallery: which one (by elem_id) and which rank."""
         return ("negative" if getattr(evt.target, "elem_id", None) == "negative" else "positive"), evt.index
 
-    @user_errors
+    @user_errors(outputs=3, message_at=2)
     def select_influencer(self, session: Session | None, step, sign, rank) -> tuple:
-        """A larger view of one influencer and its score at every step: when did it matter?"""
+        """A larger view of one influencer and its score at every step: when did it matter? It stays selected
+        while the step changes."""
         if session is None:
             raise ExplorerError("nothing generated yet: click Generate first")
         attribution = session.attribution
@@ -270,22 +289,10 @@ class Handlers:
         current = attribution.steps[step]
         result = current.positive if sign == "positive" else current.negative
         rank = whole_number(rank, "influencer rank", 0, len(result.positions) - 1)
-        position, index = int(result.positions[rank]), self._index(attribution.index_name)
-        curve = attribution.score_curve(position)  # (S,)
-        peak = int(curve.argmax() if sign == "positive" else curve.argmin())
-        timesteps = attribution.trajectory.timesteps
-        caption = self._caption(index, current, position, float(result.scores[rank]))
-        figure = plots.score_curve_figure(
-            timesteps, curve, step, f"{caption.split(' · score')[0]}: score at every step"
-        )
-        text = (
-            f"**{sign} influencer #{rank + 1} at t = {current.timestep}**: {caption}. "
-            f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f})."
-        )
-        large = image_payload(plots.png_data_uri(plots.upscale(index.train_images[position], LARGE_PX)))
-        return large, plot_payload(figure.to_json()), text
+        session.selected = (sign, int(result.positions[rank]))
+        return self.chosen_view(session, step)
 
-    @user_errors
+    @user_errors(outputs=4, message_at=3)
     def attribute_image(self, image, timestep, top_k, index_name) -> tuple:
         """An uploaded image (any size or mode) as the query at one train timestep."""
         if not image:
@@ -299,15 +306,21 @@ class Handlers:
             raise ExplorerError(
                 f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
             )
-        array = load_image_file(path, self.explorer.model.sample_size)
+        try:
+            array = load_image_file(path, self.explorer.model.sample_size)
+        except ExplorerError as error:  # name the upload, not the server's temporary path
+            raise ExplorerError(str(error).replace(path, Path(path).name)) from None
         timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
-        top_k = whole_number(top_k, "top-k", 1, MAX_TOP_K)
+        top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
         started = time.perf_counter()
         step = self.explorer.attribute_image(array, timestep, index_name, top_k)
         index = self._index(index_name)
-        status = (
-            f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()} · "
-            f"attributed in {time.perf_counter() - started:.2f} s"
+        status = " · ".join(
+            [
+                f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()}",
+                f"attributed in {time.perf_counter() - started:.2f} s",
+                *([note] if note else []),
+            ]
         )
         seen = image_payload(plots.png_data_uri(plots.upscale(array, IMAGE_PX)))
         return (

@@ -9,14 +9,17 @@ import gradio as gr
 
 from explorer.attribution import Explorer
 from explorer.sampler import MAX_SEED, MIN_STEPS
-from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, Handlers
+from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, UI_MAX_TOP_K, Handlers
 
 UI_MAX_STEPS = 200  # sampler steps offered by the slider (the engine accepts up to 1000)
-UI_MAX_TOP_K = 32
 CSS = """
 .pixelated img { image-rendering: pixelated; }
-.influencers .caption-label { white-space: normal; max-width: none; left: 3px; right: 3px; bottom: 3px;
-                              padding: 1px 3px; font-size: 10px; line-height: 1.15; opacity: 0.85; }
+.influencers .thumbnail-item { display: flex; flex-direction: column; height: auto; }
+.influencers .thumbnail-item img { object-fit: contain; }
+.influencers .caption-label { position: static; white-space: normal; max-width: none; margin: 0;
+                              padding: 1px 3px; font-size: 10px; line-height: 1.15; opacity: 1; }
+#positive { border-left: 4px solid #2e7d32; }
+#negative { border-left: 4px solid #c62828; }
 .strip .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(48px, 1fr)); }
 .strip .caption-label { font-size: 10px; }
 """
@@ -57,7 +60,12 @@ def build(explorer: Explorer) -> gr.Blocks:
                         seed = gr.Number(value=0, label=f"seed (0 to {MAX_SEED})", scale=3)
                         dice = gr.Button("random", scale=1, min_width=60)
                     steps = gr.Slider(MIN_STEPS, UI_MAX_STEPS, value=50, step=1, label="sampler steps")
-                    top_k = gr.Slider(1, UI_MAX_TOP_K, value=8, step=1, label="top-k influencers")
+                    top_k = gr.Number(
+                        value=8,
+                        precision=0,
+                        label=f"top-k influencers (1 to {UI_MAX_TOP_K})",
+                        elem_id="top-k",
+                    )
                     index_name = gr.Dropdown(
                         names, value=names[0], label="method / index", visible=len(names) > 1
                     )
@@ -122,7 +130,9 @@ def build(explorer: Explorer) -> gr.Blocks:
                     timestep = gr.Slider(
                         0, T - 1, value=T // 10, step=1, label=f"train timestep t (0 to {T - 1})"
                     )
-                    image_top_k = gr.Slider(1, UI_MAX_TOP_K, value=8, step=1, label="top-k influencers")
+                    image_top_k = gr.Number(
+                        value=8, precision=0, label=f"top-k influencers (1 to {UI_MAX_TOP_K})"
+                    )
                     image_index = gr.Dropdown(
                         names, value=names[0], label="method / index", visible=len(names) > 1
                     )
@@ -146,27 +156,34 @@ def build(explorer: Explorer) -> gr.Blocks:
         go_button.click(
             h.generate,
             [seed, steps, top_k, index_name],
-            [session, final, strip, *view, status, *chosen_views],
+            [session, final, strip, *view, status, *chosen_views, top_k],
             api_name="generate",
+            show_progress_on=[status],  # one place reports the stages, the rest of the page stays readable
             **engine,
         ).success(
-            h.rollouts, [session], [plot, status], api_name="rollouts", show_progress="minimal", **engine
+            h.rollouts,
+            [session],
+            [plot, status],
+            api_name="rollouts",
+            show_progress="minimal",
+            show_progress_on=[status],
+            **engine,
         )
         slider.change(
             h.scrub,
             [session, slider],
-            view,
+            [*view, *chosen_views],
             api_name="scrub",
             trigger_mode="always_last",
             show_progress="hidden",
             concurrency_limit=4,
             postprocess=False,
         )
-        for trigger, name in ((index_name.change, "reattribute_index"), (top_k.release, "reattribute_top_k")):
+        for trigger, name in ((index_name.change, "reattribute_index"), (top_k.submit, "reattribute_top_k")):
             trigger(
                 h.reattribute,
                 [session, slider, index_name, top_k],
-                [session, *view, status, *chosen_views],
+                [session, *view, status, *chosen_views, top_k],
                 api_name=name,
                 **engine,
             )

@@ -1,0 +1,77 @@
+"""The handlers' plumbing: outputs serialized for events that run with postprocess=False, and the way a
+refused input is reported (its status slot only; every other output keeps what it showed)."""
+
+import functools
+import logging
+from collections.abc import Callable
+
+import gradio as gr
+from gradio.components.plot import PlotData
+
+from explorer.errors import ExplorerError
+
+logger = logging.getLogger("explorer.web.handlers")
+
+
+def refused(error: Exception) -> str:
+    """The line a refused input leaves in its status slot."""
+    return f"**Not done:** {error}. Everything else on the page is as it was."
+
+
+def user_errors(outputs: int, message_at: int) -> Callable:
+    """A refused input (ExplorerError) leaves every output as it was (gr.skip) except the status slot
+    `message_at` of the `outputs`, which says what was wrong and how to fix it: one bad input never wipes
+    earlier results, and no stack trace reaches the page."""
+
+    def decorate(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        def wrapper(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except ExplorerError as error:
+                logger.info("user error in %s: %s", handler.__name__, error)
+                answer = [gr.skip()] * outputs
+                answer[message_at] = refused(error)
+                return tuple(answer)
+
+        return wrapper
+
+    return decorate
+
+
+def bounded(value, name: str, low: int, high: int) -> tuple[int, str]:
+    """A typed whole number clamped into [low, high], and a note when it was moved ("" otherwise)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ExplorerError(
+            f"{name} {value!r} is not a number: use a whole number from {low} to {high}"
+        ) from None
+    if isinstance(value, bool) or number != number or not float(number).is_integer() and abs(number) < 1e15:
+        raise ExplorerError(f"{name} {value!r} is not a whole number: use one from {low} to {high}")
+    used = int(min(max(number, low), high))
+    return used, "" if used == number else f"{name} {value!r} is outside {low}..{high}: used {used}"
+
+
+# -- serialized outputs (the events run with postprocess=False) -------------------------------
+def image_payload(data_uri: str) -> dict:
+    """gr.Image's value for an inline PNG; no `meta` file marker, so gradio moves no file."""
+    return {
+        "path": None,
+        "url": data_uri,
+        "size": None,
+        "orig_name": "image.png",
+        "mime_type": "image/png",
+        "is_stream": False,
+        "meta": {},
+    }
+
+
+def gallery_payload(items: list[tuple[str, str]]) -> list[dict]:
+    """gr.Gallery's value for (data URI, caption) pairs."""
+    return [{"image": image_payload(uri), "caption": caption} for uri, caption in items]
+
+
+def plot_payload(figure_json: str) -> dict:
+    """gr.Plot's value for a plotly figure already serialized to JSON."""
+    return PlotData(type="plotly", plot=figure_json).model_dump()
