@@ -113,6 +113,11 @@ def add_evaluate(commands) -> None:
     step_cf.add_argument("--model", default="assets/model")
     step_cf.add_argument("--index", default="assets/index", help="the served index whose top-k is removed")
     add_retrain_options(step_cf, "bench/results/step_counterfactual", "bench/cache/step-counterfactual")
+    step_cf.add_argument(
+        "--json",
+        default="bench/results/step_counterfactual.json",
+        help="the summary (per step, CIs over queries)",
+    )
     step_cf.set_defaults(run=run_step_counterfactual)
 
     counterfactual = kinds.add_parser(
@@ -193,8 +198,21 @@ def run_step_counterfactual(args) -> None:
 
     torch_threads(args.threads)
     finished = run_models(args.results, args.cache, args.model, args.index, stop_after=args.stop_after)
-    print(json.dumps(summarize(args.results)["steps"], indent=1))
+    summary = summarize(args.results)
+    print(json.dumps(summary["steps"], indent=1))
     print(f"{finished} models finished in this call; results in {args.results}")
+    if summary["steps"]:
+        from explorer.atomic import write_json_atomic
+        from explorer.model import load_model
+        from explorer.sampler import make_sampling_scheduler
+
+        timesteps = make_sampling_scheduler(
+            load_model(args.model), summary["config"]["sampler_steps"]
+        ).timesteps
+        summary["timesteps"] = {str(s): int(timesteps[s]) for s in summary["config"]["steps"]}
+        summary["command"] = "python -m precompute evaluate step-counterfactual"
+        write_json_atomic(args.json, summary)
+        print(f"summary written to {args.json}")
 
 
 def run_shipped_truth(args) -> None:
