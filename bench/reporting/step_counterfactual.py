@@ -30,7 +30,8 @@ def step_counterfactual() -> str:
     queries = len(config["seeds"])
     intro = para(f"""
         For {queries} generated digits of the shipped model (sampler seeds {config["seeds"][0]} to
-        {config["seeds"][-1]}, {config["sampler_steps"]} steps) and steps {", ".join(map(str, config["steps"]))},
+        {config["seeds"][-1]}, {config["sampler_steps"]} steps) and steps
+        {", ".join(map(str, config["steps"]))},
         the explorer's own top-k positive influencers of that step ({config["fraction"]:.0%} of the training
         set) are removed and the shipped architecture is retrained ({results["models"]} models in all, the
         recipe of the shipped-model LDS); so are the k pixel-nearest training images of each final digit and
