@@ -91,7 +91,7 @@ def main() -> None:
             time.sleep(1.0)  # let the last scrub's images load
             page.locator("#positive button.thumbnail-item").first.click()
             page.wait_for_function(
-                "() => document.querySelector('#chosen-info').textContent.includes('influencer #1')"
+                "() => document.querySelector('#chosen-info').textContent.includes('#1 of the positive list')"
             )
             time.sleep(1.0)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
