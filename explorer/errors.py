@@ -12,14 +12,27 @@ class ExplorerError(ValueError):
         self.fields = tuple(fields)
 
 
-def whole_number(value, name: str, low: int, high: int) -> int:
-    """`value` as an int in [low, high], or an ExplorerError naming it and the valid range."""
+def _number(value, name: str, low: int, high: int) -> float:
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError, OverflowError):
         raise ExplorerError(
             f"{name} {value!r} is not a number: use a whole number from {low} to {high}"
         ) from None
+
+
+def bounded(value, name: str, low: int, high: int) -> tuple[int, str]:
+    """A typed whole number clamped into [low, high], and a note when it was moved ("" otherwise)."""
+    number = _number(value, name, low, high)
+    if isinstance(value, bool) or number != number or not number.is_integer() and abs(number) < 1e15:
+        raise ExplorerError(f"{name} {value!r} is not a whole number: use one from {low} to {high}")
+    used = int(min(max(number, low), high))
+    return used, "" if used == number else f"{name} {value!r} is outside {low}..{high}: used {used}"
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or an ExplorerError naming it and the valid range."""
+    number = _number(value, name, low, high)
     if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
         raise ExplorerError(f"{name} {value!r} is out of range: use a whole number from {low} to {high}")
     return int(number)

@@ -22,12 +22,12 @@ import numpy as np
 
 from explorer.attribution import Explorer, StepAttribution, TrajectoryAttribution
 from explorer.data import load_image_file
-from explorer.errors import ExplorerError, whole_number
+from explorer.errors import ExplorerError, bounded, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
 from explorer.web import plots
-from explorer.web.payloads import bounded, gallery_payload, image_payload, plot_payload, user_errors
+from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,11 @@ class Handlers:
         )  # preprocess=False: the upload's FileData
         # preprocess=False skips gradio's own path check, so do it here: only files gradio received
         # as uploads are read, never an arbitrary server path named by a crafted request.
-        if not isinstance(path, str) or not gr_utils.is_in_or_equal(path, gr_utils.get_upload_folder()):
+        if (
+            not isinstance(path, str)
+            or "\x00" in path
+            or not gr_utils.is_in_or_equal(path, gr_utils.get_upload_folder())
+        ):
             raise ExplorerError(
                 f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
             )

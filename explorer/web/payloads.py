@@ -39,20 +39,6 @@ def user_errors(outputs: int, message_at: int) -> Callable:
     return decorate
 
 
-def bounded(value, name: str, low: int, high: int) -> tuple[int, str]:
-    """A typed whole number clamped into [low, high], and a note when it was moved ("" otherwise)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ExplorerError(
-            f"{name} {value!r} is not a number: use a whole number from {low} to {high}"
-        ) from None
-    if isinstance(value, bool) or number != number or not float(number).is_integer() and abs(number) < 1e15:
-        raise ExplorerError(f"{name} {value!r} is not a whole number: use one from {low} to {high}")
-    used = int(min(max(number, low), high))
-    return used, "" if used == number else f"{name} {value!r} is outside {low}..{high}: used {used}"
-
-
 # -- serialized outputs (the events run with postprocess=False) -------------------------------
 def image_payload(data_uri: str) -> dict:
     """gr.Image's value for an inline PNG; no `meta` file marker, so gradio moves no file."""
