@@ -76,3 +76,33 @@ def das_weighted(train_vectors: np.ndarray, residuals: np.ndarray) -> np.ndarray
 def all_scores(train_vectors: np.ndarray, query_vectors: np.ndarray) -> np.ndarray:
     """(N, k) stored rows and (P, k) search vectors -> (P, N) scores."""
     return np.asarray(query_vectors, dtype=np.float32) @ np.asarray(train_vectors, dtype=np.float32).T
+
+
+def keyed_scores(
+    train: dict[int, np.ndarray],
+    query: np.ndarray,
+    query_bucket: np.ndarray,
+    normalize: bool,
+    weights: dict[int, np.ndarray] | None = None,
+) -> np.ndarray:
+    """tau (Q, N): each query row against the training rows of its own key (bucket), optionally as cosines
+    (Diffusion-ReTrac) and/or with DAS row weights."""
+    n = next(iter(train.values())).shape[0]
+    scores = np.zeros((len(query), n), np.float32)
+    for b, rows_train in train.items():
+        rows = np.flatnonzero(query_bucket == b)
+        if not len(rows):
+            continue
+        left, right = query[rows], rows_train
+        if normalize:
+            left, right = normalize_rows(left), normalize_rows(right)
+        if weights is not None:
+            right = das_weighted(right, weights[b])
+        scores[rows] = left @ right.T
+    return scores
+
+
+def tracin(per_checkpoint_scores, learning_rate: float) -> np.ndarray:
+    """Diffusion-TracIn: sum over checkpoints c of lr <g_q^c, g_i^c> (Diffusion-ReTrac: of unit-norm g), from
+    each checkpoint's (Q, N) inner products."""
+    return learning_rate * np.sum(list(per_checkpoint_scores), axis=0)

@@ -31,13 +31,13 @@ from explorer.atomic import write_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec, bucket_of_timestep
 from explorer.model import DiffusionModel
-from explorer.scoring import BucketScorer, das_weighted
+from explorer.scoring import BucketScorer, tracin
+from explorer.scoring import keyed_scores as inner_product_scores
 from explorer.whitening import (
     LambdaChoice,
     cholesky_factor,
     choose_lambda_gcv,
     given_lambda,
-    normalize_rows,
 )
 from precompute.featurizer import Featurizer, default_workers
 from precompute.ground_truth import QuerySet
@@ -203,29 +203,6 @@ def whiten_features(
     return Whitened(train=train, query=query, relative_lambda=lambdas)
 
 
-def inner_product_scores(
-    train: dict[int, np.ndarray],
-    query: np.ndarray,
-    query_bucket: np.ndarray,
-    normalize: bool,
-    weights: dict[int, np.ndarray] | None = None,
-) -> np.ndarray:
-    """tau (Q, N): <query row, training row of the query's key>, optionally cosine and/or row-weighted."""
-    n = next(iter(train.values())).shape[0]
-    scores = np.zeros((len(query), n), np.float32)
-    for b, rows_train in train.items():
-        rows = np.flatnonzero(query_bucket == b)
-        if not len(rows):
-            continue
-        left, right = query[rows], rows_train
-        if normalize:
-            left, right = normalize_rows(left), normalize_rows(right)
-        if weights is not None:
-            right = das_weighted(right, weights[b])
-        scores[rows] = left @ right.T
-    return scores
-
-
 def trak_scores(
     whitened: Whitened,
     query_bucket: np.ndarray,
@@ -238,15 +215,12 @@ def trak_scores(
 
 def tracin_scores(checkpoints: list[FeatureSet], learning_rate: float, normalize: bool) -> np.ndarray:
     """Diffusion-TracIn: sum_c lr <g_q^c, g_i^c>; Diffusion-ReTrac: the same with unit-norm g (Q, N)."""
-    total = None
-    for features in checkpoints:
-        scores = learning_rate * inner_product_scores(
-            features.train, features.query, features.query_bucket, normalize
-        )
-        total = scores if total is None else total + scores
-    if total is None:
+    if not checkpoints:
         raise ExplorerError("TracIn needs at least one checkpoint")
-    return total
+    return tracin(
+        (inner_product_scores(f.train, f.query, f.query_bucket, normalize) for f in checkpoints),
+        learning_rate,
+    )
 
 
 def fold_features(features: FeatureSet, dim: int) -> FeatureSet:
