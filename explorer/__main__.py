@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timestep", type=int, required=True, help="train timestep 0..T-1 to attribute at"
     )
     attribute.add_argument("--top-k", type=int, default=10)
+    attribute.add_argument(
+        "--region",
+        default=None,
+        help="X0,Y0,X1,Y1: attribute only the output inside this box (model pixels, X1 and Y1 exclusive)",
+    )
     attribute.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -46,7 +51,8 @@ def run_attribute(args) -> dict:
     classifier = load_classifier(Path(model_dir) / "classifier")
     explorer = Explorer(model, {args.index: index}, classifier)
     image = load_image_file(args.image, model.sample_size)
-    result = explorer.attribute_image(image, args.timestep, args.index, args.top_k)
+    region = None if args.region is None else args.region.split(",")
+    result = explorer.attribute_image(image, args.timestep, args.index, args.top_k, region)
 
     def rows(search, negative: bool = False) -> list[dict]:
         return [
@@ -61,6 +67,7 @@ def run_attribute(args) -> dict:
 
     return {
         "timestep": result.timestep,
+        "region": None if region is None else [int(v) for v in region],
         "bucket": result.bucket,
         "score": index.score_name,
         "negative_count": result.negative_count,

@@ -127,15 +127,38 @@ class Explorer:
             self._computers[name] = FeatureComputer(self.model, self.indexes[name].meta.spec)
         return self._computers[name]
 
+    def region_mask(self, box) -> torch.Tensor:
+        """A box (x0, y0, x1, y1) in model pixels, x1 and y1 exclusive -> mask (H, W), or an ExplorerError
+        naming the box and the valid range."""
+        size = self.model.sample_size
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box)
+        except (TypeError, ValueError):
+            raise ExplorerError(f"region {box!r} must be four whole numbers x0, y0, x1, y1") from None
+        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+            raise ExplorerError(
+                f"region {(x0, y0, x1, y1)} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size} "
+                f"(model pixels, x1 and y1 exclusive)"
+            )
+        mask = torch.zeros(size, size)
+        mask[y0:y1, x0:x1] = 1
+        return mask
+
     def _attribute(
-        self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int
+        self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int, region=None
     ) -> list[StepAttribution]:
-        """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,)."""
+        """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,); region: a box (see region_mask)
+        whose output alone is attributed."""
         top_k = check_top_k(top_k)
         _, index = self.index(name)
         T = index.meta.num_train_timesteps
         buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
-        phi = self.computer(name).features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
+        computer = (
+            self.computer(name)
+            if region is None
+            else self.computer(name).for_region(self.region_mask(region))
+        )
+        phi = computer.features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
         queries = index.query_vectors(phi, buckets)
         results = []
         for query, bucket, timestep in zip(queries, buckets, timesteps):
@@ -170,13 +193,14 @@ class Explorer:
         return TrajectoryAttribution(trajectory, name, steps_attr, proxy, timings)
 
     def reattribute(
-        self, attribution: TrajectoryAttribution, index_name: str, top_k: int
+        self, attribution: TrajectoryAttribution, index_name: str, top_k: int, region=None
     ) -> TrajectoryAttribution:
-        """The same trajectory against another index or top-k (no resampling)."""
+        """The same trajectory against another index or top-k (no resampling), or for a region of the image
+        (a box x0, y0, x1, y1 in model pixels: the influencers of the output inside it, at every step)."""
         name, _ = self.index(index_name)
         started = time.perf_counter()
         steps_attr = self._attribute(
-            name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k
+            name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k, region
         )
         timings = dict(attribution.timings, attribute_s=time.perf_counter() - started)
         return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
@@ -195,9 +219,10 @@ class Explorer:
         )
 
     def attribute_image(
-        self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8
+        self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8, region=None
     ) -> StepAttribution:
-        """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep."""
+        """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep (region: a
+        box, see region_mask, whose output alone is attributed)."""
         name, index = self.index(index_name)
         timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
         if not isinstance(image, np.ndarray):
@@ -208,4 +233,4 @@ class Explorer:
                 f"{self.model.sample_size}) grayscale: resize it first"
             )
         tensor = torch.from_numpy(to_model_range(image[None]))
-        return self._attribute(name, tensor, np.array([int(timestep)]), top_k)[0]
+        return self._attribute(name, tensor, np.array([int(timestep)]), top_k, region)[0]

@@ -20,6 +20,7 @@ turn.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
-from explorer.outputs import get_output_function
+from explorer.outputs import get_output_function, region_output
 from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
 from explorer.spec import (  # noqa: F401 (re-exported: the spec is part of this module's interface)
     NAME_LIST_FIELDS,
@@ -169,6 +170,15 @@ class FeatureComputer:
             )
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
         self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
+
+    def for_region(self, mask: torch.Tensor) -> FeatureComputer:
+        """This computer with its output function restricted to a region, mask (H, W) of 0/1 (region
+        attribution: the query's gradient of the output inside the region; the model and projector are
+        shared)."""
+        clone = copy.copy(self)
+        clone.output_fn = region_output(self.output_fn, mask)
+        clone._per_example_grad = vmap(grad(clone._output), in_dims=(None, 0, 0, 0))
+        return clone
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)

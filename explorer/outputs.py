@@ -60,3 +60,16 @@ def get_output_function(name: str) -> OutputFunction:
         raise ExplorerError(
             f"unknown output function {name!r}: use one of {', '.join(OUTPUT_FUNCTIONS)}"
         ) from None
+
+
+def region_output(output: OutputFunction, mask: torch.Tensor) -> OutputFunction:
+    """`output` restricted to the pixels where mask (H, W) is 1: prediction and noise outside the region are
+    zeroed and the result rescaled to the region's area, so a mean over pixels becomes a mean over the region.
+    Query-side only (region attribution): training features stay whole-image."""
+    weights = mask.to(torch.float32)
+    scale = float(weights.numel() / weights.sum())
+
+    def restricted(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return scale * output(prediction * weights, noise * weights)
+
+    return restricted

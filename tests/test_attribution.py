@@ -117,3 +117,42 @@ def test_label_agreement_beats_chance(tiny_assets):
     assert done.returncode == 0, done.stderr
     value = float(done.stdout.strip().splitlines()[-1].split("|")[-2])
     assert value > 0.3, done.stdout
+
+
+def test_region_attribution_is_query_side_and_checked(tiny_explorer):
+    whole = tiny_explorer.generate(5, 10, None, 6)
+    size = tiny_explorer.model.sample_size
+    everything = tiny_explorer.reattribute(whole, whole.index_name, 6, (0, 0, size, size))
+    for step in (0, 9):  # the whole box is the whole image
+        assert everything.steps[step].positive.ids.tolist() == whole.steps[step].positive.ids.tolist()
+    top = tiny_explorer.reattribute(whole, whole.index_name, 6, (0, 0, size, size // 2))
+    bottom = tiny_explorer.reattribute(whole, whole.index_name, 6, (0, size // 2, size, size))
+    assert not np.allclose(top.steps[9].scores, bottom.steps[9].scores)  # two regions, two score vectors
+    assert top.trajectory is whole.trajectory  # no resampling: the same trajectory, queried by region
+    for bad in ((0, 0, 0, 4), (2, 2, 1, 4), (0, 0, size + 1, 4), ("a", 0, 1, 1), (1, 2, 3)):
+        with pytest.raises(ExplorerError, match="region"):
+            tiny_explorer.reattribute(whole, whole.index_name, 6, bad)
+
+
+def test_attribute_cli_region(tiny_assets, digits_splits, tmp_path):
+    model_dir, index_dir = tiny_assets
+    path = tmp_path / "query.png"
+    Image.fromarray(digits_splits[1].images[2]).save(path)
+    common = [
+        "explorer",
+        "attribute",
+        "--index",
+        str(index_dir),
+        "--model",
+        str(model_dir),
+        "--image",
+        str(path),
+    ]
+    common += ["--timestep", "300", "--top-k", "3", "--json"]
+    whole, part = _run(*common), _run(*common, "--region", "0,0,4,8")
+    assert whole.returncode == part.returncode == 0, whole.stderr + part.stderr
+    whole, part = json.loads(whole.stdout), json.loads(part.stdout)
+    assert whole["region"] is None and part["region"] == [0, 0, 4, 8]
+    assert [row["score"] for row in whole["positive"]] != [row["score"] for row in part["positive"]]
+    bad = _run(*common, "--region", "0,0,99,8")
+    assert bad.returncode == 2 and "region (0, 0, 99, 8) must satisfy" in bad.stderr
