@@ -236,8 +236,11 @@ def lds_mnist5k() -> str:
         subset model's loss at the trajectory's own x_t (trajectory-tied), and against the older proxy
         (x0hat re-noised). LDS is the Spearman correlation over subset models of the true loss with the loss
         the scores predict, averaged over queries; test split only (odd subset models, test queries), with a
-        95% bootstrap over models and queries together. The seed ceiling is the Spearman correlation of
-        subset models retrained with a second seed with their first, the LDS that seed noise leaves.""")
+        95% bootstrap over models and queries together. The seed ceiling row is the Spearman correlation of
+        subset models retrained with a second seed with their first: two replicates of a noisy truth
+        correlate at about the square of what a perfect predictor reaches against one of them, so its square
+        root, not the row itself, is the LDS that seed noise leaves (few subsets are repeated, so it is
+        itself noisy).""")
     if planned and truth["models"] >= planned:
         models = para(f"""These numbers use all {truth["models"]} subset models, {truth["test_models"]} of
             them in the test split ({truth["dev_models"]} dev).""")
