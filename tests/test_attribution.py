@@ -41,11 +41,9 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
-    model_dir, index_dir = tiny_assets
-    path = tmp_path / "query.png"
-    Image.fromarray(digits_splits[1].images[2]).save(path)
-    done = _run(
+def _attribute(index_dir, model_dir, image, timestep: str, *more: str):
+    """`python -m explorer attribute` with these files, at this timestep, plus more flags."""
+    return _run(
         "explorer",
         "attribute",
         "--index",
@@ -53,13 +51,18 @@ def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
         "--model",
         str(model_dir),
         "--image",
-        str(path),
+        str(image),
         "--timestep",
-        "300",
-        "--top-k",
-        "3",
-        "--json",
+        timestep,
+        *more,
     )
+
+
+def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
+    model_dir, index_dir = tiny_assets
+    path = tmp_path / "query.png"
+    Image.fromarray(digits_splits[1].images[2]).save(path)
+    done = _attribute(index_dir, model_dir, path, "300", "--top-k", "3", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert [len(result["positive"]), len(result["negative"])] == [3, 3]
@@ -69,31 +72,9 @@ def test_attribute_cli_prints_json(tiny_assets, digits_splits, tmp_path):
 
 def test_attribute_cli_bad_input_is_one_clear_line(tiny_assets, tmp_path):
     model_dir, index_dir = tiny_assets
-    done = _run(
-        "explorer",
-        "attribute",
-        "--index",
-        str(index_dir),
-        "--model",
-        str(model_dir),
-        "--image",
-        str(tmp_path / "missing.png"),
-        "--timestep",
-        "3",
-    )
+    done = _attribute(index_dir, model_dir, tmp_path / "missing.png", "3")
     assert done.returncode == 2 and "missing.png" in done.stderr and "Traceback" not in done.stderr
-    done = _run(
-        "explorer",
-        "attribute",
-        "--index",
-        str(tmp_path),
-        "--model",
-        str(model_dir),
-        "--image",
-        "x.png",
-        "--timestep",
-        "3",
-    )
+    done = _attribute(tmp_path, model_dir, "x.png", "3")
     assert done.returncode == 2 and "not a complete index directory" in done.stderr
 
 
@@ -138,21 +119,11 @@ def test_attribute_cli_region(tiny_assets, digits_splits, tmp_path):
     model_dir, index_dir = tiny_assets
     path = tmp_path / "query.png"
     Image.fromarray(digits_splits[1].images[2]).save(path)
-    common = [
-        "explorer",
-        "attribute",
-        "--index",
-        str(index_dir),
-        "--model",
-        str(model_dir),
-        "--image",
-        str(path),
-    ]
-    common += ["--timestep", "300", "--top-k", "3", "--json"]
-    whole, part = _run(*common), _run(*common, "--region", "0,0,4,8")
+    common = (index_dir, model_dir, path, "300", "--top-k", "3", "--json")
+    whole, part = _attribute(*common), _attribute(*common, "--region", "0,0,4,8")
     assert whole.returncode == part.returncode == 0, whole.stderr + part.stderr
     whole, part = json.loads(whole.stdout), json.loads(part.stdout)
     assert whole["region"] is None and part["region"] == [0, 0, 4, 8]
     assert [row["score"] for row in whole["positive"]] != [row["score"] for row in part["positive"]]
-    bad = _run(*common, "--region", "0,0,99,8")
+    bad = _attribute(*common, "--region", "0,0,99,8")
     assert bad.returncode == 2 and "region (0, 0, 99, 8) must satisfy" in bad.stderr
