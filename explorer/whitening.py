@@ -54,26 +54,37 @@ def gram(features: np.ndarray) -> np.ndarray:
     return phi.T @ phi
 
 
+def gcv_holdout(count: int, seed: int = 0) -> np.ndarray:
+    """Row positions of the GCV responses: a seeded 10% of the N training rows (the rest fits K)."""
+    if count < 4:
+        raise ExplorerError(
+            f"{count} training examples are too few to choose lambda by GCV: give a relative lambda",
+            ("relative_lambda",),
+        )
+    n_heldout = max(1, int(round(count * GCV_HELDOUT_FRACTION)))
+    return np.random.default_rng(seed).permutation(count)[:n_heldout]
+
+
 def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GCV_GRID) -> LambdaChoice:
     """Pick lambda by GCV with held-out training features as responses (no evaluation data)."""
     phi = np.asarray(features, dtype=np.float64)
-    n, k = phi.shape
-    if n < 4:
-        raise ExplorerError(
-            f"{n} training examples are too few to choose lambda by GCV: give a relative lambda",
-            ("relative_lambda",),
-        )
-    order = np.random.default_rng(seed).permutation(n)
-    n_heldout = max(1, int(round(n * GCV_HELDOUT_FRACTION)))
-    fit, responses = phi[order[n_heldout:]], phi[order[:n_heldout]]
-    eigenvalues, eigenvectors = np.linalg.eigh(fit.T @ fit)
+    heldout = gcv_holdout(len(phi), seed)
+    fit = np.delete(phi, heldout, axis=0)
+    return gcv_choice(fit.T @ fit, phi[heldout], grid)
+
+
+def gcv_choice(fit_kernel: np.ndarray, responses: np.ndarray, grid: np.ndarray = GCV_GRID) -> LambdaChoice:
+    """GCV from the kernel K (k, k) of the fitting rows and the held-out rows (R, k) as responses; a
+    featurize sharded over processes sums K over its shards (precompute.sharded_fit)."""
+    k = fit_kernel.shape[0]
+    eigenvalues, eigenvectors = np.linalg.eigh(fit_kernel)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     scale = eigenvalues.mean()
     if not np.isfinite(scale) or scale <= 0:
         raise ExplorerError(
             "the training features are all zero or not finite: check the model and the output function"
         )
-    coordinates = responses @ eigenvectors  # (n_heldout, k), responses in the eigenbasis
+    coordinates = np.asarray(responses, dtype=np.float64) @ eigenvectors  # responses in the eigenbasis
     power = (coordinates**2).mean(axis=0)  # (k,)
     curve = []
     for relative in grid:
@@ -92,18 +103,26 @@ def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GC
 
 def given_lambda(features: np.ndarray, relative: float) -> LambdaChoice:
     """lambda given by the user, relative to the mean eigenvalue of Phi^T Phi."""
+    return given_lambda_of_kernel(gram(features), relative)
+
+
+def given_lambda_of_kernel(kernel: np.ndarray, relative: float) -> LambdaChoice:
     if not relative > 0:
         raise ExplorerError(
             f"relative lambda {relative} must be > 0 (it is relative to the mean eigenvalue of Phi^T Phi)",
             ("relative_lambda",),
         )
-    scale = float(np.trace(gram(features)) / features.shape[1])
+    scale = float(np.trace(kernel) / kernel.shape[0])
     return LambdaChoice(value=relative * scale, relative=float(relative), method="given")
 
 
 def cholesky_factor(features: np.ndarray, lam: float) -> np.ndarray:
     """L (k, k) lower-triangular with L L^T = Phi^T Phi + lambda I, float64."""
-    kernel = gram(features)
+    return cholesky_of_kernel(gram(features), lam)
+
+
+def cholesky_of_kernel(kernel: np.ndarray, lam: float) -> np.ndarray:
+    kernel = np.array(kernel, dtype=np.float64)
     kernel[np.diag_indices_from(kernel)] += lam
     try:
         return np.linalg.cholesky(kernel)

@@ -239,8 +239,10 @@ def run_featurize(args) -> None:
     from explorer.features import FeatureSpec
     from explorer.model import load_model
     from precompute.calibration import calibrate, calibration_rows
+    from precompute.collective import Collective
     from precompute.featurize import FeaturizeOptions, featurize
 
+    collective = Collective.from_env()  # torchrun's ranks, or one process
     model = load_model(args.model)
     dataset = load_dataset(args.data, model.sample_size)
     if args.split == "train":
@@ -280,13 +282,17 @@ def run_featurize(args) -> None:
         ivf_nprobe=args.ivf_nprobe,
         workers=args.workers,
     )
-    report = featurize(model, dataset, args.out, spec, options)
+    try:
+        report = featurize(model, dataset, args.out, spec, options, collective)
+    finally:
+        collective.close()
+    rank = f"rank {collective.rank} of {collective.world_size}: " if collective.world_size > 1 else ""
+    done = f"index written to {report.directory}" if report.complete else "the index is not complete yet"
     print(
-        f"featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in "
+        f"{rank}featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in "
         f"{report.seconds:.1f} s "
         f"= {report.pairs_per_second:.1f} gradient-examples/s "
-        f"({report.pairs_per_second / spec.buckets:.1f} images/s); "
-        f"index written to {report.directory}"
+        f"({report.pairs_per_second / spec.buckets:.1f} images/s); {done}"
     )
 
 

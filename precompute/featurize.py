@@ -1,18 +1,19 @@
-"""Featurize a training set into an index directory; resumable and deterministic.
+"""Featurize a training set into an index directory; resumable, deterministic, and sharded under torchrun.
 
-Work happens in OUT/.partial/: the raw projected features of every (example, bucket) pair go
-into a memmap chunk by chunk, and a chunk is marked done only after its rows are on disk. A run
-that is killed and started again recomputes only the chunks not marked done; every chunk's
-result depends only on its images and the seeds, so the final index is the same bit for bit.
-Whitening, normalization, DAS weights and the FAISS files come last; meta.json is written last
-of all, and only then is .partial/ removed.
+Work happens in OUT/.partial/: the raw projected features of every chunk of examples go into one file per
+chunk (precompute.chunks), written atomically, so a chunk is done when its file exists. A run that is killed
+and started again, with any number of processes, recomputes only the missing chunks; every chunk's result
+depends only on its images and the seeds, so the final index is the same bit for bit. Under torchrun the
+missing chunks are dealt round-robin to the ranks, and each bucket's mean and kernel are summed over the
+ranks (precompute.sharded_fit); rank 0 then whitens, normalizes, applies DAS weights and writes the FAISS
+files, one bucket at a time through a memmap, and meta.json last of all; only then is .partial/ removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from explorer.atomic import explain_os_error, save_npy_atomic, write_json_atomic
+from explorer.atomic import explain_os_error, write_json_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
@@ -38,9 +39,11 @@ from explorer.index import (
 from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
-from explorer.scoring import das_weighted, fit_bucket
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
+from precompute.chunks import ArrayChunks, ChunkFiles, stack
+from precompute.collective import Collective
 from precompute.featurizer import Featurizer, default_workers
+from precompute.sharded_fit import bucket_vectors, fit_bucket_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -95,58 +98,29 @@ def _partial_config(
     }
 
 
-def _open_partial(out_dir: Path, config: dict, shape: tuple[int, int, int], das: bool):
+def _open_partial(out_dir: Path, config: dict, chunks: ChunkFiles, collective: Collective) -> None:
+    """Create OUT/.partial with its config (rank 0), or check that a resumed one has the same settings."""
     partial = out_dir / PARTIAL_DIR
     config_path = partial / "config.json"
-    if config_path.is_file():
-        recorded = json.loads(config_path.read_text())
-        if recorded != config:
-            changed = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
-            raise ExplorerError(
-                f"{str(partial)!r} holds an unfinished featurize with other settings (differs in "
-                f"{', '.join(changed)}): "
-                f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
-            )
-    else:
+    if collective.is_main and not config_path.is_file():
         try:
-            partial.mkdir(parents=True, exist_ok=True)
+            chunks.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(config_path, config)
         except OSError as error:
             raise explain_os_error(error, partial) from error
-        for name in ("features.npy", "residuals.npy", "done.npy"):
-            (partial / name).unlink(missing_ok=True)
-        write_json_atomic(config_path, config)
-    n_chunks = -(-shape[1] // config["chunk_size"])
-    done_path = partial / "done.npy"
-    features = _open_memmap(partial / "features.npy", shape)  # (B, N, k)
-    residuals = _open_memmap(partial / "residuals.npy", shape[:2]) if das else None  # (B, N)
-    done = np.load(done_path, allow_pickle=False) if done_path.is_file() else np.zeros(n_chunks, dtype=bool)
-    if done.shape != (n_chunks,):
+    collective.barrier()
+    recorded = json.loads(config_path.read_text())
+    if recorded != config:
+        changed = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
         raise ExplorerError(
-            f"{str(done_path)!r} does not match this run: delete {str(partial)!r} to start over"
+            f"{str(partial)!r} holds an unfinished featurize with other settings (differs in "
+            f"{', '.join(changed)}): "
+            f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
         )
-    return features, residuals, done, done_path
-
-
-def _open_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
-    """Open (or create, with its disk space reserved) a float32 .npy memmap."""
-    if path.is_file():
-        array = np.lib.format.open_memmap(path, mode="r+")
-        if array.shape != shape or array.dtype != np.float32:
-            raise ExplorerError(
-                f"{str(path)!r} holds {array.shape} {array.dtype}, expected {shape} float32: "
-                f"delete {str(path.parent)!r} to start over"
-            )
-        return array
-    try:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-        # Reserve the blocks now: writing into a memmap on a full disk kills the process (SIGBUS)
-        # instead of raising, so a full disk must show up here, before any work is done.
-        with open(path, "r+b") as handle:
-            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-    except OSError as error:
-        path.unlink(missing_ok=True)
-        raise explain_os_error(error, path) from error
-    return array
+    missing = int((~chunks.done()).sum()) * config["chunk_size"]
+    need = missing * chunks.buckets * (chunks.dim + (1 if chunks.das else 0)) * 4
+    if need > shutil.disk_usage(partial).free:  # refuse now rather than fail midway
+        raise explain_os_error(OSError(errno.ENOSPC, "No space left on device"), partial)
 
 
 def _check_index_options(options: FeaturizeOptions, count: int) -> None:
@@ -167,9 +141,14 @@ def featurize(
     out_dir: str | Path,
     spec: FeatureSpec,
     options: FeaturizeOptions | None = None,
+    collective: Collective | None = None,
 ) -> FeaturizeReport:
-    """Compute, whiten and index the features of every (example, bucket) pair (options None: the defaults)."""
+    """Compute, whiten and index the features of every (example, bucket) pair (options None: the defaults).
+
+    collective: this process's rank among the torchrun ranks (None: one process). Every rank computes its
+    share of the missing chunks and returns its own report; rank 0 writes the index."""
     out_dir, options = Path(out_dir), options or FeaturizeOptions()
+    collective = collective or Collective()
     _check_index_options(options, len(dataset))
     if dataset.resolution != model.sample_size:
         raise ExplorerError(
@@ -183,32 +162,33 @@ def featurize(
     workers = default_workers() if options.workers is None else options.workers
     computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
     n, nb, k = len(dataset), spec.buckets, spec.proj_dim
-    config = _partial_config(model, dataset, spec, options)
-    features, residuals, done, done_path = _open_partial(out_dir, config, (nb, n, k), options.das_weights)
+    chunks = ChunkFiles(out_dir / PARTIAL_DIR / "chunks", n, options.chunk_size, nb, k, options.das_weights)
+    _open_partial(out_dir, _partial_config(model, dataset, spec, options), chunks, collective)
     images = torch.from_numpy(to_model_range(dataset.images))  # (N, C, H, W)
 
-    todo = np.flatnonzero(~done)
+    todo = collective.mine(np.flatnonzero(~chunks.done()))
+    collective.barrier()  # every rank listed the missing chunks before any rank writes one
     if options.max_chunks is not None:
         todo = todo[: options.max_chunks]
     started, pairs = time.time(), 0
-    progress = tqdm(total=int(len(todo)) * options.chunk_size, desc="featurize", unit="ex")
+    progress = tqdm(
+        total=len(todo) * options.chunk_size, desc="featurize", unit="ex", disable=not collective.is_main
+    )
     for chunk in todo:
-        rows = slice(int(chunk) * options.chunk_size, min(n, (int(chunk) + 1) * options.chunk_size))
-        batch = images[rows]
-        features[:, rows] = computer.all_bucket_features(batch).numpy().transpose(1, 0, 2)  # (B, c, k)
-        if residuals is not None:
-            residuals[:, rows] = computer.residual_norms(batch).numpy().T
-        features.flush()
-        if residuals is not None:
-            residuals.flush()
-        done[chunk] = True
-        save_npy_atomic(done_path, done)  # only after the rows are on disk
+        batch = images[chunks.rows(chunk)]
+        features = computer.all_bucket_features(batch).numpy().transpose(1, 0, 2)  # (B, c, k)
+        residuals = computer.residual_norms(batch).numpy().T if options.das_weights else None
+        try:
+            chunks.write(chunk, features, residuals)
+        except OSError as error:
+            raise explain_os_error(error, chunks.directory) from error
         pairs += len(batch) * nb
         progress.update(len(batch))
         progress.set_postfix(grads_per_s=f"{pairs / (time.time() - started):.1f}")
     progress.close()
     seconds = time.time() - started
-    if not done.all():
+    collective.barrier()  # every rank's chunks are on disk
+    if not chunks.done().all():
         return FeaturizeReport(out_dir, pairs, seconds, complete=False)
 
     source = FeatureSource(
@@ -222,61 +202,67 @@ def featurize(
         num_train_timesteps=model.num_train_timesteps,
         num_params=computer.num_params,
     )
-    if options.keep_features:
-        save_npy_atomic(out_dir / FEATURES_NAME, np.asarray(features))
-        if residuals is not None:
-            save_npy_atomic(out_dir / RESIDUALS_NAME, np.asarray(residuals))
-    build_index(out_dir, source, features, residuals, dataset, options)
-    del features, residuals
-    shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    build_index(out_dir, source, chunks, dataset, options, collective)
+    if collective.is_main:
+        if options.keep_features:
+            stack(chunks, out_dir / FEATURES_NAME)
+            if options.das_weights:
+                stack(chunks, out_dir / RESIDUALS_NAME, residuals=True)
+        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    collective.barrier()  # the index is complete when any rank returns
     return FeaturizeReport(out_dir, pairs, seconds, complete=True)
 
 
 def build_index(
     out_dir: Path,
     source: FeatureSource,
-    features: np.ndarray,
-    residuals: np.ndarray | None,
+    chunks: ChunkFiles | ArrayChunks,
     dataset: Dataset,
     options: FeaturizeOptions,
+    collective: Collective | None = None,
 ) -> None:
-    """Raw features (B, N, k) [+ residuals (B, N)] -> lambda, whitening, normalization, DAS, FAISS files."""
-    bucket_vectors, factors, centers, lambdas = [], [], [], []
-    for bucket in tqdm(range(features.shape[0]), desc="whiten", unit="bucket"):
-        phi = np.asarray(features[bucket])  # (N, k)
-        if not np.isfinite(phi).all():
-            raise ExplorerError(
-                f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients"
-            )
-        scorer, choice = fit_bucket(
-            phi, options.relative_lambda, options.center, options.normalize, seed=source.spec.proj_seed
+    """Raw features by chunk [+ residuals] -> lambda, whitening, normalization, DAS, FAISS files (rank 0)."""
+    collective = collective or Collective()
+    fitted = [
+        fit_bucket_chunks(
+            chunks,
+            b,
+            collective,
+            options.relative_lambda,
+            options.center,
+            options.normalize,
+            source.spec.proj_seed,
         )
-        psi = scorer.vectors(phi)
-        if residuals is not None and options.das_weights:
-            psi = das_weighted(psi, residuals[bucket])
-        bucket_vectors.append(psi)
-        factors.append(scorer.factor)
-        centers.append(scorer.center)
-        lambdas.append(
-            LambdaRecord(choice.value, choice.relative, choice.method, tuple(map(tuple, choice.curve)))
-        )
+        for b in tqdm(range(chunks.buckets), desc="kernel", unit="bucket", disable=not collective.is_main)
+    ]
+    if not collective.is_main:
+        return
+    scratch_dir = out_dir / PARTIAL_DIR
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = np.lib.format.open_memmap(
+        scratch_dir / "vectors.npy", mode="w+", dtype=np.float32, shape=(chunks.count, chunks.dim)
+    )
+    das = bool(options.das_weights and chunks.das)
+    vectors = (bucket_vectors(chunks, b, scorer, das, scratch) for b, (scorer, _) in enumerate(fitted))
     write_index(
         out_dir,
         source,
-        lambdas,
+        [LambdaRecord(c.value, c.relative, c.method, tuple(map(tuple, c.curve))) for _, c in fitted],
         options.normalize,
         bool(options.das_weights),
-        bucket_vectors,
-        factors,
+        vectors,
+        [scorer.factor for scorer, _ in fitted],
         dataset.images,
         dataset.labels,
         dataset.ids,
-        centers=centers if options.center else None,
+        centers=[scorer.center for scorer, _ in fitted] if options.center else None,
         storage=options.storage,
         index_type=options.index_type,
         ivf_nlist=options.ivf_nlist,
         ivf_nprobe=options.ivf_nprobe,
     )
+    del scratch
+    (scratch_dir / "vectors.npy").unlink(missing_ok=True)
 
 
 def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions) -> Path:
@@ -313,5 +299,6 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         ids=index.train_ids,
         class_names=index.class_names,
     )
-    build_index(out_dir, index.meta.source, features, residuals, dataset, options)
+    build_index(out_dir, index.meta.source, ArrayChunks(features, residuals), dataset, options)
+    shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return out_dir

@@ -23,11 +23,8 @@ def _featurize(model_dir, out):
 
 
 def _chunks_done(out) -> int:
-    path = out / PARTIAL_DIR / "done.npy"
-    try:
-        return int(np.load(path).sum())
-    except (OSError, ValueError, EOFError):
-        return 0
+    """Finished chunks: one file each (precompute.chunks)."""
+    return len(list((out / PARTIAL_DIR / "chunks").glob("chunk_*.npy")))
 
 
 def _files(directory):
