@@ -111,16 +111,29 @@ def _open_partial(out_dir: Path, config: dict, chunks: ChunkFiles, collective: C
     collective.barrier()
     recorded = json.loads(config_path.read_text())
     if recorded != config:
-        changed = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
+        changed = ", ".join(
+            f"{name} ({was!r} there, {now!r} now)" for name, was, now in _differences(recorded, config)
+        )
         raise ExplorerError(
-            f"{str(partial)!r} holds an unfinished featurize with other settings (differs in "
-            f"{', '.join(changed)}): "
+            f"{str(partial)!r} holds an unfinished featurize with other settings (differs in {changed}): "
             f"run it with the same settings to resume, or delete {str(partial)!r} to start over"
         )
     missing = int((~chunks.done()).sum()) * config["chunk_size"]
     need = missing * chunks.buckets * (chunks.dim + (1 if chunks.das else 0)) * 4
     if need > shutil.disk_usage(partial).free:  # refuse now rather than fail midway
         raise explain_os_error(OSError(errno.ENOSPC, "No space left on device"), partial)
+
+
+def _differences(recorded: dict, config: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, recorded value, this run's value) for every setting that differs."""
+    out = []
+    for key in sorted(set(recorded) | set(config)):
+        was, now = recorded.get(key), config.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):
+            out += _differences(was, now, f"{prefix}{key}.")
+        elif was != now:
+            out.append((f"{prefix}{key}", was, now))
+    return out
 
 
 def _check_index_options(options: FeaturizeOptions, count: int) -> None:

@@ -48,7 +48,7 @@ def test_resume_with_other_settings_is_refused(tiny_model, tiny_train_subset, tm
     data = tiny_train_subset.subset(np.arange(40), "mismatch")
     featurize(tiny_model, data, tmp_path / "x", SPEC, FeaturizeOptions(chunk_size=20, max_chunks=1))
     other = FeatureSpec(output="square", buckets=3, proj_dim=32)
-    with pytest.raises(ExplorerError, match="differs in spec"):
+    with pytest.raises(ExplorerError, match=r"differs in spec.output \('loss' there, 'square' now\)"):
         featurize(tiny_model, data, tmp_path / "x", other, FeaturizeOptions(chunk_size=20))
 
 
