@@ -78,6 +78,35 @@ def all_scores(train_vectors: np.ndarray, query_vectors: np.ndarray) -> np.ndarr
     return np.asarray(query_vectors, dtype=np.float32) @ np.asarray(train_vectors, dtype=np.float32).T
 
 
+BLOCK_BYTES = 256 << 20  # one block of scores held at a time: 256 MB
+
+
+def score_blocks(train_vectors: np.ndarray, query_vectors: np.ndarray, max_bytes: int = BLOCK_BYTES):
+    """all_scores in blocks: yields (query rows, training rows, (q, n) float32 scores), q n 4 <= max_bytes.
+
+    train_vectors may be a memmap: one block of rows is read at a time. 50k queries against 1M rows is 200
+    GB of scores as one matrix (traker's single matmul); in blocks it is max_bytes plus the two inputs."""
+    n, p = len(train_vectors), len(query_vectors)
+    rows_per_block = max(1, min(n, max_bytes // (4 * max(1, min(p, 1024)))))
+    queries_per_block = max(1, min(p, max_bytes // (4 * rows_per_block)))
+    for r0 in range(0, n, rows_per_block):
+        rows = slice(r0, min(n, r0 + rows_per_block))
+        block = np.asarray(train_vectors[rows], dtype=np.float32)
+        for q0 in range(0, p, queries_per_block):
+            queries = slice(q0, min(p, q0 + queries_per_block))
+            yield queries, rows, np.asarray(query_vectors[queries], dtype=np.float32) @ block.T
+
+
+def blocked_predictions(
+    masks: np.ndarray, train_vectors: np.ndarray, query_vectors: np.ndarray, max_bytes: int = BLOCK_BYTES
+) -> np.ndarray:
+    """The LDS prediction g (M, Q) = -masks (M, N) @ tau^T without holding tau (Q, N): block by block."""
+    out = np.zeros((len(masks), len(query_vectors)))
+    for queries, rows, scores in score_blocks(train_vectors, query_vectors, max_bytes):
+        out[:, queries] -= masks[:, rows].astype(np.float32) @ scores.T
+    return out
+
+
 def keyed_scores(
     train: dict[int, np.ndarray],
     query: np.ndarray,

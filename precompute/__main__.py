@@ -292,8 +292,14 @@ def run_featurize(args) -> None:
         f"{rank}featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in "
         f"{report.seconds:.1f} s "
         f"= {report.pairs_per_second:.1f} gradient-examples/s "
-        f"({report.pairs_per_second / spec.buckets:.1f} images/s); {done}"
+        f"({report.pairs_per_second / spec.buckets:.1f} images/s); peak RSS {_peak_rss_gb():.2f} GB; {done}"
     )
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def run_reindex(args) -> None:

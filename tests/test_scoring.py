@@ -100,3 +100,17 @@ def test_plain_index_stays_readable_by_older_explorers(tiny_index_dir, tmp_path)
     plain = AttributionIndex.load(reindex(tiny_index_dir, tmp_path / "plain", FeaturizeOptions(center=False)))
     assert plain.meta.center is False and plain.meta.format_version == 1
     assert not any(name.startswith("center_") for name in plain.meta.file_hashes)
+
+
+def test_blocked_predictions_equal_the_whole_matrix_under_a_tiny_memory_bound():
+    from explorer.scoring import blocked_predictions, score_blocks
+    from precompute.metrics import predictions
+
+    rng = np.random.default_rng(3)
+    train, queries = rng.standard_normal((300, 16)), rng.standard_normal((70, 16))
+    masks = rng.random((12, 300)) < 0.5
+    bound = 4 * 40 * 9  # 40 rows x 9 queries of float32 scores per block
+    blocks = list(score_blocks(train, queries, bound))
+    assert len(blocks) > 10 and max(b[2].nbytes for b in blocks) <= bound
+    exact = predictions(masks, all_scores(train, queries))
+    np.testing.assert_allclose(blocked_predictions(masks, train, queries, bound), exact, rtol=1e-4, atol=1e-3)

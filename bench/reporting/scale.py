@@ -181,3 +181,81 @@ def index_scale() -> str:
             ),
         ]
     return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# featurize over torchrun ranks
+
+SHARDS = "shard_scale.json"
+
+
+@page(
+    "docs/benchmarks/shard_scale.md",
+    "Featurize over torchrun ranks",
+    "one process against torchrun ranks on the same cores, and a simulated 1M-row build through the shard "
+    "path with each rank's peak memory",
+    SHARDS,
+)
+def shard_scale() -> str:
+    cases = load(SHARDS)["cases"]
+    parts = [
+        para("""`torchrun -m precompute featurize` deals the missing chunks to the ranks, sums each
+        bucket's mean and kernel over gloo, and rank 0 writes the index (precompute.collective,
+        precompute.sharded_fit).
+        Measured with `bench/shard_scale.py`: whole-process wall times, and each rank's peak RSS as the rank
+        reports it.""")
+    ]
+    if "ranks" in cases:
+        ranks = cases["ranks"]
+        parts += [
+            "## One process against ranks on the same cores",
+            para(f"""The shipped model and spec on the first {ranks["limit"]} mnist5k training images, int8
+            storage, {ranks["cores"]} cores: one process with every core's threads, then ranks with the cores
+            divided among them."""),
+            commands(
+                f"python bench/shard_scale.py ranks --limit {ranks['limit']} --json bench/results/{SHARDS}"
+            ),
+            table(
+                [
+                    "launch",
+                    "threads per rank",
+                    "seconds",
+                    "speed-up over 1 process",
+                    "peak RSS per rank (GB)",
+                ],
+                [
+                    [
+                        f"`{run['command'].split(' -m ')[0]}`",
+                        run["threads_per_rank"],
+                        f"{run['seconds']:.1f}",
+                        f"{run['speedup_over_1']:.2f}x",
+                        ", ".join(f"{gb:.2f}" for gb in run["peak_rss_gb_per_rank"]),
+                    ]
+                    for run in ranks["runs"].values()
+                ],
+            ),
+        ]
+    if "synthetic" in cases:
+        synthetic = cases["synthetic"]
+        parts += [
+            "## A simulated large build",
+            para(f"""{synthetic["rows"]:,} training rows, {synthetic["buckets"]} buckets, k =
+            {synthetic["dim"]}, through the shard path without gradients: 2 ranks write seeded synthetic chunk
+            files (a common direction plus noise), then sum the kernels, and rank 0 whitens into a memmap one
+            bucket at a time and writes an int8 flat index. {synthetic["seconds"]:.1f} s in all."""),
+            commands(synthetic["command"] + f" --json bench/results/{SHARDS}"),
+            table(
+                ["rank", "writing chunks (s)", "kernels and index (s)", "peak RSS (GB)"],
+                [
+                    [
+                        r["rank"],
+                        f"{r['write_chunks_s']:.1f}",
+                        f"{r['kernel_and_index_s']:.1f}",
+                        f"{r['peak_rss_gb']:.2f}",
+                    ]
+                    for r in synthetic["ranks"]
+                ],
+            ),
+        ]
+    parts.append(f"Results: {source_links([SHARDS])}.")
+    return "\n\n".join(parts)
