@@ -273,17 +273,12 @@ def lds_mnist5k() -> str:
             for name, entry in methods.items()
         ],
     )
-    step_columns = [
-        f"step {s} (t ~ {t})" for s, t in zip(truth["steps"], truth["step_timesteps"], strict=True)
-    ]
+    step_rows = [f"step {s} (t ~ {t})" for s, t in zip(truth["steps"], truth["step_timesteps"], strict=True)]
     by_step = table(
-        ["method", *step_columns],
+        ["sampler step", *(method_name(name, entry["label"]) for name, entry in methods.items())],
         [
-            [
-                method_name(name, entry["label"]),
-                *(number(cell["mean"]) for cell in entry["test"]["step_trajectory_by_step"]),
-            ]
-            for name, entry in methods.items()
+            [label, *(lds_cell(entry["test"]["step_trajectory_by_step"][j]) for entry in methods.values())]
+            for j, label in enumerate(step_rows)
         ],
     )
     return "\n\n".join(
@@ -299,8 +294,9 @@ def lds_mnist5k() -> str:
             timestep, the bucket's centre) against the loss measured inside the bucket."""),
             by_bucket,
             "## Per-step queries by sampler step",
-            para("""Mean trajectory-tied LDS of the per-step test queries at each sampler step (t: the mean
-            timestep of the step over the trajectories)."""),
+            para("""The per-step curve: trajectory-tied LDS of the per-step test queries at each sampler step
+            (t: the mean timestep of the step over the trajectories), mean [95% interval], the bootstrap over
+            models and trajectories."""),
             by_step,
             *seed_noise(methods, twice),
         ]
