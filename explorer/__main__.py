@@ -50,7 +50,7 @@ def run_attribute(args) -> dict:
     index = AttributionIndex.load(args.index, model_hash=model.weights_hash)
     classifier = load_classifier(Path(model_dir) / "classifier")
     explorer = Explorer(model, {args.index: index}, classifier)
-    image = load_image_file(args.image, model.sample_size)
+    image = load_image_file(args.image, model.sample_size, model.channels)
     region = None if args.region is None else args.region.split(",")
     result = explorer.attribute_image(image, args.timestep, args.index, args.top_k, region)
 

@@ -221,16 +221,18 @@ class Explorer:
     def attribute_image(
         self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8, region=None
     ) -> StepAttribution:
-        """A real image (uint8 (H, W) or PIL image, any size) as the query at one train timestep (region: a
-        box, see region_mask, whose output alone is attributed)."""
+        """A real image (uint8 (H, W), (H, W, 3) for RGB models, or a PIL image of any size) as the query at
+        one train timestep (region: a box, see region_mask, whose output alone is attributed)."""
         name, index = self.index(index_name)
         timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
         if not isinstance(image, np.ndarray):
-            image = image_to_array(image, self.model.sample_size)
-        if image.ndim != 2 or image.shape != (self.model.sample_size, self.model.sample_size):
+            image = image_to_array(image, self.model.sample_size, self.model.channels)
+        size, channels = self.model.sample_size, self.model.channels
+        expected = (size, size) if channels == 1 else (size, size, channels)
+        if image.shape != expected:
+            kind = "grayscale" if channels == 1 else "RGB"
             raise ExplorerError(
-                f"query image of shape {image.shape} must be ({self.model.sample_size}, "
-                f"{self.model.sample_size}) grayscale: resize it first"
+                f"query image of shape {image.shape} must be {expected} {kind}: resize it first"
             )
         tensor = torch.from_numpy(to_model_range(image[None]))
         return self._attribute(name, tensor, np.array([int(timestep)]), top_k, region)[0]

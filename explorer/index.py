@@ -7,7 +7,7 @@
                          lists, nlist and nprobe recorded in meta.json)
     whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 (phi_q - c))
     center_BB.npy        the mean training feature c of bucket BB (only when meta.json says center: true)
-    train_images.npy     uint8 (N, H, W) training images at model resolution
+    train_images.npy     uint8 (N, H, W) or (N, H, W, 3) training images at model resolution
     train_labels.npy     int64 (N,)
     train_ids.npy        int64 (N,) stable dataset ids of the rows
 
@@ -320,11 +320,12 @@ class AttributionIndex:
         images = np.load(directory / "train_images.npy", allow_pickle=False)
         labels = np.load(directory / "train_labels.npy", allow_pickle=False)
         ids = np.load(directory / "train_ids.npy", allow_pickle=False)
-        if (
-            images.ndim != 3
-            or images.dtype != np.uint8
-            or not (len(images) == len(labels) == len(ids) == count)
-        ):
+        if not (images.ndim == 3 or images.ndim == 4 and images.shape[-1] == 3) or images.dtype != np.uint8:
+            raise ExplorerError(
+                f"train_images.npy in {str(directory)!r} holds {images.shape} {images.dtype}, not uint8 "
+                "(N, H, W) or (N, H, W, 3) images: rebuild the index"
+            )
+        if not len(images) == len(labels) == len(ids) == count:
             raise ExplorerError(
                 f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} "
                 f"ids for {count} rows: rebuild it"

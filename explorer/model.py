@@ -7,7 +7,11 @@ other's:
     model_dir/unet/config.json + diffusion_pytorch_model.safetensors
     model_dir/scheduler/scheduler_config.json
 
-A bare UNet folder (config.json + weights, no scheduler) loads too, with a default scheduler.
+A bare UNet folder (config.json + weights, no scheduler) loads too, with a default scheduler. The scheduler
+is the class its scheduler_config.json names, one of SCHEDULERS (DDPM, DDIM, DPM-Solver): the sampler runs
+the pipeline's own; the features only use its training noise schedule (alphas_cumprod), which every one of
+them shares with the DDPM it was trained as. The UNet takes any number of channels (1 and 3 are loaded as
+grayscale and RGB images) and any size.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -58,6 +63,24 @@ class UNetConfig:
 def tiny_config(sample_size: int = 8) -> UNetConfig:
     """A UNet small enough for tests (~100k parameters)."""
     return UNetConfig(sample_size=sample_size, block_out_channels=(16, 32), norm_num_groups=8)
+
+
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+
+
+def load_scheduler(scheduler_dir: Path):
+    """The scheduler class scheduler_config.json names, if it is one of SCHEDULERS."""
+    config_path = scheduler_dir / "scheduler_config.json"
+    try:
+        name = json.loads(config_path.read_text()).get("_class_name", "DDPMScheduler")
+    except (OSError, ValueError) as error:
+        raise ExplorerError(f"{str(config_path)!r} is unreadable ({error}): fix or remove it") from error
+    if name not in SCHEDULERS:
+        raise ExplorerError(
+            f"{str(config_path)!r} names scheduler {name!r}, which is not supported: use one of "
+            f"{', '.join(SCHEDULERS)} (e.g. DDIMScheduler.from_config(config).save_pretrained(...))"
+        )
+    return getattr(diffusers, name).from_pretrained(scheduler_dir)
 
 
 def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -123,7 +146,7 @@ def _unet_folder(model_dir: Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load a UNet2DModel (safetensors only, never pickle) and its DDPMScheduler, frozen in eval mode."""
+    """Load a UNet2DModel (safetensors only, never pickle) and its scheduler, frozen in eval mode."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExplorerError(
@@ -143,7 +166,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
         raise ExplorerError(f"could not load the UNet from {str(unet_dir)!r}: {error}") from error
     scheduler_dir = model_dir / "scheduler"
     if (scheduler_dir / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+        scheduler = load_scheduler(scheduler_dir)
     else:
         logger.info("no scheduler/ in %s: using a linear-beta DDPM scheduler with 1000 steps", model_dir)
         scheduler = make_scheduler()

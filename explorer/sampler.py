@@ -1,13 +1,17 @@
-"""DDPM generation that records x_t and the one-step estimate x0hat at every step.
+"""Generation that records x_t and the one-step estimate x0hat at every step.
 
-The loop is diffusers' DDPM sampling (Ho et al. 2020, Algorithm 2) written out so that each
-step's input x_t and its `pred_original_sample` (x0hat = (x_t - sqrt(1 - abar_t) eps) /
-sqrt(abar_t), eq. 15) are kept for attribution and for the feature-likelihood curves.
+The loop is diffusers' sampling loop written out (for DDPM, Ho et al. 2020, Algorithm 2) with the model's own
+scheduler (explorer.model.SCHEDULERS), so that each step's input x_t and x0hat = (x_t - sqrt(1 - abar_t) eps)
+/ sqrt(abar_t) (DDPM eq. 15, what DDPM's `pred_original_sample` is) are kept for attribution and for the
+feature-likelihood curves. Completions from x_t must be random draws of p(. | x_t): a DDIM scheduler runs
+them with eta = 1 (DDIM's stochastic case, DDPM's variance); a DPM-Solver, whose multistep state belongs to
+one trajectory, runs each start step's completions as their own batch.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,10 +72,29 @@ def check_steps(steps: int, num_train_timesteps: int) -> int:
     return steps
 
 
+STATEFUL_SCHEDULERS = ("DPMSolverMultistepScheduler",)  # keep earlier steps' outputs: one trajectory each
+
+
 def make_sampling_scheduler(model: DiffusionModel, steps: int) -> DDPMScheduler:
     scheduler = copy.deepcopy(model.scheduler)  # set_timesteps mutates it; keep the model's pristine
     scheduler.set_timesteps(check_steps(steps, model.num_train_timesteps))
     return scheduler
+
+
+def one_step_estimate(model: DiffusionModel, sample: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """x0hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range [-1, 1]."""
+    abar = model.scheduler.alphas_cumprod[int(t)].to(sample.dtype)
+    return ((sample - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+
+
+def step_options(scheduler, stochastic: bool, generator: torch.Generator) -> dict:
+    """Keyword arguments of scheduler.step: the generator where it takes one; eta = 1 for a DDIM step that
+    must draw (completions), 0 (deterministic DDIM) for the trajectory itself."""
+    accepted = inspect.signature(scheduler.step).parameters
+    options = {"generator": generator} if "generator" in accepted else {}
+    if "eta" in accepted:
+        options["eta"] = 1.0 if stochastic else 0.0
+    return options
 
 
 @torch.no_grad()
@@ -83,12 +106,12 @@ def generate(model: DiffusionModel, seed: int, steps: int = 50) -> Trajectory:
     shape = (1, model.channels, model.sample_size, model.sample_size)
     sample = torch.randn(shape, generator=generator)  # x_T
     inputs, estimates = [], []
+    options = step_options(scheduler, stochastic=False, generator=generator)
     for t in scheduler.timesteps:
         inputs.append(sample[0])
         eps = model.unet(sample, t).sample  # 1. predict the noise
-        out = scheduler.step(eps, t, sample, generator=generator)  # 2. x0hat (eq. 15), 3. x_{t-1} (eq. 7)
-        estimates.append(out.pred_original_sample[0].clamp(-1, 1))
-        sample = out.prev_sample
+        estimates.append(one_step_estimate(model, sample, eps, t)[0])  # 2. x0hat (eq. 15)
+        sample = scheduler.step(eps, t, sample, **options).prev_sample  # 3. x_{t-1} (DDPM: eq. 7)
     return Trajectory(
         seed=seed,
         timesteps=scheduler.timesteps.numpy().copy(),
@@ -114,11 +137,30 @@ def complete_from_steps(
     Returns (len(start_steps), completions, C, H, W). All rollouts that are active at a sampler
     step share its timestep, so they run as one batch per step (S UNet calls in all).
     """
-    scheduler = make_sampling_scheduler(model, trajectory.steps)
     generator = torch.Generator().manual_seed(check_seed(seed))
     starts = sorted(set(int(s) for s in start_steps))
     if any(not 0 <= s < trajectory.steps for s in starts):
         raise ExplorerError(f"start steps {starts} must lie in 0..{trajectory.steps - 1}")
+    groups = [[s] for s in starts] if type(model.scheduler).__name__ in STATEFUL_SCHEDULERS else [starts]
+    done, total = 0, sum(trajectory.steps - group[0] for group in groups)
+    finals: dict[int, torch.Tensor] = {}
+
+    def progress(steps_run: int) -> None:
+        nonlocal done
+        done += steps_run
+        if on_step is not None:
+            on_step(done, total)
+
+    for group in groups:
+        finals.update(_rollouts(model, trajectory, group, completions, generator, batch_limit, progress))
+    return torch.stack([finals[int(s)] for s in start_steps])
+
+
+def _rollouts(model, trajectory, starts, completions, generator, batch_limit, progress) -> dict:
+    """{start step: (completions, C, H, W)}: rollouts that are active at a sampler step share its timestep,
+    so they run as one batch per step."""
+    scheduler = make_sampling_scheduler(model, trajectory.steps)
+    options = step_options(scheduler, stochastic=True, generator=generator)
     shape = trajectory.xt.shape[1:]
     states = torch.empty((0, *shape))
     owner: list[int] = []  # which start step each row of `states` belongs to
@@ -131,13 +173,9 @@ def complete_from_steps(
         outputs = []
         for chunk in states.split(batch_limit):
             eps = model.unet(chunk, t).sample
-            outputs.append(scheduler.step(eps, t, chunk, generator=generator).prev_sample)
+            outputs.append(scheduler.step(eps, t, chunk, **options).prev_sample)
         states = torch.cat(outputs)
-        if on_step is not None:
-            on_step(step + 1, len(scheduler.timesteps))
+        progress(1)
     finals = states.clamp(-1, 1)
-    order = {s: i for i, s in enumerate(starts)}
-    result = torch.empty((len(starts), completions, *shape))
-    for row, step in enumerate(owner):
-        result[order[step], row % completions] = finals[row]
-    return result[[order[int(s)] for s in start_steps]]
+    owners = torch.tensor(owner)
+    return {s: finals[owners == s] for s in starts}

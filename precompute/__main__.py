@@ -23,6 +23,9 @@ def add_train(commands) -> None:
     parser.add_argument(
         "--size", type=positive_int, default=None, help="image side (default: 16 for mnist5k, 8 for digits)"
     )
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), default=1, help="1: grayscale, 3: RGB (folders of images)"
+    )
     parser.add_argument("--steps", type=positive_int, default=defaults.steps)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate)
@@ -41,13 +44,16 @@ def add_train(commands) -> None:
 
 
 def run_train(args) -> None:
+    import dataclasses
+
     from explorer.data import load_dataset, train_heldout_split
     from explorer.model import UNetConfig, tiny_config
     from precompute.train import TrainConfig, train_classifier, train_ddpm
 
     size = args.size if args.size is not None else (8 if args.data == "digits" else 16)
-    train, heldout = train_heldout_split(load_dataset(args.data, size))
+    train, heldout = train_heldout_split(load_dataset(args.data, size, args.channels))
     unet_config = tiny_config(size) if args.tiny else UNetConfig(sample_size=size)
+    unet_config = dataclasses.replace(unet_config, channels=args.channels)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -244,7 +250,7 @@ def run_featurize(args) -> None:
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
     model = load_model(args.model)
-    dataset = load_dataset(args.data, model.sample_size)
+    dataset = load_dataset(args.data, model.sample_size, model.channels)
     if args.split == "train":
         dataset, _ = train_heldout_split(dataset)
     if args.limit is not None:

@@ -35,7 +35,7 @@ def label_agreement_table(
         directory: AttributionIndex.load(directory, model_hash=model.weights_hash) for directory in index_dirs
     }
     explorer = Explorer(model, indexes, load_classifier(f"{model_dir}/classifier"))
-    _, heldout = train_heldout_split(load_dataset(data, model.sample_size))
+    _, heldout = train_heldout_split(load_dataset(data, model.sample_size, model.channels))
     images, labels = heldout.images[:queries], heldout.labels[:queries]
     chance = 1.0 / len(heldout.class_names)
     header = "| index (method) | " + " | ".join(f"t={t}" for t in timesteps) + " |"

@@ -171,7 +171,10 @@ def train_classifier(train: Dataset, heldout: Dataset, out_dir: str | Path, conf
     classes = len(train.class_names)
     model = FeatureClassifier(
         ClassifierConfig(
-            sample_size=train.resolution, num_classes=classes, class_names=tuple(train.class_names)
+            sample_size=train.resolution,
+            num_classes=classes,
+            class_names=tuple(train.class_names),
+            channels=train.channels,
         )
     ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -311,7 +311,7 @@ class Handlers:
                 f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
             )
         try:
-            array = load_image_file(path, self.explorer.model.sample_size)
+            array = load_image_file(path, self.explorer.model.sample_size, self.explorer.model.channels)
         except ExplorerError as error:  # name the upload, not the server's temporary path
             raise ExplorerError(str(error).replace(path, Path(path).name)) from None
         timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)

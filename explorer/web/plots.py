@@ -36,18 +36,20 @@ FIGURE_HEIGHT = 380
 
 
 def upscale(image: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour upscaling of a uint8 (H, W) image by the largest whole factor that fits `size`."""
-    factor = max(1, size // max(image.shape[-2:]))
-    return np.repeat(np.repeat(image, factor, axis=-2), factor, axis=-1)
+    """Nearest-neighbour upscaling of a uint8 (H, W) or (H, W, 3) image by the largest whole factor that fits
+    `size`."""
+    factor = max(1, size // max(image.shape[:2]))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
 def tensor_image(tensor: torch.Tensor, size: int) -> np.ndarray:
-    """A (C, H, W) tensor in [-1, 1] -> uint8 (size', size') grayscale, upscaled nearest."""
+    """A (C, H, W) tensor in [-1, 1] -> uint8 (size', size') grayscale or (size', size', 3) RGB, upscaled
+    nearest."""
     return upscale(to_uint8(tensor[None].numpy())[0], size)
 
 
 def png_data_uri(image: np.ndarray) -> str:
-    """A uint8 (H, W) image as a base64 PNG data URI (fast compression: these images are tiny)."""
+    """A uint8 (H, W) or (H, W, 3) image as a base64 PNG data URI (fast compression: the images are tiny)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
