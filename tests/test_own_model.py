@@ -169,3 +169,27 @@ def test_rgb_pipeline_in_the_browser(rgb_pipeline):
         )
         page.wait_for_function(f"() => ({traces})() === {2 * len(COLOURS)}")
         browser.close()
+
+
+def test_dpm_solver_pipeline_samples_and_completes_per_start_step(rgb_pipeline, tmp_path):
+    import shutil
+
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from explorer.model import load_model
+    from explorer.sampler import complete_from_steps, generate
+
+    model_dir = tmp_path / "dpm"
+    shutil.copytree(rgb_pipeline[0], model_dir)
+    ddim = load_model(model_dir).scheduler
+    DPMSolverMultistepScheduler.from_config(ddim.config).save_pretrained(model_dir / "scheduler")
+    model = load_model(model_dir)
+    assert type(model.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    trajectory = generate(model, seed=4, steps=12)
+    assert torch.isfinite(trajectory.final).all() and trajectory.x0hat.shape == (12, 3, 8, 8)
+    both = complete_from_steps(model, trajectory, [2, 6], completions=3, seed=5)
+    assert both.shape == (2, 3, 3, 8, 8) and torch.isfinite(both).all()
+    # each start step runs with its own multistep state: the same as completing from it alone
+    alone = complete_from_steps(model, trajectory, [2], completions=3, seed=5)[0]
+    torch.testing.assert_close(both[0], alone)
