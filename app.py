@@ -23,7 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"attribution index directory; repeat to offer several methods (default: {DEFAULT_INDEX})",
     )
     parser.add_argument(
-        "--classifier", default=None, help="feature classifier directory (default: MODEL/classifier)"
+        "--classifier",
+        default=None,
+        help="feature classifier directory (default: MODEL/classifier when it exists; without one the "
+        "likelihood curves are off and the page says why)",
     )
     parser.add_argument(
         "--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)"

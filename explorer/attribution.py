@@ -76,15 +76,25 @@ class TrajectoryAttribution:
         return np.array([step.scores[position] for step in self.steps])
 
 
+NO_CLASSIFIER = (
+    "no feature classifier next to the model, so no likelihood curves: train one on class-labelled data "
+    "with `python -m precompute train --classifier-only --data DIR --size SIZE --out MODEL` or pass "
+    "--classifier DIR"
+)
+
+
 def check_top_k(top_k: int) -> int:
     return whole_number(top_k, "top-k", 1, MAX_TOP_K)
 
 
 class Explorer:
-    """A model, its feature classifier and one or more attribution indexes."""
+    """A model, its feature classifier (None: no likelihood curves) and one or more attribution indexes."""
 
     def __init__(
-        self, model: DiffusionModel, indexes: dict[str, AttributionIndex], classifier: FeatureClassifier
+        self,
+        model: DiffusionModel,
+        indexes: dict[str, AttributionIndex],
+        classifier: FeatureClassifier | None,
     ):
         if not indexes:
             raise ExplorerError("no attribution index given: pass --index DIR")
@@ -106,14 +116,16 @@ class Explorer:
             if name in indexes:
                 raise ExplorerError(f"index {str(directory)!r} is given twice: pass each --index once")
             indexes[name] = index
-        classifier = load_classifier(
-            classifier_dir if classifier_dir is not None else Path(model_dir) / "classifier"
-        )
+        default = Path(model_dir) / "classifier"
+        if classifier_dir is None and not default.exists():
+            logger.warning("%s", NO_CLASSIFIER)
+            return cls(model, indexes, None)
+        classifier = load_classifier(classifier_dir if classifier_dir is not None else default)
         return cls(model, indexes, classifier)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.classifier.config.class_names)
+        return [] if self.classifier is None else list(self.classifier.config.class_names)
 
     def index(self, name: str | None = None) -> tuple[str, AttributionIndex]:
         if name is None:
@@ -188,7 +200,11 @@ class Explorer:
         timings["attribute_s"] = time.perf_counter() - started
         stage(0.9, "classifying every x0hat")
         started = time.perf_counter()
-        proxy = proxy_curves(self.classifier, trajectory)
+        proxy = (
+            np.zeros((trajectory.steps, 0), np.float32)
+            if self.classifier is None
+            else proxy_curves(self.classifier, trajectory)
+        )
         timings["proxy_s"] = time.perf_counter() - started
         return TrajectoryAttribution(trajectory, name, steps_attr, proxy, timings)
 
@@ -208,6 +224,8 @@ class Explorer:
     def rollouts(
         self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0, on_step=None
     ) -> RolloutCurves:
+        if self.classifier is None:
+            raise ExplorerError(NO_CLASSIFIER)
         return rollout_curves(
             self.model,
             self.classifier,

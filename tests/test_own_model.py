@@ -193,3 +193,28 @@ def test_dpm_solver_pipeline_samples_and_completes_per_start_step(rgb_pipeline, 
     # each start step runs with its own multistep state: the same as completing from it alone
     alone = complete_from_steps(model, trajectory, [2], completions=3, seed=5)[0]
     torch.testing.assert_close(both[0], alone)
+
+
+def test_a_model_without_classifier_serves_attributions_and_says_why_there_are_no_curves(
+    rgb_pipeline, tmp_path
+):
+    import shutil
+
+    from explorer.attribution import NO_CLASSIFIER, Explorer
+    from explorer.web.handlers import Handlers
+
+    model_dir = tmp_path / "bare"
+    shutil.copytree(rgb_pipeline[0], model_dir, ignore=shutil.ignore_patterns("classifier"))
+    explorer = Explorer.from_dirs(model_dir, [rgb_pipeline[2]])
+    assert explorer.classifier is None and explorer.class_names == []
+    with pytest.raises(ExplorerError, match="no feature classifier"):
+        explorer.rollouts(explorer.generate(seed=0, steps=10).trajectory)
+    handlers = Handlers(explorer)
+    outputs = handlers.generate(3, 10, 8, next(iter(explorer.indexes)), progress=lambda *a, **k: None)
+    session = outputs[0]
+    assert session.attribution.proxy.shape == (10, 0)
+    plot, status = handlers.rollouts(session, progress=lambda *a, **k: None)
+    assert "no likelihood curves: no feature classifier" in status
+    assert "No feature likelihood" in json.dumps(session.plot) and "precompute train" in NO_CLASSIFIER
+    with pytest.raises(ExplorerError, match="no feature classifier in"):
+        Explorer.from_dirs(model_dir, [rgb_pipeline[2]], classifier_dir=tmp_path / "missing")

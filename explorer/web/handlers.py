@@ -64,7 +64,9 @@ class Session:
             f"seed {a.trajectory.seed} · {a.trajectory.steps} steps · {a.index_name}",
             f"sample {t['sample_s']:.2f} s · attribute {t['attribute_s']:.2f} s · proxy {t['proxy_s']:.2f} s",
         ]
-        if self.rollouts is None:
+        if a.proxy.shape[1] == 0:
+            parts.append("no likelihood curves: no feature classifier")
+        elif self.rollouts is None:
             parts.append("rollout curves: computing…")
         else:
             parts.append(
@@ -146,11 +148,14 @@ class Handlers:
             plot_payload(plots.with_marker(session.plot, current.timestep)),
         )
         proxy = attribution.proxy[step]
-        top = int(proxy.argmax())
+        if len(proxy):
+            top = int(proxy.argmax())
+            classified = f"classifier on x0hat: {self.explorer.class_names[top]} ({proxy[top]:.2f})"
+        else:
+            classified = "no feature classifier"
         info = (
-            f"step {step} · t = {current.timestep} · index bucket {current.bucket} · classifier on x0hat: "
-            f"{self.explorer.class_names[top]} ({proxy[top]:.2f}) · {current.negatives_note()} · "
-            f"handler {1e3 * (time.perf_counter() - started):.1f} ms"
+            f"step {step} · t = {current.timestep} · index bucket {current.bucket} · {classified} · "
+            f"{current.negatives_note()} · handler {1e3 * (time.perf_counter() - started):.1f} ms"
         )
         return (*outputs, info)
 
@@ -221,6 +226,8 @@ class Handlers:
         sampler steps done so far as progress."""
         if session is None:
             raise ExplorerError("nothing generated yet: click Generate first")
+        if self.explorer.classifier is None:  # the plot already says so; nothing to compute
+            return gr.skip(), session.status()
         started = time.perf_counter()
 
         def report(done: int, total: int) -> None:

@@ -141,7 +141,12 @@ def likelihood_figure(
                     hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t)=%{{y:.3f}}<extra></extra>",
                 )
             )
-    if rollouts is None:
+    if not class_names:
+        title = (
+            "No feature likelihood: no classifier next to the model (python -m precompute train "
+            "--classifier-only ...)"
+        )
+    elif rollouts is None:
         title = "Feature likelihood: solid = classifier on x0hat · rollout curves computing…"
     else:
         title = (
