@@ -259,3 +259,56 @@ def shard_scale() -> str:
         ]
     parts.append(f"Results: {source_links([SHARDS])}.")
     return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the cost of featurizing your own model
+
+OWN_MODEL = "own_model_cost.json"
+
+
+@page(
+    "docs/benchmarks/own_model_cost.md",
+    "Featurizing your own pixel model",
+    "hours per 1,000 images for a CIFAR-10-sized DDPM (36M parameters, 32x32 RGB) with the default spec",
+    OWN_MODEL,
+)
+def own_model_cost() -> str:
+    cases = load(OWN_MODEL)["cases"]
+    rows = [
+        [
+            name,
+            f"{c['parameters'] / 1e6:.1f}M",
+            c["device"],
+            f"{c['cores']} cores, {c['torch_threads']} torch threads",
+            f"{c['gradients_per_second']:.2f}",
+            f"{c['hours_per_1000_images']:.2f}",
+            f"{c['peak_rss_gb']:.2f}",
+        ]
+        for name, c in cases.items()
+    ]
+    first = next(iter(cases.values()))
+    return "\n\n".join(
+        [
+            para(f"""What does `precompute featurize` cost on a model of the papers' size?
+            `bench/own_model_cost.py` builds the UNet2DModel of the DDPM paper's CIFAR-10 model
+            ({first["parameters"]:,} parameters) with random weights (the cost does not depend on them)
+            and featurizes {first["images"]} random 32x32 RGB images with the default spec:
+            {first["buckets"]} buckets, k = 512, exact per-example gradients projected by count-sketch.
+            Hours per 1,000 images = 1,000 x buckets / gradients per second."""),
+            commands(first["command"] + f" --json bench/results/{OWN_MODEL}"),
+            table(
+                [
+                    "case",
+                    "parameters",
+                    "device",
+                    "threads",
+                    "gradients/s",
+                    "hours per 1,000 images",
+                    "peak RSS (GB)",
+                ],
+                rows,
+            ),
+            f"Results: {source_links([OWN_MODEL])}.",
+        ]
+    )
