@@ -26,8 +26,8 @@ from explorer.errors import ExplorerError, bounded, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
-from explorer.web import plots
-from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
+from explorer.web import export, plots
+from explorer.web.payloads import gallery_payload, image_payload, plot_payload, refused, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,17 @@ class Session:
                 f"{self.rollout_s:.1f} s"
             )
         return " · ".join([*parts, *self.notes])
+
+
+def _link_value(text: str):
+    """A query-string value as a number where it is one; otherwise the text, for the refusal to name."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 class Handlers:
@@ -153,9 +164,11 @@ class Handlers:
             classified = f"classifier on x0hat: {self.explorer.class_names[top]} ({proxy[top]:.2f})"
         else:
             classified = "no feature classifier"
+        link = export.view_query(attribution, step, len(current.positive.ids))
         info = (
             f"step {step} · t = {current.timestep} · index bucket {current.bucket} · {classified} · "
-            f"{current.negatives_note()} · handler {1e3 * (time.perf_counter() - started):.1f} ms"
+            f"{current.negatives_note()} · [link to this view]({link}) · "
+            f"handler {1e3 * (time.perf_counter() - started):.1f} ms"
         )
         return (*outputs, info)
 
@@ -192,6 +205,46 @@ class Handlers:
         return self.chosen_view(session, step) if session.selected else (gr.skip(),) * 3
 
     # -- events ----------------------------------------------------------------------------
+    @user_errors(outputs=2, message_at=1)
+    def export(self, session: Session | None, step) -> tuple:
+        """The current step's influencers as JSON, CSV and a PNG figure (files to download)."""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        attribution = session.attribution
+        step = whole_number(step, "step", 0, attribution.trajectory.steps - 1)
+        files = export.export_step(
+            attribution, self._index(attribution.index_name), step, len(attribution.steps[step].positive.ids)
+        )
+        return [str(path) for path in files], f"exported step {step}: {', '.join(p.name for p in files)}"
+
+    def open_link(self, request: gr.Request) -> tuple:
+        """A page opened with ?seed=S&steps=N&step=s&top_k=k regenerates that trajectory and shows step s; a
+        plain page load changes nothing. Outputs: seed, steps, then generate's outputs."""
+        query = {
+            k: _link_value(v) for k, v in dict(request.query_params if request is not None else {}).items()
+        }
+        if "seed" not in query:
+            return (gr.skip(),) * 17
+        steps = query.get("steps", 50)
+        top_k = query.get("top_k", 8)
+        outputs = list(self.generate(query["seed"], steps, top_k, None, progress=lambda *a, **k: None))
+        session = outputs[0]
+        if not isinstance(session, Session):  # refused: generate's status slot says why
+            return (gr.skip(),) * 2 + tuple(outputs)
+        trajectory = session.attribution.trajectory
+        if "step" in query:
+            try:
+                step = whole_number(query["step"], "step", 0, trajectory.steps - 1)
+                outputs[3:10] = self.step_view(session, step)
+                outputs[3] = gr.update(maximum=trajectory.steps - 1, value=step, label=outputs[3]["label"])
+            except ExplorerError as error:
+                outputs[10] = refused(error)
+        return (trajectory.seed, trajectory.steps, *outputs)
+
+    def rollouts_after_link(self, session: Session | None, progress=gr.Progress()) -> tuple:
+        """The rollout curves of a view opened by link; nothing after a plain page load."""
+        return (gr.skip(), gr.skip()) if session is None else self.rollouts(session, progress)
+
     def random_seed(self) -> int:
         return random.randint(0, MAX_SEED)
 

@@ -116,6 +116,11 @@ def build(explorer: Explorer) -> gr.Blocks:
                         with gr.Column(scale=3):
                             chosen_info = gr.Markdown(NO_INFLUENCER, elem_id="chosen-info")
                             chosen_plot = gr.Plot(label="when did this image matter?")
+                    with gr.Row():
+                        export_button = gr.Button("Export this step (JSON, CSV, PNG)", scale=1)
+                        exported = gr.File(
+                            label="exported", file_count="multiple", scale=3, elem_id="exported"
+                        )
                     sign = gr.Textbox(visible=False)
                     rank = gr.Number(visible=False, precision=0)
         with gr.Tab("Attribute an image"):
@@ -201,6 +206,23 @@ def build(explorer: Explorer) -> gr.Blocks:
             chosen_views,
             api_name="select_influencer",
             postprocess=False,
+        )
+        export_button.click(h.export, [session, slider], [exported, step_info], api_name="export_step")
+        demo.load(  # a link with ?seed=..&steps=..&step=.. reproduces that view
+            h.open_link,
+            None,
+            [seed, steps, session, final, strip, *view, status, *chosen_views, top_k],
+            api_name="open_link",
+            show_progress_on=[status],
+            **engine,
+        ).success(
+            h.rollouts_after_link,
+            [session],
+            [plot, status],
+            api_name="rollouts_after_link",
+            show_progress="minimal",
+            show_progress_on=[status],
+            **engine,
         )
         # preprocess=False too: the handler reads the upload itself, so a corrupt file gets a clear message
         attribute_button.click(
