@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.results_file import write_case  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-REPORT_LINE = re.compile(r"(?:rank (\d+) of \d+: )?featurized .*peak RSS ([0-9.]+) GB")
+REPORT_LINE = re.compile(r"(?:rank (\d+) of \d+: )?featurized .*?peak RSS ([0-9.]+) GB")
 
 
 def peak_rss_gb() -> float:

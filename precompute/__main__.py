@@ -294,12 +294,14 @@ def run_featurize(args) -> None:
         collective.close()
     rank = f"rank {collective.rank} of {collective.world_size}: " if collective.world_size > 1 else ""
     done = f"index written to {report.directory}" if report.complete else "the index is not complete yet"
-    print(
+    line = (
         f"{rank}featurized {len(dataset)} images x {spec.buckets} buckets: {report.pairs} gradients in "
         f"{report.seconds:.1f} s "
         f"= {report.pairs_per_second:.1f} gradient-examples/s "
         f"({report.pairs_per_second / spec.buckets:.1f} images/s); peak RSS {_peak_rss_gb():.2f} GB; {done}"
     )
+    sys.stdout.write(line + "\n")  # one write: the ranks of a torchrun share this stream
+    sys.stdout.flush()
 
 
 def _peak_rss_gb() -> float:
