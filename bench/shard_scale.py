@@ -97,8 +97,9 @@ def run_synthetic(args) -> dict:
             (json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"]
         )
     result = {"rows": args.rows, "dim": args.dim, "buckets": args.buckets, "seconds": round(seconds, 1)}
-    result["ranks"] = ranks
-    result["command"] = f"python bench/shard_scale.py synthetic --rows {args.rows} --dim {args.dim}"
+    result.update(ranks=ranks, index_type=args.index_type, ivf_on_disk=args.ivf_on_disk)
+    options = f" --index-type {args.index_type}" + (" --ivf-on-disk" if args.ivf_on_disk else "")
+    result["command"] = f"python bench/shard_scale.py synthetic --rows {args.rows} --dim {args.dim}{options}"
     print(json.dumps(result, indent=2))
     return result
 
@@ -143,7 +144,8 @@ def synthetic_rank(args) -> None:
         num_params=args.dim,  # no model: any positive count
     )
     started = time.perf_counter()
-    build_index(out, source, chunks, dataset, FeaturizeOptions(storage="int8"), collective)
+    options = FeaturizeOptions(storage="int8", index_type=args.index_type, ivf_on_disk=args.ivf_on_disk)
+    build_index(out, source, chunks, dataset, options, collective)
     collective.barrier()
     phases["kernel_and_index_s"] = round(time.perf_counter() - started, 1)
     entry = {"rank": collective.rank, **phases, "peak_rss_gb": round(peak_rss_gb(), 3)}
@@ -164,6 +166,8 @@ def main() -> None:
     synthetic = modes.add_parser("synthetic")
     worker = modes.add_parser("synthetic-rank")
     for sub in (synthetic, worker):
+        sub.add_argument("--index-type", choices=("flat", "ivf"), default="flat")
+        sub.add_argument("--ivf-on-disk", action="store_true")
         sub.add_argument("--rows", type=int, default=1_000_000)
         sub.add_argument("--dim", type=int, default=64)
         sub.add_argument("--buckets", type=int, default=2)
@@ -177,7 +181,10 @@ def main() -> None:
         return
     result = run_ranks(args) if args.mode == "ranks" else run_synthetic(args)
     if args.json:
-        write_case(args.json, args.mode, result)
+        case = args.mode
+        if args.mode == "synthetic" and args.index_type == "ivf":
+            case += "_ivf_on_disk" if args.ivf_on_disk else "_ivf"
+        write_case(args.json, case, result)
 
 
 if __name__ == "__main__":

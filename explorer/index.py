@@ -5,6 +5,7 @@
     bucket_BB.faiss      one FAISS inner-product index per timestep bucket (rows = training items):
                          exact (flat) or, for large training sets, IVF (index_type "ivf": inverted
                          lists, nlist and nprobe recorded in meta.json)
+    bucket_BB.ivfdata    the inverted lists of an IVF bucket kept on disk (ivf.on_disk), memory-mapped
     whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 (phi_q - c))
     center_BB.npy        the mean training feature c of bucket BB (only when meta.json says center: true)
     train_images.npy     uint8 (N, H, W) or (N, H, W, 3) training images at model resolution
@@ -41,17 +42,10 @@ from explorer.index_meta import (
     bucket_file,
     center_file,
     factor_file,
+    ivfdata_file,
     read_meta,
 )
-from explorer.ivf import (
-    IVFParams,
-    add_rows,
-    build_ivf,
-    calibrate_nprobe,
-    check_ivf_request,
-    check_kind,
-    rule_text,
-)
+from explorer.ivf import IVFParams, build_bucket_index, check_ivf_request, check_kind, rule_text
 from explorer.scoring import BucketScorer
 
 __all__ = [
@@ -90,31 +84,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _build_faiss(
-    vectors: np.ndarray, storage: str, ivf: IVFParams | None = None, nprobe: int | None = None
-) -> faiss.Index:
-    """A flat index of the rows, or with `ivf` an IVF index trained on them (nprobe calibrated unless
-    given; the choice is appended to `ivf`)."""
-    dim = vectors.shape[1]
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if storage not in STORAGES:
-        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
-    if ivf is not None:
-        index = build_ivf(vectors, storage, ivf.nlist)
-        add_rows(index, vectors)
-        ivf.add_bucket(calibrate_nprobe(index, vectors, nprobe))
-        return index
-    if storage == "float32":
-        index = faiss.IndexFlatIP(dim)
-    elif storage == "float16":
-        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    else:  # int8: 8 bits per dimension with a per-dimension range learned from the vectors themselves
-        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-    index.add(vectors)
-    return index
-
-
 def write_index(
     directory: str | Path,
     source: FeatureSource,
@@ -131,19 +100,27 @@ def write_index(
     index_type: str = "flat",
     ivf_nlist: int | None = None,
     ivf_nprobe: int | None = None,
+    ivf_on_disk: bool = False,
 ) -> Path:
     """Write every file atomically, then meta.json (with their sha256) last.
 
     index_type "ivf" builds IVF buckets: nlist by the rule of explorer.ivf unless given, nprobe
-    calibrated per bucket unless given; both recorded in meta.json["ivf"]. meta.json is written here only.
+    calibrated per bucket unless given; both recorded in meta.json["ivf"]; with ivf_on_disk the lists go to
+    bucket_BB.ivfdata (memory-mapped when served). meta.json is written here only.
     """
     directory = Path(directory)
     if index_type not in INDEX_TYPES:
         raise ExplorerError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
+    if storage not in STORAGES:
+        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
     ivf = None
     if index_type == "ivf":
         nlist = check_ivf_request(len(train_ids), ivf_nlist, ivf_nprobe)
-        ivf = IVFParams(nlist, rule=rule_text(ivf_nlist is not None, ivf_nprobe is not None))
+        ivf = IVFParams(
+            nlist, rule=rule_text(ivf_nlist is not None, ivf_nprobe is not None), on_disk=ivf_on_disk
+        )
+    elif ivf_on_disk:
+        raise ExplorerError("ivf_on_disk applies to index_type ivf only", ("ivf_on_disk",))
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
 
@@ -151,7 +128,10 @@ def write_index(
         files[name] = sha256_file(directory / name)
 
     for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
-        index = _build_faiss(vectors, storage, ivf, ivf_nprobe)
+        ivfdata = directory / ivfdata_file(bucket) if ivf is not None and ivf.on_disk else None
+        index = build_bucket_index(vectors, storage, ivf, ivf_nprobe, ivfdata)
+        if ivfdata is not None:
+            record(ivfdata_file(bucket))
         # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
         write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
         record(bucket_file(bucket))
@@ -288,7 +268,8 @@ class AttributionIndex:
         indexes, factors, centers = [], [], []
         for bucket in range(buckets):
             try:
-                index = faiss.read_index(str(directory / bucket_file(bucket)))
+                # on-disk lists (ivf.on_disk) are found next to the bucket file wherever the index moved
+                index = faiss.read_index(str(directory / bucket_file(bucket)), faiss.IO_FLAG_ONDISK_SAME_DIR)
             except RuntimeError as error:
                 raise ExplorerError(
                     f"FAISS could not read {bucket_file(bucket)} in {str(directory)!r}: rebuild the index"

@@ -31,6 +31,11 @@ def bucket_file(bucket: int) -> str:
     return f"bucket_{bucket:02d}.faiss"
 
 
+def ivfdata_file(bucket: int) -> str:
+    """The on-disk inverted lists of an IVF bucket built with ivf_on_disk."""
+    return f"bucket_{bucket:02d}.ivfdata"
+
+
 def factor_file(bucket: int) -> str:
     return f"whiten_{bucket:02d}.npy"
 
@@ -161,6 +166,7 @@ class IndexMeta(FeatureSource):
                 list(ivf.get("recall_at_10", [])),
                 list(ivf.get("recall_at_10_negative", [])),
                 str(ivf.get("rule", "")),
+                bool(ivf.get("on_disk", False)),
             ),
         )
 
@@ -301,6 +307,7 @@ def _meta_problem(meta: dict) -> str | None:
         | {factor_file(b) for b in range(spec["buckets"])}
         | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
         | ({center_file(b) for b in range(spec["buckets"])} if meta["center"] else set())
+        | ({ivfdata_file(b) for b in range(spec["buckets"])} if _on_disk(meta) else set())
     )
     if (
         not isinstance(files, dict)
@@ -347,6 +354,11 @@ def _spec_problem(spec, num_train_timesteps: int) -> str | None:
     return None
 
 
+def _on_disk(meta: dict) -> bool:
+    ivf = meta.get("ivf")
+    return meta.get("index_type") == "ivf" and isinstance(ivf, dict) and ivf.get("on_disk") is True
+
+
 def _ivf_problem(meta: dict) -> str | None:
     """What is wrong with the IVF parameters of an ivf index, or None."""
     if meta["index_type"] == "flat":
@@ -361,6 +373,8 @@ def _ivf_problem(meta: dict) -> str | None:
         )
     if ivf["nlist"] > meta["count"]:
         return f"ivf.nlist {ivf['nlist']} exceeds the {meta['count']} rows"
+    if not isinstance(ivf.get("on_disk", False), bool):
+        return f"ivf.on_disk is {_show(ivf['on_disk'])}, must be true or false"
     for key in ("nprobe", "nprobe_negative"):
         nprobe = ivf.get(key)
         if (

@@ -1,4 +1,5 @@
-"""IVF buckets for large training sets: the rule for nlist and nprobe, building, calibrating nprobe.
+"""FAISS indexes of a bucket: flat, and IVF for large training sets (the rule for nlist and nprobe,
+building, calibrating nprobe, inverted lists on disk).
 
 A flat index compares a query with all N rows: O(N k) per query, too slow past a few hundred
 thousand rows (bench/index_scale.py). An IVF index splits the rows into nlist inverted lists by
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -53,6 +56,7 @@ class IVFParams:
     recall_at_10: list[float] = field(default_factory=list)
     recall_at_10_negative: list[float] = field(default_factory=list)
     rule: str = ""
+    on_disk: bool = False  # the lists live in bucket_BB.ivfdata next to the bucket file, memory-mapped
 
     def add_bucket(self, chosen: dict[int, tuple[int, float]]) -> None:
         """chosen: {+1: (nprobe, recall), -1: (nprobe, recall)} of one bucket, from calibrate_nprobe."""
@@ -70,7 +74,38 @@ class IVFParams:
             "recall_at_10_negative": [round(r, 4) for r in self.recall_at_10_negative],
             "target_recall": TARGET_RECALL,
             "rule": self.rule,
+            "on_disk": self.on_disk,
         }
+
+
+def build_bucket_index(
+    vectors: np.ndarray,
+    storage: str,
+    ivf: IVFParams | None = None,
+    nprobe: int | None = None,
+    ivfdata: Path | None = None,
+) -> faiss.Index:
+    """A flat index of the rows, or with `ivf` an IVF index trained on them (nprobe calibrated unless
+    given; the choice is appended to `ivf`), its lists in the file `ivfdata` when given."""
+    dim = vectors.shape[1]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # a float32 memmap: a view, no copy
+    if ivf is not None:
+        index = build_ivf(vectors, storage, ivf.nlist)
+        if ivfdata is not None:
+            fill_on_disk(index, vectors, ivfdata)
+        else:
+            add_rows(index, vectors)
+        ivf.add_bucket(calibrate_nprobe(index, vectors, nprobe))
+        return index
+    if storage == "float32":
+        index = faiss.IndexFlatIP(dim)
+    elif storage == "float16":
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    else:  # int8: 8 bits per dimension with a per-dimension range learned from the vectors themselves
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+    index.add(vectors)
+    return index
 
 
 def nlist_rule(count: int) -> int:
@@ -119,6 +154,25 @@ def add_rows(index: faiss.Index, vectors: np.ndarray, block: int = 100_000) -> N
     would otherwise hold a second copy of all rows (2 GB at 1M x 512)."""
     for start in range(0, len(vectors), block):
         index.add(np.ascontiguousarray(vectors[start : start + block], dtype=np.float32))
+
+
+def fill_on_disk(index: faiss.IndexIVF, vectors: np.ndarray, ivfdata: Path, block: int = 100_000) -> None:
+    """Fill a trained, empty IVF index with the rows, its inverted lists on disk in `ivfdata`: each block of
+    rows goes into its own copy of the index (add_with_ids, ids = row positions), written as a shard file,
+    and FAISS's on-disk merge streams the shards' lists into one file, so the lists never all sit in memory.
+    The index then reads its lists from `ivfdata` (FAISS OnDiskInvertedLists, memory-mapped)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    with tempfile.TemporaryDirectory(dir=ivfdata.parent, prefix=".ivf-shards-") as scratch:
+        shards = []
+        for start in range(0, len(vectors), block):
+            rows = np.ascontiguousarray(vectors[start : start + block], dtype=np.float32)
+            shard = faiss.clone_index(index)
+            shard.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
+            shards.append(str(Path(scratch) / f"shard_{len(shards):05d}.faiss"))
+            faiss.write_index(shard, shards[-1])
+            del shard
+        merge_ondisk(index, shards, str(ivfdata))
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, top: int, chunk: int = 16) -> np.ndarray:

@@ -235,6 +235,12 @@ def add_index_type(parser) -> None:
         default=None,
         help="IVF lists scanned per query (default: calibrated per bucket)",
     )
+    parser.add_argument(
+        "--ivf-on-disk",
+        action="store_true",
+        help="IVF: keep the inverted lists in bucket_BB.ivfdata files, memory-mapped when served (indexes "
+        "larger than memory)",
+    )
 
 
 def run_featurize(args) -> None:
@@ -286,6 +292,7 @@ def run_featurize(args) -> None:
         index_type=args.index_type,
         ivf_nlist=args.ivf_nlist,
         ivf_nprobe=args.ivf_nprobe,
+        ivf_on_disk=args.ivf_on_disk,
         workers=args.workers,
     )
     try:
@@ -322,6 +329,7 @@ def run_reindex(args) -> None:
         index_type=args.index_type,
         ivf_nlist=args.ivf_nlist,
         ivf_nprobe=args.ivf_nprobe,
+        ivf_on_disk=args.ivf_on_disk,
     )
     print(f"index written to {reindex(args.features_from, args.out, options)}")
 

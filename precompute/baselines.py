@@ -13,11 +13,14 @@ from explorer.classifier import FeatureClassifier
 from explorer.whitening import normalize_rows
 
 
+def pixel_vectors(images: np.ndarray) -> np.ndarray:
+    """Unit pixel vectors in [0, 1] (ink = 1, background = 0) of images in [-1, 1]: (P, pixels)."""
+    return normalize_rows(((images + 1.0) / 2.0).reshape(len(images), -1))
+
+
 def pixel_cosine(query_images: np.ndarray, train_images: np.ndarray) -> np.ndarray:
-    """Cosine of the pixel vectors in [0, 1] (ink = 1, background = 0): (Q, N)."""
-    q = normalize_rows(((query_images + 1.0) / 2.0).reshape(len(query_images), -1))
-    t = normalize_rows(((train_images + 1.0) / 2.0).reshape(len(train_images), -1))
-    return q @ t.T
+    """Cosine of the pixel vectors: (Q, N)."""
+    return pixel_vectors(query_images) @ pixel_vectors(train_images).T
 
 
 @torch.no_grad()

@@ -66,6 +66,9 @@ class FeaturizeOptions:
     ivf_nprobe: int | None = (
         None  # lists scanned per query (None: calibrated per bucket for recall@10 >= 0.95)
     )
+    ivf_on_disk: bool = (
+        False  # IVF lists in bucket_BB.ivfdata files (FAISS on-disk merge), for indexes past RAM
+    )
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
@@ -144,8 +147,8 @@ def _check_index_options(options: FeaturizeOptions, count: int) -> None:
         raise ExplorerError(f"unknown index type {options.index_type!r}: use one of {', '.join(INDEX_TYPES)}")
     if options.index_type == "ivf":
         check_ivf_request(count, options.ivf_nlist, options.ivf_nprobe)
-    elif options.ivf_nlist is not None or options.ivf_nprobe is not None:
-        raise ExplorerError("--ivf-nlist and --ivf-nprobe apply to --index-type ivf only")
+    elif options.ivf_nlist is not None or options.ivf_nprobe is not None or options.ivf_on_disk:
+        raise ExplorerError("--ivf-nlist, --ivf-nprobe and --ivf-on-disk apply to --index-type ivf only")
 
 
 def featurize(
@@ -273,6 +276,7 @@ def build_index(
         index_type=options.index_type,
         ivf_nlist=options.ivf_nlist,
         ivf_nprobe=options.ivf_nprobe,
+        ivf_on_disk=options.ivf_on_disk,
     )
     del scratch
     (scratch_dir / "vectors.npy").unlink(missing_ok=True)

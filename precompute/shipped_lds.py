@@ -40,8 +40,8 @@ from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex
 from explorer.model import DiffusionModel
-from explorer.scoring import all_scores
-from precompute.baselines import pixel_cosine, random_scores
+from explorer.scoring import blocked_predictions
+from precompute.baselines import pixel_vectors, random_scores
 from precompute.metrics import predictions, spearman_columns
 from precompute.shipped_truth import Queries, TruthConfig, TruthTable
 
@@ -51,46 +51,51 @@ BOOTSTRAP = 1000
 
 
 @dataclass
-class QueryScores:
-    """tau of one method: whole (W, B, N) per bucket, steps (G, J, N)."""
+class QueryPredictions:
+    """g = -masks @ tau^T of one method for every model of the truth table (rows of its masks): whole
+    (M, W, B) per bucket, steps (M, G, J). Only these enter the LDS; tau itself is never held whole
+    (explorer.scoring.blocked_predictions), so the memory is bounded for any number of training rows."""
 
     whole_by_bucket: np.ndarray
     steps: np.ndarray
 
     @property
     def whole(self) -> np.ndarray:
-        return self.whole_by_bucket.sum(axis=1)  # (W, N)
+        return self.whole_by_bucket.sum(axis=2)  # (M, W): g is linear in tau, so the buckets add up
 
 
-def index_scores(
+def index_predictions(
     index: AttributionIndex,
     model: DiffusionModel,
     whole_images: np.ndarray,
     queries: Queries,
+    masks: np.ndarray,
     cache: Path | None = None,
-) -> QueryScores:
-    """Scores of every training row for the benchmark's queries, through the index's files (explorer's
-    path)."""
+) -> QueryPredictions:
+    """The predictions of the index's scores for the benchmark's queries, read through the index's files
+    (explorer's path), scored block by block."""
     spec = index.meta.spec
     computer = FeatureComputer(model, spec)
     T = index.meta.num_train_timesteps
     raw = _query_features(computer, index.buckets, whole_images, queries, T, cache)
     whole = np.stack(
         [
-            all_scores(
-                index.vectors(b), index.query_vectors(raw["whole"][:, b], np.full(len(whole_images), b))
+            blocked_predictions(
+                masks,
+                index.vectors(b),
+                index.query_vectors(raw["whole"][:, b], np.full(len(whole_images), b)),
             )
             for b in range(index.buckets)
         ],
-        axis=1,
-    )  # (W, B, N)
+        axis=2,
+    )  # (M, W, B)
     buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in queries.timesteps.ravel()])
     step_vectors = index.query_vectors(raw["steps"], buckets)
-    steps = np.empty((len(buckets), len(index.train_ids)), dtype=np.float32)
+    steps = np.empty((len(masks), len(buckets)))
     for b in np.unique(buckets):
         rows = np.flatnonzero(buckets == b)
-        steps[rows] = all_scores(index.vectors(int(b)), step_vectors[rows])
-    return QueryScores(whole, steps.reshape(*queries.timesteps.shape, -1))
+        steps[:, rows] = blocked_predictions(masks, index.vectors(int(b)), step_vectors[rows])
+    return QueryPredictions(whole, steps.reshape(len(masks), *queries.timesteps.shape))
 
 
 def _query_features(
@@ -116,18 +121,25 @@ def _query_features(
     return {"whole": whole, "steps": steps}
 
 
-def baseline_scores(
-    name: str, whole_images: np.ndarray, queries: Queries, train_images: np.ndarray, buckets: int
-) -> QueryScores:
-    """Pixel cosine (of the image, or of the step's x0hat) or seeded random scores, in the same shapes."""
+def baseline_predictions(
+    name: str,
+    whole_images: np.ndarray,
+    queries: Queries,
+    train_images: np.ndarray,
+    buckets: int,
+    masks: np.ndarray,
+) -> QueryPredictions:
+    """Pixel cosine (of the image, or of the step's x0hat) or seeded random scores, as predictions."""
     steps_images = queries.x0hat.reshape(-1, *queries.x0hat.shape[2:])
-    if name == "pixel":
-        whole, steps = pixel_cosine(whole_images, train_images), pixel_cosine(steps_images, train_images)
+    if name == "pixel":  # cosine of unit pixel vectors: an inner-product search like an index's
+        train = pixel_vectors(train_images)
+        whole = blocked_predictions(masks, train, pixel_vectors(whole_images))
+        steps = blocked_predictions(masks, train, pixel_vectors(steps_images))
     else:
-        whole = random_scores(len(whole_images), len(train_images), seed=0)
-        steps = random_scores(len(steps_images), len(train_images), seed=1)
-    whole_by_bucket = np.repeat(whole[:, None] / buckets, buckets, axis=1)
-    return QueryScores(whole_by_bucket, steps.reshape(*queries.timesteps.shape, -1))
+        whole = predictions(masks, random_scores(len(whole_images), len(train_images), seed=0))
+        steps = predictions(masks, random_scores(len(steps_images), len(train_images), seed=1))
+    whole_by_bucket = np.repeat(whole[:, :, None] / buckets, buckets, axis=2)
+    return QueryPredictions(whole_by_bucket, steps.reshape(len(masks), *queries.timesteps.shape))
 
 
 @dataclass
@@ -173,32 +185,30 @@ def lds_interval(
     }
 
 
-def method_lds(scores: QueryScores, table: TruthTable, parts: Split, queries: Queries, group: str) -> dict:
+def method_lds(
+    predicted: QueryPredictions, table: TruthTable, parts: Split, queries: Queries, group: str
+) -> dict:
     """Every LDS column of one method on the dev or the test group."""
     models = parts.models[group]
-    masks = table.masks[models]
     held, gen = parts.heldout[group], parts.generated[group]
     n_held = len(queries.heldout_ids)
     whole_truth = table.rows["whole_by_bucket"][models]  # (M, W, B)
+    whole = predicted.whole[models]
     out = {}
     for name, rows, clusters in (("heldout", held, held), ("generated", n_held + gen, gen)):
-        out[name] = lds_interval(
-            whole_truth[:, rows].mean(-1), predictions(masks, scores.whole[rows]), clusters
-        )
+        out[name] = lds_interval(whole_truth[:, rows].mean(-1), whole[:, rows], clusters)
     out["heldout_by_bucket"] = [
-        lds_interval(whole_truth[:, held, b], predictions(masks, scores.whole_by_bucket[held, b]), held)
+        lds_interval(whole_truth[:, held, b], predicted.whole_by_bucket[models][:, held, b], held)
         for b in range(whole_truth.shape[-1])
     ]
     steps = queries.steps
+    g = predicted.steps[models][:, gen]  # (M, G', J)
     for truth_name in ("step_trajectory", "step_proxy"):
         truth = table.rows[truth_name][models][:, gen]  # (M, G', J)
-        tau = scores.steps[gen]  # (G', J, N)
         clusters = np.repeat(gen, len(steps))
-        out[truth_name] = lds_interval(
-            truth.reshape(len(models), -1), predictions(masks, tau.reshape(-1, tau.shape[-1])), clusters
-        )
+        out[truth_name] = lds_interval(truth.reshape(len(models), -1), g.reshape(len(models), -1), clusters)
         out[f"{truth_name}_by_step"] = [
-            lds_interval(truth[:, :, j], predictions(masks, tau[:, j]), gen) for j in range(len(steps))
+            lds_interval(truth[:, :, j], g[:, :, j], gen) for j in range(len(steps))
         ]
     return out
 
@@ -236,7 +246,7 @@ def seed_ceiling(table: TruthTable, queries: Queries) -> dict:
     return out
 
 
-def repeated_lds(scores: QueryScores, table: TruthTable, queries: Queries) -> dict:
+def repeated_lds(predicted: QueryPredictions, table: TruthTable, queries: Queries) -> dict:
     """Held-out LDS of one method on the twice-trained subsets only, against the seed-0 truth, the seed-1
     truth and their mean: if the mean is predicted better than either seed, the truth's seed noise is part of
     what bounds the LDS."""
@@ -244,9 +254,9 @@ def repeated_lds(scores: QueryScores, table: TruthTable, queries: Queries) -> di
     if len(first) < 3:
         return {}
     values, clusters = _ceiling_columns(table, queries)["heldout"]
-    predicted = predictions(table.masks[first], scores.whole[: len(clusters)])
+    g = predicted.whole[first][:, : len(clusters)]  # a subset's two models share its mask
     return {
-        name: lds_interval(truth, predicted, clusters)
+        name: lds_interval(truth, g, clusters)
         for name, truth in (
             ("seed0", values[first]),
             ("seed1", values[second]),
@@ -301,19 +311,23 @@ def run_shipped_lds(
                 (spec.output, spec.projector, spec.proj_dim, spec.proj_seed, spec.noise_seed, spec.buckets),
             )
         )
-        scores = index_scores(index, model, whole_images, queries, cache / f"queries_{key}.npz")
+        predicted = index_predictions(
+            index, model, whole_images, queries, table.masks, cache / f"queries_{key}.npz"
+        )
         methods[str(directory)] = {
             "label": index.label,
-            **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")},
-            "repeated_subsets": repeated_lds(scores, table, queries),
+            **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
+            "repeated_subsets": repeated_lds(predicted, table, queries),
         }
         logger.info("%s: test heldout %s", directory, methods[str(directory)]["test"]["heldout"])
     for name in baselines:
-        scores = baseline_scores(name, whole_images, queries, to_model_range(train_images), config.buckets)
+        predicted = baseline_predictions(
+            name, whole_images, queries, to_model_range(train_images), config.buckets, table.masks
+        )
         methods[name] = {
             "label": f"{name} baseline",
-            **{g: method_lds(scores, table, parts, queries, g) for g in ("dev", "test")},
-            "repeated_subsets": repeated_lds(scores, table, queries),
+            **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
+            "repeated_subsets": repeated_lds(predicted, table, queries),
         }
     return {
         "truth": {

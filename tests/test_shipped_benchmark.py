@@ -15,7 +15,8 @@ from explorer.model import load_model
 from explorer.sampler import generate
 from explorer.scoring import all_scores, fit_bucket
 from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize, reindex
-from precompute.shipped_lds import index_scores, run_shipped_lds, split
+from precompute.metrics import predictions
+from precompute.shipped_lds import index_predictions, run_shipped_lds, split
 from precompute.shipped_truth import Queries, Truth, TruthConfig, load_truth, run_truth
 from precompute.step_counterfactual import (
     StepCounterfactualConfig,
@@ -109,7 +110,7 @@ def test_truth_folder_refuses_other_settings(truth_dir, tiny_model_dir, tmp_path
         run_truth(truth_dir, tmp_path / "cache", str(tiny_model_dir), "digits", changed)
 
 
-def test_lds_scores_through_the_index_equal_the_scoring_module(
+def test_lds_predictions_through_the_index_equal_the_scoring_module(
     truth_dir, tiny_model, tiny_index_dir, tmp_path
 ):
     exact = AttributionIndex.load(
@@ -117,14 +118,17 @@ def test_lds_scores_through_the_index_equal_the_scoring_module(
     )
     queries = Queries.load(truth_dir / "queries.npz")
     whole = queries.finals  # (G, C, S, S)
-    served = index_scores(exact, tiny_model, whole, queries)
+    masks = np.random.default_rng(0).random((5, exact.meta.count)) < 0.5
+    served = index_predictions(exact, tiny_model, whole, queries, masks)
     raw = np.load(tiny_index_dir / FEATURES_NAME)  # (B, N, k)
     computer = FeatureComputer(tiny_model, exact.meta.spec)
     query_phi = computer.all_bucket_features(torch.from_numpy(whole)).numpy()  # (G, B, k)
     for bucket in range(exact.buckets):
         scorer, _ = fit_bucket(raw[bucket], exact.meta.lambdas[bucket].relative, center=True, normalize=True)
-        expected = all_scores(scorer.vectors(raw[bucket]), scorer.vectors(query_phi[:, bucket]))
-        assert np.abs(served.whole_by_bucket[:, bucket] - expected).max() < 1e-6
+        expected = predictions(
+            masks, all_scores(scorer.vectors(raw[bucket]), scorer.vectors(query_phi[:, bucket]))
+        )
+        assert np.abs(served.whole_by_bucket[:, :, bucket] - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 @pytest.fixture(scope="module")

@@ -92,11 +92,21 @@ def test_a_killed_rank_resumes_to_the_identical_index(tiny_model_dir, tmp_path):
     assert _files(clean) == _files(killed), f"the index differs after a rank was killed at {partial} chunks"
 
 
-def test_ivf_index_from_the_shards_keeps_recall(tiny_model_dir, tmp_path):
-    out = tmp_path / "ivf"
-    _run(_command(tiny_model_dir, out, "--index-type", "ivf", "--ivf-nlist", "4"))
+@pytest.mark.parametrize("on_disk", [False, True], ids=["lists-in-memory", "lists-on-disk"])
+def test_ivf_index_from_the_shards_keeps_recall(tiny_model_dir, tmp_path, on_disk):
+    built = tmp_path / "ivf"
+    _run(
+        _command(
+            tiny_model_dir, built, "--index-type", "ivf", "--ivf-nlist", "4", *(["--ivf-on-disk"] * on_disk)
+        )
+    )
+    out = tmp_path / "moved"
+    built.rename(out)  # on-disk lists are found next to their bucket file, wherever the index is
     index = AttributionIndex.load(out)
-    assert index.index_type == "ivf"
+    assert index.index_type == "ivf" and index.meta.ivf.on_disk == on_disk
+    assert sorted(p.name for p in out.glob("*.ivfdata")) == (
+        ["bucket_00.ivfdata", "bucket_01.ivfdata"] if on_disk else []
+    )
     rng = np.random.default_rng(1)
     hits = []
     for bucket in range(index.buckets):

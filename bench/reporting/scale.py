@@ -235,25 +235,39 @@ def shard_scale() -> str:
                 ],
             ),
         ]
-    if "synthetic" in cases:
-        synthetic = cases["synthetic"]
+    builds = {name: case for name, case in cases.items() if name.startswith("synthetic")}
+    if builds:
+        first = next(iter(builds.values()))
         parts += [
             "## A simulated large build",
-            para(f"""{synthetic["rows"]:,} training rows, {synthetic["buckets"]} buckets, k =
-            {synthetic["dim"]}, through the shard path without gradients: 2 ranks write seeded synthetic chunk
-            files (a common direction plus noise), then sum the kernels, and rank 0 whitens into a memmap one
-            bucket at a time and writes an int8 flat index. {synthetic["seconds"]:.1f} s in all."""),
-            commands(synthetic["command"] + f" --json bench/results/{SHARDS}"),
+            para(f"""{first["rows"]:,} training rows through the shard path without gradients: 2 ranks write
+            seeded synthetic chunk files (a common direction plus noise), then sum the kernels, and rank 0
+            whitens into a memmap one bucket at a time and writes int8 buckets: flat, IVF with its lists in
+            memory, or IVF with its lists merged shard by shard into an on-disk file (`--ivf-on-disk`)."""),
+            commands(*(case["command"] + f" --json bench/results/{SHARDS}" for case in builds.values())),
             table(
-                ["rank", "writing chunks (s)", "kernels and index (s)", "peak RSS (GB)"],
+                [
+                    "build",
+                    "k",
+                    "buckets",
+                    "rank",
+                    "writing chunks (s)",
+                    "kernels and index (s)",
+                    "peak RSS (GB)",
+                ],
                 [
                     [
+                        case.get("index_type", "flat")
+                        + (", lists on disk" if case.get("ivf_on_disk") else ""),
+                        case["dim"],
+                        case["buckets"],
                         r["rank"],
                         f"{r['write_chunks_s']:.1f}",
                         f"{r['kernel_and_index_s']:.1f}",
                         f"{r['peak_rss_gb']:.2f}",
                     ]
-                    for r in synthetic["ranks"]
+                    for case in builds.values()
+                    for r in case["ranks"]
                 ],
             ),
         ]
