@@ -86,6 +86,9 @@ def run_synthetic(args) -> dict:
             tmp,
             "--report",
             str(report),
+            "--index-type",
+            args.index_type,
+            *(["--ivf-on-disk"] if args.ivf_on_disk else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
@@ -152,6 +155,10 @@ def synthetic_rank(args) -> None:
     if collective.is_main:
         index = AttributionIndex.load(out)
         entry["index_rows"] = int(index.meta.count)
+        entry["index_type"] = index.index_type
+        if index.meta.ivf is not None:
+            entry["ivf"] = {"nlist": index.meta.ivf.nlist, "recall_at_10": index.meta.ivf.recall_at_10}
+        entry["index_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     with open(args.report, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     collective.close()
