@@ -9,12 +9,15 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
+import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw
 
 from explorer.attribution import StepAttribution, TrajectoryAttribution
 from explorer.data import to_uint8
+from explorer.errors import ExplorerError, whole_number
 from explorer.index import AttributionIndex
+from explorer.web.payloads import refused
 
 TILE = 64  # pixels per image in the PNG figure
 CAPTION = 24  # caption band under each tile
@@ -110,3 +113,37 @@ def figure(
         image = index.train_images[_position(index, r["id"])]
         tile(image, r["rank"] - 1, 1 if r["sign"] == "positive" else 2, f"{r['label']} {r['score']:+.2f}")
     return canvas
+
+
+def open_view(handlers, query: dict) -> tuple:
+    """Outputs of a page opened with a view's query string: seed, steps, then generate's outputs with the
+    linked step on screen; a plain page load (no seed) changes nothing, a bad value goes to the status
+    line."""
+    query = {key: _link_value(value) for key, value in query.items()}
+    if "seed" not in query:
+        return (gr.skip(),) * 17
+    steps, top_k = query.get("steps", 50), query.get("top_k", 8)
+    outputs = list(handlers.generate(query["seed"], steps, top_k, None, progress=lambda *a, **k: None))
+    session = outputs[0]
+    if not hasattr(session, "attribution"):  # refused: generate's status slot says why
+        return (gr.skip(),) * 2 + tuple(outputs)
+    trajectory = session.attribution.trajectory
+    if "step" in query:
+        try:
+            step = whole_number(query["step"], "step", 0, trajectory.steps - 1)
+            outputs[3:10] = handlers.step_view(session, step)
+            outputs[3] = gr.update(maximum=trajectory.steps - 1, value=step, label=outputs[3]["label"])
+        except ExplorerError as error:
+            outputs[10] = refused(error)
+    return (trajectory.seed, trajectory.steps, *outputs)
+
+
+def _link_value(text: str):
+    """A query-string value as a number where it is one; otherwise the text, for the refusal to name."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text

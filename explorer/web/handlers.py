@@ -26,8 +26,8 @@ from explorer.errors import ExplorerError, bounded, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
 from explorer.sampler import MAX_SEED
-from explorer.web import export, plots
-from explorer.web.payloads import gallery_payload, image_payload, plot_payload, refused, user_errors
+from explorer.web import compare, export, plots
+from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Session:
     rollout_s: float | None = None
     selected: tuple[str, int] | None = None  # the clicked influencer: (sign, training row); follows the step
     notes: tuple[str, ...] = ()  # what the controls' values were changed to (e.g. a clamped top-k)
+    compare: TrajectoryAttribution | None = None  # the same trajectory under a second index (compare.py)
 
     @property
     def strip_steps(self) -> list[int]:
@@ -74,17 +75,6 @@ class Session:
                 f"{self.rollout_s:.1f} s"
             )
         return " · ".join([*parts, *self.notes])
-
-
-def _link_value(text: str):
-    """A query-string value as a number where it is one; otherwise the text, for the refusal to name."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
 
 
 class Handlers:
@@ -218,28 +208,8 @@ class Handlers:
         return [str(path) for path in files], f"exported step {step}: {', '.join(p.name for p in files)}"
 
     def open_link(self, request: gr.Request) -> tuple:
-        """A page opened with ?seed=S&steps=N&step=s&top_k=k regenerates that trajectory and shows step s; a
-        plain page load changes nothing. Outputs: seed, steps, then generate's outputs."""
-        query = {
-            k: _link_value(v) for k, v in dict(request.query_params if request is not None else {}).items()
-        }
-        if "seed" not in query:
-            return (gr.skip(),) * 17
-        steps = query.get("steps", 50)
-        top_k = query.get("top_k", 8)
-        outputs = list(self.generate(query["seed"], steps, top_k, None, progress=lambda *a, **k: None))
-        session = outputs[0]
-        if not isinstance(session, Session):  # refused: generate's status slot says why
-            return (gr.skip(),) * 2 + tuple(outputs)
-        trajectory = session.attribution.trajectory
-        if "step" in query:
-            try:
-                step = whole_number(query["step"], "step", 0, trajectory.steps - 1)
-                outputs[3:10] = self.step_view(session, step)
-                outputs[3] = gr.update(maximum=trajectory.steps - 1, value=step, label=outputs[3]["label"])
-            except ExplorerError as error:
-                outputs[10] = refused(error)
-        return (trajectory.seed, trajectory.steps, *outputs)
+        """A page opened with ?seed=S&steps=N&step=s&top_k=k regenerates that view (explorer.web.export)."""
+        return export.open_view(self, dict(request.query_params) if request is not None else {})
 
     def rollouts_after_link(self, session: Session | None, progress=gr.Progress()) -> tuple:
         """The rollout curves of a view opened by link; nothing after a plain page load."""
@@ -325,6 +295,17 @@ class Handlers:
             notes=(note,) if note else (),
         )
         return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER, top_k)
+
+    @user_errors(outputs=3, message_at=2)
+    def compare(self, session: Session | None, step, name) -> tuple:
+        """The second method's influencers at the step on screen (explorer.web.compare)."""
+        return compare.compare_view(self, session, step, name)
+
+    def compare_scrub(self, session: Session | None, step, name) -> tuple:
+        """The comparison follows the slider; nothing to do while none is chosen."""
+        if session is None or not name:
+            return (gr.skip(),) * 3
+        return self.compare(session, step, name)
 
     def jump(self, session: Session | None, evt: gr.SelectData) -> dict:
         """A click on the trajectory strip moves the step slider there."""

@@ -9,6 +9,7 @@ import gradio as gr
 
 from explorer.attribution import Explorer
 from explorer.sampler import MAX_SEED, MIN_STEPS
+from explorer.web.compare import NO_COMPARISON
 from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, UI_MAX_TOP_K, Handlers
 
 UI_MAX_STEPS = 200  # sampler steps offered by the slider (the engine accepts up to 1000)
@@ -116,6 +117,26 @@ def build(explorer: Explorer) -> gr.Blocks:
                         with gr.Column(scale=3):
                             chosen_info = gr.Markdown(NO_INFLUENCER, elem_id="chosen-info")
                             chosen_plot = gr.Plot(label="when did this image matter?")
+                    with gr.Accordion("Compare with another method", open=False, visible=len(names) > 1):
+                        compare_index = gr.Dropdown(
+                            [("none", ""), *((n, n) for n in names)],
+                            value="",
+                            label="second method",
+                            elem_id="compare-index",
+                        )
+                        compare_info = gr.Markdown(NO_COMPARISON, elem_id="compare-info")
+                        compare_positive = gr.Gallery(
+                            label="its top positive influencers",
+                            columns=8,
+                            elem_id="compare-positive",
+                            **influencers,
+                        )
+                        compare_negative = gr.Gallery(
+                            label="its top negative influencers",
+                            columns=8,
+                            elem_id="compare-negative",
+                            **influencers,
+                        )
                     with gr.Row():
                         export_button = gr.Button("Export this step (JSON, CSV, PNG)", scale=1)
                         exported = gr.File(
@@ -158,14 +179,18 @@ def build(explorer: Explorer) -> gr.Blocks:
         chosen_views = [chosen, chosen_plot, chosen_info]
         engine = dict(concurrency_id="engine", postprocess=False)
         dice.click(h.random_seed, None, seed, api_name="random_seed", queue=False)
-        go_button.click(
+        comparison = [compare_positive, compare_negative, compare_info]
+        follow = dict(show_progress="hidden", concurrency_limit=4, postprocess=False)
+        generated = go_button.click(
             h.generate,
             [seed, steps, top_k, index_name],
             [session, final, strip, *view, status, *chosen_views, top_k],
             api_name="generate",
             show_progress_on=[status],  # one place reports the stages, the rest of the page stays readable
             **engine,
-        ).success(
+        )
+        generated.success(h.compare_scrub, [session, slider, compare_index], comparison, **follow)
+        generated.success(
             h.rollouts,
             [session],
             [plot, status],
@@ -191,7 +216,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                 [session, *view, status, *chosen_views, top_k],
                 api_name=name,
                 **engine,
-            )
+            ).success(h.compare_scrub, [session, slider, compare_index], comparison, **follow)
         strip.select(h.jump, [session], slider, api_name="jump", show_progress="hidden")
         gr.on(
             [positive.select, negative.select],
@@ -208,6 +233,17 @@ def build(explorer: Explorer) -> gr.Blocks:
             postprocess=False,
         )
         export_button.click(h.export, [session, slider], [exported, step_info], api_name="export_step")
+        compare_index.change(
+            h.compare, [session, slider, compare_index], comparison, api_name="compare", **engine
+        )
+        slider.change(
+            h.compare_scrub,
+            [session, slider, compare_index],
+            comparison,
+            api_name="compare_scrub",
+            trigger_mode="always_last",
+            **follow,
+        )
         demo.load(  # a link with ?seed=..&steps=..&step=.. reproduces that view
             h.open_link,
             None,
