@@ -332,3 +332,61 @@ def own_model_cost() -> str:
             f"Results: {source_links([OWN_MODEL])}.",
         ]
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the app under concurrent sessions
+
+LOAD = "load.json"
+
+
+@page(
+    "docs/benchmarks/load.md",
+    "The app under concurrent sessions",
+    "latency and server memory with 8 concurrent sessions generating and scrubbing",
+    LOAD,
+)
+def load_page() -> str:
+    cases = load(LOAD)["cases"]
+    rows = [
+        [
+            c["sessions"],
+            c["steps"],
+            f"{c['latency']['generate']['p50_ms']:,} / {c['latency']['generate']['p95_ms']:,}",
+            f"{c['latency']['scrub']['p50_ms']} / {c['latency']['scrub']['p95_ms']}",
+            f"{c['memory_before']['rss_gb']:.2f}",
+            f"{c['memory_after']['rss_gb']:.2f}",
+            f"{c['memory_after']['peak_gb']:.2f}",
+            c["mb_per_session"],
+            c["errors"],
+        ]
+        for c in cases.values()
+    ]
+    return "\n\n".join(
+        [
+            para("""`bench/load.py` serves the shipped default with `python app.py` on 127.0.0.1 and runs
+            concurrent gradio_client sessions in threads: each generates, then scrubs to random steps, and
+            checks that it still sees its own trajectory. Latencies are client round trips (queueing behind
+            the other sessions' engine calls included). Memory is the server process's resident set before the
+            first session, after all of them, and its peak; per session = (after - before) / sessions. A
+            session holds its trajectory and every step's scores; the engine calls' freed working set
+            is returned to the system after each call (explorer.memory), and a session's state expires an
+            hour after it last changed."""),
+            commands(*(c["command"] + f" --json bench/results/{LOAD}" for c in cases.values())),
+            table(
+                [
+                    "sessions",
+                    "sampler steps",
+                    "generate p50 / p95 (ms)",
+                    "scrub p50 / p95 (ms)",
+                    "server before (GB)",
+                    "after (GB)",
+                    "peak (GB)",
+                    "MB per session",
+                    "errors",
+                ],
+                rows,
+            ),
+            f"Results: {source_links([LOAD])}.",
+        ]
+    )

@@ -25,6 +25,7 @@ from explorer.data import load_image_file
 from explorer.errors import ExplorerError, bounded, whole_number
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves
+from explorer.memory import releases_memory
 from explorer.sampler import MAX_SEED
 from explorer.web import compare, export, plots
 from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
@@ -219,6 +220,7 @@ class Handlers:
         return random.randint(0, MAX_SEED)
 
     @user_errors(outputs=15, message_at=10)
+    @releases_memory
     def generate(self, seed, steps, top_k, index_name, progress=gr.Progress()) -> tuple:
         """Sample, attribute every step, classify every x0hat (one engine call, its stages reported)."""
         top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
@@ -244,6 +246,7 @@ class Handlers:
         return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER, top_k)
 
     @user_errors(outputs=2, message_at=1)
+    @releases_memory
     def rollouts(self, session: Session | None, progress=gr.Progress()) -> tuple:
         """Feature likelihoods from stochastic completions (>= 16 at >= 10 steps); shown when ready, with the
         sampler steps done so far as progress."""
@@ -279,6 +282,7 @@ class Handlers:
         return (*view, *self._chosen_or_skip(session, session.step))
 
     @user_errors(outputs=13, message_at=8)
+    @releases_memory
     def reattribute(self, session: Session | None, step, index_name, top_k) -> tuple:
         """The same trajectory against another index or top-k (no resampling); a top-k typed outside
         1..UI_MAX_TOP_K is clamped and the status says so."""
@@ -297,6 +301,7 @@ class Handlers:
         return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER, top_k)
 
     @user_errors(outputs=3, message_at=2)
+    @releases_memory
     def compare(self, session: Session | None, step, name) -> tuple:
         """The second method's influencers at the step on screen (explorer.web.compare)."""
         return compare.compare_view(self, session, step, name)
@@ -334,6 +339,7 @@ class Handlers:
         return self.chosen_view(session, step)
 
     @user_errors(outputs=4, message_at=3)
+    @releases_memory
     def attribute_image(self, image, timestep, top_k, index_name) -> tuple:
         """An uploaded image (any size or mode) as the query at one train timestep."""
         if not image:

@@ -13,6 +13,7 @@ from explorer.web.compare import NO_COMPARISON
 from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, UI_MAX_TOP_K, Handlers
 
 UI_MAX_STEPS = 200  # sampler steps offered by the slider (the engine accepts up to 1000)
+SESSION_TTL_S = 3600  # a session's generation is freed an hour after it last changed (bench/load.py: memory)
 CSS = """
 .pixelated img { image-rendering: pixelated; }
 .influencers .thumbnail-item { display: flex; flex-direction: column; height: auto; }
@@ -53,7 +54,7 @@ def build(explorer: Explorer) -> gr.Blocks:
             "## Diffusion Attribution Explorer\nWhich training images made this generated image, "
             "and **at which denoising step** did they matter? Generate a digit, then scrub the steps."
         )
-        session = gr.State(None)
+        session = gr.State(None, time_to_live=SESSION_TTL_S)
         with gr.Tab("Generate & scrub"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
