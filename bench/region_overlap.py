@@ -5,7 +5,8 @@ disjoint halves (A, B: top/bottom and left/right) are compared by their overlap 
     python bench/region_overlap.py                       # 16 digits x 5 steps, top-10, shipped assets
 
 Prints and writes the mean overlaps per split and step (--json, default bench/results/region_overlap.json).
-The claim it checks: overlap(A, B) < min(overlap(W, A), overlap(W, B)).
+The claim it checks: overlap(A, B) < min(overlap(W, A), overlap(W, B)); a_across is the overlap of region A's
+lists on consecutive digits (a region list that ignores the digit gives 1).
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def main() -> None:
         "top/bottom": ((0, 0, size, half), (0, half, size, size)),
         "left/right": ((0, 0, half, size), (half, 0, size, size)),
     }
-    rows = {name: {str(s): {"a_b": [], "whole_a": [], "whole_b": []} for s in args.steps} for name in splits}
+    rows = {
+        name: {str(s): {"a_b": [], "whole_a": [], "whole_b": [], "a_across": []} for s in args.steps}
+        for name in splits
+    }
+    previous = {}  # split -> the last digit's region-A lists, per step
     for seed in range(3000, 3000 + args.seeds):
         whole = explorer.generate(seed, 50, None, args.top_k)
         for name, (box_a, box_b) in splits.items():
@@ -62,6 +67,9 @@ def main() -> None:
                 cell["a_b"].append(overlap(a, b))
                 cell["whole_a"].append(overlap(w, a))
                 cell["whole_b"].append(overlap(w, b))
+                if name in previous:  # one region on two different digits: a constant list would give 1
+                    cell["a_across"].append(overlap(previous[name][step], a))
+            previous[name] = {step: part_a.steps[step].positive.positions for step in args.steps}
         print(f"seed {seed} done", flush=True)
     summary = {
         name: {step: {key: float(np.mean(v)) for key, v in cell.items()} for step, cell in per.items()}

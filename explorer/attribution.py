@@ -23,6 +23,7 @@ from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
 from explorer.model import DiffusionModel, load_model
+from explorer.region import RegionCenters
 from explorer.sampler import Trajectory, generate
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Explorer:
             raise ExplorerError("no attribution index given: pass --index DIR")
         self.model, self.indexes, self.classifier = model, indexes, classifier
         self._computers: dict[str, FeatureComputer] = {}
+        self._region_centers: dict[str, RegionCenters] = {}
         faiss.omp_set_num_threads(1)  # single queries: threads only add overhead (and a 2nd OpenMP pool)
 
     @classmethod
@@ -139,9 +141,9 @@ class Explorer:
             self._computers[name] = FeatureComputer(self.model, self.indexes[name].meta.spec)
         return self._computers[name]
 
-    def region_mask(self, box) -> torch.Tensor:
-        """A box (x0, y0, x1, y1) in model pixels, x1 and y1 exclusive -> mask (H, W), or an ExplorerError
-        naming the box and the valid range."""
+    def region_box(self, box) -> tuple[int, int, int, int]:
+        """A box (x0, y0, x1, y1) in model pixels, x1 and y1 exclusive, checked, or an ExplorerError naming
+        the box and the valid range."""
         size = self.model.sample_size
         try:
             x0, y0, x1, y1 = (int(v) for v in box)
@@ -152,6 +154,12 @@ class Explorer:
                 f"region {(x0, y0, x1, y1)} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size} "
                 f"(model pixels, x1 and y1 exclusive)"
             )
+        return x0, y0, x1, y1
+
+    def region_mask(self, box) -> torch.Tensor:
+        """A box (see region_box) -> mask (H, W) of 0/1."""
+        x0, y0, x1, y1 = self.region_box(box)
+        size = self.model.sample_size
         mask = torch.zeros(size, size)
         mask[y0:y1, x0:x1] = 1
         return mask
@@ -165,13 +173,18 @@ class Explorer:
         _, index = self.index(name)
         T = index.meta.num_train_timesteps
         buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
-        computer = (
-            self.computer(name)
-            if region is None
-            else self.computer(name).for_region(self.region_mask(region))
-        )
+        computer, scorers = self.computer(name), None
+        size = self.model.sample_size
+        if region is not None and self.region_box(region) == (0, 0, size, size):
+            region = None  # the whole image: the index's own centers are exact
+        if region is not None:
+            box = self.region_box(region)
+            computer = computer.for_region(self.region_mask(box))
+            if name not in self._region_centers:
+                self._region_centers[name] = RegionCenters(index.train_images, to_model_range)
+            scorers = self._region_centers[name].scorers(index.scorers, computer, box, buckets)
         phi = computer.features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
-        queries = index.query_vectors(phi, buckets)
+        queries = index.query_vectors(phi, buckets, scorers)
         results = []
         for query, bucket, timestep in zip(queries, buckets, timesteps):
             positive, negative = index.search(query, int(bucket), top_k)

@@ -8,6 +8,7 @@
     bucket_BB.ivfdata    the inverted lists of an IVF bucket kept on disk (ivf.on_disk), memory-mapped
     whiten_BB.npy        the Cholesky factor L of bucket BB, to whiten queries (psi_q = L^-1 (phi_q - c))
     center_BB.npy        the mean training feature c of bucket BB (only when meta.json says center: true)
+    norms_BB.npy         float32 (N, 3): each row's |phi_i|, |phi_i - c| and whitened |psi_i| (meta norms)
     train_images.npy     uint8 (N, H, W) or (N, H, W, 3) training images at model resolution
     train_labels.npy     int64 (N,)
     train_ids.npy        int64 (N,) stable dataset ids of the rows
@@ -18,7 +19,6 @@ loaded. Inner products of stored rows and whitened queries are exact attribution
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from explorer.atomic import save_npy_atomic, write_bytes_atomic, write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.index_meta import (
     CENTER_FORMAT_VERSION,
@@ -34,6 +33,7 @@ from explorer.index_meta import (
     FORMAT_VERSION,
     INDEX_TYPES,
     META_NAME,
+    NORM_COLUMNS,
     READABLE_VERSIONS,
     STORAGES,
     FeatureSource,
@@ -42,10 +42,11 @@ from explorer.index_meta import (
     bucket_file,
     center_file,
     factor_file,
-    ivfdata_file,
+    norms_file,
     read_meta,
 )
-from explorer.ivf import IVFParams, build_bucket_index, check_ivf_request, check_kind, rule_text
+from explorer.index_write import sha256_file, write_index
+from explorer.ivf import check_kind
 from explorer.scoring import BucketScorer
 
 __all__ = [
@@ -70,105 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The whitening factor is kept at the precision of the stored vectors: exact with float32, and
-# float32 (error ~1e-6, far below the quantization's) with the lossy storages, which halves its size.
-FACTOR_DTYPES = {"float32": np.float64, "float16": np.float32, "int8": np.float32}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_index(
-    directory: str | Path,
-    source: FeatureSource,
-    lambdas: list[LambdaRecord],
-    normalize: bool,
-    das: bool,
-    bucket_vectors: list[np.ndarray],
-    factors: list[np.ndarray],
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    train_ids: np.ndarray,
-    centers: list[np.ndarray] | None = None,
-    storage: str = "float32",
-    index_type: str = "flat",
-    ivf_nlist: int | None = None,
-    ivf_nprobe: int | None = None,
-    ivf_on_disk: bool = False,
-) -> Path:
-    """Write every file atomically, then meta.json (with their sha256) last.
-
-    index_type "ivf" builds IVF buckets: nlist by the rule of explorer.ivf unless given, nprobe
-    calibrated per bucket unless given; both recorded in meta.json["ivf"]; with ivf_on_disk the lists go to
-    bucket_BB.ivfdata (memory-mapped when served). meta.json is written here only.
-    """
-    directory = Path(directory)
-    if index_type not in INDEX_TYPES:
-        raise ExplorerError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
-    if storage not in STORAGES:
-        raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
-    ivf = None
-    if index_type == "ivf":
-        nlist = check_ivf_request(len(train_ids), ivf_nlist, ivf_nprobe)
-        ivf = IVFParams(
-            nlist, rule=rule_text(ivf_nlist is not None, ivf_nprobe is not None), on_disk=ivf_on_disk
-        )
-    elif ivf_on_disk:
-        raise ExplorerError("ivf_on_disk applies to index_type ivf only", ("ivf_on_disk",))
-    directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-
-    def record(name: str) -> None:
-        files[name] = sha256_file(directory / name)
-
-    for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
-        ivfdata = directory / ivfdata_file(bucket) if ivf is not None and ivf.on_disk else None
-        index = build_bucket_index(vectors, storage, ivf, ivf_nprobe, ivfdata)
-        if ivfdata is not None:
-            record(ivfdata_file(bucket))
-        # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
-        write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
-        record(bucket_file(bucket))
-        save_npy_atomic(directory / factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
-        record(factor_file(bucket))
-        if centers is not None:
-            save_npy_atomic(directory / center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
-            record(center_file(bucket))
-    for name, array in (
-        ("train_images.npy", train_images.astype(np.uint8)),
-        ("train_labels.npy", train_labels.astype(np.int64)),
-        ("train_ids.npy", train_ids.astype(np.int64)),
-    ):
-        save_npy_atomic(directory / name, array)
-        record(name)
-    version = (
-        CENTER_FORMAT_VERSION
-        if centers is not None
-        else FLAT_FORMAT_VERSION
-        if ivf is None
-        else FORMAT_VERSION
-    )
-    meta = IndexMeta(
-        **vars(source),
-        lambdas=tuple(lambdas),
-        normalize=normalize,
-        das=das,
-        center=centers is not None,
-        storage=storage,
-        index_type=index_type,
-        count=int(len(train_ids)),
-        files=tuple(sorted(files.items())),
-        format_version=version,
-        ivf=ivf,
-    )
-    write_json_atomic(directory / META_NAME, meta.to_json())
-    return directory
 
 
 @dataclass
@@ -337,13 +239,32 @@ class AttributionIndex:
             self._vectors[bucket] = self.indexes[bucket].reconstruct_n(0, self.indexes[bucket].ntotal)
         return self._vectors[bucket]
 
-    def query_vectors(self, features: np.ndarray, buckets: np.ndarray) -> np.ndarray:
-        """Raw projected query features phi (P, k) at buckets (P,) -> search vectors (P, k)."""
+    def norms(self, bucket: int) -> np.ndarray:
+        """(N, 3) |phi_i|, |phi_i - c| and whitened |psi_i| of every training row (NORM_COLUMNS)."""
+        if not self.meta.norms:
+            raise ExplorerError(
+                f"index {str(self.directory)!r} stores no gradient norms (built before they were kept): "
+                "rebuild it with `python -m precompute featurize` or `reindex`"
+            )
+        norms = np.load(self.directory / norms_file(bucket), allow_pickle=False)
+        if norms.shape != (self.meta.count, len(NORM_COLUMNS)) or not np.isfinite(norms).all():
+            raise ExplorerError(
+                f"{norms_file(bucket)} in {str(self.directory)!r} is not finite ({self.meta.count}, 3): "
+                "rebuild the index"
+            )
+        return norms
+
+    def query_vectors(
+        self, features: np.ndarray, buckets: np.ndarray, scorers: dict | None = None
+    ) -> np.ndarray:
+        """Raw projected query features phi (P, k) at buckets (P,) -> search vectors (P, k); scorers:
+        bucket -> BucketScorer replacing the index's (a region's own centers, explorer.region)."""
         features = np.asarray(features, dtype=np.float64)
         out = np.empty(features.shape, dtype=np.float32)
         for bucket in np.unique(buckets):
             rows = np.flatnonzero(buckets == bucket)
-            out[rows] = self.scorers[int(bucket)].vectors(features[rows])
+            scorer = (scorers or {}).get(int(bucket), self.scorers[int(bucket)])
+            out[rows] = scorer.vectors(features[rows])
         return out
 
     def scores(self, query: np.ndarray, bucket: int) -> np.ndarray:

@@ -44,6 +44,13 @@ def center_file(bucket: int) -> str:
     return f"center_{bucket:02d}.npy"
 
 
+NORM_COLUMNS = ("raw", "centered", "whitened")  # |phi_i|, |phi_i - c|, |psi_i| before normalization
+
+
+def norms_file(bucket: int) -> str:  # (N, 3) float32, the NORM_COLUMNS of each training row
+    return f"norms_{bucket:02d}.npy"
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
@@ -90,6 +97,7 @@ class IndexMeta(FeatureSource):
     files: tuple[tuple[str, str], ...]  # (file name, sha256), sorted
     format_version: int
     ivf: IVFParams | None = None
+    norms: bool = False  # norms_BB.npy stored (bias, self-influence views)
 
     @property
     def source(self) -> FeatureSource:
@@ -157,6 +165,7 @@ class IndexMeta(FeatureSource):
             count=meta["count"],
             files=tuple(sorted(meta["files"].items())),
             format_version=meta["format_version"],
+            norms=meta.get("norms", False),
             ivf=None
             if meta["index_type"] == "flat"
             else IVFParams(
@@ -240,10 +249,11 @@ def _meta_problem(meta: dict) -> str | None:
         ("normalize", lambda v: isinstance(v, bool), "true or false"),
         ("das", lambda v: isinstance(v, bool), "true or false"),
         ("center", lambda v: isinstance(v, bool), "true or false"),
+        ("norms", lambda v: isinstance(v, bool), "true or false"),
         ("storage", lambda v: v in STORAGES, f"one of {', '.join(STORAGES)}"),
         ("index_type", lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
     ):
-        value = meta.get(key, missing)
+        value = meta.get(key, False if key == "norms" else missing)  # norms: absent before they were stored
         if value is missing:
             return f"{key} is missing, must be {what}"
         if not test(value):
@@ -307,6 +317,7 @@ def _meta_problem(meta: dict) -> str | None:
         | {factor_file(b) for b in range(spec["buckets"])}
         | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
         | ({center_file(b) for b in range(spec["buckets"])} if meta["center"] else set())
+        | ({norms_file(b) for b in range(spec["buckets"])} if meta.get("norms") else set())
         | ({ivfdata_file(b) for b in range(spec["buckets"])} if _on_disk(meta) else set())
     )
     if (

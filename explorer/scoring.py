@@ -41,12 +41,17 @@ class BucketScorer:
     center: np.ndarray | None  # (k,) the mean training feature, or None when not centered
     normalize: bool
 
-    def vectors(self, features: np.ndarray) -> np.ndarray:
-        """phi (P, k) -> psi (P, k) float32; the same map for training rows and queries."""
+    def whitened(self, features: np.ndarray) -> np.ndarray:
+        """phi (P, k) -> L^-1 (phi - c) (P, k), steps 1-2: before normalization (its norm is the leverage's
+        square root: |psi_i|^2 = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i, TRAK's self-influence)."""
         phi = np.asarray(features, dtype=np.float64)
         if self.center is not None:
             phi = phi - self.center
-        psi = whiten(phi, self.factor)
+        return whiten(phi, self.factor)
+
+    def vectors(self, features: np.ndarray) -> np.ndarray:
+        """phi (P, k) -> psi (P, k) float32; the same map for training rows and queries."""
+        psi = self.whitened(features)
         return normalize_rows(psi) if self.normalize else psi
 
 

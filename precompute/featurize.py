@@ -259,7 +259,10 @@ def build_index(
         scratch_dir / "vectors.npy", mode="w+", dtype=np.float32, shape=(chunks.count, chunks.dim)
     )
     das = bool(options.das_weights and chunks.das)
-    vectors = (bucket_vectors(chunks, b, scorer, das, scratch) for b, (scorer, _) in enumerate(fitted))
+    norms = [np.zeros((chunks.count, 3), np.float32) for _ in fitted]  # filled as each bucket is written
+    vectors = (
+        bucket_vectors(chunks, b, scorer, das, scratch, norms[b]) for b, (scorer, _) in enumerate(fitted)
+    )
     write_index(
         out_dir,
         source,
@@ -272,6 +275,7 @@ def build_index(
         dataset.labels,
         dataset.ids,
         centers=[scorer.center for scorer, _ in fitted] if options.center else None,
+        norms=norms,
         storage=options.storage,
         index_type=options.index_type,
         ivf_nlist=options.ivf_nlist,

@@ -22,6 +22,7 @@ from explorer.whitening import (
     gcv_choice,
     gcv_holdout,
     given_lambda_of_kernel,
+    normalize_rows,
 )
 from precompute.chunks import ArrayChunks, ChunkFiles
 from precompute.collective import Collective
@@ -71,17 +72,28 @@ def fit_bucket_chunks(
 
 
 def bucket_vectors(
-    chunks: ChunkFiles | ArrayChunks, bucket: int, scorer: BucketScorer, das: bool, out: np.ndarray
+    chunks: ChunkFiles | ArrayChunks,
+    bucket: int,
+    scorer: BucketScorer,
+    das: bool,
+    out: np.ndarray,
+    norms: np.ndarray | None = None,
 ) -> np.ndarray:
     """The stored rows of one bucket written into `out` (N, k) float32 (a memmap: one chunk in memory at a
-    time), DAS-weighted when asked (explorer.scoring.das_weighted: r_i / mean r over all N rows)."""
+    time), DAS-weighted when asked (explorer.scoring.das_weighted: r_i / mean r over all N rows); norms
+    (N, 3), when given, gets each row's |phi_i|, |phi_i - c| and whitened |psi_i| before normalization."""
     weight_scale = None
     if das:
         every = [np.asarray(chunks.residuals(c, bucket), dtype=np.float64) for c in range(chunks.n_chunks)]
         weight_scale = float(np.concatenate(every).mean())
     for chunk in range(chunks.n_chunks):
         rows = chunks.rows(chunk)
-        psi = scorer.vectors(chunks.features(chunk, bucket))
+        phi = chunks.features(chunk, bucket)
+        whitened = scorer.whitened(phi)
+        if norms is not None:
+            centered = phi if scorer.center is None else phi - scorer.center
+            norms[rows] = np.stack([np.linalg.norm(a, axis=1) for a in (phi, centered, whitened)], axis=1)
+        psi = normalize_rows(whitened) if scorer.normalize else whitened
         if weight_scale is not None:
             weights = np.asarray(chunks.residuals(chunk, bucket), dtype=np.float64) / weight_scale
             psi = (psi * weights[:, None]).astype(np.float32)

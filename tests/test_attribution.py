@@ -115,6 +115,29 @@ def test_region_attribution_is_query_side_and_checked(tiny_explorer):
             tiny_explorer.reattribute(whole, whole.index_name, 6, bad)
 
 
+def test_region_queries_are_centered_by_the_regions_own_mean(tiny_explorer):
+    """Centering a region query with the whole image's mean training feature leaves c_A - c in every region
+    query; with the region's own mean, the centered region features of training images average to 0."""
+    import torch
+
+    from explorer.data import to_model_range
+    from explorer.region import RegionCenters, mean_feature
+
+    name, index = tiny_explorer.index()
+    size, bucket = tiny_explorer.model.sample_size, index.buckets - 1
+    box = (0, 0, size, size // 2)
+    region = tiny_explorer.computer(name).for_region(tiny_explorer.region_mask(box))
+    centers = RegionCenters(index.train_images, to_model_range)
+    sample = torch.from_numpy(to_model_range(index.train_images[centers.rows]))
+    phi = region.features(sample, torch.full((len(sample),), bucket)).numpy().astype(np.float64)
+    assert np.allclose(mean_feature(region, sample, bucket), phi.mean(0), rtol=1e-4, atol=1e-6)  # linearity
+    own = centers.scorers(index.scorers, region, box, [bucket])[bucket]
+    whole = index.scorers[bucket]
+    spread = np.linalg.norm(phi - phi.mean(0), axis=1).mean()
+    assert np.linalg.norm((phi - own.center).mean(0)) < 1e-3 * spread
+    assert np.linalg.norm((phi - whole.center).mean(0)) > 0.1 * spread  # the offset the fix removes
+
+
 def test_attribute_cli_region(tiny_assets, digits_splits, tmp_path):
     model_dir, index_dir = tiny_assets
     path = tmp_path / "query.png"

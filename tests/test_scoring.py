@@ -81,6 +81,30 @@ def test_served_index_reads_what_the_scoring_module_computes(tiny_index_dir, tmp
         assert np.abs(served - expected).max() < 1e-6
 
 
+def test_stored_norms_are_the_raw_centered_and_whitened_norms(tiny_index_dir, tmp_path):
+    """norms_BB.npy: |phi_i|, |phi_i - c| and |psi_i|, whose square is TRAK's self-influence
+    phi_c,i^T (Phi_c^T Phi_c + lambda I)^-1 phi_c,i; an index written before norms were kept says so."""
+    index = AttributionIndex.load(
+        reindex(tiny_index_dir, tmp_path / "fp32", FeaturizeOptions(storage="float32"))
+    )
+    raw = np.load(tiny_index_dir / FEATURES_NAME).astype(np.float64)  # (B, N, k)
+    for bucket in (0, index.buckets - 1):
+        phi = raw[bucket]
+        centered = phi - phi.mean(0)
+        kernel = centered.T @ centered + index.meta.lambdas[bucket].value * np.eye(phi.shape[1])
+        leverage = np.einsum("ik,ik->i", centered, np.linalg.solve(kernel, centered.T).T)
+        norms = index.norms(bucket)
+        assert np.allclose(norms[:, 0], np.linalg.norm(phi, axis=1), rtol=1e-5)
+        assert np.allclose(norms[:, 1], np.linalg.norm(centered, axis=1), rtol=1e-4)
+        assert np.allclose(norms[:, 2] ** 2, leverage, rtol=1e-3)
+    older = shutil.copytree(index.directory, tmp_path / "older")
+    meta = json.loads((older / META_NAME).read_text())
+    meta["files"] = {name: digest for name, digest in meta["files"].items() if not name.startswith("norms_")}
+    (older / META_NAME).write_text(json.dumps({k: v for k, v in meta.items() if k != "norms"}))
+    with pytest.raises(ExplorerError, match="stores no gradient norms.*rebuild"):
+        AttributionIndex.load(older).norms(0)
+
+
 def test_a_centered_index_without_its_centers_is_refused(tiny_index_dir, tmp_path):
     directory = shutil.copytree(tiny_index_dir, tmp_path / "copy")
     AttributionIndex.load(directory)
