@@ -6,6 +6,7 @@ digits model and index); otherwise from $EXPLORER_TEST_MODEL and $EXPLORER_TEST_
 """
 
 import atexit
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -16,6 +17,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import pytest  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_MARKS = [  # pytestmark of every real-browser test file
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh"),
+]
+CAPTIONS_JS = "sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).map(e => e.textContent)"
+
+
+@contextlib.contextmanager
+def browser_page(url: str, height: int = 1400, timeout_ms: int = 60_000):
+    """A page of Debian's headless Chromium (the screenshot tool's offline flags) opened at url."""
+    from playwright.sync_api import sync_playwright
+
+    from bench.screenshot import CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_for_changed_captions(page, selector: str, before: list[str]) -> list[str]:
+    """Wait until the captions under selector differ from before; return them."""
+    page.wait_for_function(
+        "([sel, before]) => JSON.stringify(Array.from(document.querySelectorAll(sel + ' .caption-label'))"
+        ".map(e => e.textContent)) !== JSON.stringify(before)",
+        arg=[selector, before],
+    )
+    return page.evaluate(CAPTIONS_JS, selector)
 
 
 @dataclass

@@ -1,21 +1,12 @@
 """Two methods side by side in a real Chromium: the second method's influencers at the same step, following
 the slider, with how many of them the method on screen also lists."""
 
-from pathlib import Path
-
 import pytest
-from app_fixtures import start_app
+from app_fixtures import BROWSER_MARKS, CAPTIONS_JS, browser_page, start_app, wait_for_changed_captions
 
-from bench.screenshot import CHROMIUM_ARGS
 from precompute.featurize import FeaturizeOptions, reindex
 
-CHROMIUM = Path("/usr/bin/chromium")
-CAPTIONS_JS = "sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).map(e => e.textContent)"
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh"),
-]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +17,8 @@ def two_methods(tiny_model_dir, tiny_index_dir, tmp_path_factory):
 
 
 def test_second_method_follows_the_slider(two_methods):
-    from playwright.sync_api import sync_playwright
-
     names = list(two_methods.explorer.indexes)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        page.set_default_timeout(60_000)
-        page.goto(two_methods.url)
+    with browser_page(two_methods.url) as page:
         page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
         page.get_by_text("Compare with another method").click()
@@ -49,10 +34,5 @@ def test_second_method_follows_the_slider(two_methods):
         slider = page.locator("#step-slider input[type=range]")
         slider.focus()
         slider.press("Home")
-        page.wait_for_function(
-            "([sel, before]) => JSON.stringify(Array.from(document.querySelectorAll(sel + ' .caption-label'))"
-            ".map(e => e.textContent)) !== JSON.stringify(before)",
-            arg=["#compare-positive", first],
-        )
+        wait_for_changed_captions(page, "#compare-positive", first)
         page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
-        browser.close()

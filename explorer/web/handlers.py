@@ -28,11 +28,13 @@ from explorer.likelihood import RolloutCurves
 from explorer.memory import releases_memory
 from explorer.sampler import MAX_SEED
 from explorer.web import compare, export, plots
+from explorer.web.insight import InsightHandlers
 from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
+from explorer.web.region import RegionHandlers
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PX = 160  # x_t, x0hat and the final image, upscaled nearest (16 px -> 160 px)
+IMAGE_PX = plots.IMAGE_PX
 THUMB_PX = 112  # influencer thumbnails
 LARGE_PX = 224  # the selected influencer
 STRIP_COUNT = 10  # x_t thumbnails along the trajectory
@@ -53,6 +55,8 @@ class Session:
     selected: tuple[str, int] | None = None  # the clicked influencer: (sign, training row); follows the step
     notes: tuple[str, ...] = ()  # what the controls' values were changed to (e.g. a clamped top-k)
     compare: TrajectoryAttribution | None = None  # the same trajectory under a second index (compare.py)
+    region: tuple | None = None  # (box, the trajectory attributed inside it) (region.py)
+    region_corner: tuple[int, int] | None = None  # the first clicked corner of a box being drawn
 
     @property
     def strip_steps(self) -> list[int]:
@@ -78,14 +82,14 @@ class Session:
         return " · ".join([*parts, *self.notes])
 
 
-class Handlers:
-    """The event handlers, bound to one Explorer (shared, read-only) and given per-session state."""
+class Handlers(RegionHandlers, InsightHandlers):
+    """The event handlers, bound to one Explorer (shared, read-only) and given per-session state; the region
+    and the bias & memorization views' handlers live with those views."""
 
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
-        self._thumbnails: dict[
-            tuple[int, int], str
-        ] = {}  # (id(index), row) -> data URI, encoded once for all sessions
+        self._bias, self._copies = {}, {}  # per index: explorer.web.insight's cached computations
+        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, for all sessions
 
     # -- helpers ---------------------------------------------------------------------------
     def _index(self, name: str | None) -> AttributionIndex:
@@ -105,10 +109,8 @@ class Handlers:
         score: float,
         negative: bool = False,
     ) -> str:
-        """id, label, the score (a cosine of whitened gradients for a normalized index: 1 = the same
-        direction, 0 =
-        unrelated) and its percentile among all training images; a listed negative with a score >= 0 says
-        so."""
+        """id, label, the score (for a normalized index a cosine of whitened gradients: 1 = the same
+        direction, 0 = unrelated) and its percentile; a listed negative with a score >= 0 says so."""
         label = index.class_names[int(index.train_labels[position])]
         kind = index.score_name
         prefix = "least aligned · " if negative and score >= 0 else ""
@@ -163,10 +165,24 @@ class Handlers:
         )
         return (*outputs, info)
 
+    def highlight(self, session: Session | None) -> tuple:
+        """Both galleries' highlighted tile: the selected influencer where the step on screen lists it, else
+        none (a gallery keeps its clicked tile position while its images change)."""
+        if session is None:
+            return gr.skip(), gr.skip()
+        current = session.attribution.steps[session.step]
+        ranks = []
+        for sign, result in (("positive", current.positive), ("negative", current.negative)):
+            listed = result.positions.tolist()
+            chosen = (
+                session.selected is not None and session.selected[0] == sign and session.selected[1] in listed
+            )
+            ranks.append(listed.index(session.selected[1]) if chosen else -1)  # -1 clears (None is ignored)
+        return tuple(gr.update(selected_index=rank) for rank in ranks)
+
     def chosen_view(self, session: Session, step: int) -> tuple:
-        """The selected influencer's panel at `step`: its image, its score at every step (marker at
-        `step`) and
-        what it scores and ranks here."""
+        """The selected influencer's panel at `step`: its image, its score at every step (marker at `step`)
+        and what it scores and ranks here."""
         sign, position = session.selected
         attribution = session.attribution
         current, index = attribution.steps[step], self._index(attribution.index_name)

@@ -35,6 +35,9 @@ MARKER_COLOR = "#222222"
 FIGURE_HEIGHT = 380
 
 
+IMAGE_PX = 160  # x_t, x0hat and the final image, upscaled nearest (16 px -> 160 px)
+
+
 def upscale(image: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour upscaling of a uint8 (H, W) or (H, W, 3) image by the largest whole factor that fits
     `size`."""

@@ -11,6 +11,8 @@ from explorer.attribution import Explorer
 from explorer.sampler import MAX_SEED, MIN_STEPS
 from explorer.web.compare import NO_COMPARISON
 from explorer.web.handlers import IMAGE_PX, LARGE_PX, NO_INFLUENCER, STRIP_COUNT, UI_MAX_TOP_K, Handlers
+from explorer.web.insight import ALL_BUCKETS, bucket_choices
+from explorer.web.region import NO_REGION
 
 UI_MAX_STEPS = 200  # sampler steps offered by the slider (the engine accepts up to 1000)
 SESSION_TTL_S = 3600  # a session's generation is freed an hour after it last changed (bench/load.py: memory)
@@ -138,6 +140,33 @@ def build(explorer: Explorer) -> gr.Blocks:
                             elem_id="compare-negative",
                             **influencers,
                         )
+                    with gr.Accordion("Region: attribute part of the image", open=False):
+                        with gr.Row():
+                            region_image = gr.Image(
+                                label="click two corners of a box",
+                                height=IMAGE_PX + 40,
+                                elem_id="region-image",
+                                **pixel,
+                            )
+                            with gr.Column(scale=3):
+                                region_box = gr.Textbox(
+                                    label="box x0,y0,x1,y1 (model pixels, x1 and y1 exclusive)",
+                                    elem_id="region-box",
+                                )
+                                region_button = gr.Button("Attribute region", elem_id="region-button")
+                                region_info = gr.Markdown(NO_REGION, elem_id="region-info")
+                        region_positive = gr.Gallery(
+                            label="the region's top positive influencers",
+                            columns=8,
+                            elem_id="region-positive",
+                            **influencers,
+                        )
+                        region_negative = gr.Gallery(
+                            label="the region's top negative influencers",
+                            columns=8,
+                            elem_id="region-negative",
+                            **influencers,
+                        )
                     with gr.Row():
                         export_button = gr.Button("Export this step (JSON, CSV, PNG)", scale=1)
                         exported = gr.File(
@@ -174,6 +203,47 @@ def build(explorer: Explorer) -> gr.Blocks:
                         **influencers,
                     )
 
+        tall, short = (
+            dict(influencers, height=330),
+            dict(influencers, height=190),
+        )  # 2 or 1 rows with captions
+        with gr.Tab("Bias & memorization") as insight_tab:
+            gr.Markdown(
+                "Per timestep bucket: how large the training gradients are, and how often the same few "
+                "images top many queries' lists with raw vs normalized scores (Diffusion-ReTrac's timestep "
+                "bias). Below: training images ranked by self-influence, and the generated image's nearest "
+                "training images (updated after each Generate)."
+            )
+            bias_plot = gr.Plot(label="timestep bias", elem_id="bias-plot")
+            bias_note = gr.Markdown("", elem_id="bias-note")
+            first = explorer.indexes[names[0]]
+            self_bucket = gr.Dropdown(
+                bucket_choices(first), value=ALL_BUCKETS, label="self-influence at", elem_id="self-bucket"
+            )
+            self_note = gr.Markdown("", elem_id="self-note")
+            self_high = gr.Gallery(
+                label="highest self-influence: outliers, mislabelled or memorized candidates",
+                columns=8,
+                elem_id="self-high",
+                **tall,
+            )
+            self_low = gr.Gallery(
+                label="lowest self-influence: the most typical images",
+                columns=8,
+                elem_id="self-low",
+                **tall,
+            )
+            copy_info = gr.Markdown("Generate a digit first.", elem_id="copy-info")
+            copy_pixel = gr.Gallery(
+                label="nearest training images in pixels", columns=8, elem_id="copy-pixel", **short
+            )
+            copy_feature = gr.Gallery(
+                label="nearest in feature space: the last step's top positives",
+                columns=8,
+                elem_id="copy-feature",
+                **short,
+            )
+
         # Handlers return serialized outputs (see handlers), hence postprocess=False; the heavy
         # engine calls share one queue ("engine") so they never oversubscribe the CPU together.
         view = [slider, xt, x0, positive, negative, plot, step_info]
@@ -191,6 +261,40 @@ def build(explorer: Explorer) -> gr.Blocks:
             **engine,
         )
         generated.success(h.compare_scrub, [session, slider, compare_index], comparison, **follow)
+        region_views = [region_image, region_box, region_positive, region_negative, region_info]
+        region_lists = [region_positive, region_negative, region_info]
+        copies = [copy_pixel, copy_feature, copy_info]
+        generated.success(h.region_reset, [session], region_views, **follow)
+        generated.success(h.highlight, [session], [positive, negative], show_progress="hidden", queue=False)
+        generated.success(h.near_copies, [session], copies, api_name="near_copies", **follow)
+        region_image.select(h.region_click, [session], [region_image, region_box, region_info], **follow)
+        for trigger, name in ((region_button.click, "region"), (region_box.submit, "region_submit")):
+            trigger(
+                h.region,
+                [session, slider, region_box],
+                [region_image, region_positive, region_negative, region_info],
+                api_name=name,
+                **engine,
+            )
+        slider.change(
+            h.region_scrub,
+            [session, slider],
+            region_lists,
+            api_name="region_scrub",
+            trigger_mode="always_last",
+            **follow,
+        )
+        insight_tab.select(h.bias, [index_name], [bias_plot, bias_note], api_name="bias", **engine)
+        insight_tab.select(
+            h.self_influence, [index_name, self_bucket], [self_high, self_low, self_note], **follow
+        )
+        self_bucket.change(
+            h.self_influence,
+            [index_name, self_bucket],
+            [self_high, self_low, self_note],
+            api_name="self_influence",
+            **follow,
+        )
         generated.success(
             h.rollouts,
             [session],
@@ -209,15 +313,18 @@ def build(explorer: Explorer) -> gr.Blocks:
             show_progress="hidden",
             concurrency_limit=4,
             postprocess=False,
-        )
+        ).success(h.highlight, [session], [positive, negative], show_progress="hidden", queue=False)
         for trigger, name in ((index_name.change, "reattribute_index"), (top_k.submit, "reattribute_top_k")):
-            trigger(
+            changed = trigger(
                 h.reattribute,
                 [session, slider, index_name, top_k],
                 [session, *view, status, *chosen_views, top_k],
                 api_name=name,
                 **engine,
-            ).success(h.compare_scrub, [session, slider, compare_index], comparison, **follow)
+            )
+            changed.success(h.compare_scrub, [session, slider, compare_index], comparison, **follow)
+            changed.success(h.highlight, [session], [positive, negative], show_progress="hidden", queue=False)
+            changed.success(h.region_scrub, [session, slider], region_lists, **engine)
         strip.select(h.jump, [session], slider, api_name="jump", show_progress="hidden")
         gr.on(
             [positive.select, negative.select],
@@ -232,6 +339,8 @@ def build(explorer: Explorer) -> gr.Blocks:
             chosen_views,
             api_name="select_influencer",
             postprocess=False,
+        ).success(  # the server's selected_index follows the click, so a later "none" is a change
+            h.highlight, [session], [positive, negative], show_progress="hidden", queue=False
         )
         export_button.click(h.export, [session, slider], [exported, step_info], api_name="export_step")
         compare_index.change(
@@ -245,14 +354,15 @@ def build(explorer: Explorer) -> gr.Blocks:
             trigger_mode="always_last",
             **follow,
         )
-        demo.load(  # a link with ?seed=..&steps=..&step=.. reproduces that view
+        linked = demo.load(  # a link with ?seed=..&steps=..&step=.. reproduces that view
             h.open_link,
             None,
             [seed, steps, session, final, strip, *view, status, *chosen_views, top_k],
             api_name="open_link",
             show_progress_on=[status],
             **engine,
-        ).success(
+        )
+        linked.success(
             h.rollouts_after_link,
             [session],
             [plot, status],
@@ -261,6 +371,8 @@ def build(explorer: Explorer) -> gr.Blocks:
             show_progress_on=[status],
             **engine,
         )
+        linked.success(h.region_reset, [session], region_views, **follow)
+        linked.success(h.near_copies, [session], copies, **follow)
         # preprocess=False too: the handler reads the upload itself, so a corrupt file gets a clear message
         attribute_button.click(
             h.attribute_image,
