@@ -144,6 +144,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                         with gr.Row():
                             region_image = gr.Image(
                                 label="click two corners of a box",
+                                show_label=False,  # a label would cover the top-left corner's pixels
                                 height=IMAGE_PX + 40,
                                 elem_id="region-image",
                                 **pixel,
