@@ -1,7 +1,10 @@
-"""Screenshot of the explorer after generating, scrubbing and selecting an influencer (docs/screenshot.png).
+"""Screenshots of the explorer: the page after generating, scrubbing and selecting an influencer
+(docs/screenshot.png), then the region view, the Bias & memorization tab and, with --compare, two methods
+side by side (docs/screenshot_region.png, _bias.png, _compare.png).
 
     python bench/screenshot.py                      # shipped default (assets/), else --model/--index
     python bench/screenshot.py --model M --index I --seed 3 --step 18
+    python bench/screenshot.py --compare runs/loss512   # a second index for the compare view
 
 Runs the real app on 127.0.0.1 and drives Debian's chromium (/usr/bin/chromium) with Playwright.
 """
@@ -51,6 +54,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--step", type=int, default=28, help="step to scrub to (0 = pure noise)")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--region", default="0,0,16,8", help="box of the region view (model pixels)")
+    parser.add_argument(
+        "--compare", default=None, help="a second index directory: also shoot the compare view"
+    )
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -58,7 +65,7 @@ def main() -> None:
     from explorer.attribution import Explorer
     from explorer.web import ui
 
-    explorer = Explorer.from_dirs(args.model, [args.index])
+    explorer = Explorer.from_dirs(args.model, [args.index, *([args.compare] if args.compare else [])])
     demo = ui.build(explorer)
     _, url, _ = ui.launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     classes = len(explorer.class_names)
@@ -96,10 +103,52 @@ def main() -> None:
             time.sleep(1.0)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
+            stem = Path(args.out).with_suffix("")
+            shoot_region(page, args.region, f"{stem}_region.png")
+            if args.compare:
+                shoot_compare(page, list(explorer.indexes)[1], f"{stem}_compare.png")
+            shoot_bias(page, f"{stem}_bias.png")
             browser.close()
     finally:
         demo.close()
     print(f"wrote {args.out} (model {args.model}, index {args.index}, seed {args.seed}, step {args.step})")
+
+
+def shoot_region(page, box: str, out: str) -> None:
+    """The region accordion after attributing `box` at the step on screen."""
+    page.get_by_text("Region: attribute part of the image").click()
+    field = page.locator("#region-box textarea, #region-box input").first
+    field.fill(box)
+    page.locator("#region-button").click()
+    page.wait_for_function("() => document.querySelector('#region-info').textContent.includes('also in the')")
+    time.sleep(1.0)
+    page.locator("#region-info").locator("xpath=ancestor::div[contains(@class, 'accordion')][1]").screenshot(
+        path=out
+    )
+    print(f"wrote {out}")
+
+
+def shoot_compare(page, name: str, out: str) -> None:
+    page.get_by_text("Compare with another method").click()
+    page.locator("#compare-index input").click()
+    page.get_by_role("option", name=name).click()
+    page.wait_for_function(
+        "() => document.querySelector('#compare-info').textContent.includes('also listed')"
+    )
+    time.sleep(1.0)
+    page.locator("#compare-info").locator("xpath=ancestor::div[contains(@class, 'accordion')][1]").screenshot(
+        path=out
+    )
+    print(f"wrote {out}")
+
+
+def shoot_bias(page, out: str) -> None:
+    page.get_by_role("tab", name="Bias & memorization").click()
+    page.wait_for_function("() => document.querySelectorAll('#self-high .caption-label').length === 16")
+    page.wait_for_function("() => document.querySelector('#bias-plot .js-plotly-plot')")
+    time.sleep(1.5)
+    page.screenshot(path=out, full_page=True)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                     with gr.Row():
                         export_button = gr.Button("Export this step (JSON, CSV, PNG)", scale=1)
                         exported = gr.File(
-                            label="exported", file_count="multiple", scale=3, elem_id="exported"
+                            label="exported", file_count="multiple", scale=3, height=120, elem_id="exported"
                         )
                     sign = gr.Textbox(visible=False)
                     rank = gr.Number(visible=False, precision=0)
