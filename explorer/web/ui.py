@@ -194,7 +194,9 @@ def build(explorer: Explorer) -> gr.Blocks:
                         names, value=names[0], label="method / index", visible=len(names) > 1
                     )
                     attribute_button = gr.Button("Attribute", variant="primary")
-                    seen = gr.Image(label="what the model sees", height=IMAGE_PX + 40, **pixel)
+                    seen = gr.Image(
+                        label="what the model sees", height=IMAGE_PX + 40, elem_id="seen", **pixel
+                    )
                 with gr.Column(scale=4):
                     image_status = gr.Markdown("Upload an image, pick a timestep, click **Attribute**.")
                     image_positive = gr.Gallery(label="top positive influencers", columns=8, **influencers)

@@ -1,0 +1,113 @@
+"""The page's fixes in a real Chromium: progress that moves, thumbnails shown whole with their caption below,
+positive and negative galleries told apart by colour, typed values clamped and said, the legend explained,
+and an upload shown at display size with errors that name the file."""
+
+import re
+
+import numpy as np
+import pytest
+from app_fixtures import (  # noqa: F401  (fixtures; also sets the offline env)
+    BROWSER_MARKS,
+    CAPTIONS_JS,
+    app_assets,
+    browser_page,
+    running_app,
+)
+from PIL import Image
+
+from explorer.web.handlers import IMAGE_PX, UI_MAX_TOP_K
+
+pytestmark = BROWSER_MARKS
+
+WATCH_STATUS_JS = """() => {
+    window.statusTexts = [];
+    const root = document.querySelector('#status').closest('.block') || document.querySelector('#status');
+    new MutationObserver(() => window.statusTexts.push(root.textContent))
+        .observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+GEOMETRY_JS = """sel => Array.from(document.querySelectorAll(sel + ' .thumbnail-item')).map(tile => {
+    const img = tile.querySelector('img'), caption = tile.querySelector('.caption-label');
+    const i = img.getBoundingClientRect(), c = caption.getBoundingClientRect();
+    const t = tile.getBoundingClientRect();
+    return {imgTop: i.top, imgBottom: i.bottom, imgLeft: i.left, imgRight: i.right, captionTop: c.top,
+            tileTop: t.top, tileBottom: t.bottom, tileLeft: t.left, tileRight: t.right,
+            fit: getComputedStyle(img).objectFit, natural: [img.naturalWidth, img.naturalHeight]};
+})"""
+BORDER_JS = "sel => getComputedStyle(document.querySelector(sel)).borderLeftColor"
+
+
+@pytest.fixture(scope="module")
+def page(running_app):  # noqa: F811
+    with browser_page(running_app.url) as page:
+        page.locator("#status").wait_for()
+        page.evaluate(WATCH_STATUS_JS)
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        yield page
+
+
+def test_rollout_progress_moves_in_the_status_line(page) -> None:
+    steps = {
+        int(m[1])
+        for text in page.evaluate("() => window.statusTexts")
+        for m in re.finditer(r"sampler step (\d+) of \d+", text)
+    }
+    assert len(steps) >= 2, f"the progress showed only {sorted(steps)}"
+
+
+def test_thumbnails_show_the_whole_image_with_the_caption_below(page) -> None:
+    for selector in ("#positive", "#negative"):
+        tiles = page.evaluate(GEOMETRY_JS, selector)
+        assert len(tiles) == 8
+        for tile in tiles:
+            assert tile["fit"] == "contain" and tile["natural"][0] == tile["natural"][1]
+            assert tile["captionTop"] >= tile["imgBottom"] - 1, "the caption covers the digit"
+            assert tile["tileTop"] - 1 <= tile["imgTop"] and tile["imgBottom"] <= tile["tileBottom"] + 1
+            assert tile["tileLeft"] - 1 <= tile["imgLeft"] and tile["imgRight"] <= tile["tileRight"] + 1
+    positive, negative = page.evaluate(BORDER_JS, "#positive"), page.evaluate(BORDER_JS, "#negative")
+    assert positive != negative and "rgba(0, 0, 0, 0)" not in (positive, negative)
+
+
+def test_the_legend_says_what_solid_and_dashed_mean(page) -> None:
+    title = page.wait_for_function(
+        "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
+        " return p && p.layout && p.layout.title.text; }"
+    ).json_value()
+    assert "solid" in title and "dashed" in title
+
+
+def test_a_typed_top_k_out_of_range_is_clamped_and_said(page) -> None:
+    box = page.locator("#top-k input")
+    for typed, used in (("0", 1), ("500", UI_MAX_TOP_K)):
+        box.fill(typed)
+        box.press("Enter")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#positive .caption-label').length === {used}"
+        )
+        page.wait_for_function(f"() => document.querySelector('#status').textContent.includes('{typed}')")
+        assert box.input_value() == str(used)
+        assert re.search(rf"top-k {typed}\b.*\b{used}\b", page.locator("#status").text_content())
+    box.fill("8")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
+
+
+def test_an_upload_shows_at_display_size_and_a_bad_one_names_the_file(page, tmp_path) -> None:
+    page.get_by_role("tab", name="Attribute an image").click()
+    digit = tmp_path / "my digit.png"
+    Image.fromarray((np.eye(24) * 255).astype(np.uint8)).save(digit)
+    page.locator("input[type=file]").first.set_input_files(str(digit))
+    page.get_by_role("button", name="Attribute", exact=True).click()
+    page.wait_for_function("() => document.body.textContent.includes('attributed in')")
+    seen = page.locator("#seen img")
+    assert seen.evaluate("img => img.naturalWidth") == IMAGE_PX  # upscaled, not the model's 8 or 16 pixels
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    page.locator("input[type=file]").first.set_input_files(str(broken))
+    page.get_by_role("button", name="Attribute", exact=True).click()
+    page.wait_for_function("() => document.body.textContent.includes('Not done')")
+    status = page.locator("text=Not done").first.locator("xpath=..").text_content()
+    assert "broken.png" in status and "/tmp/" not in status and "attributed in" not in status
+    page.get_by_role("tab", name="Generate & scrub").click()
+    assert len(page.evaluate(CAPTIONS_JS, "#positive")) == 8
