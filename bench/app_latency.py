@@ -11,7 +11,9 @@ and drives it with gradio_client, like a browser would call the events. It print
 - slider updates: server-side time per update, which is gradio's trace "total" (preprocess +
   handler + postprocess; not queue wait, not transport), its handler part, and the client's
   round trip (gradio_client adds its own SSE overhead), as median and p95;
-- rollout curves (12 steps x 16 completions): server-side time and round trip.
+- rollout curves (12 steps x 16 completions): server-side time and round trip;
+- region attribution of the top half (once per box) and the region lists following the slider.
+Writes the figures to --json (default bench/results/app_latency.json; docs/benchmarks/app_latency.md).
 """
 
 import argparse
@@ -64,6 +66,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def summary(values: list[float]) -> dict:
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p95": round(percentile(values, 95), 2),
+        "n": len(values),
+    }
+
+
+def region_latency(client, url: str, box: str, steps: list[int]) -> dict:
+    """The region view: attributing a box (every step, once per box) and its lists following the slider."""
+    started = time.perf_counter()
+    out = client.predict(steps[0], box, api_name="/region")
+    round_trip = time.perf_counter() - started
+    assert "also in the whole image's lists" in out[3], out[3]
+    attribute = traces(url, "region")[-1]["total_ms"] / 1e3
+    for step in steps:
+        out = client.predict(step, api_name="/region_scrub")
+        assert f"at step {step} " in out[2], out[2]
+    follow = [trace["total_ms"] for trace in traces(url, "region_scrub")[-len(steps) :]]
+    print(
+        f"region: attribute {attribute:.2f} s (round trip {round_trip:.2f} s); region lists following the "
+        f"slider ({len(steps)}): server-side median {statistics.median(follow):.1f} ms, p95 "
+        f"{percentile(follow, 95):.1f} ms"
+    )
+    return {"region": box, "region_attribute_s": round(attribute, 3), "region_scrub_ms": summary(follow)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", default="bench/results/app_latency.json")
+    parser.add_argument("--region", default="0,0,16,8", help="box of the region view (the top half of 16 px)")
     args = parser.parse_args()
 
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
@@ -164,6 +195,19 @@ def main() -> None:
             ),
         ]
         print("targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
+        region = region_latency(client, url, args.region, steps)
+        result = {
+            "command": "python bench/app_latency.py" + "".join(f" {a}" for a in sys.argv[1:]),
+            "startup_s": round(startup_s, 2),
+            "generate_s": {k[9:]: round(v, 3) for k, v in measured.items() if k.startswith("generate_")},
+            "rollouts_s": {k[9:]: round(v, 3) for k, v in measured.items() if k.startswith("rollouts_")},
+            "scrub_ms": summary(server),
+            "scrub_handler_ms": summary(handler),
+            **region,
+            "targets": {name: ok for name, ok in checks},
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
     finally:
         process.terminate()
         process.wait(timeout=30)
