@@ -72,8 +72,8 @@ def test_thumbnails_show_the_whole_image_with_the_caption_below(page) -> None:
 def test_the_legend_says_what_solid_and_dashed_mean(page) -> None:
     title = page.wait_for_function(
         "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
-        " return p && p.layout && p.layout.title.text; }"
-    ).json_value()
+        " return p && p.layout && p.layout.title.text.includes('dashed') && p.layout.title.text; }"
+    ).json_value()  # the title of the plot with the rollouts
     assert "solid" in title and "dashed" in title
 
 
@@ -88,6 +88,11 @@ def test_a_typed_top_k_out_of_range_is_clamped_and_said(page) -> None:
         page.wait_for_function(f"() => document.querySelector('#status').textContent.includes('{typed}')")
         assert box.input_value() == str(used)
         assert re.search(rf"top-k {typed}\b.*\b{used}\b", page.locator("#status").text_content())
+    box.fill("20")  # three rows of tiles: every one shows inside its gallery, none cut or scrolled away
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 20")
+    bottom = page.evaluate("() => document.querySelector('#positive').getBoundingClientRect().bottom")
+    assert all(tile["tileBottom"] <= bottom + 1 for tile in page.evaluate(GEOMETRY_JS, "#positive"))
     box.fill("8")
     box.press("Enter")
     page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")

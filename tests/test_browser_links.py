@@ -3,20 +3,19 @@ step line links to the view on screen, and Export downloads the step's influence
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-from app_fixtures import app_assets, running_app  # noqa: F401  (fixtures; also sets the offline env)
+from app_fixtures import (  # noqa: F401  (fixtures; also sets the offline env)
+    BROWSER_MARKS,
+    CAPTIONS_JS,
+    CHROMIUM,
+    app_assets,
+    running_app,
+)
 
 from bench.screenshot import CHROMIUM_ARGS
 
-CHROMIUM = Path("/usr/bin/chromium")
-CAPTIONS_JS = "sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).map(e => e.textContent)"
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh"),
-]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")

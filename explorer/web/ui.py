@@ -20,6 +20,8 @@ CSS = """
 .pixelated img { image-rendering: pixelated; }
 .influencers .thumbnail-item { display: flex; flex-direction: column; height: auto; }
 .influencers .thumbnail-item img { object-fit: contain; }
+.block.influencers { height: auto !important; }  /* every row of tiles shows, however large top-k is */
+.influencers .grid-wrap { height: auto !important; max-height: none !important; overflow: visible; }
 .influencers .caption-label { position: static; white-space: normal; max-width: none; margin: 0;
                               padding: 1px 3px; font-size: 10px; line-height: 1.15; opacity: 1; }
 #positive { border-left: 4px solid #2e7d32; }
@@ -206,10 +208,6 @@ def build(explorer: Explorer) -> gr.Blocks:
                         **influencers,
                     )
 
-        tall, short = (
-            dict(influencers, height=330),
-            dict(influencers, height=190),
-        )  # 2 or 1 rows with captions
         with gr.Tab("Bias & memorization") as insight_tab:
             gr.Markdown(
                 "Per timestep bucket: how large the training gradients are, and how often the same few "
@@ -228,23 +226,23 @@ def build(explorer: Explorer) -> gr.Blocks:
                 label="highest self-influence: outliers, mislabelled or memorized candidates",
                 columns=8,
                 elem_id="self-high",
-                **tall,
+                **influencers,
             )
             self_low = gr.Gallery(
                 label="lowest self-influence: the most typical images",
                 columns=8,
                 elem_id="self-low",
-                **tall,
+                **influencers,
             )
             copy_info = gr.Markdown("Generate a digit first.", elem_id="copy-info")
             copy_pixel = gr.Gallery(
-                label="nearest training images in pixels", columns=8, elem_id="copy-pixel", **short
+                label="nearest training images in pixels", columns=8, elem_id="copy-pixel", **influencers
             )
             copy_feature = gr.Gallery(
                 label="nearest in feature space: the last step's top positives",
                 columns=8,
                 elem_id="copy-feature",
-                **short,
+                **influencers,
             )
 
         # Handlers return serialized outputs (see handlers), hence postprocess=False; the heavy
