@@ -116,3 +116,15 @@ def test_an_upload_shows_at_display_size_and_a_bad_one_names_the_file(page, tmp_
     assert "broken.png" in status and "/tmp/" not in status and "attributed in" not in status
     page.get_by_role("tab", name="Generate & scrub").click()
     assert len(page.evaluate(CAPTIONS_JS, "#positive")) == 8
+
+
+def test_typed_sampler_steps_beyond_the_slider_say_what_was_used(page) -> None:
+    steps = page.locator("input[aria-label='number input for sampler steps']")
+    if not steps.count():
+        steps = page.get_by_label("sampler steps").locator("input[type=number]")
+    steps.fill("100000")
+    steps.press("Enter")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('200 steps')")
+    assert steps.input_value() == "200"
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
