@@ -112,7 +112,7 @@ class NearestTraining:
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0  # float64: |a|^2 + |b|^2 - 2ab cancels
 
 
 def _pixel_distances(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
