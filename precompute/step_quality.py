@@ -47,7 +47,7 @@ def query_features(
     given."""
     if cache is not None and cache.is_file():
         return np.load(cache)
-    computer = FeatureComputer(model, spec, workers=1)
+    computer = FeatureComputer(model, spec)
     phi = computer.all_bucket_features(torch.from_numpy(to_model_range(images))).numpy().transpose(1, 0, 2)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

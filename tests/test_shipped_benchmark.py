@@ -200,3 +200,16 @@ def test_step_counterfactual_removes_the_served_top_k_and_resumes(
     )
     for entry in summary["steps"].values():
         assert all(0 <= entry["tv"][kind]["mean"] <= 1 for kind in ("topk", "random", "pixel"))
+
+
+def test_step_quality_of_a_served_index_from_uncached_features(tiny_model, tiny_index_dir, digits_splits):
+    """`evaluate step-quality` end to end on the tiny model, with query features computed, not cached."""
+    from precompute.step_quality import served_quality
+
+    _, heldout = digits_splits
+    result = served_quality(tiny_model, [str(tiny_index_dir)], heldout.images[:20], heldout.labels[:20])
+    per_bucket = result[str(tiny_index_dir)]["per_bucket"]
+    index = AttributionIndex.load(tiny_index_dir)
+    assert list(per_bucket) == [str(t[0]) for t in index.meta.timesteps]
+    for entry in per_bucket.values():
+        assert set(entry) == {"dev", "test", "all"} and 0 <= entry["all"]["label_agreement"] <= 1

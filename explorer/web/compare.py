@@ -29,12 +29,16 @@ def _current(explorer, session, name: str) -> TrajectoryAttribution:
     return kept
 
 
+def shared_influencers(one: StepAttribution, other: StepAttribution) -> tuple[int, int]:
+    """How many positive and negative influencers two lists of one step share."""
+    pairs = ((one.positive, other.positive), (one.negative, other.negative))
+    positive, negative = (len(set(a.ids.tolist()) & set(b.ids.tolist())) for a, b in pairs)
+    return positive, negative
+
+
 def overlap_note(main: StepAttribution, other: StepAttribution, main_name: str) -> str:
     """How many listed influencers the two methods share at this step."""
-    shared = [
-        len(set(a.ids.tolist()) & set(b.ids.tolist()))
-        for a, b in ((main.positive, other.positive), (main.negative, other.negative))
-    ]
+    shared = shared_influencers(main, other)
     k = len(main.positive.ids)
     return (
         f"step t = {other.timestep}: {shared[0]} of {k} positive and {shared[1]} of {k} negative influencers "

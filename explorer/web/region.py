@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from explorer.errors import ExplorerError, whole_number
 from explorer.memory import releases_memory
 from explorer.web import plots
+from explorer.web.compare import shared_influencers
 from explorer.web.payloads import image_payload, user_errors
 
 NO_REGION = (
@@ -83,11 +84,7 @@ def _current(explorer, session, box: tuple[int, int, int, int]):
 
 def overlap_note(session, step: int, box) -> str:
     whole, part = session.attribution.steps[step], session.region[1].steps[step]
-    shared = [
-        len(set(a.ids.tolist()) & set(b.ids.tolist()))
-        for a, b in ((whole.positive, part.positive), (whole.negative, part.negative))
-    ]
-    k = len(whole.positive.ids)
+    shared, k = shared_influencers(whole, part), len(whole.positive.ids)
     return (
         f"region {box_text(box)} at step {step} (t = {part.timestep}): {shared[0]} of {k} positive and "
         f"{shared[1]} of {k} negative influencers are also in the whole image's lists · "
