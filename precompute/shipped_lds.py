@@ -28,6 +28,7 @@ second seed of f_j(seed 0) and f_j(seed 1), per query, averaged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,13 +305,9 @@ def run_shipped_lds(
                 f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
                 f"drawn from {table.masks.shape[1]} training images: featurize the whole training split"
             )
-        spec = index.meta.spec
-        key = "_".join(
-            map(
-                str,
-                (spec.output, spec.projector, spec.proj_dim, spec.proj_seed, spec.noise_seed, spec.buckets),
-            )
-        )
+        # every spec field changes the query features (precision, calibrated exact layers, ...): key on all
+        spec = json.dumps(index.meta.spec.to_dict(), sort_keys=True)
+        key = hashlib.sha256(spec.encode()).hexdigest()[:16]
         predicted = index_predictions(
             index, model, whole_images, queries, table.masks, cache / f"queries_{key}.npz"
         )

@@ -46,6 +46,14 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs)
     )
 
 
+def gallery_pair(whose: str, prefix: str, options: dict) -> tuple[gr.Gallery, gr.Gallery]:
+    """A view's positive and negative influencer galleries (#PREFIX-positive, #PREFIX-negative)."""
+    return tuple(
+        gr.Gallery(label=f"{whose} top {sign} influencers", columns=8, elem_id=f"{prefix}-{sign}", **options)
+        for sign in ("positive", "negative")
+    )
+
+
 def build(explorer: Explorer) -> gr.Blocks:
     """The explorer page: a 'Generate & scrub' tab and an 'Attribute an image' tab."""
     h = Handlers(explorer)
@@ -130,18 +138,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                             elem_id="compare-index",
                         )
                         compare_info = gr.Markdown(NO_COMPARISON, elem_id="compare-info")
-                        compare_positive = gr.Gallery(
-                            label="its top positive influencers",
-                            columns=8,
-                            elem_id="compare-positive",
-                            **influencers,
-                        )
-                        compare_negative = gr.Gallery(
-                            label="its top negative influencers",
-                            columns=8,
-                            elem_id="compare-negative",
-                            **influencers,
-                        )
+                        compare_positive, compare_negative = gallery_pair("its", "compare", influencers)
                     with gr.Accordion("Region: attribute part of the image", open=False):
                         with gr.Row():
                             region_image = gr.Image(
@@ -158,18 +155,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                                 )
                                 region_button = gr.Button("Attribute region", elem_id="region-button")
                                 region_info = gr.Markdown(NO_REGION, elem_id="region-info")
-                        region_positive = gr.Gallery(
-                            label="the region's top positive influencers",
-                            columns=8,
-                            elem_id="region-positive",
-                            **influencers,
-                        )
-                        region_negative = gr.Gallery(
-                            label="the region's top negative influencers",
-                            columns=8,
-                            elem_id="region-negative",
-                            **influencers,
-                        )
+                        region_positive, region_negative = gallery_pair("the region's", "region", influencers)
                     with gr.Row():
                         export_button = gr.Button("Export this step (JSON, CSV, PNG)", scale=1)
                         exported = gr.File(
