@@ -73,7 +73,9 @@ def build(explorer: Explorer) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(value=0, label=f"seed (0 to {MAX_SEED})", scale=3)
                         dice = gr.Button("random", scale=1, min_width=60)
-                    steps = gr.Slider(MIN_STEPS, UI_MAX_STEPS, value=50, step=1, label="sampler steps")
+                    steps = gr.Slider(
+                        MIN_STEPS, UI_MAX_STEPS, value=50, step=1, label="sampler steps", elem_id="steps"
+                    )
                     top_k = gr.Number(
                         value=8,
                         precision=0,
