@@ -4,7 +4,17 @@ order of MODULES (the order of the index page)."""
 
 import importlib
 
-MODULES = ("speed", "scale", "accuracy", "steps", "step_counterfactual", "region", "app", "fast_path")
+MODULES = (
+    "speed",
+    "scale",
+    "accuracy",
+    "steps",
+    "step_counterfactual",
+    "region",
+    "app",
+    "fast_path",
+    "journey",
+)
 
 for _name in MODULES:
     importlib.import_module(f"{__name__}.{_name}")
