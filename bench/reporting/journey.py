@@ -18,6 +18,25 @@ def _interval(entry: dict) -> str:
     return f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def verdict(r: dict) -> str:
+    """Which query scores highest per index (trajectory-tied), and whether any interval excludes 0."""
+    lines = []
+    for directory, entry in r["indexes"].items():
+        best = max(VARIANTS, key=lambda v: entry[v]["step_trajectory"]["mean"])
+        zero = all(entry[v][t]["ci95"][0] <= 0 for v in VARIANTS for t in ("step_trajectory", "step_proxy"))
+        lines.append(
+            f"`{directory}`: the highest trajectory-tied mean is the {best!r} query"
+            + ("; every interval includes 0." if zero else "; some intervals exclude 0.")
+        )
+    return (
+        " ".join(lines)
+        + " With a centered `mean` index, moving the query off its bucket's timestep likely leaves the"
+        " difference between the two timesteps' common gradient directions in the centered query (the"
+        " offset a region query had before it got its own center), which would explain why the"
+        " off-bucket queries fall below the served one there and much less so with `loss`."
+    )
+
+
 @page(
     "docs/benchmarks/journey_query.md",
     "The per-step query against Journey-TRAK's",
@@ -51,6 +70,7 @@ def journey_query() -> str:
             is Journey-TRAK's own definition of the step's output."""),
             commands(r["command"]),
             table(["index", "method", "query", "per-step LDS, trajectory-tied", "per-step LDS, proxy"], rows),
+            para(verdict(r)),
             f"Results: {source_links([JOURNEY])}.",
         ]
     )
