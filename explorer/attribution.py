@@ -175,13 +175,16 @@ class Explorer:
         buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
         computer, scorers = self.computer(name), None
         size = self.model.sample_size
-        if region is not None and self.region_box(region) == (0, 0, size, size):
-            region = None  # the whole image: the index's own centers are exact
-        if region is not None:
-            box = self.region_box(region)
+        box = None if region is None else self.region_box(region)
+        if box is not None and box != (
+            0,
+            0,
+            size,
+            size,
+        ):  # the whole image: the index's own centers are exact
             computer = computer.for_region(self.region_mask(box))
             if name not in self._region_centers:
-                self._region_centers[name] = RegionCenters(index.train_images, to_model_range)
+                self._region_centers[name] = RegionCenters(index.train_images)
             scorers = self._region_centers[name].scorers(index.scorers, computer, box, buckets)
         phi = computer.features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
         queries = index.query_vectors(phi, buckets, scorers)

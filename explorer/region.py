@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
+from explorer.data import to_model_range
 from explorer.features import FeatureComputer
 
 CENTER_SAMPLE = 256  # training images whose batch-mean gradient estimates c_A (seeded, fixed per index)
@@ -57,17 +58,15 @@ def mean_feature(computer: FeatureComputer, images: torch.Tensor, bucket: int) -
 class RegionCenters:
     """c_A per (box, bucket) for one index, estimated once and cached (drawn once, scrubbed often)."""
 
-    def __init__(self, train_images: np.ndarray, to_model: callable):
+    def __init__(self, train_images: np.ndarray):
         self.rows = sample_rows(len(train_images))
-        self._images = train_images
-        self._to_model = to_model
+        self.images = torch.from_numpy(to_model_range(train_images[self.rows]))  # the sample, in [-1, 1]
         self._cache: dict[tuple, np.ndarray] = {}
 
     def center(self, computer: FeatureComputer, box: tuple, bucket: int) -> np.ndarray:
         key = (tuple(box), int(bucket))
         if key not in self._cache:
-            images = torch.from_numpy(self._to_model(self._images[self.rows]))
-            self._cache[key] = mean_feature(computer, images, int(bucket))
+            self._cache[key] = mean_feature(computer, self.images, int(bucket))
         return self._cache[key]
 
     def scorers(self, scorers: list, computer: FeatureComputer, box: tuple, buckets) -> dict[int, object]:

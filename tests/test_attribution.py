@@ -127,7 +127,7 @@ def test_region_queries_are_centered_by_the_regions_own_mean(tiny_explorer):
     size, bucket = tiny_explorer.model.sample_size, index.buckets - 1
     box = (0, 0, size, size // 2)
     region = tiny_explorer.computer(name).for_region(tiny_explorer.region_mask(box))
-    centers = RegionCenters(index.train_images, to_model_range)
+    centers = RegionCenters(index.train_images)
     sample = torch.from_numpy(to_model_range(index.train_images[centers.rows]))
     phi = region.features(sample, torch.full((len(sample),), bucket)).numpy().astype(np.float64)
     assert np.allclose(mean_feature(region, sample, bucket), phi.mean(0), rtol=1e-4, atol=1e-6)  # linearity

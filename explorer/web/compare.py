@@ -14,19 +14,23 @@ from explorer.errors import ExplorerError, whole_number
 NO_COMPARISON = "Pick a second method to see its influencers at the same step."
 
 
+def follows(kept: TrajectoryAttribution | None, main: TrajectoryAttribution, name: str) -> bool:
+    """Whether a kept second attribution still belongs to the view on screen: the same trajectory and top-k,
+    under the index `name`."""
+    return (
+        kept is not None
+        and kept.trajectory is main.trajectory
+        and kept.index_name == name
+        and len(kept.steps[0].positive.ids) == len(main.steps[0].positive.ids)
+    )
+
+
 def _current(explorer, session, name: str) -> TrajectoryAttribution:
     """The session's comparison attribution, recomputed when the trajectory, the index or top-k changed."""
     main = session.attribution
-    top_k = len(main.steps[0].positive.ids)
-    kept = session.compare
-    if (
-        kept is None
-        or kept.trajectory is not main.trajectory
-        or kept.index_name != name
-        or len(kept.steps[0].positive.ids) != top_k
-    ):
-        kept = session.compare = explorer.reattribute(main, name, top_k)
-    return kept
+    if not follows(session.compare, main, name):
+        session.compare = explorer.reattribute(main, name, len(main.steps[0].positive.ids))
+    return session.compare
 
 
 def shared_influencers(one: StepAttribution, other: StepAttribution) -> tuple[int, int]:

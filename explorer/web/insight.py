@@ -111,6 +111,8 @@ class InsightHandlers:
         bucket = whole_number(bucket, "bucket", ALL_BUCKETS, index.buckets - 1)
         scores = self_influence(index, None if bucket == ALL_BUCKETS else bucket)
         order = np.argsort(-scores, kind="stable")
+        rank = np.empty(len(order), dtype=int)
+        rank[order] = np.arange(1, len(order) + 1)
 
         def gallery(rows) -> list[dict]:
             return gallery_payload(
@@ -119,7 +121,7 @@ class InsightHandlers:
                         self._thumbnail(index, int(row)),
                         f"id {int(index.train_ids[row])} · label "
                         f"{index.class_names[int(index.train_labels[row])]} · self {scores[row]:.4f} · "
-                        f"rank {int(np.flatnonzero(order == row)[0]) + 1}",
+                        f"rank {rank[row]}",
                     )
                     for row in rows
                 ]

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from explorer.errors import ExplorerError, whole_number
 from explorer.memory import releases_memory
 from explorer.web import plots
-from explorer.web.compare import shared_influencers
+from explorer.web.compare import follows, shared_influencers
 from explorer.web.payloads import image_payload, user_errors
 
 NO_REGION = (
@@ -69,15 +69,9 @@ def _current(explorer, session, box: tuple[int, int, int, int]):
     """The session's region attribution, recomputed when the trajectory, the index, the box or top-k
     changed."""
     main = session.attribution
-    top_k = len(main.steps[0].positive.ids)
     kept = session.region
-    if (
-        kept is None
-        or kept[0] != box
-        or kept[1].trajectory is not main.trajectory
-        or kept[1].index_name != main.index_name
-        or len(kept[1].steps[0].positive.ids) != top_k
-    ):
+    if kept is None or kept[0] != box or not follows(kept[1], main, main.index_name):
+        top_k = len(main.steps[0].positive.ids)
         session.region = kept = (box, explorer.reattribute(main, main.index_name, top_k, box))
     return kept[1]
 
