@@ -129,10 +129,8 @@ class Handlers(RegionHandlers, InsightHandlers):
         )
 
     def _likelihood(self, attribution: TrajectoryAttribution, rollouts: RolloutCurves | None) -> dict:
-        figure = plots.likelihood_figure(
-            attribution.trajectory.timesteps, attribution.proxy, self.explorer.class_names, rollouts
-        )
-        return plots.figure_template(figure)
+        steps, classes = attribution.trajectory.timesteps, self.explorer.class_names
+        return plots.figure_template(plots.likelihood_figure(steps, attribution.proxy, classes, rollouts))
 
     def step_view(self, session: Session, step: int) -> tuple:
         """Outputs for one step: slider label, x_t, x0hat, both galleries, the plot, a step line
@@ -286,16 +284,19 @@ class Handlers(RegionHandlers, InsightHandlers):
         )
         session.rollouts, session.rollout_s = curves, time.perf_counter() - started
         session.plot = self._likelihood(session.attribution, curves)
-        timestep = session.attribution.trajectory.timesteps[session.step]
-        return plot_payload(plots.with_marker(session.plot, timestep)), session.status()
+        return self.replot(session), session.status()
+
+    def replot(self, session: Session | None) -> str | dict:
+        """Resend the plot at the step on screen: a scrub that read it before the rollouts may land later."""
+        timestep = session and session.attribution.steps[session.step].timestep
+        return gr.skip() if session is None else plot_payload(plots.with_marker(session.plot, timestep))
 
     @user_errors(outputs=10, message_at=6)
     def scrub(self, session: Session | None, step) -> tuple:
         """Show one recorded step: a lookup in the session, no gradients; the selected influencer follows."""
         if session is None:
             raise ExplorerError("nothing generated yet: click Generate first")
-        view = self.step_view(session, step)
-        return (*view, *self._chosen_or_skip(session, session.step))
+        return (*self.step_view(session, step), *self._chosen_or_skip(session, session.step))
 
     @user_errors(outputs=13, message_at=8)
     @releases_memory

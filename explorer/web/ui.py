@@ -292,7 +292,7 @@ def build(explorer: Explorer) -> gr.Blocks:
             show_progress="minimal",
             show_progress_on=[status],
             **engine,
-        )
+        ).success(h.replot, [session], [plot], show_progress="hidden", postprocess=False)
         slider.change(
             h.scrub,
             [session, slider],
@@ -359,7 +359,7 @@ def build(explorer: Explorer) -> gr.Blocks:
             show_progress="minimal",
             show_progress_on=[status],
             **engine,
-        )
+        ).success(h.replot, [session], [plot], show_progress="hidden", postprocess=False)
         linked.success(h.region_reset, [session], region_views, **follow)
         linked.success(h.near_copies, [session], copies, **follow)
         # preprocess=False too: the handler reads the upload itself, so a corrupt file gets a clear message
