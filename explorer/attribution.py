@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from explorer.classifier import FeatureClassifier, load_classifier
+from explorer.concepts import ClipConcepts
 from explorer.data import image_to_array, to_model_range
 from explorer.errors import ExplorerError, whole_number
 from explorer.features import FeatureComputer, bucket_of_timestep
@@ -24,7 +25,7 @@ from explorer.index import AttributionIndex, SearchResult
 from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
 from explorer.model import DiffusionModel, load_model
 from explorer.region import RegionCenters
-from explorer.sampler import Trajectory, generate
+from explorer.sampler import Trajectory, generate, prompt_context
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,18 @@ class Explorer:
 
     @classmethod
     def from_dirs(
-        cls, model_dir: str | Path, index_dirs: list[str | Path], classifier_dir: str | Path | None = None
+        cls,
+        model_dir: str | Path,
+        index_dirs: list[str | Path],
+        classifier_dir: str | Path | None = None,
+        clip_dir: str | Path | None = None,
+        concepts: str | list[str] | None = None,
     ) -> Explorer:
+        """clip_dir + concepts: zero-shot concept curves (explorer.concepts) instead of the classifier."""
+        if (clip_dir is None) != (concepts is None):
+            raise ExplorerError(
+                "--clip and --concepts go together: a CLIP model folder and the concepts to score"
+            )
         model = load_model(model_dir)
         indexes = {}
         for directory in index_dirs:
@@ -118,6 +129,8 @@ class Explorer:
             if name in indexes:
                 raise ExplorerError(f"index {str(directory)!r} is given twice: pass each --index once")
             indexes[name] = index
+        if clip_dir is not None:
+            return cls(model, indexes, ClipConcepts(clip_dir, concepts))
         default = Path(model_dir) / "classifier"
         if classifier_dir is None and not default.exists():
             logger.warning("%s", NO_CLASSIFIER)
@@ -127,7 +140,7 @@ class Explorer:
 
     @property
     def class_names(self) -> list[str]:
-        return [] if self.classifier is None else list(self.classifier.config.class_names)
+        return [] if self.classifier is None else list(self.classifier.class_names)
 
     def index(self, name: str | None = None) -> tuple[str, AttributionIndex]:
         if name is None:
@@ -165,11 +178,13 @@ class Explorer:
         return mask
 
     def _attribute(
-        self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int, region=None
+        self, name: str, images: torch.Tensor, timesteps: np.ndarray, top_k: int, region=None, context=None
     ) -> list[StepAttribution]:
-        """images (P, C, H, W) in [-1, 1] queried at train timesteps (P,); region: a box (see region_mask)
-        whose output alone is attributed."""
+        """images (P, C, H, W) in the UNet's space queried at train timesteps (P,); region: a box (see
+        region_mask) whose output alone is attributed; context (1, L, D): a text model's prompt embeddings."""
         top_k = check_top_k(top_k)
+        if region is not None and self.model.latent is not None:
+            raise ExplorerError("region attribution works on pixel models: this one runs on VAE latents")
         _, index = self.index(name)
         T = index.meta.num_train_timesteps
         buckets = np.array([bucket_of_timestep(int(t), index.buckets, T) for t in timesteps])
@@ -186,7 +201,8 @@ class Explorer:
             if name not in self._region_centers:
                 self._region_centers[name] = RegionCenters(index.train_images)
             scorers = self._region_centers[name].scorers(index.scorers, computer, box, buckets)
-        phi = computer.features(images, torch.from_numpy(buckets)).numpy()  # (P, k)
+        context = None if context is None else context.expand(len(images), -1, -1)
+        phi = computer.features(images, torch.from_numpy(buckets), context).numpy()  # (P, k)
         queries = index.query_vectors(phi, buckets, scorers)
         results = []
         for query, bucket, timestep in zip(queries, buckets, timesteps):
@@ -199,20 +215,30 @@ class Explorer:
         return results
 
     def generate(
-        self, seed: int, steps: int = 50, index_name: str | None = None, top_k: int = 8, on_stage=None
+        self,
+        seed: int,
+        steps: int = 50,
+        index_name: str | None = None,
+        top_k: int = 8,
+        on_stage=None,
+        prompt: str | None = None,
+        guidance: float = 1.0,
     ) -> TrajectoryAttribution:
-        """Sample, then attribute every step and compute the x0hat likelihood proxy; on_stage(fraction done,
+        """Sample (a text model: for the prompt, with classifier-free guidance), then attribute every step
+        with the prompt's conditional output and compute the x0hat likelihood proxy; on_stage(fraction done,
         what runs next) before each stage, for progress."""
         stage = on_stage or (lambda done, what: None)
         name, _ = self.index(index_name)
         timings = {}
         stage(0.0, f"sampling {steps} steps")
         started = time.perf_counter()
-        trajectory = generate(self.model, seed, steps)
+        trajectory = generate(self.model, seed, steps, prompt, guidance)
         timings["sample_s"] = time.perf_counter() - started
         stage(0.3, f"attributing all {trajectory.steps} steps")
         started = time.perf_counter()
-        steps_attr = self._attribute(name, trajectory.x0hat, trajectory.timesteps, top_k)
+        steps_attr = self._attribute(
+            name, trajectory.x0hat, trajectory.timesteps, top_k, context=trajectory.context
+        )
         timings["attribute_s"] = time.perf_counter() - started
         stage(0.9, "classifying every x0hat")
         started = time.perf_counter()
@@ -231,8 +257,9 @@ class Explorer:
         (a box x0, y0, x1, y1 in model pixels: the influencers of the output inside it, at every step)."""
         name, _ = self.index(index_name)
         started = time.perf_counter()
+        trajectory = attribution.trajectory
         steps_attr = self._attribute(
-            name, attribution.trajectory.x0hat, attribution.trajectory.timesteps, top_k, region
+            name, trajectory.x0hat, trajectory.timesteps, top_k, region, trajectory.context
         )
         timings = dict(attribution.timings, attribute_s=time.perf_counter() - started)
         return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
@@ -253,15 +280,23 @@ class Explorer:
         )
 
     def attribute_image(
-        self, image: np.ndarray, timestep: int, index_name: str | None = None, top_k: int = 8, region=None
+        self,
+        image: np.ndarray,
+        timestep: int,
+        index_name: str | None = None,
+        top_k: int = 8,
+        region=None,
+        prompt: str | None = None,
     ) -> StepAttribution:
         """A real image (uint8 (H, W), (H, W, 3) for RGB models, or a PIL image of any size) as the query at
-        one train timestep (region: a box, see region_mask, whose output alone is attributed)."""
+        one train timestep (region: a box, see region_mask, whose output alone is attributed; prompt: a text
+        model's caption for it, encoded through the VAE first)."""
         name, index = self.index(index_name)
         timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
+        context, _ = prompt_context(self.model, prompt)
+        size, channels = self.model.image_size, self.model.image_channels
         if not isinstance(image, np.ndarray):
-            image = image_to_array(image, self.model.sample_size, self.model.channels)
-        size, channels = self.model.sample_size, self.model.channels
+            image = image_to_array(image, size, channels)
         expected = (size, size) if channels == 1 else (size, size, channels)
         if image.shape != expected:
             kind = "grayscale" if channels == 1 else "RGB"
@@ -269,4 +304,6 @@ class Explorer:
                 f"query image of shape {image.shape} must be {expected} {kind}: resize it first"
             )
         tensor = torch.from_numpy(to_model_range(image[None]))
-        return self._attribute(name, tensor, np.array([int(timestep)]), top_k, region)[0]
+        if self.model.latent is not None:
+            tensor = self.model.latent.encode(tensor)
+        return self._attribute(name, tensor, np.array([int(timestep)]), top_k, region, context)[0]

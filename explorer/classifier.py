@@ -51,6 +51,10 @@ class FeatureClassifier(nn.Module):
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), nn.ReLU())
         self.head = nn.Linear(128, config.num_classes)
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names)
+
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 128): the penultimate features (used as a similarity baseline)."""
         return self.embed(self.features(images))

@@ -69,11 +69,15 @@ def native_bf16() -> bool:
         return False
 
 
-def every_bucket(features, images: torch.Tensor, buckets: int) -> torch.Tensor:
-    """features(pairs, buckets) over every (image, bucket) pair of images (N, C, H, W) -> (N, buckets, k)."""
+def every_bucket(
+    features, images: torch.Tensor, buckets: int, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """features(pairs, buckets, context) over every (image, bucket) pair of images (N, C, H, W) ->
+    (N, buckets, k); context (N, L, D): each image's text conditioning (None: an unconditional model)."""
     n = len(images)
     pairs = images.repeat_interleave(buckets, dim=0)  # (N B, C, H, W), example-major
-    return features(pairs, torch.arange(buckets).repeat(n)).view(n, buckets, -1)
+    paired = None if context is None else context.repeat_interleave(buckets, dim=0)
+    return features(pairs, torch.arange(buckets).repeat(n), paired).view(n, buckets, -1)
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,6 @@ class FeatureComputer:
                 spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed
             )
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
-        self._per_example_grad = vmap(grad(self._output), in_dims=(None, 0, 0, 0))
 
     def for_region(self, mask: torch.Tensor) -> FeatureComputer:
         """This computer with its output function restricted to a region, mask (H, W) of 0/1 (region
@@ -177,7 +180,6 @@ class FeatureComputer:
         shared)."""
         clone = copy.copy(self)
         clone.output_fn = region_output(self.output_fn, mask)
-        clone._per_example_grad = vmap(grad(clone._output), in_dims=(None, 0, 0, 0))
         return clone
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -185,15 +187,21 @@ class FeatureComputer:
         return abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4
 
     def _output(
-        self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """f averaged over one example's (t, r) pairs; x0 (C, H, W), timesteps (mR,), noise (mR, C, H, W)."""
+        self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, context=None
+    ):
+        """f averaged over one example's (t, r) pairs; x0 (C, H, W), timesteps (mR,), noise (mR, C, H, W),
+        context (L, D) or None."""
+        condition = (
+            {} if context is None else {"encoder_hidden_states": context.expand(len(timesteps), -1, -1)}
+        )
+        noisy = self._noisy(x0, timesteps, noise)
         prediction = functional_call(
-            self.model.unet, {**self._frozen, **params}, (self._noisy(x0, timesteps, noise), timesteps)
-        ).sample
-        return self.output_fn(prediction, noise)
+            self.model.unet, {**self._frozen, **params}, (noisy, timesteps), condition
+        )
+        return self.output_fn(prediction.sample, noise)
 
-    def _check(self, images: torch.Tensor) -> None:
+    def _check(self, images: torch.Tensor, context: torch.Tensor | None = None) -> None:
+        self.model.check_context(context, len(images))
         expected = (self.model.channels, self.model.sample_size, self.model.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ExplorerError(
@@ -203,15 +211,15 @@ class FeatureComputer:
         if not torch.isfinite(images).all():
             raise ExplorerError("images contain NaN or infinite values")
 
-    def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        """images (P, C, H, W) in [-1, 1], buckets (P,) -> phi (P, k): one feature per (image, bucket)
-        pair."""
-        chunks = self.plan(images, buckets)
-        return self.combine(len(images), chunks, self.run_chunks(images, buckets, chunks))
+    def features(self, images: torch.Tensor, buckets: torch.Tensor, context: torch.Tensor | None = None):
+        """images (P, C, H, W) in [-1, 1] (latents for a latent model), buckets (P,), context (P, L, D)
+        (a text model's prompt embeddings, else None) -> phi (P, k): one feature per (image, bucket) pair."""
+        chunks = self.plan(images, buckets, context)
+        return self.combine(len(images), chunks, self.run_chunks(images, buckets, chunks, context))
 
-    def plan(self, images: torch.Tensor, buckets: torch.Tensor) -> list[Chunk]:
+    def plan(self, images: torch.Tensor, buckets: torch.Tensor, context=None) -> list[Chunk]:
         """Check the pairs and split them into the forwards (chunks) that featurize them."""
-        self._check(images)
+        self._check(images, context)
         if tuple(buckets.shape) != (len(images),):
             raise ExplorerError(
                 f"buckets of shape {tuple(buckets.shape)} do not pair with {len(images)} images: give "
@@ -276,27 +284,32 @@ class FeatureComputer:
         return max(1, min(self.chunk_size, KRONECKER_ROWS // rows_per_pair))
 
     def run_chunks(
-        self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk]
-    ) -> list[torch.Tensor]:
+        self, images: torch.Tensor, buckets: torch.Tensor, chunks: list[Chunk], context=None
+    ) -> list:
         """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
         for chunk in chunks:
             x0, b = images[chunk.rows], buckets[chunk.rows]
+            c = None if context is None else context[chunk.rows]
             if self.kronecker is None:
-                grads = self.exact_gradients(x0, b)
+                grads = self.exact_gradients(x0, b, c)
                 out.append(self.projector.project([grads[name] for name in self.names]))
                 continue
             timesteps, noise = self.draw_timesteps[b], self.noise[b]
             if chunk.columns is not None:
                 timesteps, noise = timesteps[:, chunk.columns], noise[:, chunk.columns]
-            phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16), groups=len(x0))
+            phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16, c), groups=len(x0))
             out.append(phi * chunk.share if chunk.share != 1 else phi)
         return out
 
-    def exact_gradients(self, x0: torch.Tensor, buckets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def exact_gradients(
+        self, x0: torch.Tensor, buckets: torch.Tensor, context=None
+    ) -> dict[str, torch.Tensor]:
         """Unprojected per-example gradients (vmap): parameter name -> (P, *shape) for x0 (P, C, H, W),
-        buckets (P,)."""
-        return self._per_example_grad(self.params, x0, self.draw_timesteps[buckets], self.noise[buckets])
+        buckets (P,), context (P, L, D) or None."""
+        self.model.check_context(context, len(x0))
+        per_example = vmap(grad(self._output), in_dims=(None, 0, 0, 0, None if context is None else 0))
+        return per_example(self.params, x0, self.draw_timesteps[buckets], self.noise[buckets], context)
 
     def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
         """One hooked forward over all (image, t, r) rows of P pairs -> (sum_i f_i, the layer records).
@@ -314,16 +327,19 @@ class FeatureComputer:
             x0, self.draw_timesteps[buckets], self.noise[buckets], self.spec.precision == "bf16"
         )
 
-    def _capture(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16: bool):
-        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), under bfloat16 autocast
-        if bf16."""
+    def _capture(
+        self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, bf16: bool, context=None
+    ):
+        """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), context (P, L, D) or None,
+        under bfloat16 autocast if bf16."""
         pairs, draws = timesteps.shape
+        rows_context = None if context is None else context.repeat_interleave(draws, dim=0)
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
         noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
 
         def forward() -> torch.Tensor:
             with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=bf16):
-                prediction = self.model.unet(noisy.flatten(0, 1), timesteps.flatten()).sample
+                prediction = self.model.eps(noisy.flatten(0, 1), timesteps.flatten(), rows_context)
             return prediction.float().view(pairs, draws, *noise.shape[2:])
 
         prediction, records = self.kronecker.capture(forward)
@@ -350,18 +366,18 @@ class FeatureComputer:
         total, records = self._capture(images, timesteps, noise, bf16)
         return self.kronecker.project(total, records, groups=pairs)
 
-    def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, C, H, W) -> phi (N, buckets, k)."""
-        return every_bucket(self.features, images, self.spec.buckets)
+    def all_bucket_features(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """images (N, C, H, W), context (N, L, D) or None -> phi (N, buckets, k)."""
+        return every_bucket(self.features, images, self.spec.buckets, context)
 
     @torch.no_grad()
-    def residual_norms(self, images: torch.Tensor) -> torch.Tensor:
+    def residual_norms(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, buckets): RMS of eps_theta(x_t, t) - eps over each bucket's (t, r) pairs.
 
         DAS weights each training example's influence by its residual (the Newton step of
         removing it moves the output by J_q H^-1 J_i^T r_i); this is the per-bucket magnitude.
         """
-        self._check(images)
+        self._check(images, context)
         nb, draws = self.spec.buckets, self.draw_timesteps.shape[1]
         out = torch.zeros(len(images), nb)
         for b in range(nb):
@@ -369,11 +385,14 @@ class FeatureComputer:
             for start in range(0, len(images), self.chunk_size):
                 x0 = images[start : start + self.chunk_size]  # (c, C, H, W)
                 c = len(x0)
+                rows_context = (
+                    None if context is None else context[start : start + c].repeat_interleave(draws, 0)
+                )
                 abar = self.abar[t].view(1, -1, 1, 1, 1)
                 noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * self.noise[b].unsqueeze(
                     0
                 )  # (c, mR, C, H, W)
-                prediction = self.model.unet(noisy.flatten(0, 1), t.repeat(c)).sample.view(c, draws, -1)
+                prediction = self.model.eps(noisy.flatten(0, 1), t.repeat(c), rows_context).view(c, draws, -1)
                 residual = prediction - self.noise[b].flatten(1).unsqueeze(0)
                 out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt()
         return out

@@ -9,13 +9,22 @@ Two estimates per recorded step:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 
-from explorer.classifier import FeatureClassifier
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel
 from explorer.sampler import Trajectory, complete_from_steps
+
+
+class FeatureScorer(Protocol):
+    """What the curves need of a scorer: a FeatureClassifier (explorer.classifier) or ClipConcepts."""
+
+    class_names: list[str]
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -25,9 +34,9 @@ class RolloutCurves:
     completions: int  # M per step
 
 
-def proxy_curves(classifier: FeatureClassifier, trajectory: Trajectory) -> np.ndarray:
-    """(S, classes): classifier probabilities of x0hat at every step."""
-    return classifier.probabilities(trajectory.x0hat).numpy()
+def proxy_curves(classifier: FeatureScorer, trajectory: Trajectory) -> np.ndarray:
+    """(S, classes): classifier probabilities of x0hat (as a picture) at every step."""
+    return classifier.probabilities(trajectory.pictures[1]).numpy()
 
 
 def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
@@ -39,7 +48,7 @@ def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
 
 def rollout_curves(
     model: DiffusionModel,
-    classifier: FeatureClassifier,
+    classifier: FeatureScorer,
     trajectory: Trajectory,
     steps: list[int],
     completions: int = 16,
@@ -54,5 +63,6 @@ def rollout_curves(
         model, trajectory, steps, completions, seed=seed, on_step=on_step
     )  # (n, M, C, H, W)
     n, m = finals.shape[:2]
-    probabilities = classifier.probabilities(finals.flatten(0, 1)).view(n, m, -1).mean(1).numpy()
+    pictures = model.to_images(finals.flatten(0, 1))  # a latent model's completions decoded
+    probabilities = classifier.probabilities(pictures).view(n, m, -1).mean(1).numpy()
     return RolloutCurves(steps=np.asarray(steps), probabilities=probabilities, completions=completions)

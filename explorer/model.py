@@ -21,12 +21,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from explorer.errors import ExplorerError
+
+if TYPE_CHECKING:
+    from explorer.latent import LatentParts
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +95,15 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
 @dataclass
 class DiffusionModel:
-    """A frozen eps-prediction UNet, its scheduler and where it came from."""
+    """A frozen eps-prediction UNet, its scheduler and where it came from; `latent` holds a latent
+    text-to-image pipeline's VAE and text encoder (explorer.latent), None for a pixel model. sample_size and
+    channels are the UNet's (latent space); image_size and image_channels are the pictures'."""
 
     unet: UNet2DModel
     scheduler: DDPMScheduler
     weights_hash: str
     path: str
+    latent: LatentParts | None = None
 
     @property
     def sample_size(self) -> int:
@@ -106,6 +113,39 @@ class DiffusionModel:
     @property
     def channels(self) -> int:
         return int(self.unet.config.in_channels)
+
+    @property
+    def image_size(self) -> int:
+        return self.sample_size if self.latent is None else self.sample_size * self.latent.downscale
+
+    @property
+    def image_channels(self) -> int:
+        return self.channels if self.latent is None else self.latent.image_channels
+
+    def eps(self, sample: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's noise prediction; context (N, L, D): a text model's prompt embeddings."""
+        self.check_context(context, len(sample))
+        if context is None:
+            return self.unet(sample, t).sample
+        return self.unet(sample, t, encoder_hidden_states=context).sample
+
+    def check_context(self, context: torch.Tensor | None, count: int) -> None:
+        """A text model needs one prompt embedding per sample; a pixel model takes none."""
+        if self.latent is None:
+            if context is not None:
+                raise ExplorerError(f"{self.path!r} is not text-conditioned: it takes no prompt")
+            return
+        expected = (count, *self.latent.context_shape)
+        if context is None or tuple(context.shape) != expected:
+            got = None if context is None else tuple(context.shape)
+            raise ExplorerError(
+                f"{self.path!r} is text-conditioned: give a prompt per image (embeddings {expected}, "
+                f"got {got})"
+            )
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """UNet space -> pictures in [-1, 1] (a latent model decodes through its VAE)."""
+        return samples if self.latent is None else self.latent.decode(samples)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -146,13 +186,18 @@ def _unet_folder(model_dir: Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load a UNet2DModel (safetensors only, never pickle) and its scheduler, frozen in eval mode."""
+    """Load a UNet2DModel (safetensors only, never pickle) and its scheduler, frozen in eval mode, or a latent
+    text-to-image pipeline (explorer.latent)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ExplorerError(
             f"model directory {str(model_dir)!r} does not exist: train one with "
             "`python -m precompute train --data mnist5k --out assets/model` or pass --model DIR"
         )
+    if pipeline_class(model_dir) in LATENT_PIPELINES:
+        from explorer.latent import load_latent_model
+
+        return load_latent_model(model_dir, device)
     unet_dir = _unet_folder(model_dir)
     weights = unet_dir / WEIGHTS_NAME
     if not weights.is_file():
@@ -170,17 +215,43 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
     else:
         logger.info("no scheduler/ in %s: using a linear-beta DDPM scheduler with 1000 steps", model_dir)
         scheduler = make_scheduler()
+    check_prediction_type(scheduler)
+    disable_attention_for_vmap(unet)
+    unet.to(device).eval().requires_grad_(False)
+    return DiffusionModel(
+        unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir)
+    )
+
+
+PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+LATENT_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def pipeline_class(model_dir: Path) -> str | None:
+    """The `_class_name` of model_index.json (None: no model_index.json, a bare UNet folder), if supported."""
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        name = json.loads(index_path.read_text()).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise ExplorerError(f"{str(index_path)!r} is unreadable ({error}): fix or remove it") from error
+    if name not in PIXEL_PIPELINES + LATENT_PIPELINES:
+        raise ExplorerError(
+            f"{str(index_path)!r} names pipeline {name!r}, which is not supported: use a pixel "
+            f"{' or '.join(PIXEL_PIPELINES)} (UNet2DModel) or a latent {', '.join(LATENT_PIPELINES)} "
+            "(AutoencoderKL + UNet2DConditionModel + CLIP text encoder)"
+        )
+    return name
+
+
+def check_prediction_type(scheduler) -> None:
     prediction_type = scheduler.config.prediction_type
     if prediction_type != "epsilon":
         raise ExplorerError(
             f"scheduler prediction_type {prediction_type!r} is not supported: the output functions "
             "assume an epsilon-prediction DDPM"
         )
-    disable_attention_for_vmap(unet)
-    unet.to(device).eval().requires_grad_(False)
-    return DiffusionModel(
-        unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir)
-    )
 
 
 def disable_attention_for_vmap(unet: UNet2DModel) -> None:

@@ -35,10 +35,21 @@ class Trajectory:
     xt: torch.Tensor  # (S, C, H, W) the sampler's input at each step
     x0hat: torch.Tensor  # (S, C, H, W) the one-step estimate of the clean image at each step
     final: torch.Tensor  # (C, H, W) the generated image
+    # a text model's: the prompt, its embeddings (1, L, D), the classifier-free guidance scale, and the
+    # pictures decoded through the VAE (xt, x0hat, final in the UNet's space are latents)
+    prompt: str | None = None
+    context: torch.Tensor | None = None
+    guidance: float = 1.0
+    decoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def pictures(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t (S, C, H, W), x0hat (S, C, H, W), final (C, H, W)) as pictures in [-1, 1]."""
+        return self.decoded if self.decoded is not None else (self.xt, self.x0hat, self.final)
 
 
 def check_seed(seed: int) -> int:
@@ -82,9 +93,45 @@ def make_sampling_scheduler(model: DiffusionModel, steps: int) -> DDPMScheduler:
 
 
 def one_step_estimate(model: DiffusionModel, sample: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """x0hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range [-1, 1]."""
+    """x0hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range [-1, 1] (pixels; latents
+    have no fixed range)."""
     abar = model.scheduler.alphas_cumprod[int(t)].to(sample.dtype)
-    return ((sample - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    estimate = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return estimate if model.latent is not None else estimate.clamp(-1, 1)
+
+
+def check_guidance(guidance) -> float:
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 1.0 <= value <= 30.0:
+        raise ExplorerError(f"guidance {guidance!r} must be a number from 1 (none) to 30 (7.5 is typical)")
+    return value
+
+
+def guided_eps(model: DiffusionModel, sample: torch.Tensor, t, context, unconditional, guidance: float):
+    """The noise prediction with classifier-free guidance (Ho & Salimans 2022):
+    eps_u + guidance (eps_c - eps_u); a pixel model's plain eps."""
+    if context is None:
+        return model.eps(sample, t)
+    context = context.expand(len(sample), -1, -1)
+    if guidance == 1.0:
+        return model.eps(sample, t, context)
+    both = model.eps(torch.cat([sample, sample]), t, torch.cat([unconditional.expand_as(context), context]))
+    plain, conditioned = both.chunk(2)
+    return plain + guidance * (conditioned - plain)
+
+
+def prompt_context(model: DiffusionModel, prompt: str | None):
+    """(context (1, L, D), the empty prompt's (1, L, D)) for a text model, (None, None) for a pixel model."""
+    if model.latent is None:
+        if prompt:
+            raise ExplorerError(
+                f"{model.path!r} is not text-conditioned: it takes no prompt (got {prompt!r})"
+            )
+        return None, None
+    return model.latent.encode_prompts([prompt or ""]), model.latent.encode_prompts([""])
 
 
 def step_options(scheduler, stochastic: bool, generator: torch.Generator) -> dict:
@@ -98,9 +145,13 @@ def step_options(scheduler, stochastic: bool, generator: torch.Generator) -> dic
 
 
 @torch.no_grad()
-def generate(model: DiffusionModel, seed: int, steps: int = 50) -> Trajectory:
-    """Sample one image from pure noise, recording every step."""
-    seed = check_seed(seed)
+def generate(
+    model: DiffusionModel, seed: int, steps: int = 50, prompt: str | None = None, guidance: float = 1.0
+) -> Trajectory:
+    """Sample one image from pure noise, recording every step (a text model: for `prompt`, with
+    classifier-free guidance scale `guidance`)."""
+    seed, guidance = check_seed(seed), check_guidance(guidance)
+    context, unconditional = prompt_context(model, prompt)
     scheduler = make_sampling_scheduler(model, steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (1, model.channels, model.sample_size, model.sample_size)
@@ -109,15 +160,26 @@ def generate(model: DiffusionModel, seed: int, steps: int = 50) -> Trajectory:
     options = step_options(scheduler, stochastic=False, generator=generator)
     for t in scheduler.timesteps:
         inputs.append(sample[0])
-        eps = model.unet(sample, t).sample  # 1. predict the noise
+        eps = guided_eps(model, sample, t, context, unconditional, guidance)  # 1. predict the noise
         estimates.append(one_step_estimate(model, sample, eps, t)[0])  # 2. x0hat (eq. 15)
         sample = scheduler.step(eps, t, sample, **options).prev_sample  # 3. x_{t-1} (DDPM: eq. 7)
+    xt, x0hat = torch.stack(inputs), torch.stack(estimates)
+    final = sample[0] if model.latent is not None else sample[0].clamp(-1, 1)
+    decoded = (
+        None
+        if model.latent is None
+        else (model.to_images(xt), model.to_images(x0hat), model.to_images(final))
+    )
     return Trajectory(
         seed=seed,
         timesteps=scheduler.timesteps.numpy().copy(),
-        xt=torch.stack(inputs),
-        x0hat=torch.stack(estimates),
-        final=sample[0].clamp(-1, 1),
+        xt=xt,
+        x0hat=x0hat,
+        final=final,
+        prompt=prompt if model.latent is not None else None,
+        context=context,
+        guidance=guidance,
+        decoded=decoded,
     )
 
 
@@ -134,8 +196,9 @@ def complete_from_steps(
     """Stochastic completions p(. | x_t): from x_t of each start step, run the sampler to the end
     (on_step(done, total) after each sampler step, for progress).
 
-    Returns (len(start_steps), completions, C, H, W). All rollouts that are active at a sampler
-    step share its timestep, so they run as one batch per step (S UNet calls in all).
+    Returns (len(start_steps), completions, C, H, W) in the UNet's space (latents for a text model, with the
+    trajectory's prompt and guidance). All rollouts that are active at a sampler step share its timestep, so
+    they run as one batch per step (S UNet calls in all).
     """
     generator = torch.Generator().manual_seed(check_seed(seed))
     starts = sorted(set(int(s) for s in start_steps))
@@ -161,6 +224,7 @@ def _rollouts(model, trajectory, starts, completions, generator, batch_limit, pr
     so they run as one batch per step."""
     scheduler = make_sampling_scheduler(model, trajectory.steps)
     options = step_options(scheduler, stochastic=True, generator=generator)
+    unconditional = None if trajectory.context is None else model.latent.encode_prompts([""])
     shape = trajectory.xt.shape[1:]
     states = torch.empty((0, *shape))
     owner: list[int] = []  # which start step each row of `states` belongs to
@@ -172,10 +236,10 @@ def _rollouts(model, trajectory, starts, completions, generator, batch_limit, pr
             continue
         outputs = []
         for chunk in states.split(batch_limit):
-            eps = model.unet(chunk, t).sample
+            eps = guided_eps(model, chunk, t, trajectory.context, unconditional, trajectory.guidance)
             outputs.append(scheduler.step(eps, t, chunk, **options).prev_sample)
         states = torch.cat(outputs)
         progress(1)
-    finals = states.clamp(-1, 1)
+    finals = states if model.latent is not None else states.clamp(-1, 1)
     owners = torch.tensor(owner)
     return {s: finals[owners == s] for s in starts}

@@ -71,13 +71,20 @@ def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
         tops = sorted({name.split(".")[0] for name in names})
         raise ExplorerError(
             f"spec.params {' '.join(unmatched)} matches no parameter of this model: use module or parameter "
-            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight)",
+            f"names such as {', '.join(tops)} (or up_blocks.2, conv_out.weight; {LORA} for a LoRA adapter's)",
             ("spec.params",),
         )
     return [name for name in names if any(_under(name, prefix) for prefix in prefixes)]
 
 
+LORA = (
+    "lora"  # spec.params entry: the LoRA adapter's matrices (peft's lora_A / lora_B), D-TRAK's LoRA setting
+)
+
+
 def _under(name: str, prefix: str) -> bool:
+    if prefix == LORA:
+        return ".lora_A." in name or ".lora_B." in name
     return name == prefix or name.startswith(prefix + ".")
 
 

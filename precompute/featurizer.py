@@ -60,18 +60,18 @@ class Featurizer:
     def num_params(self) -> int:
         return self.computer.num_params
 
-    def features(self, images: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, buckets: torch.Tensor, context=None) -> torch.Tensor:
         """What FeatureComputer.features returns, its chunks dealt to the worker threads."""
-        chunks = self.computer.plan(images, buckets)
+        chunks = self.computer.plan(images, buckets, context)
         workers = min(self.workers, len(chunks))
         if workers <= 1:
             return self.computer.combine(
-                len(images), chunks, self.computer.run_chunks(images, buckets, chunks)
+                len(images), chunks, self.computer.run_chunks(images, buckets, chunks, context)
             )
         computers = [self.computer, *self._replicas][:workers]
 
         def run(worker: int) -> list[torch.Tensor]:
-            return computers[worker].run_chunks(images, buckets, chunks[worker::workers])
+            return computers[worker].run_chunks(images, buckets, chunks[worker::workers], context)
 
         threads = torch.get_num_threads()  # a process-wide setting: divided among the workers, restored after
         torch.set_num_threads(max(1, threads // workers))
@@ -83,9 +83,9 @@ class Featurizer:
         parts = [per_worker[index % workers][index // workers] for index in range(len(chunks))]
         return self.computer.combine(len(images), chunks, parts)
 
-    def all_bucket_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, C, H, W) -> phi (N, buckets, k)."""
-        return every_bucket(self.features, images, self.spec.buckets)
+    def all_bucket_features(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """images (N, C, H, W), context (N, L, D) or None -> phi (N, buckets, k)."""
+        return every_bucket(self.features, images, self.spec.buckets, context)
 
-    def residual_norms(self, images: torch.Tensor) -> torch.Tensor:
-        return self.computer.residual_norms(images)
+    def residual_norms(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.computer.residual_norms(images, context)

@@ -134,7 +134,6 @@ def test_ddim_completions_draw_and_the_trajectory_is_deterministic(rgb_pipeline)
     assert not torch.allclose(finals[0], finals[1]), "completions from x_t draw (eta = 1), they differ"
 
 
-
 def test_a_scrub_that_read_the_plot_before_the_rollouts_is_followed_by_one_with_them(rgb_pipeline):
     """The race CI met: a scrub reads the plot, the rollouts land, then the scrub's (curve-less) plot lands.
     The replot that follows the rollouts resends the plot with both kinds of curves at the step on screen."""
@@ -151,6 +150,7 @@ def test_a_scrub_that_read_the_plot_before_the_rollouts_is_followed_by_one_with_
     assert len(stale["data"]) == len(COLOURS) and len(fresh["data"]) == 2 * len(COLOURS)
     (marker,) = fresh["layout"]["shapes"]
     assert marker["x0"] == session.attribution.steps[2].timestep
+
 
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install it with tests/setup.sh")

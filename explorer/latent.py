@@ -1,0 +1,170 @@
+"""Latent text-to-image pipelines (the Stable Diffusion layout, as diffusers' save_pretrained writes it):
+
+    model_dir/model_index.json    _class_name StableDiffusionPipeline
+    model_dir/vae/                AutoencoderKL
+    model_dir/unet/               UNet2DConditionModel (epsilon prediction)
+    model_dir/text_encoder/       CLIPTextModel (transformers)
+    model_dir/tokenizer/          CLIPTokenizer
+    model_dir/scheduler/          one of explorer.model.SCHEDULERS
+    model_dir/lora/               optional: pytorch_lora_weights.safetensors (save_lora_weights), via peft
+
+The diffusion and its attribution run on the VAE's latents z = scaling_factor * mean(E(x)) (the posterior's
+mean: deterministic, so a training image has one latent, encoded once and cached by explorer.latent_cache);
+pictures are decoded x = D(z / scaling_factor) for display and for the likelihood scorers. A prompt's
+conditioning is the text encoder's last hidden state for the padded prompt, as Stable Diffusion uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from explorer.errors import ExplorerError
+from explorer.model import (
+    WEIGHTS_NAME,
+    DiffusionModel,
+    check_prediction_type,
+    disable_attention_for_vmap,
+    file_hash,
+    load_scheduler,
+    make_scheduler,
+)
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TEXT_WEIGHTS = "model.safetensors"
+MAX_PROMPT_CHARS = 1000
+ENCODE_BATCH = 16  # images per VAE encode or decode
+
+
+@dataclass
+class LatentParts:
+    """The pieces of a latent text-to-image pipeline around its UNet."""
+
+    vae: torch.nn.Module  # diffusers AutoencoderKL
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    scaling_factor: float
+    lora: bool  # a LoRA adapter is loaded into the UNet (spec.params lora attributes its matrices)
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel: the VAE halves the size at every level but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        return int(self.tokenizer.model_max_length), int(self.text_encoder.config.hidden_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the text encoder's last hidden states (N, L, D), padded to the tokenizer's length."""
+        for prompt in prompts:
+            if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+                raise ExplorerError(
+                    f"prompt {str(prompt)[:60]!r} must be text of at most {MAX_PROMPT_CHARS} characters"
+                )
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids)[0].float()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pictures (N, C, H, W) in [-1, 1] -> latents (N, c, H / downscale, W / downscale)."""
+        parts = [self.vae.encode(batch).latent_dist.mean for batch in images.split(ENCODE_BATCH)]
+        return torch.cat(parts) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pictures in [-1, 1]; a single latent (c, h, w) gives a single picture."""
+        single = latents.ndim == 3
+        batches = (latents[None] if single else latents).split(ENCODE_BATCH)
+        images = torch.cat([self.vae.decode(z / self.scaling_factor).sample for z in batches]).clamp(-1, 1)
+        return images[0] if single else images
+
+
+def _require(folder: Path, what: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ExplorerError(
+            f"{str(folder)!r} has no config.json: a latent text-to-image pipeline folder needs {what} there "
+            "(StableDiffusionPipeline.save_pretrained writes it)"
+        )
+    return folder
+
+
+def _safetensors(folder: Path, name: str) -> Path:
+    weights = folder / name
+    if not weights.is_file():
+        raise ExplorerError(
+            f"{str(folder)!r} has no {name}: only safetensors weights are loaded (pickled .bin files can run "
+            "code); convert them with save_pretrained(safe_serialization=True)"
+        )
+    return weights
+
+
+def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> DiffusionModel:
+    """A StableDiffusionPipeline folder (+ optional lora/) as a frozen DiffusionModel with `latent` set."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet_dir = _require(model_dir / "unet", "the conditional UNet")
+    vae_dir = _require(model_dir / "vae", "the VAE (AutoencoderKL)")
+    text_dir = _require(model_dir / "text_encoder", "the CLIP text encoder")
+    hashes = [
+        file_hash(_safetensors(unet_dir, WEIGHTS_NAME)),
+        file_hash(_safetensors(vae_dir, WEIGHTS_NAME)),
+        file_hash(_safetensors(text_dir, TEXT_WEIGHTS)),
+    ]
+    try:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        text_encoder = CLIPTextModel.from_pretrained(text_dir, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise ExplorerError(f"could not load the latent pipeline in {str(model_dir)!r}: {error}") from error
+    lora_dir = model_dir / "lora"
+    if lora_dir.exists():
+        hashes.append(file_hash(_safetensors(lora_dir, LORA_WEIGHTS)))
+        try:
+            unet.load_lora_adapter(
+                str(lora_dir), prefix="unet", weight_name=LORA_WEIGHTS, use_safetensors=True
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            raise ExplorerError(
+                f"could not load the LoRA adapter {str(lora_dir / LORA_WEIGHTS)!r} into the UNet: {error}"
+            ) from error
+    scheduler_dir = model_dir / "scheduler"
+    scheduler = (
+        load_scheduler(scheduler_dir)
+        if (scheduler_dir / "scheduler_config.json").is_file()
+        else make_scheduler()
+    )
+    check_prediction_type(scheduler)
+    disable_attention_for_vmap(unet)
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    parts = LatentParts(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scaling_factor=float(vae.config.scaling_factor),
+        lora=lora_dir.exists(),
+    )
+    weights_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+    return DiffusionModel(
+        unet=unet, scheduler=scheduler, weights_hash=weights_hash, path=str(model_dir), latent=parts
+    )
