@@ -29,6 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "likelihood curves are off and the page says why)",
     )
     parser.add_argument(
+        "--clip",
+        default=None,
+        metavar="DIR",
+        help="a CLIP model folder (transformers CLIPModel, safetensors): zero-shot likelihood curves of "
+        "--concepts instead of the class classifier",
+    )
+    parser.add_argument(
+        "--concepts",
+        default=None,
+        help="with --clip: the concepts to score, comma-separated ('a cat, a dog')",
+    )
+    parser.add_argument(
         "--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)"
     )
     parser.add_argument(
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from explorer.errors import ExplorerError
 
     try:
-        explorer = Explorer.from_dirs(args.model, args.index, args.classifier)
+        explorer = Explorer.from_dirs(args.model, args.index, args.classifier, args.clip, args.concepts)
     except ExplorerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

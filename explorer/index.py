@@ -19,6 +19,7 @@ loaded. Inner products of stored rows and whitened queries are exact attribution
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from explorer.index_meta import (
     norms_file,
     read_meta,
 )
-from explorer.index_write import sha256_file, write_index
+from explorer.index_write import CAPTIONS_NAME, sha256_file, write_index
 from explorer.ivf import check_kind
 from explorer.scoring import BucketScorer
 
@@ -95,8 +96,10 @@ class AttributionIndex:
         train_labels: np.ndarray,
         train_ids: np.ndarray,
         centers: list[np.ndarray] | None = None,
+        train_captions: list[str] | None = None,
     ):
         self.directory, self.meta = directory, meta
+        self.train_captions = train_captions  # a text model's training prompts (None: a pixel model's index)
         self.indexes, self.factors = indexes, factors
         self.scorers = [
             BucketScorer(factor, None if centers is None else centers[b], self.normalize)
@@ -213,7 +216,15 @@ class AttributionIndex:
                 f"index {str(directory)!r} has {len(images)} images, {len(labels)} labels, {len(ids)} "
                 f"ids for {count} rows: rebuild it"
             )
-        loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers if meta.center else None)
+        captions = None
+        if CAPTIONS_NAME in dict(meta.files):
+            captions = json.loads((directory / CAPTIONS_NAME).read_text())
+            if not isinstance(captions, list) or len(captions) != count:
+                raise ExplorerError(
+                    f"{CAPTIONS_NAME} in {str(directory)!r} has no caption per row: rebuild it"
+                )
+        centers = centers if meta.center else None
+        loaded = cls(directory, meta, indexes, factors, images, labels, ids, centers, captions)
         for bucket in range(buckets):
             if not np.isfinite(loaded.vectors(bucket)).all():
                 raise ExplorerError(

@@ -322,7 +322,7 @@ def _meta_problem(meta: dict) -> str | None:
     )
     if (
         not isinstance(files, dict)
-        or set(files) != expected
+        or set(files) - {"train_captions.json"} != expected  # the captions: a text model's index only
         or not all(isinstance(v, str) for v in files.values())
     ):
         # Only these plain names: a crafted meta.json cannot make the loader read other paths.

@@ -41,6 +41,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+CAPTIONS_NAME = "train_captions.json"
+
+
 def write_index(
     directory: str | Path,
     source: FeatureSource,
@@ -59,6 +62,7 @@ def write_index(
     ivf_nlist: int | None = None,
     ivf_nprobe: int | None = None,
     ivf_on_disk: bool = False,
+    train_captions: list[str] | None = None,
 ) -> Path:
     """Write every file atomically, then meta.json (with their sha256) last.
 
@@ -108,6 +112,9 @@ def write_index(
     ):
         save_npy_atomic(directory / name, array)
         record(name)
+    if train_captions is not None:  # a text model's training prompts, shown with the influencers
+        write_json_atomic(directory / CAPTIONS_NAME, list(train_captions))
+        record(CAPTIONS_NAME)
     version = (
         CENTER_FORMAT_VERSION
         if centers is not None

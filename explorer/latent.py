@@ -51,6 +51,7 @@ class LatentParts:
     tokenizer: object  # transformers CLIPTokenizer
     scaling_factor: float
     lora: bool  # a LoRA adapter is loaded into the UNet (spec.params lora attributes its matrices)
+    vae_hash: str  # what a training image's cached latent depends on (explorer.training_inputs)
 
     @property
     def downscale(self) -> int:
@@ -163,6 +164,7 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
         tokenizer=tokenizer,
         scaling_factor=float(vae.config.scaling_factor),
         lora=lora_dir.exists(),
+        vae_hash=hashes[1],
     )
     weights_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
     return DiffusionModel(

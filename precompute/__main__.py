@@ -256,7 +256,12 @@ def run_featurize(args) -> None:
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
     model = load_model(args.model)
-    dataset = load_dataset(args.data, model.sample_size, model.channels)
+    dataset = load_dataset(args.data, model.image_size, model.image_channels)
+    if args.calibrate and model.latent is not None:
+        raise ExplorerError(
+            f"--calibrate measures a pixel model's exact coordinates and bf16 range; {args.model!r} is "
+            "a latent text-to-image model: featurize it without --calibrate"
+        )
     if args.split == "train":
         dataset, _ = train_heldout_split(dataset)
     if args.limit is not None:

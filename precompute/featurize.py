@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from explorer.atomic import explain_os_error, write_json_atomic
-from explorer.data import Dataset, to_model_range
+from explorer.data import Dataset
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index import (
@@ -39,6 +38,7 @@ from explorer.index import (
 from explorer.index_meta import DatasetInfo
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
+from explorer.training_inputs import prompt_batch, training_inputs, training_prompts
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 from precompute.chunks import ArrayChunks, ChunkFiles, stack
 from precompute.collective import Collective
@@ -166,21 +166,17 @@ def featurize(
     out_dir, options = Path(out_dir), options or FeaturizeOptions()
     collective = collective or Collective()
     _check_index_options(options, len(dataset))
-    if dataset.resolution != model.sample_size:
-        raise ExplorerError(
-            f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
-            f"{model.sample_size}x{model.sample_size}: load the data at the model's size"
-        )
     if (out_dir / META_NAME).is_file() and not (out_dir / PARTIAL_DIR).exists():
         raise ExplorerError(
             f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild"
         )
+    images = training_inputs(model, dataset)  # (N, C, H, W): pixels, or a text model's VAE latents
+    prompts = training_prompts(model, dataset)
     workers = default_workers() if options.workers is None else options.workers
     computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
     n, nb, k = len(dataset), spec.buckets, spec.proj_dim
     chunks = ChunkFiles(out_dir / PARTIAL_DIR / "chunks", n, options.chunk_size, nb, k, options.das_weights)
     _open_partial(out_dir, _partial_config(model, dataset, spec, options), chunks, collective)
-    images = torch.from_numpy(to_model_range(dataset.images))  # (N, C, H, W)
 
     todo = collective.mine(np.flatnonzero(~chunks.done()))
     collective.barrier()  # every rank listed the missing chunks before any rank writes one
@@ -191,9 +187,9 @@ def featurize(
         total=len(todo) * options.chunk_size, desc="featurize", unit="ex", disable=not collective.is_main
     )
     for chunk in todo:
-        batch = images[chunks.rows(chunk)]
-        features = computer.all_bucket_features(batch).numpy().transpose(1, 0, 2)  # (B, c, k)
-        residuals = computer.residual_norms(batch).numpy().T if options.das_weights else None
+        batch, context = images[chunks.rows(chunk)], prompt_batch(model, prompts, chunks.rows(chunk))
+        features = computer.all_bucket_features(batch, context).numpy().transpose(1, 0, 2)  # (B, c, k)
+        residuals = computer.residual_norms(batch, context).numpy().T if options.das_weights else None
         try:
             chunks.write(chunk, features, residuals)
         except OSError as error:
@@ -218,7 +214,7 @@ def featurize(
         num_train_timesteps=model.num_train_timesteps,
         num_params=computer.num_params,
     )
-    build_index(out_dir, source, chunks, dataset, options, collective)
+    build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts)
     if collective.is_main:
         if options.keep_features:
             stack(chunks, out_dir / FEATURES_NAME)
@@ -236,8 +232,10 @@ def build_index(
     dataset: Dataset,
     options: FeaturizeOptions,
     collective: Collective | None = None,
+    captions: list[str] | None = None,
 ) -> None:
-    """Raw features by chunk [+ residuals] -> lambda, whitening, normalization, DAS, FAISS files (rank 0)."""
+    """Raw features by chunk [+ residuals] -> lambda, whitening, normalization, DAS, FAISS files (rank 0);
+    captions: a text model's training prompts, kept with the index."""
     collective = collective or Collective()
     fitted = [
         fit_bucket_chunks(
@@ -281,6 +279,7 @@ def build_index(
         ivf_nlist=options.ivf_nlist,
         ivf_nprobe=options.ivf_nprobe,
         ivf_on_disk=options.ivf_on_disk,
+        train_captions=captions,
     )
     del scratch
     (scratch_dir / "vectors.npy").unlink(missing_ok=True)
@@ -320,6 +319,13 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         ids=index.train_ids,
         class_names=index.class_names,
     )
-    build_index(out_dir, index.meta.source, ArrayChunks(features, residuals), dataset, options)
+    build_index(
+        out_dir,
+        index.meta.source,
+        ArrayChunks(features, residuals),
+        dataset,
+        options,
+        captions=index.train_captions,
+    )
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return out_dir

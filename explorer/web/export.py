@@ -26,7 +26,10 @@ CAPTION = 24  # caption band under each tile
 def view_query(attribution: TrajectoryAttribution, step: int, top_k: int) -> str:
     """The query string of the page URL that regenerates this trajectory and shows this step."""
     trajectory = attribution.trajectory
-    return "?" + urlencode({"seed": trajectory.seed, "steps": trajectory.steps, "step": step, "top_k": top_k})
+    fields = {"seed": trajectory.seed, "steps": trajectory.steps, "step": step, "top_k": top_k}
+    if trajectory.prompt is not None:  # a text model's
+        fields.update(prompt=trajectory.prompt, guidance=trajectory.guidance)
+    return "?" + urlencode(fields)
 
 
 def step_rows(index: AttributionIndex, step: StepAttribution) -> list[dict]:
@@ -106,7 +109,8 @@ def figure(
         canvas.paste(picture, (column * TILE, row * (TILE + CAPTION)))
         draw.text((column * TILE + 2, row * (TILE + CAPTION) + TILE + 2), caption, fill="black")
 
-    frames = to_uint8(np.stack([trajectory.xt[step].numpy(), trajectory.x0hat[step].numpy()]))
+    xt, x0hat, _ = trajectory.pictures  # a latent model's decoded
+    frames = to_uint8(np.stack([xt[step].numpy(), x0hat[step].numpy()]))
     tile(frames[0], 0, 0, f"x_t t={attribution.steps[step].timestep}")
     tile(frames[1], 1, 0, "x0hat")
     for r in rows:
@@ -119,14 +123,16 @@ def open_view(handlers, query: dict) -> tuple:
     """Outputs of a page opened with a view's query string: seed, steps, then generate's outputs with the
     linked step on screen; a plain page load (no seed) changes nothing, a bad value goes to the status
     line."""
+    prompt = query.get("prompt")  # text as it is, even where it reads as a number
     query = {key: _link_value(value) for key, value in query.items()}
     if "seed" not in query:
-        return (gr.skip(),) * 17
-    steps, top_k = query.get("steps", 50), query.get("top_k", 8)
-    outputs = list(handlers.generate(query["seed"], steps, top_k, None, progress=lambda *a, **k: None))
+        return (gr.skip(),) * 19
+    steps, top_k, guidance = query.get("steps", 50), query.get("top_k", 8), query.get("guidance", 1.0)
+    quiet = lambda *a, **k: None  # noqa: E731
+    outputs = list(handlers.generate(query["seed"], steps, top_k, None, prompt, guidance, progress=quiet))
     session = outputs[0]
     if not hasattr(session, "attribution"):  # refused: generate's status slot says why
-        return (gr.skip(),) * 2 + tuple(outputs)
+        return (gr.skip(),) * 4 + tuple(outputs)
     trajectory = session.attribution.trajectory
     if "step" in query:
         try:
@@ -135,7 +141,8 @@ def open_view(handlers, query: dict) -> tuple:
             outputs[3] = gr.update(maximum=trajectory.steps - 1, value=step, label=outputs[3]["label"])
         except ExplorerError as error:
             outputs[10] = refused(error)
-    return (trajectory.seed, trajectory.steps, *outputs)
+    shown = (trajectory.prompt, trajectory.guidance) if trajectory.prompt is not None else (gr.skip(),) * 2
+    return (trajectory.seed, trajectory.steps, *shown, *outputs)
 
 
 def _link_value(text: str):

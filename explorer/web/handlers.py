@@ -111,11 +111,12 @@ class Handlers(RegionHandlers, InsightHandlers):
     ) -> str:
         """id, label, the score (for a normalized index a cosine of whitened gradients: 1 = the same
         direction, 0 = unrelated) and its percentile; a listed negative with a score >= 0 says so."""
+        kind, captions = index.score_name, index.train_captions
         label = index.class_names[int(index.train_labels[position])]
-        kind = index.score_name
+        name = f"label {label}" if captions is None else captions[position]  # a text model's: its prompt
         prefix = "least aligned · " if negative and score >= 0 else ""
         return (
-            f"{prefix}id {int(index.train_ids[position])} · label {label} · {kind} {score:+.3f} · "
+            f"{prefix}id {int(index.train_ids[position])} · {name} · {kind} {score:+.3f} · "
             f"p{step.percentile(position):.1f}"
         )
 
@@ -143,8 +144,7 @@ class Handlers(RegionHandlers, InsightHandlers):
         frame = lambda images: image_payload(plots.png_data_uri(plots.tensor_image(images[step], IMAGE_PX)))  # noqa: E731
         outputs = (
             gr.update(label=f"denoising step {step} of {last} · train timestep t = {current.timestep}"),
-            frame(attribution.trajectory.xt),
-            frame(attribution.trajectory.x0hat),
+            *(frame(pictures) for pictures in attribution.trajectory.pictures[:2]),
             self._gallery(index, current, current.positive),
             self._gallery(index, current, current.negative),
             plot_payload(plots.with_marker(session.plot, current.timestep)),
@@ -235,12 +235,13 @@ class Handlers(RegionHandlers, InsightHandlers):
 
     @user_errors(outputs=15, message_at=10)
     @releases_memory
-    def generate(self, seed, steps, top_k, index_name, progress=gr.Progress()) -> tuple:
-        """Sample, attribute every step, classify every x0hat (one engine call, its stages reported)."""
+    def generate(
+        self, seed, steps, top_k, index_name, prompt=None, guidance=1.0, progress=gr.Progress()
+    ) -> tuple:
+        """Sample (for the prompt, if any), attribute every step, classify every x0hat (one engine call)."""
         top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
-        attribution = self.explorer.generate(
-            seed, steps, index_name, top_k, on_stage=lambda done, what: progress(done, desc=what)
-        )
+        stage = lambda done, what: progress(done, desc=what)  # noqa: E731
+        attribution = self.explorer.generate(seed, steps, index_name, top_k, stage, prompt or None, guidance)
         trajectory, last = attribution.trajectory, attribution.trajectory.steps - 1
         session = Session(
             attribution, self._likelihood(attribution, None), last, notes=(note,) if note else ()
@@ -248,13 +249,13 @@ class Handlers(RegionHandlers, InsightHandlers):
         strip = gallery_payload(
             [
                 (
-                    plots.png_data_uri(plots.tensor_image(trajectory.xt[s], THUMB_PX)),
+                    plots.png_data_uri(plots.tensor_image(trajectory.pictures[0][s], THUMB_PX)),
                     f"t={trajectory.timesteps[s]}",
                 )
                 for s in session.strip_steps
             ]
         )
-        final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.final, IMAGE_PX)))
+        final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.pictures[2], IMAGE_PX)))
         slider, *view = self.step_view(session, last)
         slider = gr.update(maximum=last, value=last, label=slider["label"])
         return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER, top_k)

@@ -145,8 +145,8 @@ class InsightHandlers:
         index = self._index(attribution.index_name)
         if id(index) not in self._copies:
             self._copies[id(index)] = NearCopies(index)
-        final = attribution.trajectory.final
-        image = plots.tensor_image(final, final.shape[-1])  # uint8 at model resolution
+        final = attribution.trajectory.pictures[2]
+        image = plots.tensor_image(final, final.shape[-1])  # uint8 at the training images' resolution
         found = self._copies[id(index)].nearest(image)
         pixel = gallery_payload(
             [

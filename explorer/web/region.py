@@ -38,7 +38,7 @@ def parse_box(text: str) -> tuple:
 
 def canvas(session, box: tuple[int, int, int, int] | None, corner: tuple[int, int] | None = None) -> dict:
     """The generated image at display size with the box (or the first clicked corner) drawn on it."""
-    final = plots.tensor_image(session.attribution.trajectory.final, plots.IMAGE_PX)
+    final = plots.tensor_image(session.attribution.trajectory.pictures[2], plots.IMAGE_PX)
     image = Image.fromarray(final).convert("RGB")
     draw = ImageDraw.Draw(image)
     scale = plots.IMAGE_PX / session.attribution.trajectory.final.shape[-1]

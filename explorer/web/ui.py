@@ -73,6 +73,19 @@ def build(explorer: Explorer) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(value=0, label=f"seed (0 to {MAX_SEED})", scale=3)
                         dice = gr.Button("random", scale=1, min_width=60)
+                    text_model = explorer.model.latent is not None  # a latent text-to-image pipeline
+                    prompt = gr.Textbox(
+                        label="prompt",
+                        placeholder="a red square on the left",
+                        visible=text_model,
+                        elem_id="prompt",
+                    )
+                    guidance = gr.Number(
+                        value=7.5 if text_model else 1.0,
+                        label="classifier-free guidance (1: none)",
+                        visible=text_model,
+                        elem_id="guidance",
+                    )
                     steps = gr.Slider(
                         MIN_STEPS, UI_MAX_STEPS, value=50, step=1, label="sampler steps", elem_id="steps"
                     )
@@ -243,7 +256,7 @@ def build(explorer: Explorer) -> gr.Blocks:
         follow = dict(show_progress="hidden", concurrency_limit=4, postprocess=False)
         generated = go_button.click(
             h.generate,
-            [seed, steps, top_k, index_name],
+            [seed, steps, top_k, index_name, prompt, guidance],
             [session, final, strip, *view, status, *chosen_views, top_k],
             api_name="generate",
             show_progress_on=[status],  # one place reports the stages, the rest of the page stays readable
@@ -346,7 +359,7 @@ def build(explorer: Explorer) -> gr.Blocks:
         linked = demo.load(  # a link with ?seed=..&steps=..&step=.. reproduces that view
             h.open_link,
             None,
-            [seed, steps, session, final, strip, *view, status, *chosen_views, top_k],
+            [seed, steps, prompt, guidance, session, final, strip, *view, status, *chosen_views, top_k],
             api_name="open_link",
             show_progress_on=[status],
             **engine,
