@@ -10,6 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
+from explorer.device import DEVICES  # noqa: E402 (a name list: torch loads later)
+
 DEFAULT_MODEL, DEFAULT_INDEX = "assets/model", "assets/index"
 
 
@@ -41,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --clip: the concepts to score, comma-separated ('a cat, a dog')",
     )
     parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="auto, cpu, cuda or mps: where sampling and query gradients run (default: cpu)",
+    )
+    parser.add_argument(
         "--host", default=None, help="address to bind (default: 127.0.0.1; 0.0.0.0 on a Hugging Face Space)"
     )
     parser.add_argument(
@@ -61,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("explorer").setLevel(logging.INFO)  # ours only: not faiss's loader or gradio's httpx
     from explorer.attribution import Explorer  # heavy imports (torch, faiss, gradio) only now
+    from explorer.device import resolve_device
     from explorer.errors import ExplorerError
 
     try:
-        explorer = Explorer.from_dirs(args.model, args.index, args.classifier, args.clip, args.concepts)
+        explorer = Explorer.from_dirs(
+            args.model, args.index, args.classifier, args.clip, args.concepts, resolve_device(args.device)
+        )
     except ExplorerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,12 +1,17 @@
-"""What featurizing your own pixel model costs: a CIFAR-10-sized DDPM (the UNet2DModel configuration of the
-DDPM paper's CIFAR-10 model, ~36M parameters, 32x32 RGB) with random weights, on images of that size.
+"""What featurizing your own model costs, on models of the papers' sizes with random weights (the cost does
+not depend on them, so no download is needed):
 
-    python bench/own_model_cost.py --images 16 --json bench/results/own_model_cost.json
+- cifar_ddpm: the UNet2DModel of the DDPM paper's CIFAR-10 model (~36M parameters), 32x32 RGB images;
+- sd15_lora: a Stable Diffusion 1.5-sized latent text-to-image pipeline (UNet2DConditionModel 860M, its
+  VAE and a CLIP ViT-L text encoder's shape) with a rank-4 LoRA adapter on the attention projections,
+  512x512 captioned images, featurized with --params lora (D-TRAK's LoRA setting).
+
+    python bench/own_model_cost.py --case cifar_ddpm --images 16 --json bench/results/own_model_cost.json
+    python bench/own_model_cost.py --case sd15_lora --images 2 --json bench/results/own_model_cost.json
 
 Builds the pipeline folder and an image folder in a temporary directory, runs `precompute featurize` with the
 default spec (10 buckets, k = 512, count-sketch) on --images images, and reports the whole-process wall time,
-the featurize report's gradients per second, and from it the hours per 1,000 images at 10 buckets. Weights do
-not change the cost, so no download is needed.
+the featurize report's gradients per second, and from it the hours per 1,000 images.
 """
 
 from __future__ import annotations
@@ -39,6 +44,85 @@ CIFAR_UNET = dict(  # the DDPM paper's CIFAR-10 network as diffusers' UNet2DMode
 )
 
 
+SD15_UNET = dict(  # Stable Diffusion 1.5's UNet (its unet/config.json)
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(  # its vae/config.json
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+
+def build_sd15(root: Path, images: int) -> tuple[Path, Path]:
+    """The SD 1.5 shapes with random weights; the tokenizer is the tests' character one (77 tokens), whose
+    smaller vocabulary changes only the embedding table's size."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from latent_fixtures import write_tokenizer
+
+    torch.manual_seed(0)
+    model_dir, data_dir = root / "sd15-lora", root / "images"
+    tokenizer = write_tokenizer(model_dir / "tokenizer", max_length=77)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        eos_token_id=end,
+        pad_token_id=end,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+    )
+    CLIPTextModel(text).save_pretrained(model_dir / "text_encoder")
+    AutoencoderKL(**SD15_VAE).save_pretrained(model_dir / "vae")
+    unet = UNet2DConditionModel(**SD15_UNET)
+    unet.save_pretrained(model_dir / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear").save_pretrained(
+        model_dir / "scheduler"
+    )
+    (model_dir / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    StableDiffusionPipeline.save_lora_weights(
+        model_dir / "lora",
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    rng = np.random.default_rng(0)
+    data_dir.mkdir(parents=True)
+    rows = []
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(data_dir / f"{i:04d}.png")
+        rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": f"a painting, number {i}"}))
+    (data_dir / "metadata.jsonl").write_text("\n".join(rows))
+    return model_dir, data_dir
+
+
 def build(root: Path, images: int) -> tuple[Path, Path]:
     import numpy as np
     import torch
@@ -60,40 +144,46 @@ def build(root: Path, images: int) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", choices=("cifar_ddpm", "sd15_lora"), default="cifar_ddpm")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--buckets", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import torch
 
+    sd15 = args.case == "sd15_lora"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, data_dir = build(Path(tmp), args.images)
-        params = sum(
-            p.numel()
-            for p in __import__("diffusers").UNet2DModel.from_pretrained(model_dir / "unet").parameters()
-        )
-        command = [
-            sys.executable,
-            "-m",
-            "precompute",
-            "featurize",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data_dir),
-        ]
-        command += ["--split", "all", "--out", str(Path(tmp) / "index"), "--buckets", str(args.buckets)]
-        command += ["--chunk-size", str(min(args.images, 8)), "--storage", "int8"]
+        model_dir, data_dir = (build_sd15 if sd15 else build)(Path(tmp), args.images)
+        unet_class = "UNet2DConditionModel" if sd15 else "UNet2DModel"
+        unet = getattr(__import__("diffusers"), unet_class).from_pretrained(model_dir / "unet")
+        params = sum(p.numel() for p in unet.parameters())
+        del unet
+        index_dir = Path(tmp) / "index"
+        command = [sys.executable, "-m", "precompute", "featurize", "--model", str(model_dir), "--data"]
+        command += [str(data_dir), "--split", "all", "--out", str(index_dir), "--buckets", str(args.buckets)]
+        command += ["--storage", "int8", "--chunk-size", str(1 if sd15 else min(args.images, 8))]
+        command += ["--params", "lora"] if sd15 else []
+        environment = dict(os.environ, DAX_CACHE=str(Path(tmp) / "cache"))
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
         seconds = time.perf_counter() - started
+        attributed = (
+            json.loads((index_dir / "meta.json").read_text())["num_params"] if done.returncode == 0 else 0
+        )
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     match = RATE.search(done.stdout)
     rate, rss = float(match.group(1)), float(match.group(2))
+    model = (
+        "StableDiffusionPipeline, SD 1.5 shapes (UNet2DConditionModel, VAE, CLIP ViT-L text encoder), "
+        "rank-4 LoRA on the attention projections, random weights, 512x512 images"
+        if sd15
+        else "UNet2DModel, DDPM CIFAR-10 configuration, random weights"
+    )
     result = {
-        "model": "UNet2DModel, DDPM CIFAR-10 configuration, random weights",
+        "model": model,
         "parameters": params,
+        "attributed_parameters": attributed,
         "images": args.images,
         "buckets": args.buckets,
         "device": "cpu",
@@ -104,11 +194,12 @@ def main() -> None:
         "gradients_per_second": rate,
         "hours_per_1000_images": round(1000 * args.buckets / rate / 3600, 2),
         "peak_rss_gb": rss,
-        "command": f"python bench/own_model_cost.py --images {args.images} --buckets {args.buckets}",
+        "command": f"python bench/own_model_cost.py --case {args.case} --images {args.images} "
+        f"--buckets {args.buckets}",
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        write_case(args.json, "cifar_ddpm_cpu", result)
+        write_case(args.json, f"{args.case}_cpu", result)
 
 
 if __name__ == "__main__":

@@ -113,13 +113,14 @@ class Explorer:
         classifier_dir: str | Path | None = None,
         clip_dir: str | Path | None = None,
         concepts: str | list[str] | None = None,
+        device: str | torch.device = "cpu",
     ) -> Explorer:
         """clip_dir + concepts: zero-shot concept curves (explorer.concepts) instead of the classifier."""
         if (clip_dir is None) != (concepts is None):
             raise ExplorerError(
                 "--clip and --concepts go together: a CLIP model folder and the concepts to score"
             )
-        model = load_model(model_dir)
+        model = load_model(model_dir, device)
         indexes = {}
         for directory in index_dirs:
             index = AttributionIndex.load(directory, model_hash=model.weights_hash)

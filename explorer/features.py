@@ -83,15 +83,12 @@ def every_bucket(
 @dataclass(frozen=True)
 class Chunk:
     """One forward (or vmap call) of features(): the pairs `rows`, over their bucket's (t, r) columns
-    `columns`
-    (None: all of them), in bf16 or fp32."""
+    `columns` (None: all of them), in bf16 or fp32."""
 
     rows: torch.Tensor
     columns: torch.Tensor | None = None
     bf16: bool = False
-    share: float = (
-        1.0  # len(columns) / the bucket's columns: f averages over columns, so phi sums the shares' parts
-    )
+    share: float = 1.0  # len(columns) / the bucket's columns: f averages over columns, phi sums the parts
 
 
 class FeatureComputer:
@@ -106,10 +103,13 @@ class FeatureComputer:
         T = model.num_train_timesteps
         self.timesteps = bucket_timesteps(spec, T)
         shape = (model.channels, model.sample_size, model.sample_size)
-        self.noise = noise_bank(spec, self.timesteps, shape)  # (B_n, mR, C, H, W)
+        self.device = next(model.unet.parameters()).device  # inputs move here, features come back to the CPU
+        self.noise = noise_bank(spec, self.timesteps, shape).to(
+            self.device
+        )  # (B_n, mR, C, H, W), seeded on CPU
         per_draw = torch.tensor(self.timesteps).repeat_interleave(spec.noise_draws, dim=1)  # (B_n, mR)
         self.draw_timesteps = per_draw
-        self.abar = model.scheduler.alphas_cumprod.to(torch.float32)
+        self.abar = model.scheduler.alphas_cumprod.to(self.device, torch.float32)
         every = {name: p.detach() for name, p in model.unet.named_parameters()}
         self.names = select_params(list(every), spec.params)  # the parameters whose gradient phi projects
         self.params = {name: every[name] for name in self.names}
@@ -289,17 +289,17 @@ class FeatureComputer:
         """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
         for chunk in chunks:
-            x0, b = images[chunk.rows], buckets[chunk.rows]
-            c = None if context is None else context[chunk.rows]
+            x0, b = images[chunk.rows].to(self.device), buckets[chunk.rows]
+            c = None if context is None else context[chunk.rows].to(self.device)
             if self.kronecker is None:
                 grads = self.exact_gradients(x0, b, c)
-                out.append(self.projector.project([grads[name] for name in self.names]))
+                out.append(self.projector.project([grads[name] for name in self.names]).cpu())
                 continue
-            timesteps, noise = self.draw_timesteps[b], self.noise[b]
+            timesteps, noise = self.draw_timesteps[b].to(self.device), self.noise[b]
             if chunk.columns is not None:
                 timesteps, noise = timesteps[:, chunk.columns], noise[:, chunk.columns]
             phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16, c), groups=len(x0))
-            out.append(phi * chunk.share if chunk.share != 1 else phi)
+            out.append((phi * chunk.share if chunk.share != 1 else phi).cpu())
         return out
 
     def exact_gradients(
@@ -309,7 +309,8 @@ class FeatureComputer:
         buckets (P,), context (P, L, D) or None."""
         self.model.check_context(context, len(x0))
         per_example = vmap(grad(self._output), in_dims=(None, 0, 0, 0, None if context is None else 0))
-        return per_example(self.params, x0, self.draw_timesteps[buckets], self.noise[buckets], context)
+        timesteps = self.draw_timesteps[buckets].to(self.device)
+        return per_example(self.params, x0.to(self.device), timesteps, self.noise[buckets], context)
 
     def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
         """One hooked forward over all (image, t, r) rows of P pairs -> (sum_i f_i, the layer records).
@@ -378,12 +379,13 @@ class FeatureComputer:
         removing it moves the output by J_q H^-1 J_i^T r_i); this is the per-bucket magnitude.
         """
         self._check(images, context)
+        context = None if context is None else context.to(self.device)
         nb, draws = self.spec.buckets, self.draw_timesteps.shape[1]
         out = torch.zeros(len(images), nb)
         for b in range(nb):
-            t = self.draw_timesteps[b]  # (mR,)
+            t = self.draw_timesteps[b].to(self.device)  # (mR,)
             for start in range(0, len(images), self.chunk_size):
-                x0 = images[start : start + self.chunk_size]  # (c, C, H, W)
+                x0 = images[start : start + self.chunk_size].to(self.device)  # (c, C, H, W)
                 c = len(x0)
                 rows_context = (
                     None if context is None else context[start : start + c].repeat_interleave(draws, 0)
@@ -394,5 +396,5 @@ class FeatureComputer:
                 )  # (c, mR, C, H, W)
                 prediction = self.model.eps(noisy.flatten(0, 1), t.repeat(c), rows_context).view(c, draws, -1)
                 residual = prediction - self.noise[b].flatten(1).unsqueeze(0)
-                out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt()
+                out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt().cpu()
         return out

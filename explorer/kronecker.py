@@ -138,6 +138,7 @@ class KroneckerProjector:
         exact = set(exact_layers) | {
             name.rpartition(".")[0] for name in kept_params if name.endswith(".weight")
         }
+        self.proj_device = torch.device("cpu")  # where the matrices live (moved to the model's on use)
         self.proj_in: dict[str, torch.Tensor] = {}  # module name -> P_in (k_in, d_in)
         self.proj_out: dict[str, torch.Tensor] = {}  # module name -> P_out (k_out, d_out)
         for layer, (name, module) in enumerate(self.modules.items()):
@@ -313,7 +314,7 @@ class KroneckerProjector:
     def _fill_unused(self, out: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
         for name in self.names:
             if name not in out:  # a parameter unused by this forward has a zero gradient
-                out[name] = torch.zeros(groups, self.widths[name])
+                out[name] = torch.zeros(groups, self.widths[name], device=self.proj_device)
         return out
 
     def _exact(self, name: str) -> bool:
@@ -325,6 +326,12 @@ class KroneckerProjector:
 
     def _project_sides(self, name: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor):
         """(P_in a, P_out g, g) at every output position, each (rows, width, L)."""
+        if self.proj_in[name].device != a.device:  # the matrices move to the model's device once
+            self.proj_in[name], self.proj_out[name] = (
+                self.proj_in[name].to(a.device),
+                self.proj_out[name].to(a.device),
+            )
+            self.proj_device = a.device
         p_in, p_out = self.proj_in[name].to(a.dtype), self.proj_out[name].to(a.dtype)
         if isinstance(module, nn.Conv2d):
             if (

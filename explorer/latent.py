@@ -81,12 +81,15 @@ class LatentParts:
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids)[0].float()
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0].float()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Pictures (N, C, H, W) in [-1, 1] -> latents (N, c, H / downscale, W / downscale)."""
-        parts = [self.vae.encode(batch).latent_dist.mean for batch in images.split(ENCODE_BATCH)]
+        device = next(self.vae.parameters()).device
+        parts = [
+            self.vae.encode(batch.to(device)).latent_dist.mean.cpu() for batch in images.split(ENCODE_BATCH)
+        ]
         return torch.cat(parts) * self.scaling_factor
 
     @torch.no_grad()
@@ -94,7 +97,11 @@ class LatentParts:
         """Latents -> pictures in [-1, 1]; a single latent (c, h, w) gives a single picture."""
         single = latents.ndim == 3
         batches = (latents[None] if single else latents).split(ENCODE_BATCH)
-        images = torch.cat([self.vae.decode(z / self.scaling_factor).sample for z in batches]).clamp(-1, 1)
+        device = next(self.vae.parameters()).device
+        images = torch.cat(
+            [self.vae.decode(z.to(device) / self.scaling_factor).sample.cpu() for z in batches]
+        )
+        images = images.clamp(-1, 1)
         return images[0] if single else images
 
 

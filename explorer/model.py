@@ -115,6 +115,10 @@ class DiffusionModel:
         return int(self.unet.config.in_channels)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
     def image_size(self) -> int:
         return self.sample_size if self.latent is None else self.sample_size * self.latent.downscale
 

@@ -40,8 +40,10 @@ class CountSketchProjector:
 
     def project(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """grads: per-parameter tensors (B, *shape), in a fixed order -> (B, k)."""
-        batch = grads[0].shape[0]
-        out = torch.zeros(batch, self.dim, dtype=torch.float32)
+        batch, device = grads[0].shape[0], grads[0].device
+        if self.buckets.device != device:  # the hash moves to the gradients' device once
+            self.buckets, self.signs = self.buckets.to(device), self.signs.to(device)
+        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
         offset = 0
         for grad in grads:
             flat = grad.reshape(batch, -1)  # (B, d_p)
@@ -72,9 +74,9 @@ class GaussianProjector:
     def project(self, grads: list[torch.Tensor]) -> torch.Tensor:
         batch = grads[0].shape[0]
         flat = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)  # (B, d)
-        out = torch.zeros(batch, self.dim, dtype=torch.float32)
+        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=flat.device)
         for index in range(self._num_blocks()):
-            block = self._cache[index] if self._cache is not None else self._block(index)
+            block = (self._cache[index] if self._cache is not None else self._block(index)).to(flat.device)
             start = index * GAUSSIAN_BLOCK
             out += flat[:, start : start + block.shape[0]] @ block
         return out

@@ -95,7 +95,7 @@ def make_sampling_scheduler(model: DiffusionModel, steps: int) -> DDPMScheduler:
 def one_step_estimate(model: DiffusionModel, sample: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
     """x0hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range [-1, 1] (pixels; latents
     have no fixed range)."""
-    abar = model.scheduler.alphas_cumprod[int(t)].to(sample.dtype)
+    abar = model.scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
     estimate = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
     return estimate if model.latent is not None else estimate.clamp(-1, 1)
 
@@ -155,7 +155,7 @@ def generate(
     scheduler = make_sampling_scheduler(model, steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (1, model.channels, model.sample_size, model.sample_size)
-    sample = torch.randn(shape, generator=generator)  # x_T
+    sample = torch.randn(shape, generator=generator).to(model.device)  # x_T, drawn on the CPU (any device)
     inputs, estimates = [], []
     options = step_options(scheduler, stochastic=False, generator=generator)
     for t in scheduler.timesteps:
@@ -163,8 +163,8 @@ def generate(
         eps = guided_eps(model, sample, t, context, unconditional, guidance)  # 1. predict the noise
         estimates.append(one_step_estimate(model, sample, eps, t)[0])  # 2. x0hat (eq. 15)
         sample = scheduler.step(eps, t, sample, **options).prev_sample  # 3. x_{t-1} (DDPM: eq. 7)
-    xt, x0hat = torch.stack(inputs), torch.stack(estimates)
-    final = sample[0] if model.latent is not None else sample[0].clamp(-1, 1)
+    xt, x0hat = torch.stack(inputs).cpu(), torch.stack(estimates).cpu()
+    final = sample[0].cpu() if model.latent is not None else sample[0].clamp(-1, 1).cpu()
     decoded = (
         None
         if model.latent is None
@@ -226,11 +226,11 @@ def _rollouts(model, trajectory, starts, completions, generator, batch_limit, pr
     options = step_options(scheduler, stochastic=True, generator=generator)
     unconditional = None if trajectory.context is None else model.latent.encode_prompts([""])
     shape = trajectory.xt.shape[1:]
-    states = torch.empty((0, *shape))
+    states = torch.empty((0, *shape), device=model.device)
     owner: list[int] = []  # which start step each row of `states` belongs to
     for step, t in enumerate(scheduler.timesteps):
         if step in starts:
-            states = torch.cat([states, trajectory.xt[step].expand(completions, *shape)])
+            states = torch.cat([states, trajectory.xt[step].to(model.device).expand(completions, *shape)])
             owner += [step] * completions
         if len(states) == 0:
             continue
@@ -240,6 +240,6 @@ def _rollouts(model, trajectory, starts, completions, generator, batch_limit, pr
             outputs.append(scheduler.step(eps, t, chunk, **options).prev_sample)
         states = torch.cat(outputs)
         progress(1)
-    finals = states if model.latent is not None else states.clamp(-1, 1)
+    finals = (states if model.latent is not None else states.clamp(-1, 1)).cpu()
     owners = torch.tensor(owner)
     return {s: finals[owners == s] for s in starts}

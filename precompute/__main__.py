@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from explorer.device import DEVICES
 from explorer.errors import ExplorerError
 from precompute.cli_types import flag_hint, lambda_rule, non_negative_int, positive_float, positive_int
 from precompute.evaluate_cli import add_evaluate
@@ -175,6 +176,12 @@ def add_featurize(commands) -> None:
     add_index_type(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=64, help="examples per resumable chunk")
     parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the gradients run: auto takes a CUDA GPU or Apple MPS when torch sees one (default: cpu)",
+    )
+    parser.add_argument(
         "--workers",
         type=positive_int,
         default=None,
@@ -248,6 +255,7 @@ def run_featurize(args) -> None:
     import torch
 
     from explorer.data import load_dataset, to_model_range, train_heldout_split
+    from explorer.device import resolve_device
     from explorer.features import FeatureSpec
     from explorer.model import load_model
     from precompute.calibration import calibrate, calibration_rows
@@ -255,7 +263,7 @@ def run_featurize(args) -> None:
     from precompute.featurize import FeaturizeOptions, featurize
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
-    model = load_model(args.model)
+    model = load_model(args.model, resolve_device(args.device))
     dataset = load_dataset(args.data, model.image_size, model.image_channels)
     if args.calibrate and model.latent is not None:
         raise ExplorerError(

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from explorer.atomic import explain_os_error, write_json_atomic
 from explorer.data import Dataset
+from explorer.device import cuda_chunk_size
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index import (
@@ -172,8 +174,12 @@ def featurize(
         )
     images = training_inputs(model, dataset)  # (N, C, H, W): pixels, or a text model's VAE latents
     prompts = training_prompts(model, dataset)
-    workers = default_workers() if options.workers is None else options.workers
+    on_cpu = model.device.type == "cpu"  # an accelerator runs one model copy, its batch sized to its memory
+    workers = (default_workers() if on_cpu else 1) if options.workers is None else options.workers
     computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
+    if model.device.type == "cuda":
+        first = torch.zeros(1, dtype=torch.long), prompt_batch(model, prompts, slice(0, 1))
+        computer.computer.chunk_size = cuda_chunk_size(lambda: computer.features(images[:1], *first))
     n, nb, k = len(dataset), spec.buckets, spec.proj_dim
     chunks = ChunkFiles(out_dir / PARTIAL_DIR / "chunks", n, options.chunk_size, nb, k, options.das_weights)
     _open_partial(out_dir, _partial_config(model, dataset, spec, options), chunks, collective)

@@ -20,7 +20,7 @@ def _byte_characters() -> list[str]:
     return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(extra))]
 
 
-def write_tokenizer(folder: Path):
+def write_tokenizer(folder: Path, max_length: int = TOKENS):
     """A CLIPTokenizer over single characters (no merges): every prompt tokenizes, one token per character."""
     from transformers import CLIPTokenizer
 
@@ -30,7 +30,9 @@ def write_tokenizer(folder: Path):
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKENS)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
