@@ -37,8 +37,8 @@ def training_inputs(model: DiffusionModel, dataset: Dataset) -> torch.Tensor:
     """(N, C, H, W): what featurize differentiates through, in the UNet's space."""
     if dataset.resolution != model.image_size or dataset.channels != model.image_channels:
         raise ExplorerError(
-            f"dataset images are {dataset.resolution}x{dataset.resolution}, {dataset.channels} channel(s), "
-            f"but the model expects {model.image_size}x{model.image_size}, {model.image_channels}: "
+            f"dataset images are {dataset.resolution}x{dataset.resolution} but the model expects "
+            f"{model.image_size}x{model.image_size} ({dataset.channels} vs {model.image_channels} channels): "
             "load the data at the model's size"
         )
     pictures = torch.from_numpy(to_model_range(dataset.images))
