@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timestep", type=int, required=True, help="train timestep 0..T-1 to attribute at"
     )
     attribute.add_argument("--top-k", type=int, default=10)
+    attribute.add_argument("--prompt", default=None, help="a text-to-image model's caption for the image")
     attribute.add_argument(
         "--region",
         default=None,
@@ -45,20 +46,22 @@ def run_attribute(args) -> dict:
     from explorer.index import AttributionIndex, read_meta
     from explorer.model import load_model
 
-    model_dir = args.model if args.model is not None else read_meta(Path(args.index))["model_path"]
+    model_dir = args.model if args.model is not None else read_meta(Path(args.index)).model_path
     model = load_model(model_dir)
     index = AttributionIndex.load(args.index, model_hash=model.weights_hash)
-    classifier = load_classifier(Path(model_dir) / "classifier")
+    classifier_dir = Path(model_dir) / "classifier"
+    classifier = load_classifier(classifier_dir) if classifier_dir.exists() else None
     explorer = Explorer(model, {args.index: index}, classifier)
-    image = load_image_file(args.image, model.sample_size, model.channels)
+    image = load_image_file(args.image, model.image_size, model.image_channels)
     region = None if args.region is None else args.region.split(",")
-    result = explorer.attribute_image(image, args.timestep, args.index, args.top_k, region)
+    result = explorer.attribute_image(image, args.timestep, args.index, args.top_k, region, args.prompt)
 
     def rows(search, negative: bool = False) -> list[dict]:
         return [
             {
                 "id": int(i),
                 "label": index.class_names[int(index.train_labels[p])],
+                **({"caption": index.train_captions[p]} if index.train_captions else {}),
                 "score": float(s),
                 **({"kind": "negative" if s < 0 else "least aligned"} if negative else {}),
             }
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{side}:")
             for row in result[side]:
                 kind = f"  ({row['kind']})" if row.get("kind") == "least aligned" else ""
-                print(f"  id {row['id']:>6}  label {row['label']:>3}  score {row['score']:+.4f}{kind}")
+                name = f"{row['caption']!r}" if "caption" in row else f"label {row['label']:>3}"
+                print(f"  id {row['id']:>6}  {name}  score {row['score']:+.4f}{kind}")
         print(f"{result['negative_count']} training images have a negative score ({result['score']})")
     return 0
 

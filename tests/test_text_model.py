@@ -172,3 +172,19 @@ def test_prompt_generate_and_scrub_in_the_browser(text_pipeline):
         page.wait_for_function(f"() => ({traces})() === {2 * len(COLOURS)}")  # concept + rollout curves
         link = page.locator("#step-info a, a:has-text('link to this view')").first.get_attribute("href")
         assert "prompt=a+green+square+on+the+right" in link
+
+
+def test_the_attribute_cli_takes_a_prompt_and_finds_the_model_from_the_index(text_pipeline, tmp_path):
+    from PIL import Image
+
+    from explorer.data import load_dataset
+
+    data = load_dataset(str(text_pipeline["data"]), 16, channels=3)
+    Image.fromarray(np.roll(data.images[0], 1, axis=1)).save(tmp_path / "query.png")
+    command = [sys.executable, "-m", "explorer", "attribute", "--index", str(text_pipeline["index"])]
+    command += ["--image", str(tmp_path / "query.png"), "--timestep", "100", "--prompt", data.captions[0]]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert int(data.ids[0]) in [row["id"] for row in result["positive"]]
+    assert all(row["caption"] in data.captions for row in result["positive"])
