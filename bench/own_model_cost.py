@@ -68,7 +68,7 @@ SD15_VAE = dict(  # its vae/config.json
 )
 
 
-def build_sd15(root: Path, images: int) -> tuple[Path, Path]:
+def build_sd15(root: Path, images: int, size: int = 512) -> tuple[Path, Path]:
     """The SD 1.5 shapes with random weights; the tokenizer is the tests' character one (77 tokens), whose
     smaller vocabulary changes only the embedding table's size."""
     import numpy as np
@@ -99,8 +99,8 @@ def build_sd15(root: Path, images: int) -> tuple[Path, Path]:
         bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
     )
     CLIPTextModel(text).save_pretrained(model_dir / "text_encoder")
-    AutoencoderKL(**SD15_VAE).save_pretrained(model_dir / "vae")
-    unet = UNet2DConditionModel(**SD15_UNET)
+    AutoencoderKL(**dict(SD15_VAE, sample_size=size)).save_pretrained(model_dir / "vae")
+    unet = UNet2DConditionModel(**dict(SD15_UNET, sample_size=size // 8))
     unet.save_pretrained(model_dir / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear").save_pretrained(
         model_dir / "scheduler"
@@ -117,7 +117,7 @@ def build_sd15(root: Path, images: int) -> tuple[Path, Path]:
     data_dir.mkdir(parents=True)
     rows = []
     for i in range(images):
-        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(data_dir / f"{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(data_dir / f"{i:04d}.png")
         rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": f"a painting, number {i}"}))
     (data_dir / "metadata.jsonl").write_text("\n".join(rows))
     return model_dir, data_dir
@@ -146,6 +146,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=("cifar_ddpm", "sd15_lora"), default="cifar_ddpm")
     parser.add_argument("--images", type=int, default=16)
+    parser.add_argument(
+        "--size", type=int, default=512, help="sd15_lora: image side in pixels (latents are 1/8)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="featurize --workers (default: its own)")
     parser.add_argument("--buckets", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -153,7 +157,9 @@ def main() -> None:
 
     sd15 = args.case == "sd15_lora"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, data_dir = (build_sd15 if sd15 else build)(Path(tmp), args.images)
+        model_dir, data_dir = (
+            build_sd15(Path(tmp), args.images, args.size) if sd15 else build(Path(tmp), args.images)
+        )
         unet_class = "UNet2DConditionModel" if sd15 else "UNet2DModel"
         unet = getattr(__import__("diffusers"), unet_class).from_pretrained(model_dir / "unet")
         params = sum(p.numel() for p in unet.parameters())
@@ -163,6 +169,7 @@ def main() -> None:
         command += [str(data_dir), "--split", "all", "--out", str(index_dir), "--buckets", str(args.buckets)]
         command += ["--storage", "int8", "--chunk-size", str(1 if sd15 else min(args.images, 8))]
         command += ["--params", "lora"] if sd15 else []
+        command += ["--workers", str(args.workers)] if args.workers else []
         environment = dict(os.environ, DAX_CACHE=str(Path(tmp) / "cache"))
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
@@ -176,7 +183,7 @@ def main() -> None:
     rate, rss = float(match.group(1)), float(match.group(2))
     model = (
         "StableDiffusionPipeline, SD 1.5 shapes (UNet2DConditionModel, VAE, CLIP ViT-L text encoder), "
-        "rank-4 LoRA on the attention projections, random weights, 512x512 images"
+        f"rank-4 LoRA on the attention projections, random weights, {args.size}x{args.size} images"
         if sd15
         else "UNet2DModel, DDPM CIFAR-10 configuration, random weights"
     )
@@ -185,6 +192,8 @@ def main() -> None:
         "parameters": params,
         "attributed_parameters": attributed,
         "images": args.images,
+        "image_size": args.size if sd15 else 32,
+        "workers": args.workers,
         "buckets": args.buckets,
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
@@ -195,11 +204,13 @@ def main() -> None:
         "hours_per_1000_images": round(1000 * args.buckets / rate / 3600, 2),
         "peak_rss_gb": rss,
         "command": f"python bench/own_model_cost.py --case {args.case} --images {args.images} "
-        f"--buckets {args.buckets}",
+        f"--buckets {args.buckets}"
+        + (f" --size {args.size}" if sd15 else "")
+        + (f" --workers {args.workers}" if args.workers else ""),
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        write_case(args.json, f"{args.case}_cpu", result)
+        write_case(args.json, f"{args.case}_{args.size}px_cpu" if sd15 else f"{args.case}_cpu", result)
 
 
 if __name__ == "__main__":
