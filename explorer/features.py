@@ -140,16 +140,14 @@ class FeatureComputer:
             )
         if spec.precision == "bf16" and not quiet:
             logger.warning(
-                "spec.precision bf16 loses the example-specific gradient at high timesteps (at t = 950 "
-                "its scores "
-                "agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
+                "spec.precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its "
+                "scores agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
                 "timestep-averaged outputs only (bench/precision_agreement.py)"
             )
-        if spec.precision != "fp32" and not quiet and not native_bf16():
+        if spec.precision != "fp32" and not quiet and self.device.type == "cpu" and not native_bf16():
             logger.warning(
                 "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): spec.precision "
-                f"{spec.precision} "
-                "is emulated here and slower than fp32"
+                f"{spec.precision} is emulated here and slower than fp32"
             )
         self.projector, self.kronecker = None, None
         if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
@@ -334,6 +332,7 @@ class FeatureComputer:
         """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), context (P, L, D) or None,
         under bfloat16 autocast if bf16."""
         pairs, draws = timesteps.shape
+        x0, timesteps = x0.to(self.device), timesteps.to(self.device)  # calibration passes CPU tensors
         rows_context = None if context is None else context.repeat_interleave(draws, dim=0)
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
         noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)

@@ -49,5 +49,13 @@ def test_cuda_features_and_generation_match_the_cpu(tiny_model_dir, digits_split
     got = FeatureComputer(on_gpu, spec).all_bucket_features(images)
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    kronecker = FeatureSpec(buckets=3, proj_dim=64, projector="kronecker")
+    expected = FeatureComputer(on_cpu, kronecker).all_bucket_features(images)
+    torch.testing.assert_close(
+        FeatureComputer(on_gpu, kronecker).all_bucket_features(images), expected, rtol=1e-3, atol=1e-4
+    )
+    bf16 = FeatureSpec(buckets=3, proj_dim=64, projector="kronecker", precision="bf16")
+    rounded = FeatureComputer(on_gpu, bf16).all_bucket_features(images)  # autocast on the GPU
+    assert torch.nn.functional.cosine_similarity(rounded.flatten(1), expected.flatten(1)).min() > 0.9
     cpu_run, gpu_run = generate(on_cpu, seed=3, steps=20), generate(on_gpu, seed=3, steps=20)
     torch.testing.assert_close(gpu_run.final, cpu_run.final, rtol=1e-2, atol=1e-2)

@@ -289,8 +289,8 @@ OWN_MODEL = "own_model_cost.json"
 
 @page(
     "docs/benchmarks/own_model_cost.md",
-    "Featurizing your own pixel model",
-    "hours per 1,000 images for a CIFAR-10-sized DDPM (36M parameters, 32x32 RGB) with the default spec",
+    "Featurizing your own model",
+    "hours per 1,000 images for a CIFAR-10-sized DDPM and an SD 1.5-sized LoRA pipeline, on this CPU",
     OWN_MODEL,
 )
 def own_model_cost() -> str:
@@ -299,28 +299,34 @@ def own_model_cost() -> str:
         [
             name,
             f"{c['parameters'] / 1e6:.1f}M",
+            f"{c.get('attributed_parameters') or c['parameters']:,}",
+            f"{c.get('image_size', 32)} px",
             c["device"],
             f"{c['cores']} cores, {c['torch_threads']} torch threads",
-            f"{c['gradients_per_second']:.2f}",
-            f"{c['hours_per_1000_images']:.2f}",
+            f"{c['gradients_per_second']:.3g}",
+            f"{c['hours_per_1000_images']:,.1f}",
             f"{c['peak_rss_gb']:.2f}",
         ]
         for name, c in cases.items()
     ]
-    first = next(iter(cases.values()))
     return "\n\n".join(
         [
-            para(f"""What does `precompute featurize` cost on a model of the papers' size?
-            `bench/own_model_cost.py` builds the UNet2DModel of the DDPM paper's CIFAR-10 model
-            ({first["parameters"]:,} parameters) with random weights (the cost does not depend on them)
-            and featurizes {first["images"]} random 32x32 RGB images with the default spec:
-            {first["buckets"]} buckets, k = 512, exact per-example gradients projected by count-sketch.
-            Hours per 1,000 images = 1,000 x buckets / gradients per second."""),
-            commands(first["command"] + f" --json bench/results/{OWN_MODEL}"),
+            para("""What does `precompute featurize` cost on models of the papers' sizes?
+            `bench/own_model_cost.py` builds them with random weights (the cost does not depend on them) and
+            featurizes random images with the default spec: 10 buckets, k = 512, exact per-example gradients
+            projected by count-sketch. `cifar_ddpm` is the UNet2DModel of the DDPM paper's CIFAR-10 model;
+            `sd15_lora` is a StableDiffusionPipeline with Stable Diffusion 1.5's UNet, VAE and text-encoder
+            shapes and a rank-4 LoRA on the attention projections, featurized with `--params lora` (only the
+            adapter's matrices are attributed, but every gradient still runs through the whole UNet).
+            Hours per 1,000 images = 1,000 x buckets / gradients per second, on this 2-core CPU; no GPU
+            was available to measure, so `--device cuda` has no figure here."""),
+            commands(*[c["command"] + f" --json bench/results/{OWN_MODEL}" for c in cases.values()]),
             table(
                 [
                     "case",
-                    "parameters",
+                    "UNet parameters",
+                    "attributed parameters",
+                    "image size",
                     "device",
                     "threads",
                     "gradients/s",
