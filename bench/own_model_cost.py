@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_file import write_case  # noqa: E402
 
-RATE = re.compile(r"= ([0-9.]+) gradient-examples/s .*peak RSS ([0-9.]+) GB")
+# the featurize report: "... 20 gradients in 98.3 s = 0.2 gradient-examples/s ...; peak RSS 5.98 GB"
+RATE = re.compile(r"([0-9]+) gradients in ([0-9.]+) s = .*peak RSS ([0-9.]+) GB")
 CIFAR_UNET = dict(  # the DDPM paper's CIFAR-10 network as diffusers' UNet2DModel spells it
     sample_size=32,
     in_channels=3,
@@ -180,7 +181,7 @@ def main() -> None:
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     match = RATE.search(done.stdout)
-    rate, rss = float(match.group(1)), float(match.group(2))
+    rate, rss = int(match.group(1)) / float(match.group(2)), float(match.group(3))  # unrounded
     model = (
         "StableDiffusionPipeline, SD 1.5 shapes (UNet2DConditionModel, VAE, CLIP ViT-L text encoder), "
         f"rank-4 LoRA on the attention projections, random weights, {args.size}x{args.size} images"
@@ -200,7 +201,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(seconds, 1),
-        "gradients_per_second": rate,
+        "gradients_per_second": round(rate, 4),
         "hours_per_1000_images": round(1000 * args.buckets / rate / 3600, 2),
         "peak_rss_gb": rss,
         "command": f"python bench/own_model_cost.py --case {args.case} --images {args.images} "

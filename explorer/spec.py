@@ -64,7 +64,7 @@ PRECISIONS = ("fp32", "bf16", "mixed")
 def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
     """The parameter names under any of the prefixes (a prefix is a parameter or module name), in model
     order."""
-    if not prefixes:
+    if not prefixes or tuple(prefixes) == ("all",):  # `--params all` says the default out loud
         return names
     unmatched = [prefix for prefix in prefixes if not any(_under(name, prefix) for name in names)]
     if unmatched:

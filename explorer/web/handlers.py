@@ -358,8 +358,8 @@ class Handlers(RegionHandlers, InsightHandlers):
 
     @user_errors(outputs=4, message_at=3)
     @releases_memory
-    def attribute_image(self, image, timestep, top_k, index_name) -> tuple:
-        """An uploaded image (any size or mode) as the query at one train timestep."""
+    def attribute_image(self, image, timestep, top_k, index_name, prompt=None) -> tuple:
+        """An uploaded image (any size or mode) as the query at one timestep, with a text model's prompt."""
         if not image:
             raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
         path = (
@@ -376,13 +376,13 @@ class Handlers(RegionHandlers, InsightHandlers):
                 f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
             )
         try:
-            array = load_image_file(path, self.explorer.model.sample_size, self.explorer.model.channels)
+            array = load_image_file(path, self.explorer.model.image_size, self.explorer.model.image_channels)
         except ExplorerError as error:  # name the upload, not the server's temporary path
             raise ExplorerError(str(error).replace(path, Path(path).name)) from None
         timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
         top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
         started = time.perf_counter()
-        step = self.explorer.attribute_image(array, timestep, index_name, top_k)
+        step = self.explorer.attribute_image(array, timestep, index_name, top_k, prompt=prompt or None)
         index = self._index(index_name)
         status = " · ".join(
             [

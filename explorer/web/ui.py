@@ -190,6 +190,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                     timestep = gr.Slider(
                         0, T - 1, value=T // 10, step=1, label=f"train timestep t (0 to {T - 1})"
                     )
+                    image_prompt = gr.Textbox(label="its prompt", visible=text_model, elem_id="image-prompt")
                     image_top_k = gr.Number(
                         value=8, precision=0, label=f"top-k influencers (1 to {UI_MAX_TOP_K})"
                     )
@@ -378,7 +379,7 @@ def build(explorer: Explorer) -> gr.Blocks:
         # preprocess=False too: the handler reads the upload itself, so a corrupt file gets a clear message
         attribute_button.click(
             h.attribute_image,
-            [upload, timestep, image_top_k, image_index],
+            [upload, timestep, image_top_k, image_index, image_prompt],
             [seen, image_positive, image_negative, image_status],
             api_name="attribute_image",
             preprocess=False,
