@@ -14,6 +14,7 @@ MODULES = (
     "app",
     "fast_path",
     "journey",
+    "lambda_grid",
 )
 
 for _name in MODULES:
