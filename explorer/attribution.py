@@ -192,12 +192,8 @@ class Explorer:
         computer, scorers = self.computer(name), None
         size = self.model.sample_size
         box = None if region is None else self.region_box(region)
-        if box is not None and box != (
-            0,
-            0,
-            size,
-            size,
-        ):  # the whole image: the index's own centers are exact
+        # the whole image needs no region: the index's own centers are exact
+        if box is not None and box != (0, 0, size, size):
             computer = computer.for_region(self.region_mask(box))
             if name not in self._region_centers:
                 self._region_centers[name] = RegionCenters(index.train_images)
@@ -294,7 +290,7 @@ class Explorer:
         model's caption for it, encoded through the VAE first)."""
         name, index = self.index(index_name)
         timestep = whole_number(timestep, "timestep", 0, index.meta.num_train_timesteps - 1)
-        context, _ = prompt_context(self.model, prompt)
+        context = prompt_context(self.model, prompt)
         size, channels = self.model.image_size, self.model.image_channels
         if not isinstance(image, np.ndarray):
             image = image_to_array(image, size, channels)

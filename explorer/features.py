@@ -104,9 +104,8 @@ class FeatureComputer:
         self.timesteps = bucket_timesteps(spec, T)
         shape = (model.channels, model.sample_size, model.sample_size)
         self.device = next(model.unet.parameters()).device  # inputs move here, features come back to the CPU
-        self.noise = noise_bank(spec, self.timesteps, shape).to(
-            self.device
-        )  # (B_n, mR, C, H, W), seeded on CPU
+        # (B_n, mR, C, H, W), drawn on the CPU (seeded, the same on every device), then moved
+        self.noise = noise_bank(spec, self.timesteps, shape).to(self.device)
         per_draw = torch.tensor(self.timesteps).repeat_interleave(spec.noise_draws, dim=1)  # (B_n, mR)
         self.draw_timesteps = per_draw
         self.abar = model.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -287,13 +286,13 @@ class FeatureComputer:
         """Each chunk's part of the features of images[chunk.rows], on this computer's model."""
         out = []
         for chunk in chunks:
-            x0, b = images[chunk.rows].to(self.device), buckets[chunk.rows]
-            c = None if context is None else context[chunk.rows].to(self.device)
+            x0, b = images[chunk.rows], buckets[chunk.rows]  # exact_gradients and _capture move them
+            c = None if context is None else context[chunk.rows]
             if self.kronecker is None:
                 grads = self.exact_gradients(x0, b, c)
                 out.append(self.projector.project([grads[name] for name in self.names]).cpu())
                 continue
-            timesteps, noise = self.draw_timesteps[b].to(self.device), self.noise[b]
+            timesteps, noise = self.draw_timesteps[b], self.noise[b]
             if chunk.columns is not None:
                 timesteps, noise = timesteps[:, chunk.columns], noise[:, chunk.columns]
             phi = self.kronecker.project(*self._capture(x0, timesteps, noise, chunk.bf16, c), groups=len(x0))
@@ -308,6 +307,7 @@ class FeatureComputer:
         self.model.check_context(context, len(x0))
         per_example = vmap(grad(self._output), in_dims=(None, 0, 0, 0, None if context is None else 0))
         timesteps = self.draw_timesteps[buckets].to(self.device)
+        context = None if context is None else context.to(self.device)
         return per_example(self.params, x0.to(self.device), timesteps, self.noise[buckets], context)
 
     def capture_rows(self, x0: torch.Tensor, buckets: torch.Tensor):
@@ -332,8 +332,8 @@ class FeatureComputer:
         """capture_rows on explicit rows: timesteps (P, n), noise (P, n, C, H, W), context (P, L, D) or None,
         under bfloat16 autocast if bf16."""
         pairs, draws = timesteps.shape
-        x0, timesteps = x0.to(self.device), timesteps.to(self.device)  # calibration passes CPU tensors
-        rows_context = None if context is None else context.repeat_interleave(draws, dim=0)
+        x0, timesteps = x0.to(self.device), timesteps.to(self.device)  # callers pass CPU tensors
+        rows_context = None if context is None else context.to(self.device).repeat_interleave(draws, dim=0)
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
         noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
 

@@ -9,7 +9,7 @@
     model_dir/lora/               optional: pytorch_lora_weights.safetensors (save_lora_weights), via peft
 
 The diffusion and its attribution run on the VAE's latents z = scaling_factor * mean(E(x)) (the posterior's
-mean: deterministic, so a training image has one latent, encoded once and cached by explorer.latent_cache);
+mean: deterministic, so a training image has one latent, encoded once and cached by explorer.training_inputs);
 pictures are decoded x = D(z / scaling_factor) for display and for the likelihood scorers. A prompt's
 conditioning is the text encoder's last hidden state for the padded prompt, as Stable Diffusion uses it.
 """
@@ -27,11 +27,10 @@ from explorer.errors import ExplorerError
 from explorer.model import (
     WEIGHTS_NAME,
     DiffusionModel,
-    check_prediction_type,
     disable_attention_for_vmap,
     file_hash,
-    load_scheduler,
-    make_scheduler,
+    pipeline_scheduler,
+    require_safetensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ class LatentParts:
     text_encoder: torch.nn.Module  # transformers CLIPTextModel
     tokenizer: object  # transformers CLIPTokenizer
     scaling_factor: float
-    lora: bool  # a LoRA adapter is loaded into the UNet (spec.params lora attributes its matrices)
     vae_hash: str  # what a training image's cached latent depends on (explorer.training_inputs)
 
     @property
@@ -114,16 +112,6 @@ def _require(folder: Path, what: str) -> Path:
     return folder
 
 
-def _safetensors(folder: Path, name: str) -> Path:
-    weights = folder / name
-    if not weights.is_file():
-        raise ExplorerError(
-            f"{str(folder)!r} has no {name}: only safetensors weights are loaded (pickled .bin files can run "
-            "code); convert them with save_pretrained(safe_serialization=True)"
-        )
-    return weights
-
-
 def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> DiffusionModel:
     """A StableDiffusionPipeline folder (+ optional lora/) as a frozen DiffusionModel with `latent` set."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -133,9 +121,9 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
     vae_dir = _require(model_dir / "vae", "the VAE (AutoencoderKL)")
     text_dir = _require(model_dir / "text_encoder", "the CLIP text encoder")
     hashes = [
-        file_hash(_safetensors(unet_dir, WEIGHTS_NAME)),
-        file_hash(_safetensors(vae_dir, WEIGHTS_NAME)),
-        file_hash(_safetensors(text_dir, TEXT_WEIGHTS)),
+        file_hash(require_safetensors(unet_dir, WEIGHTS_NAME)),
+        file_hash(require_safetensors(vae_dir, WEIGHTS_NAME)),
+        file_hash(require_safetensors(text_dir, TEXT_WEIGHTS)),
     ]
     try:
         unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
@@ -146,7 +134,7 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
         raise ExplorerError(f"could not load the latent pipeline in {str(model_dir)!r}: {error}") from error
     lora_dir = model_dir / "lora"
     if lora_dir.exists():
-        hashes.append(file_hash(_safetensors(lora_dir, LORA_WEIGHTS)))
+        hashes.append(file_hash(require_safetensors(lora_dir, LORA_WEIGHTS)))
         try:
             unet.load_lora_adapter(
                 str(lora_dir), prefix="unet", weight_name=LORA_WEIGHTS, use_safetensors=True
@@ -155,13 +143,7 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
             raise ExplorerError(
                 f"could not load the LoRA adapter {str(lora_dir / LORA_WEIGHTS)!r} into the UNet: {error}"
             ) from error
-    scheduler_dir = model_dir / "scheduler"
-    scheduler = (
-        load_scheduler(scheduler_dir)
-        if (scheduler_dir / "scheduler_config.json").is_file()
-        else make_scheduler()
-    )
-    check_prediction_type(scheduler)
+    scheduler = pipeline_scheduler(model_dir)
     disable_attention_for_vmap(unet)
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
@@ -170,7 +152,6 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scaling_factor=float(vae.config.scaling_factor),
-        lora=lora_dir.exists(),
         vae_hash=hashes[1],
     )
     weights_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]

@@ -203,23 +203,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
 
         return load_latent_model(model_dir, device)
     unet_dir = _unet_folder(model_dir)
-    weights = unet_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ExplorerError(
-            f"{str(unet_dir)!r} has no {WEIGHTS_NAME}: only safetensors weights are loaded (pickled .bin "
-            "files can run code); convert them with diffusers' save_pretrained(safe_serialization=True)"
-        )
+    weights = require_safetensors(unet_dir, WEIGHTS_NAME)
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         raise ExplorerError(f"could not load the UNet from {str(unet_dir)!r}: {error}") from error
-    scheduler_dir = model_dir / "scheduler"
-    if (scheduler_dir / "scheduler_config.json").is_file():
-        scheduler = load_scheduler(scheduler_dir)
-    else:
-        logger.info("no scheduler/ in %s: using a linear-beta DDPM scheduler with 1000 steps", model_dir)
-        scheduler = make_scheduler()
-    check_prediction_type(scheduler)
+    scheduler = pipeline_scheduler(model_dir)
     disable_attention_for_vmap(unet)
     unet.to(device).eval().requires_grad_(False)
     return DiffusionModel(
@@ -247,6 +236,29 @@ def pipeline_class(model_dir: Path) -> str | None:
             "(AutoencoderKL + UNet2DConditionModel + CLIP text encoder)"
         )
     return name
+
+
+def require_safetensors(folder: Path, name: str) -> Path:
+    """folder/name, or an ExplorerError: weights load from safetensors only, never pickle."""
+    weights = folder / name
+    if not weights.is_file():
+        raise ExplorerError(
+            f"{str(folder)!r} has no {name}: only safetensors weights are loaded (pickled .bin "
+            "files can run code); convert them with diffusers' save_pretrained(safe_serialization=True)"
+        )
+    return weights
+
+
+def pipeline_scheduler(model_dir: Path):
+    """model_dir/scheduler/ (one of SCHEDULERS), else a linear-beta DDPM; epsilon prediction only."""
+    scheduler_dir = model_dir / "scheduler"
+    if (scheduler_dir / "scheduler_config.json").is_file():
+        scheduler = load_scheduler(scheduler_dir)
+    else:
+        logger.info("no scheduler/ in %s: using a linear-beta DDPM scheduler with 1000 steps", model_dir)
+        scheduler = make_scheduler()
+    check_prediction_type(scheduler)
+    return scheduler
 
 
 def check_prediction_type(scheduler) -> None:

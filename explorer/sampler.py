@@ -123,15 +123,20 @@ def guided_eps(model: DiffusionModel, sample: torch.Tensor, t, context, uncondit
     return plain + guidance * (conditioned - plain)
 
 
-def prompt_context(model: DiffusionModel, prompt: str | None):
-    """(context (1, L, D), the empty prompt's (1, L, D)) for a text model, (None, None) for a pixel model."""
+def prompt_context(model: DiffusionModel, prompt: str | None) -> torch.Tensor | None:
+    """The prompt's embeddings (1, L, D) for a text model, None for a pixel model."""
     if model.latent is None:
         if prompt:
             raise ExplorerError(
                 f"{model.path!r} is not text-conditioned: it takes no prompt (got {prompt!r})"
             )
-        return None, None
-    return model.latent.encode_prompts([prompt or ""]), model.latent.encode_prompts([""])
+        return None
+    return model.latent.encode_prompts([prompt or ""])
+
+
+def unconditional_context(model: DiffusionModel, context, guidance: float) -> torch.Tensor | None:
+    """The empty prompt's embeddings where classifier-free guidance uses them (a text model, guidance > 1)."""
+    return None if context is None or guidance == 1.0 else model.latent.encode_prompts([""])
 
 
 def step_options(scheduler, stochastic: bool, generator: torch.Generator) -> dict:
@@ -151,7 +156,8 @@ def generate(
     """Sample one image from pure noise, recording every step (a text model: for `prompt`, with
     classifier-free guidance scale `guidance`)."""
     seed, guidance = check_seed(seed), check_guidance(guidance)
-    context, unconditional = prompt_context(model, prompt)
+    context = prompt_context(model, prompt)
+    unconditional = unconditional_context(model, context, guidance)
     scheduler = make_sampling_scheduler(model, steps)
     generator = torch.Generator().manual_seed(seed)
     shape = (1, model.channels, model.sample_size, model.sample_size)
@@ -224,7 +230,7 @@ def _rollouts(model, trajectory, starts, completions, generator, batch_limit, pr
     so they run as one batch per step."""
     scheduler = make_sampling_scheduler(model, trajectory.steps)
     options = step_options(scheduler, stochastic=True, generator=generator)
-    unconditional = None if trajectory.context is None else model.latent.encode_prompts([""])
+    unconditional = unconditional_context(model, trajectory.context, trajectory.guidance)
     shape = trajectory.xt.shape[1:]
     states = torch.empty((0, *shape), device=model.device)
     owner: list[int] = []  # which start step each row of `states` belongs to

@@ -77,9 +77,8 @@ def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
     return [name for name in names if any(_under(name, prefix) for prefix in prefixes)]
 
 
-LORA = (
-    "lora"  # spec.params entry: the LoRA adapter's matrices (peft's lora_A / lora_B), D-TRAK's LoRA setting
-)
+# spec.params entry: the LoRA adapter's matrices (peft's lora_A / lora_B), D-TRAK's LoRA setting
+LORA = "lora"
 
 
 def _under(name: str, prefix: str) -> bool:

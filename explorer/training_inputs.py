@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explorer.atomic import write_atomic
+from explorer.atomic import save_npy_atomic
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel
@@ -60,7 +60,7 @@ def training_inputs(model: DiffusionModel, dataset: Dataset) -> torch.Tensor:
             f"the VAE of {model.path!r} encodes {dataset.resolution}px images to {tuple(latents.shape[1:])}, "
             f"but the UNet takes {expected[1:]}: the pipeline's VAE and UNet do not match"
         )
-    write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), latents.numpy()))
+    save_npy_atomic(path, latents.numpy())
     logger.info("VAE latents of %s cached in %s", dataset.name, path)
     return latents
 

@@ -188,3 +188,15 @@ def test_the_attribute_cli_takes_a_prompt_and_finds_the_model_from_the_index(tex
     result = json.loads(done.stdout)
     assert int(data.ids[0]) in [row["id"] for row in result["positive"]]
     assert all(row["caption"] in data.captions for row in result["positive"])
+
+
+def test_the_prompt_box_suggests_a_training_prompt(text_pipeline):
+    from explorer.attribution import Explorer
+    from explorer.web import ui
+
+    explorer = Explorer.from_dirs(text_pipeline["model"], [text_pipeline["index"]])
+    _, index = explorer.index()
+    config = ui.build(explorer).get_config_file()
+    (box,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "prompt"]
+    assert box["props"]["placeholder"] == f"e.g. {index.train_captions[0]}"
+    assert box["props"]["visible"] is True

@@ -74,9 +74,10 @@ def build(explorer: Explorer) -> gr.Blocks:
                         seed = gr.Number(value=0, label=f"seed (0 to {MAX_SEED})", scale=3)
                         dice = gr.Button("random", scale=1, min_width=60)
                     text_model = explorer.model.latent is not None  # a latent text-to-image pipeline
+                    captions = explorer.index()[1].train_captions  # a training prompt shows the style
                     prompt = gr.Textbox(
                         label="prompt",
-                        placeholder="a red square on the left",
+                        placeholder=f"e.g. {captions[0]}" if captions else None,
                         visible=text_model,
                         elem_id="prompt",
                     )
