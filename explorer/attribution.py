@@ -22,6 +22,7 @@ from explorer.data import image_to_array, to_model_range
 from explorer.errors import ExplorerError, whole_number
 from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex, SearchResult
+from explorer.index_methods import CHECKPOINT_METHODS, query_computer
 from explorer.likelihood import RolloutCurves, evenly_spaced_steps, proxy_curves, rollout_curves
 from explorer.model import DiffusionModel, load_model
 from explorer.region import RegionCenters
@@ -151,8 +152,12 @@ class Explorer:
         return name, self.indexes[name]
 
     def computer(self, name: str) -> FeatureComputer:
+        """The query featurizer of an index's method (explorer.index_methods), built once."""
         if name not in self._computers:
-            self._computers[name] = FeatureComputer(self.model, self.indexes[name].meta.spec)
+            index = self.indexes[name]
+            self._computers[name] = query_computer(
+                index.meta.method, index.meta.spec, index.directory, self.model
+            )
         return self._computers[name]
 
     def region_box(self, box) -> tuple[int, int, int, int]:
@@ -194,6 +199,11 @@ class Explorer:
         box = None if region is None else self.region_box(region)
         # the whole image needs no region: the index's own centers are exact
         if box is not None and box != (0, 0, size, size):
+            if index.meta.method.name in CHECKPOINT_METHODS:
+                raise ExplorerError(
+                    f"region attribution needs one model; {index.meta.method.name} queries every checkpoint: "
+                    "choose a trak, das or ekfac index for a region"
+                )
             computer = computer.for_region(self.region_mask(box))
             if name not in self._region_centers:
                 self._region_centers[name] = RegionCenters(index.train_images)

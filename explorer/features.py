@@ -95,9 +95,17 @@ class FeatureComputer:
     """Projected per-example gradients phi^b(x) for a frozen model and a FeatureSpec."""
 
     def __init__(
-        self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, *, quiet: bool = False
+        self,
+        model: DiffusionModel,
+        spec: FeatureSpec,
+        chunk_size: int = 64,
+        *,
+        quiet: bool = False,
+        projector=None,
     ):
-        """quiet: skip the precision warnings (a worker's copy of a computer that has given them)."""
+        """quiet: skip the precision warnings (a worker's copy of a computer that has given them);
+        projector: one with CountSketchProjector's project() over this computer's parameters instead of the
+        spec's (explorer.ekfac: preconditioned, then sketched)."""
         self.model, self.spec, self.chunk_size = model, spec, chunk_size
         self.output_fn = get_output_function(spec.output)
         T = model.num_train_timesteps
@@ -170,6 +178,8 @@ class FeatureComputer:
                 spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed
             )
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
+        if projector is not None:
+            self.projector = projector
 
     def for_region(self, mask: torch.Tensor) -> FeatureComputer:
         """This computer with its output function restricted to a region, mask (H, W) of 0/1 (region
@@ -369,31 +379,3 @@ class FeatureComputer:
     def all_bucket_features(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """images (N, C, H, W), context (N, L, D) or None -> phi (N, buckets, k)."""
         return every_bucket(self.features, images, self.spec.buckets, context)
-
-    @torch.no_grad()
-    def residual_norms(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C, H, W) -> (N, buckets): RMS of eps_theta(x_t, t) - eps over each bucket's (t, r) pairs.
-
-        DAS weights each training example's influence by its residual (the Newton step of
-        removing it moves the output by J_q H^-1 J_i^T r_i); this is the per-bucket magnitude.
-        """
-        self._check(images, context)
-        context = None if context is None else context.to(self.device)
-        nb, draws = self.spec.buckets, self.draw_timesteps.shape[1]
-        out = torch.zeros(len(images), nb)
-        for b in range(nb):
-            t = self.draw_timesteps[b].to(self.device)  # (mR,)
-            for start in range(0, len(images), self.chunk_size):
-                x0 = images[start : start + self.chunk_size].to(self.device)  # (c, C, H, W)
-                c = len(x0)
-                rows_context = (
-                    None if context is None else context[start : start + c].repeat_interleave(draws, 0)
-                )
-                abar = self.abar[t].view(1, -1, 1, 1, 1)
-                noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * self.noise[b].unsqueeze(
-                    0
-                )  # (c, mR, C, H, W)
-                prediction = self.model.eps(noisy.flatten(0, 1), t.repeat(c), rows_context).view(c, draws, -1)
-                residual = prediction - self.noise[b].flatten(1).unsqueeze(0)
-                out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt().cpu()
-        return out

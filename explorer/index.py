@@ -129,8 +129,9 @@ class AttributionIndex:
     def label(self) -> str:
         """A short human name of the method, e.g. 'square, normalized' or 'mean, normalized, kronecker,
         calibrated'."""
-        spec = self.meta.spec
+        spec, method = self.meta.spec, self.meta.method
         parts = [
+            *([method.label] if method.label else []),
             spec.output,
             *(["centered"] if self.meta.center else []),
             "normalized" if self.normalize else "raw",
@@ -187,8 +188,10 @@ class AttributionIndex:
             check_kind(
                 index, meta.index_type, meta.ivf, bucket, f"{bucket_file(bucket)} in {str(directory)!r}"
             )
-            factor = np.load(directory / factor_file(bucket), allow_pickle=False)
-            if factor.shape != (index.d, index.d) or not np.isfinite(factor).all():
+            factor = (
+                np.load(directory / factor_file(bucket), allow_pickle=False) if meta.method.whitened else None
+            )
+            if factor is not None and (factor.shape != (index.d, index.d) or not np.isfinite(factor).all()):
                 raise ExplorerError(
                     f"{factor_file(bucket)} in {str(directory)!r} is not a finite {index.d}x{index.d} "
                     "matrix: rebuild the index"

@@ -26,6 +26,7 @@ from explorer.index_meta import (
     ivfdata_file,
     norms_file,
 )
+from explorer.index_methods import IndexMethod
 from explorer.ivf import IVFParams, build_bucket_index, check_ivf_request, rule_text
 
 # The whitening factor is kept at the precision of the stored vectors: exact with float32, and
@@ -51,7 +52,7 @@ def write_index(
     normalize: bool,
     das: bool,
     bucket_vectors: list[np.ndarray],
-    factors: list[np.ndarray],
+    factors: list[np.ndarray | None],
     train_images: np.ndarray,
     train_labels: np.ndarray,
     train_ids: np.ndarray,
@@ -63,12 +64,14 @@ def write_index(
     ivf_nprobe: int | None = None,
     ivf_on_disk: bool = False,
     train_captions: list[str] | None = None,
+    method: IndexMethod | None = None,
 ) -> Path:
     """Write every file atomically, then meta.json (with their sha256) last.
 
     index_type "ivf" builds IVF buckets: nlist by the rule of explorer.ivf unless given, nprobe
     calibrated per bucket unless given; both recorded in meta.json["ivf"]; with ivf_on_disk the lists go to
-    bucket_BB.ivfdata (memory-mapped when served). meta.json is written here only.
+    bucket_BB.ivfdata (memory-mapped when served). The method's own files (checkpoints, EK-FAC factors) are
+    already in `directory`; they are hashed here. meta.json is written here only.
     """
     directory = Path(directory)
     if index_type not in INDEX_TYPES:
@@ -97,8 +100,9 @@ def write_index(
         # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
         write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
         record(bucket_file(bucket))
-        save_npy_atomic(directory / factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
-        record(factor_file(bucket))
+        if factor is not None:  # methods without a kernel (explorer.index_methods) store none
+            save_npy_atomic(directory / factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
+            record(factor_file(bucket))
         if centers is not None:
             save_npy_atomic(directory / center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
             record(center_file(bucket))
@@ -111,6 +115,11 @@ def write_index(
         ("train_ids.npy", train_ids.astype(np.int64)),
     ):
         save_npy_atomic(directory / name, array)
+        record(name)
+    method = method or IndexMethod()
+    for name in sorted(method.files()):
+        if not (directory / name).is_file():
+            raise ExplorerError(f"method {method.name} needs {name} in {str(directory)!r} before the index")
         record(name)
     if train_captions is not None:  # a text model's training prompts, shown with the influencers
         write_json_atomic(directory / CAPTIONS_NAME, list(train_captions))
@@ -135,6 +144,7 @@ def write_index(
         format_version=version,
         ivf=ivf,
         norms=norms is not None,
+        method=method,
     )
     write_json_atomic(directory / META_NAME, meta.to_json())
     return directory

@@ -37,7 +37,7 @@ from explorer.whitening import (
 class BucketScorer:
     """How one bucket turns raw features (P, k) into search vectors (P, k)."""
 
-    factor: np.ndarray  # (k, k) lower-triangular L
+    factor: np.ndarray | None  # (k, k) lower-triangular L; None: no kernel (TracIn, EK-FAC: identity)
     center: np.ndarray | None  # (k,) the mean training feature, or None when not centered
     normalize: bool
 
@@ -47,7 +47,7 @@ class BucketScorer:
         phi = np.asarray(features, dtype=np.float64)
         if self.center is not None:
             phi = phi - self.center
-        return whiten(phi, self.factor)
+        return whiten(phi, self.factor) if self.factor is not None else phi.astype(np.float32)
 
     def vectors(self, features: np.ndarray) -> np.ndarray:
         """phi (P, k) -> psi (P, k) float32; the same map for training rows and queries."""

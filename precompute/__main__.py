@@ -72,6 +72,7 @@ def run_train(args) -> None:
 def add_featurize(commands) -> None:
     from explorer.features import PRECISIONS, FeatureSpec
     from explorer.index import STORAGES
+    from explorer.index_methods import METHODS
     from explorer.projector import PROJECTORS
     from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 
@@ -157,7 +158,26 @@ def add_featurize(commands) -> None:
         help="subtract each bucket's mean training feature before whitening: removes the gradient "
         "direction every image shares at high noise (default on)",
     )
-    parser.add_argument("--das-weights", action="store_true", help="scale rows by DAS residual weights")
+    parser.add_argument(
+        "--das-weights",
+        action="store_true",
+        help="scale TRAK rows by their residual norm (DAS code's scalar shortcut; --method das: the paper's)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="trak",
+        help="trak (TRAK / D-TRAK by --output; per step: Journey-TRAK), das, tracin, retrac (need "
+        "--checkpoints), ekfac (influence functions); see explorer/index_methods.py",
+    )
+    parser.add_argument(
+        "--checkpoints", help="tracin/retrac: the training run's OUT/checkpoint/history folder"
+    )
+    parser.add_argument("--num-checkpoints", type=positive_int, default=4, help="tracin/retrac (default 4)")
+    parser.add_argument(
+        "--damping", type=positive_float, default=1e-3, help="ekfac: lambda / mean eigenvalue (default 1e-3)"
+    )
+    parser.add_argument("--fit-images", type=positive_int, default=1000, help="ekfac: images the factors see")
     parser.add_argument(
         "--lambda",
         dest="relative_lambda",
@@ -261,6 +281,7 @@ def run_featurize(args) -> None:
     from precompute.calibration import calibrate, calibration_rows
     from precompute.collective import Collective
     from precompute.featurize import FeaturizeOptions, featurize
+    from precompute.method_build import MethodOptions
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
     model = load_model(args.model, resolve_device(args.device))
@@ -307,6 +328,13 @@ def run_featurize(args) -> None:
         ivf_nprobe=args.ivf_nprobe,
         ivf_on_disk=args.ivf_on_disk,
         workers=args.workers,
+        method=MethodOptions(
+            name=args.method,
+            checkpoints=args.checkpoints,
+            num_checkpoints=args.num_checkpoints,
+            relative_damping=args.damping,
+            fit_images=args.fit_images,
+        ),
     )
     try:
         report = featurize(model, dataset, args.out, spec, options, collective)

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +38,16 @@ from explorer.index import (
     write_index,
 )
 from explorer.index_meta import DatasetInfo
+from explorer.index_methods import IndexMethod
 from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
 from explorer.training_inputs import prompt_batch, training_inputs, training_prompts
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 from precompute.chunks import ArrayChunks, ChunkFiles, stack
 from precompute.collective import Collective
-from precompute.featurizer import Featurizer, default_workers
-from precompute.sharded_fit import bucket_vectors, fit_bucket_chunks
+from precompute.featurizer import default_workers
+from precompute.method_build import MethodOptions, fit_method_bucket, method_featurizer
+from precompute.sharded_fit import bucket_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class FeaturizeOptions:
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
     workers: int | None = None  # featurizing threads (precompute.featurizer); None: default_workers()
+    method: MethodOptions = field(default_factory=MethodOptions)  # trak, das, tracin, retrac, ekfac
 
 
 @dataclass
@@ -100,6 +103,7 @@ def _partial_config(
         "spec": spec.to_dict(),
         "das_weights": options.das_weights,
         "chunk_size": options.chunk_size,
+        **({"method": asdict(options.method)} if options.method.name != "trak" else {}),
     }
 
 
@@ -176,11 +180,17 @@ def featurize(
     prompts = training_prompts(model, dataset)
     on_cpu = model.device.type == "cpu"  # an accelerator runs one model copy, its batch sized to its memory
     workers = (default_workers() if on_cpu else 1) if options.workers is None else options.workers
-    computer = Featurizer(model, spec, chunk_size=options.chunk_size, workers=workers)
-    if model.device.type == "cuda":
+    if options.das_weights and options.method.name != "trak":
+        raise ExplorerError(
+            f"--das-weights scales TRAK rows; it does not combine with --method {options.method.name}"
+        )
+    computer, method = method_featurizer(
+        model, spec, options.method, out_dir, images, options.chunk_size, workers
+    )
+    if model.device.type == "cuda" and options.method.name == "trak":
         first = torch.zeros(1, dtype=torch.long), prompt_batch(model, prompts, slice(0, 1))
         computer.computer.chunk_size = cuda_chunk_size(lambda: computer.features(images[:1], *first))
-    n, nb, k = len(dataset), spec.buckets, spec.proj_dim
+    n, nb, k = len(dataset), spec.buckets, computer.dim
     chunks = ChunkFiles(out_dir / PARTIAL_DIR / "chunks", n, options.chunk_size, nb, k, options.das_weights)
     _open_partial(out_dir, _partial_config(model, dataset, spec, options), chunks, collective)
 
@@ -220,7 +230,7 @@ def featurize(
         num_train_timesteps=model.num_train_timesteps,
         num_params=computer.num_params,
     )
-    build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts)
+    build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts, method=method)
     if collective.is_main:
         if options.keep_features:
             stack(chunks, out_dir / FEATURES_NAME)
@@ -239,14 +249,17 @@ def build_index(
     options: FeaturizeOptions,
     collective: Collective | None = None,
     captions: list[str] | None = None,
+    method: IndexMethod | None = None,
 ) -> None:
     """Raw features by chunk [+ residuals] -> lambda, whitening, normalization, DAS, FAISS files (rank 0);
-    captions: a text model's training prompts, kept with the index."""
-    collective = collective or Collective()
-    fitted = [
-        fit_bucket_chunks(
+    captions: a text model's training prompts, kept with the index; method: what the features are
+    (precompute.method_build), trak when None."""
+    collective, method = collective or Collective(), method or IndexMethod()
+    fits = [
+        fit_method_bucket(
             chunks,
             b,
+            method,
             collective,
             options.relative_lambda,
             options.center,
@@ -255,17 +268,19 @@ def build_index(
         )
         for b in tqdm(range(chunks.buckets), desc="kernel", unit="bucket", disable=not collective.is_main)
     ]
+    fitted = [(scorer, choice) for scorer, choice, _, _ in fits]
     if not collective.is_main:
         return
     scratch_dir = out_dir / PARTIAL_DIR
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = np.lib.format.open_memmap(
-        scratch_dir / "vectors.npy", mode="w+", dtype=np.float32, shape=(chunks.count, chunks.dim)
+        scratch_dir / "vectors.npy", mode="w+", dtype=np.float32, shape=(chunks.count, source.spec.proj_dim)
     )
     das = bool(options.das_weights and chunks.das)
     norms = [np.zeros((chunks.count, 3), np.float32) for _ in fitted]  # filled as each bucket is written
     vectors = (
-        bucket_vectors(chunks, b, scorer, das, scratch, norms[b]) for b, (scorer, _) in enumerate(fitted)
+        bucket_vectors(rows, b, row_scorer, das, scratch, norms[b])
+        for b, (_, _, rows, row_scorer) in enumerate(fits)
     )
     write_index(
         out_dir,
@@ -286,6 +301,7 @@ def build_index(
         ivf_nprobe=options.ivf_nprobe,
         ivf_on_disk=options.ivf_on_disk,
         train_captions=captions,
+        method=method,
     )
     del scratch
     (scratch_dir / "vectors.npy").unlink(missing_ok=True)
@@ -325,6 +341,10 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         ids=index.train_ids,
         class_names=index.class_names,
     )
+    method = index.meta.method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in method.files():  # checkpoints, EK-FAC factors: the same method, other scoring choices
+        shutil.copyfile(source_dir / name, out_dir / name)
     build_index(
         out_dir,
         index.meta.source,
@@ -332,6 +352,7 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         dataset,
         options,
         captions=index.train_captions,
+        method=method,
     )
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return out_dir

@@ -35,15 +35,22 @@ class Featurizer:
     """features / all_bucket_features / residual_norms of a FeatureComputer, its chunks run on worker
     threads."""
 
-    def __init__(self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1):
+    def __init__(
+        self, model: DiffusionModel, spec: FeatureSpec, chunk_size: int = 64, workers: int = 1, projector=None
+    ):
+        """projector: FeatureComputer's override (shared by the workers: projecting keeps no state)."""
         if workers < 1:
             raise ExplorerError(f"workers {workers} must be >= 1, e.g. --workers {default_workers()}")
         keep_freed_memory()  # no page faults on every chunk's fresh activations
-        self.computer = FeatureComputer(model, spec, chunk_size)
+        self.computer = FeatureComputer(model, spec, chunk_size, projector=projector)
         self.workers = workers
         self._replicas = [
             FeatureComputer(
-                dataclasses.replace(model, unet=copy.deepcopy(model.unet)), spec, chunk_size, quiet=True
+                dataclasses.replace(model, unet=copy.deepcopy(model.unet)),
+                spec,
+                chunk_size,
+                quiet=True,
+                projector=projector,
             )
             for _ in range(workers - 1)
         ]
@@ -59,6 +66,10 @@ class Featurizer:
     @property
     def num_params(self) -> int:
         return self.computer.num_params
+
+    @property
+    def dim(self) -> int:
+        return self.spec.proj_dim
 
     def features(self, images: torch.Tensor, buckets: torch.Tensor, context=None) -> torch.Tensor:
         """What FeatureComputer.features returns, its chunks dealt to the worker threads."""
@@ -88,4 +99,33 @@ class Featurizer:
         return every_bucket(self.features, images, self.spec.buckets, context)
 
     def residual_norms(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.computer.residual_norms(images, context)
+        return residual_norms(self.computer, images, context)
+
+
+@torch.no_grad()
+def residual_norms(
+    computer: FeatureComputer, images: torch.Tensor, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, C, H, W) -> (N, buckets): RMS of eps_theta(x_t, t) - eps over each bucket's (t, r) pairs.
+
+    DAS weights each training example's influence by its residual (the Newton step of
+    removing it moves the output by J_q H^-1 J_i^T r_i); this is the per-bucket magnitude.
+    """
+    computer._check(images, context)
+    context = None if context is None else context.to(computer.device)
+    nb, draws = computer.spec.buckets, computer.draw_timesteps.shape[1]
+    out = torch.zeros(len(images), nb)
+    for b in range(nb):
+        t = computer.draw_timesteps[b].to(computer.device)  # (mR,)
+        for start in range(0, len(images), computer.chunk_size):
+            x0 = images[start : start + computer.chunk_size].to(computer.device)  # (c, C, H, W)
+            c = len(x0)
+            rows_context = None if context is None else context[start : start + c].repeat_interleave(draws, 0)
+            abar = computer.abar[t].view(1, -1, 1, 1, 1)
+            noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * computer.noise[b].unsqueeze(
+                0
+            )  # (c, mR, C, H, W)
+            prediction = computer.model.eps(noisy.flatten(0, 1), t.repeat(c), rows_context).view(c, draws, -1)
+            residual = prediction - computer.noise[b].flatten(1).unsqueeze(0)
+            out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt().cpu()
+    return out

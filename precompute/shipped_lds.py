@@ -40,6 +40,7 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, bucket_of_timestep
 from explorer.index import AttributionIndex
+from explorer.index_methods import query_computer, query_identity
 from explorer.model import DiffusionModel
 from explorer.scoring import blocked_predictions
 from precompute.baselines import pixel_vectors, random_scores
@@ -76,7 +77,7 @@ def index_predictions(
     """The predictions of the index's scores for the benchmark's queries, read through the index's files
     (explorer's path), scored block by block."""
     spec = index.meta.spec
-    computer = FeatureComputer(model, spec)
+    computer = query_computer(index.meta.method, spec, index.directory, model)
     T = index.meta.num_train_timesteps
     raw = _query_features(computer, index.buckets, whole_images, queries, T, cache)
     whole = np.stack(
@@ -305,9 +306,10 @@ def run_shipped_lds(
                 f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
                 f"drawn from {table.masks.shape[1]} training images: featurize the whole training split"
             )
-        # every spec field changes the query features (precision, calibrated exact layers, ...): key on all
-        spec = json.dumps(index.meta.spec.to_dict(), sort_keys=True)
-        key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        # every spec field changes the query features (precision, calibrated exact layers, ...), and so do
+        # a method's checkpoints or factors: key on all
+        identity = query_identity(index.meta.method, index.meta.spec, index.meta.file_hashes)
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         predicted = index_predictions(
             index, model, whole_images, queries, table.masks, cache / f"queries_{key}.npz"
         )

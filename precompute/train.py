@@ -29,6 +29,8 @@ from explorer.model import UNetConfig, make_scheduler, save_model
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+# In CHECKPOINT_DIR: the raw (non-EMA) weights of every checkpoint, for TracIn (precompute.method_build).
+HISTORY_DIR = "history"
 
 
 @dataclass
@@ -61,6 +63,15 @@ def _save_checkpoint(
         for name, value in state.items():
             tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).contiguous()
     write_atomic(directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+    # The training iterates theta_c and their learning rate, for Diffusion-TracIn / ReTrac (arXiv 2401.09031
+    # eq. 2: sum_c eta_c <grad L(q; theta_c), grad L(z_i; theta_c)>); the state file above is overwritten.
+    weights = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    lr = str(optimizer.param_groups[0]["lr"])
+    history = directory / HISTORY_DIR / f"step_{step:06d}.safetensors"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        history, lambda tmp: save_file(weights, tmp, metadata={"step": str(step), "learning_rate": lr})
+    )
     write_json_atomic(
         directory / "progress.json",
         {

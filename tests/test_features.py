@@ -4,7 +4,7 @@ import torch
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep, bucket_timesteps, noise_bank
-from precompute.featurizer import Featurizer
+from precompute.featurizer import Featurizer, residual_norms
 
 
 def test_bucket_timesteps_cover_their_ranges():
@@ -57,7 +57,7 @@ def test_features_reject_wrong_shapes_and_nan(tiny_model, tiny_spec):
 def test_residual_norms_shape_and_positive(tiny_model, tiny_spec, digits_splits):
     computer = FeatureComputer(tiny_model, tiny_spec)
     images = torch.from_numpy(to_model_range(digits_splits[0].images[:5]))
-    residuals = computer.residual_norms(images)
+    residuals = residual_norms(computer, images)
     assert residuals.shape == (5, tiny_spec.buckets) and (residuals > 0).all()
 
 
