@@ -128,7 +128,8 @@ def method_featurizer(
             computers, [r.learning_rate for r in records], options.name == "retrac", spec
         )
         return features, IndexMethod(options.name, checkpoints=tuple(records))
-    from explorer.ekfac import FACTOR_FILES, EkfacFactors, fit_ekfac
+    from explorer.ekfac import FACTOR_FILES, EkfacFactors
+    from explorer.ekfac_fit import fit_ekfac
 
     if model.latent is not None:
         raise ExplorerError(

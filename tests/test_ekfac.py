@@ -17,7 +17,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from explorer.data import load_builtin, to_model_range
-from explorer.ekfac import EkfacFactors, EkfacProjector, draw_samples, fit_ekfac, plan_blocks
+from explorer.ekfac import EkfacFactors, EkfacProjector, plan_blocks
+from explorer.ekfac_fit import draw_samples, fit_ekfac
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, UNetConfig, make_scheduler, tiny_config
 
