@@ -111,7 +111,7 @@ def main() -> None:
         num_train_timesteps=model.num_train_timesteps,
         num_params=plain.num_params,
     )
-    options = FeaturizeOptions(center=False, normalize=False)
+    options = FeaturizeOptions(center=False, normalize=False, storage="int8")  # the served storage
     for d, relative in enumerate(args.dampings):
         directory = ROOT / f"{args.out}-d{relative:g}"
         if (directory / "meta.json").is_file():

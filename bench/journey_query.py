@@ -31,7 +31,8 @@ from explorer.features import FeatureComputer, bucket_of_timestep  # noqa: E402
 from explorer.index import AttributionIndex  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.scoring import blocked_predictions  # noqa: E402
-from precompute.shipped_lds import lds_interval, split  # noqa: E402
+from precompute.metrics import lds_interval  # noqa: E402
+from precompute.shipped_lds import split  # noqa: E402
 from precompute.shipped_truth import QUERIES_NAME, Queries, TruthConfig, load_truth  # noqa: E402
 
 VARIANTS = ("served", "own t", "own t, fresh noise", "trajectory")

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
 from precompute.chunks import ArrayChunks, ChunkFiles, stack
 from precompute.collective import Collective
 from precompute.featurizer import default_workers
-from precompute.method_build import MethodOptions, fit_method_bucket, method_featurizer
+from precompute.method_build import MethodOptions, fit_method_bucket, method_featurizer, unit_blocks
 from precompute.sharded_fit import bucket_vectors
 
 logger = logging.getLogger(__name__)
@@ -307,13 +307,21 @@ def build_index(
     (scratch_dir / "vectors.npy").unlink(missing_ok=True)
 
 
-def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions) -> Path:
+def reindex(
+    source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions, as_retrac: bool = False
+) -> Path:
     """A new index from the raw features an earlier featurize kept (--keep-features): no gradients.
 
-    Other normalization, DAS, lambda, storage or index type (flat <-> ivf)."""
+    Other normalization, DAS, lambda, storage or index type (flat <-> ivf); as_retrac: a tracin index's
+    features as Diffusion-ReTrac's, each checkpoint's block scaled to unit norm (what featurize --method
+    retrac computes from the same checkpoints)."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     index = AttributionIndex.load(source_dir)
     _check_index_options(options, index.meta.count)
+    if as_retrac and index.meta.method.name != "tracin":
+        raise ExplorerError(
+            f"--as-retrac turns a tracin index into ReTrac; {str(source_dir)!r} is {index.meta.method.name}"
+        )
     features_path = source_dir / FEATURES_NAME
     if not features_path.is_file():
         raise ExplorerError(
@@ -329,6 +337,9 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
             f"{str(out_dir)!r} already holds a complete index: choose another --out, or delete it to rebuild"
         )
     features = np.load(features_path, mmap_mode="r", allow_pickle=False)
+    method = index.meta.method
+    if as_retrac:
+        features, method = unit_blocks(features, len(method.checkpoints)), replace(method, name="retrac")
     residuals = (
         np.load(source_dir / RESIDUALS_NAME, mmap_mode="r", allow_pickle=False)
         if options.das_weights
@@ -341,7 +352,6 @@ def reindex(source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptio
         ids=index.train_ids,
         class_names=index.class_names,
     )
-    method = index.meta.method
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in method.files():  # checkpoints, EK-FAC factors: the same method, other scoring choices
         shutil.copyfile(source_dir / name, out_dir / name)

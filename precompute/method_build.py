@@ -155,6 +155,14 @@ def method_featurizer(
     return Featurizer(model, loss, chunk_size, workers, projector=projector), method
 
 
+def unit_blocks(features: np.ndarray, parts: int) -> np.ndarray:
+    """(..., k) -> the same with each of its `parts` column blocks scaled to unit norm (ReTrac's
+    per-checkpoint normalization of TracIn's concatenated sketches), float32."""
+    blocks = np.asarray(features, dtype=np.float32).reshape(*features.shape[:-1], parts, -1)
+    norms = np.linalg.norm(blocks, axis=-1, keepdims=True)
+    return (blocks / np.maximum(norms, 1e-30)).reshape(features.shape)
+
+
 class ColumnView:
     """Columns [start, stop) of a chunk store: DAS's kernel features and its rows live side by side."""
 

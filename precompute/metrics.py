@@ -115,3 +115,52 @@ def fair_split(
         pick[rng.permutation(rows)[: len(rows) // 2]] = True
     test_groups = {g: np.intersect1d(rows, np.flatnonzero(~pick)) for g, rows in groups.items()}
     return FairSplit(pick_models=np.arange(subsets) % 2 == 0, pick=pick, test_groups=test_groups)
+
+
+BOOTSTRAP = 1000  # resamples of every LDS interval
+
+
+def lds_interval(
+    truth: np.ndarray, predicted: np.ndarray, clusters: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP
+) -> dict:
+    """Mean per-query LDS of (M, Q) truth and predictions, with a 95% bootstrap over models and over query
+    clusters (clusters (Q,): queries of one trajectory share a cluster)."""
+    per_query = spearman_columns(truth, predicted)
+    m = len(truth)
+    labels = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in labels]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        models = rng.integers(0, m, m)
+        rows = np.concatenate([members[c] for c in rng.integers(0, len(labels), len(labels))])
+        values = spearman_columns(truth[models][:, rows], predicted[models][:, rows])
+        draws.append(np.nanmean(values))
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return {
+        "mean": float(np.nanmean(per_query)),
+        "ci95": [float(low), float(high)],
+        "queries": int(len(per_query)),
+        "models": int(m),
+    }
+
+
+def paired_interval(
+    truth: np.ndarray, first: np.ndarray, second: np.ndarray, clusters: np.ndarray, seed: int = 0
+) -> dict:
+    """Mean per-query LDS of `first` minus that of `second` (both (M, Q) against the same truth), with a
+    95% bootstrap over models and query clusters (lds_interval's draws, shared by both)."""
+    difference = np.nanmean(spearman_columns(truth, first)) - np.nanmean(spearman_columns(truth, second))
+    labels = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in labels]
+    rng, m, draws = np.random.default_rng(seed), len(truth), []
+    for _ in range(BOOTSTRAP):
+        models = rng.integers(0, m, m)
+        rows = np.concatenate([members[c] for c in rng.integers(0, len(labels), len(labels))])
+        t = truth[models][:, rows]
+        draws.append(
+            np.nanmean(spearman_columns(t, first[models][:, rows]))
+            - np.nanmean(spearman_columns(t, second[models][:, rows]))
+        )
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return {"mean": float(difference), "ci95": [float(low), float(high)]}

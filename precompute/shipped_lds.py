@@ -44,12 +44,10 @@ from explorer.index_methods import query_computer, query_identity
 from explorer.model import DiffusionModel
 from explorer.scoring import blocked_predictions
 from precompute.baselines import pixel_vectors, random_scores
-from precompute.metrics import predictions, spearman_columns
+from precompute.metrics import lds_interval, paired_interval, predictions
 from precompute.shipped_truth import Queries, TruthConfig, TruthTable
 
 logger = logging.getLogger(__name__)
-
-BOOTSTRAP = 1000
 
 
 @dataclass
@@ -79,7 +77,7 @@ def index_predictions(
     spec = index.meta.spec
     computer = query_computer(index.meta.method, spec, index.directory, model)
     T = index.meta.num_train_timesteps
-    raw = _query_features(computer, index.buckets, whole_images, queries, T, cache)
+    raw = query_features(computer, index.buckets, whole_images, queries, T, cache)
     whole = np.stack(
         [
             blocked_predictions(
@@ -100,7 +98,7 @@ def index_predictions(
     return QueryPredictions(whole, steps.reshape(len(masks), *queries.timesteps.shape))
 
 
-def _query_features(
+def query_features(
     computer: FeatureComputer,
     buckets: int,
     whole_images: np.ndarray,
@@ -123,15 +121,10 @@ def _query_features(
     return {"whole": whole, "steps": steps}
 
 
-def baseline_predictions(
-    name: str,
-    whole_images: np.ndarray,
-    queries: Queries,
-    train_images: np.ndarray,
-    buckets: int,
-    masks: np.ndarray,
-) -> QueryPredictions:
+def baseline_predictions(name: str, bench: Benchmark, train_images: np.ndarray) -> QueryPredictions:
     """Pixel cosine (of the image, or of the step's x0hat) or seeded random scores, as predictions."""
+    whole_images, queries, masks = bench.whole_images, bench.queries, bench.table.masks
+    buckets, train_images = bench.config.buckets, to_model_range(train_images)
     steps_images = queries.x0hat.reshape(-1, *queries.x0hat.shape[2:])
     if name == "pixel":  # cosine of unit pixel vectors: an inner-product search like an index's
         train = pixel_vectors(train_images)
@@ -160,31 +153,6 @@ def split(table: TruthTable, queries: Queries, config: TruthConfig) -> Split:
         {"dev": np.flatnonzero(queries.heldout_dev), "test": np.flatnonzero(~queries.heldout_dev)},
         {"dev": np.flatnonzero(dev_gen), "test": np.flatnonzero(~dev_gen)},
     )
-
-
-def lds_interval(
-    truth: np.ndarray, predicted: np.ndarray, clusters: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP
-) -> dict:
-    """Mean per-query LDS of (M, Q) truth and predictions, with a 95% bootstrap over models and over query
-    clusters (clusters (Q,): queries of one trajectory share a cluster)."""
-    per_query = spearman_columns(truth, predicted)
-    m = len(truth)
-    labels = np.unique(clusters)
-    members = [np.flatnonzero(clusters == c) for c in labels]
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        models = rng.integers(0, m, m)
-        rows = np.concatenate([members[c] for c in rng.integers(0, len(labels), len(labels))])
-        values = spearman_columns(truth[models][:, rows], predicted[models][:, rows])
-        draws.append(np.nanmean(values))
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return {
-        "mean": float(np.nanmean(per_query)),
-        "ci95": [float(low), float(high)],
-        "queries": int(len(per_query)),
-        "models": int(m),
-    }
 
 
 def method_lds(
@@ -267,6 +235,96 @@ def repeated_lds(predicted: QueryPredictions, table: TruthTable, queries: Querie
     }
 
 
+@dataclass
+class Benchmark:
+    """The committed ground truth of the shipped model, loaded once: what every index is scored against."""
+
+    config: TruthConfig
+    queries: Queries
+    table: TruthTable
+    parts: Split
+    whole_images: np.ndarray  # (W, C, H, W) held-out images, then the generated finals, model range
+    train_images: np.ndarray
+
+    @classmethod
+    def load(cls, truth_dir: str | Path, train_images: np.ndarray, heldout_images: np.ndarray) -> Benchmark:
+        import json
+
+        from precompute.shipped_truth import QUERIES_NAME, load_truth
+
+        truth_dir = Path(truth_dir)
+        config = TruthConfig(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads((truth_dir / "config.json").read_text())["truth"].items()
+            }
+        )
+        queries = Queries.load(truth_dir / QUERIES_NAME)
+        table = load_truth(truth_dir, len(train_images))
+        whole = np.concatenate([to_model_range(heldout_images), queries.finals]).astype(np.float32)
+        return cls(config, queries, table, split(table, queries, config), whole, train_images)
+
+    def entry(self, predicted: QueryPredictions, label: str) -> dict:
+        parts, queries, table = self.parts, self.queries, self.table
+        return {
+            "label": label,
+            **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
+            "repeated_subsets": repeated_lds(predicted, table, queries),
+        }
+
+    def columns(self, predicted: QueryPredictions, group: str) -> dict[str, tuple]:
+        """(truth (M, Q), predictions (M, Q), clusters (Q,)) of the whole-image held-out and the per-step
+        (trajectory-tied) columns of one split group."""
+        models, held, gen = self.parts.models[group], self.parts.heldout[group], self.parts.generated[group]
+        whole_truth = self.table.rows["whole_by_bucket"][models][:, held].mean(-1)
+        steps = len(self.queries.steps)
+        step_truth = self.table.rows["step_trajectory"][models][:, gen].reshape(len(models), -1)
+        step_predicted = predicted.steps[models][:, gen].reshape(len(models), -1)
+        return {
+            "heldout": (whole_truth, predicted.whole[models][:, held], held),
+            "step_trajectory": (step_truth, step_predicted, np.repeat(gen, steps)),
+        }
+
+    def paired(self, first: QueryPredictions, second: QueryPredictions, group: str = "test") -> dict:
+        """LDS(first) - LDS(second) per column, with one bootstrap drawing the same models and queries for
+        both."""
+        out = {}
+        a_columns, b_columns = self.columns(first, group), self.columns(second, group)
+        for name, (truth, a, clusters) in a_columns.items():
+            out[name] = paired_interval(truth, a, b_columns[name][1], clusters)
+        return out
+
+
+def score_index(
+    directory: str | Path, model: DiffusionModel, bench: Benchmark, cache: Path
+) -> tuple[AttributionIndex, QueryPredictions]:
+    """One index directory's predictions on the benchmark (its query features cached in `cache`)."""
+
+    index = AttributionIndex.load(directory, model_hash=model.weights_hash)
+    if index.buckets != bench.config.buckets:
+        raise ExplorerError(
+            f"index {str(directory)!r} has {index.buckets} buckets, the ground truth measures "
+            f"{bench.config.buckets}: score an index built with --buckets {bench.config.buckets}"
+        )
+    if index.meta.count != bench.table.masks.shape[1]:
+        raise ExplorerError(
+            f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
+            f"drawn from {bench.table.masks.shape[1]} training images: featurize the whole training split"
+        )
+    return index, index_predictions(
+        index, model, bench.whole_images, bench.queries, bench.table.masks, cache / query_cache_name(index)
+    )
+
+
+def query_cache_name(index: AttributionIndex) -> str:
+    """Every spec field changes the query features (precision, calibrated exact layers, ...), and so do a
+    method's checkpoints or factors: the cache is keyed on all."""
+    import json
+
+    identity = query_identity(index.meta.method, index.meta.spec, index.meta.file_hashes)
+    return f"queries_{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.npz"
+
+
 def run_shipped_lds(
     index_dirs: list[str],
     model: DiffusionModel,
@@ -277,63 +335,22 @@ def run_shipped_lds(
     baselines: tuple[str, ...] = ("pixel", "random"),
 ) -> dict:
     """The LDS table of every index directory and baseline on the committed ground truth (dev and test)."""
-    import json
-
-    from precompute.shipped_truth import QUERIES_NAME, load_truth
-
-    truth_dir, cache = Path(truth_dir), Path(cache)
-    config = TruthConfig(
-        **{
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in json.loads((truth_dir / "config.json").read_text())["truth"].items()
-        }
-    )
-    queries = Queries.load(truth_dir / QUERIES_NAME)
-    table = load_truth(truth_dir, len(train_images))
-    parts = split(table, queries, config)
-    whole_images = np.concatenate([to_model_range(heldout_images), queries.finals]).astype(np.float32)
+    bench = Benchmark.load(truth_dir, train_images, heldout_images)
     methods = {}
     for directory in index_dirs:
-        index = AttributionIndex.load(directory, model_hash=model.weights_hash)
-        if index.buckets != config.buckets:
-            raise ExplorerError(
-                f"index {str(directory)!r} has {index.buckets} buckets, the ground truth in "
-                f"{str(truth_dir)!r} "
-                f"measures {config.buckets}: score an index built with --buckets {config.buckets}"
-            )
-        if index.meta.count != table.masks.shape[1]:
-            raise ExplorerError(
-                f"index {str(directory)!r} holds {index.meta.count} rows, the ground truth's subsets are "
-                f"drawn from {table.masks.shape[1]} training images: featurize the whole training split"
-            )
-        # every spec field changes the query features (precision, calibrated exact layers, ...), and so do
-        # a method's checkpoints or factors: key on all
-        identity = query_identity(index.meta.method, index.meta.spec, index.meta.file_hashes)
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        predicted = index_predictions(
-            index, model, whole_images, queries, table.masks, cache / f"queries_{key}.npz"
-        )
-        methods[str(directory)] = {
-            "label": index.label,
-            **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
-            "repeated_subsets": repeated_lds(predicted, table, queries),
-        }
+        index, predicted = score_index(directory, model, bench, Path(cache))
+        methods[str(directory)] = bench.entry(predicted, index.label)
         logger.info("%s: test heldout %s", directory, methods[str(directory)]["test"]["heldout"])
     for name in baselines:
-        predicted = baseline_predictions(
-            name, whole_images, queries, to_model_range(train_images), config.buckets, table.masks
-        )
-        methods[name] = {
-            "label": f"{name} baseline",
-            **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
-            "repeated_subsets": repeated_lds(predicted, table, queries),
-        }
+        predicted = baseline_predictions(name, bench, train_images)
+        methods[name] = bench.entry(predicted, f"{name} baseline")
+    table, queries = bench.table, bench.queries
     return {
         "truth": {
             "models": int((table.seeds == 0).sum()),
-            "dev_models": int(len(parts.models["dev"])),
-            "test_models": int(len(parts.models["test"])),
-            "recipe_steps": config.steps,
+            "dev_models": int(len(bench.parts.models["dev"])),
+            "test_models": int(len(bench.parts.models["test"])),
+            "recipe_steps": bench.config.steps,
             "step_timesteps": queries.timesteps.mean(0).round().astype(int).tolist(),
             "steps": queries.steps.tolist(),
         },

@@ -15,7 +15,7 @@ from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import AttributionIndex
 from explorer.index_methods import checkpoint_model, query_computer
 from explorer.projector import CountSketchProjector
-from precompute.featurize import FeaturizeOptions, featurize
+from precompute.featurize import FeaturizeOptions, featurize, reindex
 from precompute.method_build import MethodOptions, history_checkpoints
 
 SPEC = FeatureSpec(output="mean", buckets=2, proj_dim=64)
@@ -188,3 +188,32 @@ def test_ekfac_scores_are_preconditioned_inner_products(tiny_model, rows_and_que
         )
         got = index_scores(index, tiny_model, queries, bucket)
         np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_reindex_as_retrac_equals_featurize_retrac(tiny_model, tiny_model_dir, rows_and_queries, tmp_path):
+    train, _ = rows_and_queries
+    history = str(tiny_model_dir / "checkpoint" / "history")
+    flat = {"normalize": False, "center": False}
+    tracin = build(
+        tiny_model,
+        train,
+        tmp_path / "t",
+        MethodOptions("tracin", checkpoints=history, num_checkpoints=2),
+        keep_features=True,
+        **flat,
+    )
+    retrac = build(
+        tiny_model,
+        train,
+        tmp_path / "r",
+        MethodOptions("retrac", checkpoints=history, num_checkpoints=2),
+        **flat,
+    )
+    derived = AttributionIndex.load(
+        reindex(tracin.directory, tmp_path / "d", FeaturizeOptions(**flat), as_retrac=True)
+    )
+    assert derived.meta.method == retrac.meta.method
+    for bucket in range(SPEC.buckets):
+        np.testing.assert_allclose(derived.vectors(bucket), retrac.vectors(bucket), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ExplorerError, match="--as-retrac turns a tracin index"):
+        reindex(retrac.directory, tmp_path / "e", FeaturizeOptions(), as_retrac=True)
