@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,6 +163,25 @@ def cache_shared_queries(bench: Benchmark, model, cache: Path) -> None:
         np.savez(target, **unit)  # precompute.method_build.unit_blocks
 
 
+def history_record() -> dict:
+    """What the TracIn / ReTrac checkpoints are: a rerun of the shipped recipe, and how far its final EMA
+    weights are from the shipped ones (max over tensors of |a - b| / |b|)."""
+    from explorer.index import AttributionIndex
+
+    shipped = load_file(str(ROOT / "assets/model/unet/diffusion_pytorch_model.safetensors"))
+    rerun = load_file(str(ROOT / "runs/shipped-history/unet/diffusion_pytorch_model.safetensors"))
+    relative = max(float((rerun[k] - v).norm() / v.norm().clamp_min(1e-12)) for k, v in shipped.items())
+    tracin = AttributionIndex.load(ROOT / "runs/tracin512-int8").meta
+    ekfac = AttributionIndex.load(ROOT / f"runs/ekfac2048-d{DAMPINGS[0]:g}").meta
+    return {
+        "checkpoint_steps": [c.step for c in tracin.method.checkpoints],
+        "checkpoint_dim": tracin.spec.proj_dim // len(tracin.method.checkpoints),
+        "final_ema_max_relative_difference": relative,
+        "ekfac_fit_images": ekfac.method.fit_images,
+        "ekfac_dim": ekfac.spec.proj_dim,
+    }
+
+
 def dev_heldout(bench: Benchmark, predicted) -> float:
     truth, guess, _ = bench.columns(predicted, "dev")["heldout"]
     return float(np.nanmean(spearman_columns(truth, guess)))
@@ -215,11 +235,16 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--truth", default="bench/results/lds_mnist5k")
     parser.add_argument("--cache", default="bench/cache/lds-mnist5k")
+    parser.add_argument("--warm", type=int, default=None, help="only build and score the first N families")
     args = parser.parse_args()
     model = load_model(ROOT / "assets" / "model")
     train, heldout = train_heldout_split(load_dataset("mnist5k"))
     bench = Benchmark.load(ROOT / args.truth, train.images, heldout.images)
     rows, predictions = [], {}
+    if args.warm is not None:
+        for family in FAMILIES[: args.warm]:
+            choose(family, bench, model, ROOT / args.cache)
+        return
     for family in FAMILIES:
         if family["method"] in ("Diffusion-ReTrac", "EK-FAC influence"):
             cache_shared_queries(bench, model, ROOT / args.cache)
@@ -264,7 +289,12 @@ def main() -> None:
         }
         for paper, claim, first, second in CLAIMS
     ]
-    result = {"rows": rows, "claims": claims, "command": "python bench/methods_lds.py"}
+    result = {
+        "rows": rows,
+        "claims": claims,
+        "history": history_record(),
+        "command": "python bench/methods_lds.py",
+    }
     for claim in claims:
         print(claim["claim"], json.dumps({k: claim[k] for k in ("heldout", "step_trajectory")}))
     if args.json:

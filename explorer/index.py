@@ -137,7 +137,7 @@ class AttributionIndex:
             "normalized" if self.normalize else "raw",
         ]
         if self.meta.das:
-            parts.append("DAS")
+            parts.append("residual-weighted")
         if spec.projector != "countsketch":
             parts.append(spec.projector)
         if spec.exact_params or spec.exact_layers:

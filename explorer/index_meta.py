@@ -65,7 +65,8 @@ class FeatureSource:
 
 @dataclass(frozen=True)
 class IndexMeta(FeatureSource):
-    """meta.json: the feature source plus the scoring (lambda, centering, normalization, DAS) and storage."""
+    """meta.json: the feature source plus the scoring (lambda, centering, normalization, residual weights,
+    method) and storage."""
 
     lambdas: tuple[LambdaRecord, ...]  # "lambda" in meta.json, one per bucket
     normalize: bool

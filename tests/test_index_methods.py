@@ -217,3 +217,35 @@ def test_reindex_as_retrac_equals_featurize_retrac(tiny_model, tiny_model_dir, r
         np.testing.assert_allclose(derived.vectors(bucket), retrac.vectors(bucket), rtol=1e-5, atol=1e-6)
     with pytest.raises(ExplorerError, match="--as-retrac turns a tracin index"):
         reindex(retrac.directory, tmp_path / "e", FeaturizeOptions(), as_retrac=True)
+
+
+def test_the_app_offers_every_method_in_its_dropdown(tiny_model_dir, tiny_model, rows_and_queries, tmp_path):
+    """A real Gradio server over DAS, ReTrac and EK-FAC indexes: generate with one, switch to the others."""
+    from app_fixtures import start_app
+    from gradio_client import Client
+
+    train, _ = rows_and_queries
+    history = str(tiny_model_dir / "checkpoint" / "history")
+    directories = [
+        build(tiny_model, train, tmp_path / "das", MethodOptions("das")).directory,
+        build(
+            tiny_model,
+            train,
+            tmp_path / "retrac",
+            MethodOptions("retrac", checkpoints=history, num_checkpoints=2),
+        ).directory,
+        build(
+            tiny_model,
+            train,
+            tmp_path / "ekfac",
+            MethodOptions("ekfac", fit_images=8, fit_samples_per_image=1),
+        ).directory,
+    ]
+    app = start_app(tiny_model_dir, *directories)
+    names = list(app.explorer.indexes)
+    assert [name.split(" (")[1].split(",")[0] for name in names] == ["DAS", "ReTrac", "EK-FAC IF"]
+    client = Client(app.url, verbose=False)
+    client.predict(3, 10, 4, names[0], api_name="/generate")
+    for name in names[1:]:
+        status = client.predict(9, name, 4, api_name="/reattribute_index")[7]
+        assert name in status

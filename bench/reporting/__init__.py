@@ -15,6 +15,7 @@ MODULES = (
     "fast_path",
     "journey",
     "lambda_grid",
+    "methods",
 )
 
 for _name in MODULES:
