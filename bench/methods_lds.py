@@ -6,10 +6,12 @@ papers' claims as paired differences.
 
 The indexes are real index directories (`python app.py --index DIR` serves any of them), int8 like the
 served one: TRAK (`loss`) and D-TRAK (`mean`) from the raw features runs/loss512 and runs/mean512 kept,
-DAS from runs/das512 (`featurize --method das`), each as published (no centering, no normalization) and as
-the explorer scores (centered, normalized), at relative lambdas by `precompute reindex`; TracIn and ReTrac
-from runs/tracin512 and runs/retrac512 (`featurize --method tracin|retrac --checkpoints` over 4 checkpoints
-of runs/shipped-history, a rerun of the shipped model's training recipe); EK-FAC influence functions from
+DAS from runs/das512 (`featurize --method das`), each as published (no centering, no normalization) and
+as the explorer scores (centered, normalized), at relative lambdas by `precompute reindex`; DAS's
+released-code shortcut (`mean` rows times the residual norm: `reindex --das-weights`, residuals in
+runs/mean512); TracIn and ReTrac from runs/tracin512 (`featurize --method tracin --checkpoints` over 4
+checkpoints of runs/shipped-history, a rerun of the shipped model's training recipe; ReTrac by `reindex
+--as-retrac`, what `featurize --method retrac` computes); EK-FAC influence functions from
 runs/ekfac2048-d* (bench/ekfac_damping.py: one index per damping). Scoring reads the index files as the
 explorer does (precompute.shipped_lds); the per-step column is Journey-TRAK's query (x0hat of the step).
 """
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +51,11 @@ DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # bench/ekfac_damping.py's grid (one g
 RAW, EXPLORER = "as published (no centering, no normalization)", "centered + normalized (the explorer's)"
 
 
-def ridge_family(method: str, paper: str, source: str, variant: str, existing: dict | None = None) -> dict:
-    flags = ["--no-center", "--no-normalize"] if variant == RAW else []
-    tag = "raw" if variant == RAW else "cn"
+def ridge_family(
+    method: str, paper: str, source: str, variant: str, existing: dict | None = None, extra: tuple = ()
+) -> dict:
+    flags = [*(["--no-center", "--no-normalize"] if variant == RAW else []), *extra]
+    tag = ("raw" if variant == RAW else "cn") + ("-residual" if extra else "")
     return {
         "method": method,
         "paper": paper,
@@ -83,6 +88,10 @@ FAMILIES = [
     ridge_family("D-TRAK", "2311.00500", "runs/mean512", EXPLORER, {0.03: "assets/index"}),
     ridge_family("DAS", "2410.18639", "runs/das512", RAW),
     ridge_family("DAS", "2410.18639", "runs/das512", EXPLORER),
+    # the released code's scalar shortcut: D-TRAK `mean` rows times the residual norm (--das-weights)
+    ridge_family(
+        "DAS (code's residual shortcut)", "2410.18639", "runs/mean512", RAW, extra=("--das-weights",)
+    ),
     fixed(
         "Diffusion-TracIn",
         "2401.09031",
@@ -120,17 +129,19 @@ def build(family: dict, value) -> str:
     return directory
 
 
-def cache_shared_queries(bench: Benchmark, model, cache: Path) -> None:
-    """Query features that derive from others, computed once: every EK-FAC damping from one rotation of each
-    query gradient (bench.ekfac_damping.DampingGrid), and ReTrac's from TracIn's (the same checkpoints'
-    sketches; ReTrac's blocks are TracIn's blocks scaled to unit norm). The cache files are the ones
-    precompute.shipped_lds reads, so scoring then finds them."""
+def cache_ekfac_queries(bench: Benchmark, model, cache: Path) -> None:
+    """Every EK-FAC damping's query features from one rotation of each query gradient
+    (bench.ekfac_damping.DampingGrid), into the cache files precompute.shipped_lds reads. Waits for
+    bench/ekfac_damping.py's indexes if that is still running."""
     from bench.ekfac_damping import DampingGrid
     from explorer.features import FeatureComputer
     from explorer.index import AttributionIndex
     from explorer.index_methods import query_computer
 
-    ekfac = [AttributionIndex.load(ROOT / f"runs/ekfac2048-d{d:g}") for d in DAMPINGS]
+    directories = [ROOT / f"runs/ekfac2048-d{d:g}" for d in DAMPINGS]
+    while not all((d / "meta.json").is_file() for d in directories):
+        time.sleep(30)
+    ekfac = [AttributionIndex.load(d) for d in directories]
     missing = [index for index in ekfac if not (cache / query_cache_name(index)).is_file()]
     if missing:
         first = missing[0]
@@ -149,6 +160,16 @@ def cache_shared_queries(bench: Benchmark, model, cache: Path) -> None:
                 whole=raw["whole"][..., d * k : (d + 1) * k],
                 steps=raw["steps"][:, d * k : (d + 1) * k],
             )
+
+
+def cache_retrac_queries(cache: Path) -> None:
+    """ReTrac's query features from TracIn's: the same checkpoints' sketches, each block scaled to unit
+    norm (precompute.method_build.unit_blocks)."""
+    from explorer.index import AttributionIndex
+
+    for family in FAMILIES:
+        if family["method"] in ("Diffusion-TracIn", "Diffusion-ReTrac"):
+            build(family, None)
     tracin, retrac = (AttributionIndex.load(ROOT / f"runs/{name}512-int8") for name in ("tracin", "retrac"))
     source, target = cache / query_cache_name(tracin), cache / query_cache_name(retrac)
     hashes = [
@@ -203,9 +224,9 @@ def choose(family: dict, bench: Benchmark, model, cache: Path) -> tuple:
         best = max(grid, key=lambda v: scored[v][3])
         low, high = LAMBDA_LIMITS
         if family["extend"] and best == grid[0] and best / 10 >= low:
-            grid = [best / 10, *grid]
+            grid = [float(f"{best / 10:g}"), *grid]
         elif family["extend"] and best == grid[-1] and best * 10 <= high:
-            grid = [*grid, best * 10]
+            grid = [*grid, float(f"{best * 10:g}")]
         else:
             break
     cells = [{"value": v, "index": scored[v][0], "dev_heldout": scored[v][3]} for v in grid]
@@ -213,19 +234,25 @@ def choose(family: dict, bench: Benchmark, model, cache: Path) -> tuple:
     return cells, predicted, directory, best, label
 
 
-CLAIMS = [  # (paper, claim, first row, second row, column)
+CLAIMS = [  # (paper, claim, first (method, variant), second): rows of FAMILIES or a baseline
     ("2311.00500", "D-TRAK's output function beats TRAK's loss", ("D-TRAK", RAW), ("TRAK", RAW)),
     ("2311.00500", "(the same, centered + normalized)", ("D-TRAK", EXPLORER), ("TRAK", EXPLORER)),
     ("2410.18639", "DAS beats D-TRAK", ("DAS", RAW), ("D-TRAK", RAW)),
     ("2410.18639", "(the same, centered + normalized)", ("DAS", EXPLORER), ("D-TRAK", EXPLORER)),
     (
+        "2410.18639",
+        "(the code's residual shortcut)",
+        ("DAS (code's residual shortcut)", RAW),
+        ("D-TRAK", RAW),
+    ),
+    (
         "2401.09031",
         "ReTrac's renormalization beats TracIn",
         ("Diffusion-ReTrac", None),
-        ("Diffusion-TracIn", None),
+        ("Diffusion-TracIn", RAW),
     ),
-    ("2410.13850", "EK-FAC influence beats TRAK without tuning", ("EK-FAC influence", None), ("TRAK", RAW)),
-    ("2410.13850", "EK-FAC influence beats D-TRAK", ("EK-FAC influence", None), ("D-TRAK", RAW)),
+    ("2410.13850", "EK-FAC influence beats TRAK without tuning", ("EK-FAC influence", RAW), ("TRAK", RAW)),
+    ("2410.13850", "EK-FAC influence beats D-TRAK", ("EK-FAC influence", RAW), ("D-TRAK", RAW)),
     ("2312.06205", "per-step TRAK beats pixel similarity", ("TRAK", RAW), ("pixel", None)),
 ]
 
@@ -246,8 +273,10 @@ def main() -> None:
             choose(family, bench, model, ROOT / args.cache)
         return
     for family in FAMILIES:
-        if family["method"] in ("Diffusion-ReTrac", "EK-FAC influence"):
-            cache_shared_queries(bench, model, ROOT / args.cache)
+        if family["method"] == "Diffusion-ReTrac":
+            cache_retrac_queries(ROOT / args.cache)
+        if family["method"] == "EK-FAC influence":
+            cache_ekfac_queries(bench, model, ROOT / args.cache)
         cells, predicted, directory, value, label = choose(family, bench, model, ROOT / args.cache)
         key = (family["method"], family["variant"] if family["variant"] in (RAW, EXPLORER) else None)
         predictions[key] = predicted

@@ -7,7 +7,8 @@ lowers query q's loss" (the LDS prediction is g_j(q) = -sum_{i in S_j} tau(q, i)
   function `loss` (TRAK) or `square`, `mean`, `l1`, `l2` (D-TRAK); lambda by GCV on the training
   features (no evaluation data); computed as <L^-1 phi_q, L^-1 phi_i>.
 - Diffusion-ReTrac normalization: the same with both whitened vectors L2-normalized (cosine).
-- DAS: the training rows scaled by their residual weight r_i / mean(r) (as the index does).
+- DAS residual weights: the training rows scaled by r_i / mean(r), the scalar shortcut of DAS's released
+  code (featurize --das-weights); the paper's DAS is the index method `das` (explorer.index_methods).
 - Diffusion-TracIn: sum over training checkpoints c of lr <g_q^c, g_i^c> (gradients of the loss,
   no whitening); its ReTrac variant normalizes every g^c first.
 

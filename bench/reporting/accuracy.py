@@ -69,7 +69,8 @@ def lds_digits() -> str:
         Methods (`precompute/methods.py`, `precompute/baselines.py`): `trak-loss` is TRAK (output: the
         training loss); `dtrak-square`, `-mean`, `-l1`, `-l2` are D-TRAK with those output functions; `-norm`
         adds Diffusion-ReTrac normalization (both whitened vectors L2-normalized); `das-*` scale the training
-        rows by DAS residual weights; `tracin` is Diffusion-TracIn over 4 checkpoints and `retrac` the same
+        rows by residual weights, the scalar shortcut of DAS's released code (the paper's DAS is scored on
+        the [methods page](methods.md)); `tracin` is Diffusion-TracIn over 4 checkpoints and `retrac` the same
         with unit-norm gradients; `pixel`, `embedding` (the feature classifier's penultimate layer) and
         `random` are baselines. In the main table lambda is chosen by GCV on the training features; the
         shipped-default study compares fixed relative lambdas picked on one half of the queries and subset

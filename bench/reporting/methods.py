@@ -151,8 +151,10 @@ def methods() -> str:
             ),
             para(f"""How each is built: TRAK and D-TRAK `featurize --output loss|mean`; DAS `featurize
             --method das` (its stored rows are loss gradients J_i^T r_i, its kernel and queries the
-            `mean` output's: the linearized change of the output under the Newton step); TracIn and
-            ReTrac `featurize --method tracin|retrac --checkpoints` over the checkpoints at steps
+            `mean` output's: the linearized change of the output under the Newton step); DAS's released
+            code instead scales D-TRAK `mean` rows by the residual norm (`--das-weights`); TracIn
+            `featurize --method tracin --checkpoints`, and ReTrac from its kept features by `reindex
+            --as-retrac` (what `featurize --method retrac` computes, tested), over the checkpoints at steps
             {", ".join(map(str, history["checkpoint_steps"]))} of a rerun of the shipped model's
             training recipe (runs/shipped-history: the shipped model kept no checkpoints, and the
             rerun's final EMA weights differ from the shipped ones by at most
