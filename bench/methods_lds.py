@@ -104,7 +104,7 @@ FAMILIES = [
         "2401.09031",
         "per-checkpoint unit gradients, no centering",
         "runs/retrac512-int8",
-        ["reindex", "--features-from", "runs/retrac512", "--no-center"],
+        ["reindex", "--features-from", "runs/tracin512", "--as-retrac", "--no-center"],
     ),
     {
         "method": "EK-FAC influence",
