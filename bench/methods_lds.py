@@ -52,10 +52,16 @@ RAW, EXPLORER = "as published (no centering, no normalization)", "centered + nor
 
 
 def ridge_family(
-    method: str, paper: str, source: str, variant: str, existing: dict | None = None, extra: tuple = ()
+    method: str,
+    paper: str,
+    source: str,
+    variant: str,
+    existing: dict | None = None,
+    extra: tuple = (),
+    suffix: str = "",
 ) -> dict:
     flags = [*(["--no-center", "--no-normalize"] if variant == RAW else []), *extra]
-    tag = ("raw" if variant == RAW else "cn") + ("-residual" if extra else "")
+    tag = ("raw" if variant == RAW else "cn") + suffix
     return {
         "method": method,
         "paper": paper,
@@ -90,7 +96,17 @@ FAMILIES = [
     ridge_family("DAS", "2410.18639", "runs/das512", EXPLORER),
     # the released code's scalar shortcut: D-TRAK `mean` rows times the residual norm (--das-weights)
     ridge_family(
-        "DAS (code's residual shortcut)", "2410.18639", "runs/mean512", RAW, extra=("--das-weights",)
+        "DAS (code's residual shortcut)",
+        "2410.18639",
+        "runs/mean512",
+        RAW,
+        None,
+        ("--das-weights",),
+        "-residual",
+    ),
+    # the GGN's stand-in from the rows' own loss gradients (TRAK's empirical Fisher) instead of the output's
+    ridge_family(
+        "DAS (Fisher kernel)", "2410.18639", "runs/das512", RAW, None, ("--das-kernel", "loss"), "-fisher"
     ),
     fixed(
         "Diffusion-TracIn",
@@ -239,6 +255,7 @@ CLAIMS = [  # (paper, claim, first (method, variant), second): rows of FAMILIES 
     ("2311.00500", "(the same, centered + normalized)", ("D-TRAK", EXPLORER), ("TRAK", EXPLORER)),
     ("2410.18639", "DAS beats D-TRAK", ("DAS", RAW), ("D-TRAK", RAW)),
     ("2410.18639", "(the same, centered + normalized)", ("DAS", EXPLORER), ("D-TRAK", EXPLORER)),
+    ("2410.18639", "(with the loss gradients' kernel)", ("DAS (Fisher kernel)", RAW), ("D-TRAK", RAW)),
     (
         "2410.18639",
         "(the code's residual shortcut)",

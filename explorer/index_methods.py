@@ -10,8 +10,9 @@ Every method ends in one inner-product search over stored rows psi_i with a quer
   r_i = eps_theta(x_t^i) - eps the training residual. J_i^T r_i is the gradient of the training loss, so
   the stored rows are whitened loss gradients, while the kernel and the query are the output function's
   (D-TRAK's compression of the output Jacobian J to the gradient of f, e.g. mean of eps): the score is the
-  linearized change of f(eps_theta(x_q)). The released code's approximation, grad f_i times |r_i|, is the
-  old `--das-weights` (a scalar per row).
+  linearized change of f(eps_theta(x_q)). das_kernel "loss" takes the kernel from the rows instead (the
+  empirical Fisher sum_i J_i^T r_i r_i^T J_i, TRAK's stand-in for the GGN). The released code's
+  approximation, grad f_i times |r_i|, is `--das-weights` (a scalar per row).
 - tracin / retrac (Diffusion-TracIn and -ReTrac, arXiv 2401.09031): sum over training checkpoints c of
   eta_c <g_q^c, g_i^c> (ReTrac: of unit-norm g^c, which removes the timestep-induced norm bias). Each
   checkpoint is sketched to k / C dimensions and the sketches concatenated (scaled by sqrt(eta_c), or
@@ -39,6 +40,7 @@ from explorer.model import DiffusionModel
 METHODS = ("trak", "das", "tracin", "retrac", "ekfac")
 WHITENED = ("trak", "das")  # the methods with a TRAK kernel; the others store no whitening factor
 CHECKPOINT_METHODS = ("tracin", "retrac")
+DAS_KERNELS = ("output", "loss")  # das: whose gradients form the kernel (the GGN's approximation)
 LOSS_TRAINING_SIDE = ("das", "ekfac")  # stored rows are gradients of the training loss
 
 
@@ -62,6 +64,7 @@ class IndexMethod:
     relative_damping: float = 0.0  # ekfac: lambda / mean EK-FAC eigenvalue
     fit_images: int = 0  # ekfac: training images the factors were fitted on
     fit_seed: int = 0  # ekfac: seeds the fit's timesteps, noise and pseudo-targets
+    das_kernel: str = "output"  # das: the GGN from the output function's gradients, or "loss": from the rows'
 
     @property
     def whitened(self) -> bool:
@@ -93,6 +96,7 @@ class IndexMethod:
             relative_damping=float(item["relative_damping"]),
             fit_images=int(item["fit_images"]),
             fit_seed=int(item["fit_seed"]),
+            das_kernel=str(item.get("das_kernel", "output")),
         )
 
     @property
@@ -108,8 +112,10 @@ def method_problem(meta: dict) -> str | None:
     if item is None:
         return None
     keys = {f.name for f in dataclasses.fields(IndexMethod)}
-    if not isinstance(item, dict) or set(item) != keys:
+    if not isinstance(item, dict) or set(item) | {"das_kernel"} != keys:
         return f"method is {item!r:.60}, must hold exactly {', '.join(sorted(keys))}"
+    if item.get("das_kernel", "output") not in DAS_KERNELS:
+        return f"method.das_kernel is {item['das_kernel']!r}, must be one of {', '.join(DAS_KERNELS)}"
     if item["name"] not in METHODS:
         return f"method.name is {item['name']!r}, must be one of {', '.join(METHODS)}"
     checkpoints = item["checkpoints"]

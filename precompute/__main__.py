@@ -123,6 +123,12 @@ def add_featurize(commands) -> None:
     )
     parser.add_argument("--fit-images", type=positive_int, default=1000, help="ekfac: images the factors see")
     parser.add_argument(
+        "--das-kernel",
+        choices=("output", "loss"),
+        default="output",
+        help="das: the kernel from the output function's gradients (default) or the loss gradients' (Fisher)",
+    )
+    parser.add_argument(
         "--lambda",
         dest="relative_lambda",
         type=lambda_rule,
@@ -172,6 +178,7 @@ def add_featurize(commands) -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--das-weights", action="store_true")
+    parser.add_argument("--das-kernel", choices=("output", "loss"), help="a das index with this kernel")
     parser.add_argument(
         "--as-retrac",
         action="store_true",
@@ -283,6 +290,7 @@ def run_featurize(args) -> None:
             num_checkpoints=args.num_checkpoints,
             relative_damping=args.damping,
             fit_images=args.fit_images,
+            das_kernel=args.das_kernel,
         ),
     )
     try:
@@ -321,7 +329,9 @@ def run_reindex(args) -> None:
         ivf_nprobe=args.ivf_nprobe,
         ivf_on_disk=args.ivf_on_disk,
     )
-    print(f"index written to {reindex(args.features_from, args.out, options, as_retrac=args.as_retrac)}")
+    print(
+        f"index written to {reindex(args.features_from, args.out, options, args.as_retrac, args.das_kernel)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,13 +308,17 @@ def build_index(
 
 
 def reindex(
-    source_dir: str | Path, out_dir: str | Path, options: FeaturizeOptions, as_retrac: bool = False
+    source_dir: str | Path,
+    out_dir: str | Path,
+    options: FeaturizeOptions,
+    as_retrac: bool = False,
+    das_kernel: str | None = None,
 ) -> Path:
     """A new index from the raw features an earlier featurize kept (--keep-features): no gradients.
 
     Other normalization, DAS, lambda, storage or index type (flat <-> ivf); as_retrac: a tracin index's
     features as Diffusion-ReTrac's, each checkpoint's block scaled to unit norm (what featurize --method
-    retrac computes from the same checkpoints)."""
+    retrac computes from the same checkpoints); das_kernel: a das index's kernel, "output" or "loss"."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     index = AttributionIndex.load(source_dir)
     _check_index_options(options, index.meta.count)
@@ -338,6 +342,10 @@ def reindex(
         )
     features = np.load(features_path, mmap_mode="r", allow_pickle=False)
     method = index.meta.method
+    if das_kernel is not None:
+        if method.name != "das":
+            raise ExplorerError(f"--das-kernel applies to a das index; {str(source_dir)!r} is {method.name}")
+        method = replace(method, das_kernel=das_kernel)
     if as_retrac:
         features, method = unit_blocks(features, len(method.checkpoints)), replace(method, name="retrac")
     residuals = (

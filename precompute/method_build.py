@@ -26,6 +26,7 @@ from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index_methods import (
     CHECKPOINT_METHODS,
+    DAS_KERNELS,
     METHODS,
     Checkpoint,
     CheckpointFeatures,
@@ -55,6 +56,7 @@ class MethodOptions:
     fit_images: int = 1000  # ekfac: training images the factors are fitted on (seeded subset)
     fit_samples_per_image: int = 4  # ekfac: (t, eps, v) draws per fitting image
     fit_seed: int = 0
+    das_kernel: str = "output"  # das: the kernel from the output function's gradients, or the rows' (loss)
 
     def check(self) -> None:
         if self.name not in METHODS:
@@ -66,6 +68,8 @@ class MethodOptions:
             )
         if self.name not in CHECKPOINT_METHODS and self.checkpoints is not None:
             raise ExplorerError(f"--checkpoints applies to --method tracin or retrac, not {self.name}")
+        if self.das_kernel not in DAS_KERNELS:
+            raise ExplorerError(f"--das-kernel {self.das_kernel!r}: use one of {', '.join(DAS_KERNELS)}")
         if self.relative_damping <= 0:
             raise ExplorerError(f"--damping {self.relative_damping} must be > 0, e.g. 1e-3")
 
@@ -113,7 +117,7 @@ def method_featurizer(
             Featurizer(model, spec, chunk_size, workers),
             Featurizer(model, loss, chunk_size, workers),
         )
-        return StackedFeatures(kernel, rows), IndexMethod("das")
+        return StackedFeatures(kernel, rows), IndexMethod("das", das_kernel=options.das_kernel)
     if options.name in CHECKPOINT_METHODS:
         chosen = history_checkpoints(Path(options.checkpoints), options.num_checkpoints)
         one = checkpoint_spec(spec, len(chosen))
@@ -204,9 +208,12 @@ def fit_method_bucket(
     if method.name == "das":
         k = chunks.dim // 2
         kernel, rows = ColumnView(chunks, 0, k), ColumnView(chunks, k, 2 * k)
-        scorer, choice = fit_bucket_chunks(
-            kernel, bucket, collective, relative_lambda, center, normalize, seed
-        )
+        fit = relative_lambda, center, normalize, seed
+        if method.das_kernel == "loss":  # the rows' empirical Fisher; the query keeps its own center
+            row_scorer, choice = fit_bucket_chunks(rows, bucket, collective, *fit)
+            query_center = _mean(kernel, bucket, collective) if center else None
+            return BucketScorer(row_scorer.factor, query_center, normalize), choice, rows, row_scorer
+        scorer, choice = fit_bucket_chunks(kernel, bucket, collective, *fit)
         row_center = _mean(rows, bucket, collective) if center else None
         return scorer, choice, rows, BucketScorer(scorer.factor, row_center, normalize)
     # tracin, retrac, ekfac: no kernel, no factor file

@@ -55,23 +55,29 @@ def index_scores(index: AttributionIndex, model, queries: torch.Tensor, bucket: 
     return np.stack([index.scores(v, bucket) for v in vectors])
 
 
-def test_das_scores_are_the_output_change_of_the_newton_step(tiny_model, rows_and_queries, tmp_path):
+@pytest.mark.parametrize("kernel", ["output", "loss"])
+def test_das_scores_are_the_output_change_of_the_newton_step(
+    tiny_model, tiny_index_dir, rows_and_queries, tmp_path, kernel
+):
     train, queries = rows_and_queries
-    index = build(
-        tiny_model, train, tmp_path / "das", MethodOptions("das"), normalize=False, relative_lambda=0.1
-    )
+    method = MethodOptions("das", das_kernel=kernel)
+    index = build(tiny_model, train, tmp_path / "das", method, normalize=False, relative_lambda=0.1)
+    assert index.meta.method.das_kernel == kernel
     images = torch.from_numpy(to_model_range(train.images))
     loss_spec = dataclasses.replace(SPEC, output="loss")
     for bucket in range(SPEC.buckets):
         kernel_rows = autograd_features(tiny_model, SPEC, images, bucket)  # grad f_i: the kernel (GGN of f)
         loss_rows = autograd_features(tiny_model, loss_spec, images, bucket)  # grad L_i = J_i^T r_i
         query = autograd_features(tiny_model, SPEC, queries, bucket)  # grad f(eps(x_q))
-        centered = kernel_rows - kernel_rows.mean(0)
+        fisher = loss_rows if kernel == "loss" else kernel_rows  # whose gradients approximate the GGN
+        centered = fisher - fisher.mean(0)
         lam = index.meta.lambdas[bucket].value
-        kernel = centered.T @ centered + lam * np.eye(SPEC.proj_dim)
-        expected = (query - kernel_rows.mean(0)) @ np.linalg.solve(kernel, (loss_rows - loss_rows.mean(0)).T)
+        gram = centered.T @ centered + lam * np.eye(SPEC.proj_dim)
+        expected = (query - kernel_rows.mean(0)) @ np.linalg.solve(gram, (loss_rows - loss_rows.mean(0)).T)
         got = index_scores(index, tiny_model, queries, bucket)
         np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    with pytest.raises(ExplorerError, match="--das-kernel applies to a das index"):
+        reindex(tiny_index_dir, tmp_path / "x", FeaturizeOptions(), das_kernel="loss")  # a trak index
 
 
 @pytest.mark.parametrize("name", ["tracin", "retrac"])

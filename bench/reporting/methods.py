@@ -30,12 +30,15 @@ PAPERS = {  # what each seed paper claims, and what of it this benchmark can tes
         "DAS (Lin et al., arXiv 2410.18639)",
         "attributes the change of the noise predictor's output (a KL between the predictors with and without "
         "the example, linearized, one Newton step) instead of the loss, and reports a higher LDS than D-TRAK "
-        "on CIFAR-2, CIFAR-10, CelebA and ArtBench.",
+        "on CIFAR-2, CIFAR-10, CelebA and ArtBench. That score measures the change of the noise prediction, "
+        "while the LDS here (as in the paper's released code) measures the loss; the rows below are the "
+        "paper's form with either kernel, and the released code's shortcut, which keeps D-TRAK's rows.",
     ),
     "2410.13850": (
         "Influence functions for diffusion (Mlodozeniec et al., arXiv 2410.13850)",
         "uses EK-FAC approximations of the GGN of the diffusion loss and reports that these influence "
-        "functions beat TRAK and D-TRAK on LDS without the per-method tuning D-TRAK needs.",
+        "functions beat TRAK and D-TRAK on LDS without the per-method tuning D-TRAK needs. Its preconditioned "
+        "gradients are sketched for one search; a wider sketch than the one here may recover part of the gap.",
     ),
 }
 
