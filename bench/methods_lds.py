@@ -46,7 +46,7 @@ from precompute.shipped_lds import (  # noqa: E402
 )
 
 LAMBDAS = (0.003, 0.03, 0.3)  # the starting grid of every ridge family; extended while the choice is an edge
-LAMBDA_LIMITS = (1e-5, 30.0)
+LAMBDA_LIMITS = (1e-5, 3000.0)
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # bench/ekfac_damping.py's grid (one gradient pass)
 RAW, EXPLORER = "as published (no centering, no normalization)", "centered + normalized (the explorer's)"
 

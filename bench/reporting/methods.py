@@ -37,8 +37,9 @@ PAPERS = {  # what each seed paper claims, and what of it this benchmark can tes
     "2410.13850": (
         "Influence functions for diffusion (Mlodozeniec et al., arXiv 2410.13850)",
         "uses EK-FAC approximations of the GGN of the diffusion loss and reports that these influence "
-        "functions beat TRAK and D-TRAK on LDS without the per-method tuning D-TRAK needs. Its preconditioned "
-        "gradients are sketched for one search; a wider sketch than the one here may recover part of the gap.",
+        "functions beat TRAK and D-TRAK on LDS without the per-method tuning D-TRAK needs. Its "
+        "preconditioned gradients are sketched for one search; a wider sketch than the one here may "
+        "recover part of the gap.",
     ),
 }
 
@@ -74,7 +75,7 @@ def _edge_note(rows: list[dict]) -> str:
         return "Every grid's dev choice lies inside it."
     return (
         "At the edge of its grid (its optimum may lie beyond): " + ", ".join(edges) + ". The ridge grids "
-        "extend themselves up to 1e-5 and 30; EK-FAC's damping needs a new gradient pass per value."
+        "extend themselves up to 1e-5 and 3000; EK-FAC's damping needs a new gradient pass per value."
     )
 
 
