@@ -157,7 +157,18 @@ class FeatureComputer:
                 f"{spec.precision} is emulated here and slower than fp32"
             )
         self.projector, self.kronecker = None, None
-        if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
+        if projector is not None and (
+            spec.projector != "countsketch" or spec.exact_params or spec.exact_layers
+        ):
+            raise ExplorerError(
+                f"a projector override (EK-FAC) replaces the count-sketch of exact gradients, not the "
+                f"{spec.projector!r} projector or calibrated exact parameters: featurize it with the default "
+                "--projector countsketch and without --calibrate",
+                ("spec.projector",),
+            )
+        if projector is not None:
+            self.projector = projector  # the override takes the gradients in self.names order
+        elif spec.projector == "kronecker":  # checks exact_params and exact_layers itself
             self.kronecker = KroneckerProjector(
                 model.unet,
                 spec.proj_dim,
@@ -178,8 +189,6 @@ class FeatureComputer:
                 spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed
             )
             self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
-        if projector is not None:
-            self.projector = projector
 
     def for_region(self, mask: torch.Tensor) -> FeatureComputer:
         """This computer with its output function restricted to a region, mask (H, W) of 0/1 (region

@@ -41,7 +41,6 @@ METHODS = ("trak", "das", "tracin", "retrac", "ekfac")
 WHITENED = ("trak", "das")  # the methods with a TRAK kernel; the others store no whitening factor
 CHECKPOINT_METHODS = ("tracin", "retrac")
 DAS_KERNELS = ("output", "loss")  # das: whose gradients form the kernel (the GGN's approximation)
-LOSS_TRAINING_SIDE = ("das", "ekfac")  # stored rows are gradients of the training loss
 
 
 def checkpoint_file(step: int) -> str:
@@ -122,6 +121,7 @@ def method_problem(meta: dict) -> str | None:
     if not isinstance(checkpoints, list) or not all(
         isinstance(c, dict)
         and set(c) == {"file", "step", "learning_rate"}
+        and isinstance(c["step"], int)
         and c["file"] == checkpoint_file(c["step"])
         and isinstance(c["learning_rate"], (int, float))
         for c in checkpoints

@@ -5,7 +5,7 @@ of, what is copied into the index (checkpoints, EK-FAC factors), and how each bu
 - das: one pass computes [phi_f, phi_loss] per pair (2k columns); the kernel (and the query side) from
   phi_f, the stored rows are phi_loss whitened by that kernel, centered by their own mean.
 - tracin / retrac: C checkpoints of the training run's history (precompute.train keeps them), each sketched
-  to k / C at its own weights; no kernel (identity factor).
+  to k / C at its own weights; no kernel (no whitening factor is stored).
 - ekfac: factors fitted on a seeded subset of the training data, stored in the index; the rows are
   preconditioned loss gradients; no kernel.
 """
@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from explorer.errors import ExplorerError
-from explorer.features import FeatureSpec
+from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index_methods import (
     CHECKPOINT_METHODS,
     DAS_KERNELS,
@@ -42,7 +42,7 @@ from explorer.scoring import BucketScorer
 from explorer.whitening import LambdaChoice
 from precompute.collective import Collective
 from precompute.featurizer import Featurizer
-from precompute.sharded_fit import fit_bucket_chunks
+from precompute.sharded_fit import bucket_mean, fit_bucket_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def method_featurizer(
             "--method ekfac fits its factors on pixel models only (the fit draws no prompts): use trak or "
             "das for a text-to-image model"
         )
-    plain = Featurizer(model, loss, chunk_size, workers).computer
+    plain = FeatureComputer(model, loss)  # the parameters the factors cover (names, sizes), no replicas
     if all((out_dir / name).is_file() for name in FACTOR_FILES):
         factors = EkfacFactors.load(out_dir, model, plain.names)  # a resumed run: fitted already
     else:
@@ -182,13 +182,6 @@ class ColumnView:
         return np.asarray(self.chunks.features(chunk, bucket)[:, self.start : self.stop])
 
 
-def _mean(chunks, bucket: int, collective: Collective) -> np.ndarray:
-    total = np.zeros(chunks.dim)
-    for chunk in collective.mine(range(chunks.n_chunks)):
-        total += np.asarray(chunks.features(chunk, bucket), dtype=np.float64).sum(axis=0)
-    return collective.sum(total) / chunks.count
-
-
 def fit_method_bucket(
     chunks,
     bucket: int,
@@ -211,12 +204,12 @@ def fit_method_bucket(
         fit = relative_lambda, center, normalize, seed
         if method.das_kernel == "loss":  # the rows' empirical Fisher; the query keeps its own center
             row_scorer, choice = fit_bucket_chunks(rows, bucket, collective, *fit)
-            query_center = _mean(kernel, bucket, collective) if center else None
+            query_center = bucket_mean(kernel, bucket, collective) if center else None
             return BucketScorer(row_scorer.factor, query_center, normalize), choice, rows, row_scorer
         scorer, choice = fit_bucket_chunks(kernel, bucket, collective, *fit)
-        row_center = _mean(rows, bucket, collective) if center else None
+        row_center = bucket_mean(rows, bucket, collective) if center else None
         return scorer, choice, rows, BucketScorer(scorer.factor, row_center, normalize)
     # tracin, retrac, ekfac: no kernel, no factor file
-    mean = _mean(chunks, bucket, collective) if center else None
+    mean = bucket_mean(chunks, bucket, collective) if center else None
     scorer = BucketScorer(None, mean, normalize)
     return scorer, LambdaChoice(value=0.0, relative=0.0, method="none"), chunks, scorer

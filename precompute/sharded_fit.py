@@ -28,6 +28,20 @@ from precompute.chunks import ArrayChunks, ChunkFiles
 from precompute.collective import Collective
 
 
+def bucket_mean(chunks: ChunkFiles | ArrayChunks, bucket: int, collective: Collective) -> np.ndarray:
+    """The mean raw feature (k,) of a bucket over every rank's chunks (sum 1 of the module docstring);
+    refuses non-finite features."""
+    total, bad = np.zeros(chunks.dim), 0.0
+    for chunk in collective.mine(range(chunks.n_chunks)):
+        phi = np.asarray(chunks.features(chunk, bucket), dtype=np.float64)
+        bad += float((~np.isfinite(phi)).sum())
+        total += phi.sum(axis=0)
+    summed = collective.sum(np.append(total, bad))
+    if summed[-1] > 0:
+        raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
+    return summed[:-1] / chunks.count
+
+
 def fit_bucket_chunks(
     chunks: ChunkFiles | ArrayChunks,
     bucket: int,
@@ -40,15 +54,8 @@ def fit_bucket_chunks(
     """The scorer of one bucket, equal on every rank (relative_lambda None: lambda by GCV)."""
     mine = collective.mine(range(chunks.n_chunks))
     k, n = chunks.dim, chunks.count
-    total, bad = np.zeros(k), 0.0
-    for chunk in mine:
-        phi = np.asarray(chunks.features(chunk, bucket), dtype=np.float64)
-        bad += float((~np.isfinite(phi)).sum())
-        total += phi.sum(axis=0)
-    summed = collective.sum(np.append(total, bad))
-    if summed[-1] > 0:
-        raise ExplorerError(f"bucket {bucket} has NaN/inf features: the model produces non-finite gradients")
-    mean = summed[:k] / n if center else None
+    mean = bucket_mean(chunks, bucket, collective)  # also the check for non-finite features
+    mean = mean if center else None
     kernel = np.zeros((k, k))
     heldout = gcv_holdout(n, seed) if relative_lambda is None else np.array([], dtype=np.int64)
     where = np.full(n, -1)

@@ -29,6 +29,7 @@ second seed of f_j(seed 0) and f_j(seed 1), per query, averaged.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,8 +249,6 @@ class Benchmark:
 
     @classmethod
     def load(cls, truth_dir: str | Path, train_images: np.ndarray, heldout_images: np.ndarray) -> Benchmark:
-        import json
-
         from precompute.shipped_truth import QUERIES_NAME, load_truth
 
         truth_dir = Path(truth_dir)
@@ -319,8 +318,6 @@ def score_index(
 def query_cache_name(index: AttributionIndex) -> str:
     """Every spec field changes the query features (precision, calibrated exact layers, ...), and so do a
     method's checkpoints or factors: the cache is keyed on all."""
-    import json
-
     identity = query_identity(index.meta.method, index.meta.spec, index.meta.file_hashes)
     return f"queries_{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.npz"
 

@@ -150,6 +150,11 @@ def test_bad_method_inputs_are_named(tiny_model, tiny_model_dir, rows_and_querie
         build(
             tiny_model, train, tmp_path / "d", MethodOptions("retrac", checkpoints=history, num_checkpoints=3)
         )
+    kronecker = dataclasses.replace(SPEC, projector="kronecker")
+    with pytest.raises(
+        ExplorerError, match="replaces the count-sketch of exact gradients, not the 'kronecker'"
+    ):
+        FeatureComputer(tiny_model, kronecker, projector=CountSketchProjector(10, 4, 0))
     with pytest.raises(ExplorerError, match="does not combine with --method das"):
         build(tiny_model, train, tmp_path / "e", MethodOptions("das"), das_weights=True)
 
