@@ -11,13 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 from explorer.device import DEVICES  # noqa: E402 (a name list: torch loads later)
+from explorer.model_args import MODEL_HELP, add_lora_arguments  # noqa: E402 (light: no torch)
 
 DEFAULT_MODEL, DEFAULT_INDEX = "assets/model", "assets/index"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP + " (default: %(default)s)")
+    add_lora_arguments(parser)
     parser.add_argument(
         "--index",
         action="append",
@@ -34,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--clip",
         default=None,
         metavar="DIR",
-        help="a CLIP model folder (transformers CLIPModel, safetensors): zero-shot likelihood curves of "
-        "--concepts instead of the class classifier",
+        help="a CLIP model folder (transformers CLIPModel, safetensors) or its Hub id in the local cache: "
+        "zero-shot likelihood curves of --concepts instead of the class classifier",
     )
     parser.add_argument(
         "--concepts",
@@ -74,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         explorer = Explorer.from_dirs(
-            args.model, args.index, args.classifier, args.clip, args.concepts, resolve_device(args.device)
+            args.model,
+            args.index,
+            args.classifier,
+            args.clip,
+            args.concepts,
+            resolve_device(args.device),
+            lora=args.lora,
+            lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
         )
     except ExplorerError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from explorer.errors import ExplorerError
+from explorer.model_args import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,9 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument(
         "--index", required=True, help="index directory written by `python -m precompute featurize`"
     )
-    attribute.add_argument(
-        "--model", default=None, help="model directory (default: the one recorded in the index)"
-    )
+    add_model_arguments(attribute, None, required=False)  # default: the model and adapter the index records
     attribute.add_argument(
         "--image", required=True, help="query image file (any size or mode; resized to the model's)"
     )
@@ -46,9 +45,15 @@ def run_attribute(args) -> dict:
     from explorer.index import AttributionIndex, read_meta
     from explorer.model import load_model
 
-    model_dir = args.model if args.model is not None else read_meta(Path(args.index)).model_path
-    model = load_model(model_dir)
-    index = AttributionIndex.load(args.index, model_hash=model.weights_hash)
+    model_dir, lora, scale = args.model, args.lora, args.lora_scale
+    if model_dir is None:  # the model the index was built for, with its adapter unless --lora says otherwise
+        meta = read_meta(Path(args.index))
+        model_dir = meta.model_path
+        if lora is None and meta.lora is not None:
+            lora = meta.lora.path
+            scale = meta.lora.scale if scale is None else scale
+    model = load_model(model_dir, lora=lora, lora_scale=1.0 if scale is None else scale)
+    index = AttributionIndex.load(args.index, model=model)
     classifier_dir = Path(model_dir) / "classifier"
     classifier = load_classifier(classifier_dir) if classifier_dir.exists() else None
     explorer = Explorer(model, {args.index: index}, classifier)

@@ -115,16 +115,20 @@ class Explorer:
         clip_dir: str | Path | None = None,
         concepts: str | list[str] | None = None,
         device: str | torch.device = "cpu",
+        lora: str | None = None,
+        lora_scale: float = 1.0,
     ) -> Explorer:
-        """clip_dir + concepts: zero-shot concept curves (explorer.concepts) instead of the classifier."""
+        """clip_dir + concepts: zero-shot concept curves (explorer.concepts) instead of the classifier; lora,
+        lora_scale: the model's LoRA adapter (explorer.lora; None: the pipeline's own). model_dir and clip_dir
+        may be Hub ids in the local cache (explorer.hub)."""
         if (clip_dir is None) != (concepts is None):
             raise ExplorerError(
                 "--clip and --concepts go together: a CLIP model folder and the concepts to score"
             )
-        model = load_model(model_dir, device)
+        model = load_model(model_dir, device, lora, lora_scale)
         indexes = {}
         for directory in index_dirs:
-            index = AttributionIndex.load(directory, model_hash=model.weights_hash)
+            index = AttributionIndex.load(directory, model=model)
             name = f"{Path(directory).name} ({index.label})"
             if name in indexes:  # two folders with the same name and method: tell them apart by path
                 name = f"{directory} ({index.label})"

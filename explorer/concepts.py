@@ -40,7 +40,9 @@ class ClipConcepts:
     def __init__(self, clip_dir: str | Path, concepts: str | list[str]):
         from transformers import CLIPModel, CLIPTokenizer
 
-        clip_dir = Path(clip_dir)
+        from explorer.hub import local_or_cached
+
+        clip_dir = local_or_cached(clip_dir, "CLIP model")
         self.class_names = parse_concepts(concepts)
         if not (clip_dir / "model.safetensors").is_file():
             raise ExplorerError(

@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -48,7 +49,11 @@ from explorer.index_meta import (
 )
 from explorer.index_write import CAPTIONS_NAME, sha256_file, write_index
 from explorer.ivf import check_kind
+from explorer.lora import describe_model, mismatch_fix
 from explorer.scoring import BucketScorer
+
+if TYPE_CHECKING:
+    from explorer.model import DiffusionModel
 
 __all__ = [
     "CENTER_FORMAT_VERSION",
@@ -149,14 +154,20 @@ class AttributionIndex:
         return ", ".join(parts)
 
     @classmethod
-    def load(cls, directory: str | Path, model_hash: str | None = None) -> AttributionIndex:
+    def load(
+        cls, directory: str | Path, model_hash: str | None = None, model: DiffusionModel | None = None
+    ) -> AttributionIndex:
+        """model_hash: refuse an index built for other weights; model: the loaded model, whose hash is checked
+        and whose path and LoRA adapter the refusal names."""
         directory = Path(directory)
         meta = read_meta(directory)
+        model_hash = model.weights_hash if model is not None else model_hash
         if model_hash is not None and meta.model_hash != model_hash:
+            loaded = "" if model is None else f"{model.description} "
             raise ExplorerError(
                 f"index {str(directory)!r} was built for the model with weights hash {meta.model_hash} "
-                f"({meta.model_path}), but the loaded model has hash {model_hash}: pass the matching "
-                "--model, or rebuild the index with `python -m precompute featurize --model YOUR_MODEL ...`"
+                f"({describe_model(meta.model_path, meta.lora)}), but the loaded model {loaded}has hash "
+                f"{model_hash}: {mismatch_fix(meta.lora, None if model is None else model.lora)}"
             )
         for name, digest in meta.files:
             path = directory / name

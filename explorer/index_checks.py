@@ -108,7 +108,7 @@ def meta_problem(meta: dict) -> str | None:
         )
     ):
         return f"lambda is {_show(lambdas)}, must list one {{value, relative, method, gcv_curve}} per bucket"
-    problem = _ivf_problem(meta) or method_problem(meta)
+    problem = _ivf_problem(meta) or method_problem(meta) or _lora_problem(meta.get("lora"))
     if problem:
         return problem
     files, method = meta.get("files"), IndexMethod.from_json(meta.get("method"))
@@ -163,6 +163,20 @@ def _spec_problem(spec, num_train_timesteps: int) -> str | None:
         return f"spec.output is {_show(spec['output'])}, must be one of {', '.join(OUTPUT_FUNCTIONS)}"
     if spec["projector"] not in PROJECTORS:
         return f"spec.projector is {_show(spec['projector'])}, must be one of {', '.join(PROJECTORS)}"
+    return None
+
+
+def _lora_problem(lora) -> str | None:
+    """meta.json's lora: absent (no adapter) or {path, scale} (explorer.lora.LoraRecord)."""
+    if lora is None:
+        return None
+    if (
+        not isinstance(lora, dict)
+        or set(lora) != {"path", "scale"}
+        or not isinstance(lora["path"], str)
+        or not _is_number(lora["scale"])
+    ):
+        return f"lora is {_show(lora)}, must be {{path: the adapter as given, scale: a number}}"
     return None
 
 

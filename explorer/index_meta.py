@@ -6,7 +6,7 @@ writes it, last, in one place (write_index)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from explorer.errors import ExplorerError
@@ -29,6 +29,7 @@ from explorer.index_files import (  # noqa: F401  (re-exported: the index's name
 )
 from explorer.index_methods import IndexMethod
 from explorer.ivf import IVFParams
+from explorer.lora import LoraRecord
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class FeatureSource:
     timesteps: tuple[tuple[int, ...], ...]  # per bucket
     num_train_timesteps: int
     num_params: int
+    # the LoRA adapter the model was loaded with (its files are in model_hash too); None: none
+    lora: LoraRecord | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class IndexMeta(FeatureSource):
         out = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("spec", "dataset", "lambdas", "ivf", "files", "method")
+            if f.name not in ("spec", "dataset", "lambdas", "ivf", "files", "method", "lora")
         }
         out.update(
             spec=self.spec.to_dict(),
@@ -106,6 +109,8 @@ class IndexMeta(FeatureSource):
             out["ivf"] = self.ivf.to_meta()
         if self.method != IndexMethod():
             out["method"] = self.method.to_json()
+        if self.lora is not None:
+            out["lora"] = asdict(self.lora)
         return dict(sorted(out.items()))
 
     @classmethod
@@ -151,6 +156,7 @@ class IndexMeta(FeatureSource):
             format_version=meta["format_version"],
             norms=meta.get("norms", False),
             method=IndexMethod.from_json(meta.get("method")),
+            lora=None if meta.get("lora") is None else LoraRecord(**meta["lora"]),
             ivf=None
             if meta["index_type"] == "flat"
             else IVFParams(

@@ -6,7 +6,7 @@
     model_dir/text_encoder/       CLIPTextModel (transformers)
     model_dir/tokenizer/          CLIPTokenizer
     model_dir/scheduler/          one of explorer.model.SCHEDULERS
-    model_dir/lora/               optional: pytorch_lora_weights.safetensors (save_lora_weights), via peft
+    model_dir/pytorch_lora_weights.safetensors or model_dir/lora/: an optional LoRA adapter (explorer.lora)
 
 The diffusion and its attribution run on the VAE's latents z = scaling_factor * mean(E(x)) (the posterior's
 mean: deterministic, so a training image has one latent, encoded once and cached by explorer.training_inputs);
@@ -35,7 +35,6 @@ from explorer.model import (
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TEXT_WEIGHTS = "model.safetensors"
 MAX_PROMPT_CHARS = 1000
 ENCODE_BATCH = 16  # images per VAE encode or decode
@@ -112,10 +111,19 @@ def _require(folder: Path, what: str) -> Path:
     return folder
 
 
-def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> DiffusionModel:
-    """A StableDiffusionPipeline folder (+ optional lora/) as a frozen DiffusionModel with `latent` set."""
+def load_latent_model(
+    model_dir: Path,
+    device: str | torch.device = "cpu",
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    name: str | None = None,
+) -> DiffusionModel:
+    """A StableDiffusionPipeline folder + its LoRA adapter (explorer.lora.find_lora: `lora` given, else the
+    pipeline's own) as a frozen DiffusionModel with `latent` set; name: the model as given (a Hub id)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from explorer.lora import LoraRecord, check_scale, find_lora, load_lora
 
     unet_dir = _require(model_dir / "unet", "the conditional UNet")
     vae_dir = _require(model_dir / "vae", "the VAE (AutoencoderKL)")
@@ -132,17 +140,16 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
         tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         raise ExplorerError(f"could not load the latent pipeline in {str(model_dir)!r}: {error}") from error
-    lora_dir = model_dir / "lora"
-    if lora_dir.exists():
-        hashes.append(file_hash(require_safetensors(lora_dir, LORA_WEIGHTS)))
-        try:
-            unet.load_lora_adapter(
-                str(lora_dir), prefix="unet", weight_name=LORA_WEIGHTS, use_safetensors=True
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
-            raise ExplorerError(
-                f"could not load the LoRA adapter {str(lora_dir / LORA_WEIGHTS)!r} into the UNet: {error}"
-            ) from error
+    lora_scale, adapter = check_scale(lora_scale), find_lora(model_dir, lora)
+    if adapter is None and lora_scale != 1:
+        raise ExplorerError(
+            f"--lora-scale {lora_scale:g} scales a LoRA adapter, and {str(model_dir)!r} is loaded without "
+            "one: pass --lora PATH"
+        )
+    if adapter is not None:
+        files, recorded = adapter
+        hashes += files.hashes(lora_scale)
+        load_lora(unet, text_encoder, files, lora_scale)
     scheduler = pipeline_scheduler(model_dir)
     disable_attention_for_vmap(unet)
     for module in (unet, vae, text_encoder):
@@ -156,5 +163,10 @@ def load_latent_model(model_dir: Path, device: str | torch.device = "cpu") -> Di
     )
     weights_hash = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
     return DiffusionModel(
-        unet=unet, scheduler=scheduler, weights_hash=weights_hash, path=str(model_dir), latent=parts
+        unet=unet,
+        scheduler=scheduler,
+        weights_hash=weights_hash,
+        path=str(model_dir) if name is None else name,
+        latent=parts,
+        lora=None if adapter is None else LoraRecord(recorded, lora_scale),
     )

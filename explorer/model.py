@@ -31,6 +31,7 @@ from explorer.errors import ExplorerError
 
 if TYPE_CHECKING:
     from explorer.latent import LatentParts
+    from explorer.lora import LoraRecord
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,16 @@ class DiffusionModel:
     unet: UNet2DModel
     scheduler: DDPMScheduler
     weights_hash: str
-    path: str
+    path: str  # as given: a folder or a Hub id ORG/NAME[@REVISION] (explorer.hub)
     latent: LatentParts | None = None
+    lora: LoraRecord | None = None  # the LoRA adapter loaded into the UNet (explorer.lora)
+
+    @property
+    def description(self) -> str:
+        """The model and its adapter, for messages."""
+        from explorer.lora import describe_model
+
+        return describe_model(self.path, self.lora)
 
     @property
     def sample_size(self) -> int:
@@ -189,19 +198,35 @@ def _unet_folder(model_dir: Path) -> Path:
     )
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+def load_model(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+) -> DiffusionModel:
     """Load a UNet2DModel (safetensors only, never pickle) and its scheduler, frozen in eval mode, or a latent
-    text-to-image pipeline (explorer.latent)."""
-    model_dir = Path(model_dir)
+    text-to-image pipeline (explorer.latent) with its LoRA adapter (explorer.lora: `lora` a file, folder or
+    Hub id, "none" for no adapter, None for the pipeline's own). model_dir: a folder, or a Hub id
+    ORG/NAME[@REV] in the local Hugging Face cache (explorer.hub)."""
+    from explorer.hub import local_or_cached
+
+    name = str(model_dir)
+    model_dir = local_or_cached(model_dir, "model")
     if not model_dir.is_dir():
         raise ExplorerError(
             f"model directory {str(model_dir)!r} does not exist: train one with "
-            "`python -m precompute train --data mnist5k --out assets/model` or pass --model DIR"
+            "`python -m precompute train --data mnist5k --out assets/model`, or pass --model DIR or a Hub id "
+            "ORG/NAME from the local Hugging Face cache"
         )
     if pipeline_class(model_dir) in LATENT_PIPELINES:
         from explorer.latent import load_latent_model
 
-        return load_latent_model(model_dir, device)
+        return load_latent_model(model_dir, device, lora, lora_scale, name)
+    if lora not in (None, "none") or lora_scale != 1:
+        raise ExplorerError(
+            f"--lora {lora!r} (scale {lora_scale:g}): LoRA adapters load into a StableDiffusionPipeline's "
+            f"UNet; {name!r} is a pixel DDPM: featurize it without --lora"
+        )
     unet_dir = _unet_folder(model_dir)
     weights = require_safetensors(unet_dir, WEIGHTS_NAME)
     try:
@@ -211,9 +236,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
     scheduler = pipeline_scheduler(model_dir)
     disable_attention_for_vmap(unet)
     unet.to(device).eval().requires_grad_(False)
-    return DiffusionModel(
-        unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=str(model_dir)
-    )
+    return DiffusionModel(unet=unet, scheduler=scheduler, weights_hash=file_hash(weights), path=name)
 
 
 PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")

@@ -67,6 +67,12 @@ def select_params(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
     if not prefixes or tuple(prefixes) == ("all",):  # `--params all` says the default out loud
         return names
     unmatched = [prefix for prefix in prefixes if not any(_under(name, prefix) for name in names)]
+    if unmatched == [LORA]:
+        raise ExplorerError(
+            f"spec.params {LORA} matches no parameter: the model has no LoRA adapter loaded; load one with "
+            "--lora PATH (a pytorch_lora_weights.safetensors file or its folder, or a peft adapter folder)",
+            ("spec.params",),
+        )
     if unmatched:
         tops = sorted({name.split(".")[0] for name in names})
         raise ExplorerError(

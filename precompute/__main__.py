@@ -8,6 +8,7 @@ import sys
 
 from explorer.device import DEVICES
 from explorer.errors import ExplorerError
+from explorer.model_args import add_model_arguments
 from precompute.cli_types import flag_hint, lambda_rule, non_negative_int, positive_float, positive_int
 from precompute.evaluate_cli import add_evaluate
 from precompute.train_cli import add_train
@@ -22,9 +23,7 @@ def add_featurize(commands) -> None:
 
     spec = FeatureSpec()
     parser = commands.add_parser("featurize", help="per-example projected gradients -> an index directory")
-    parser.add_argument(
-        "--model", required=True, help="model directory (ours, or a diffusers DDPM/UNet2DModel folder)"
-    )
+    add_model_arguments(parser, None, required=True)
     parser.add_argument(
         "--data", required=True, help="mnist5k, digits, or a folder of images in class subfolders"
     )
@@ -233,14 +232,19 @@ def run_featurize(args) -> None:
     from explorer.data import load_dataset, to_model_range, train_heldout_split
     from explorer.device import resolve_device
     from explorer.features import FeatureSpec
+    from explorer.lora import require_adapter
     from explorer.model import load_model
+    from explorer.spec import LORA
     from precompute.calibration import calibrate, calibration_rows
     from precompute.collective import Collective
     from precompute.featurize import FeaturizeOptions, featurize
     from precompute.method_build import MethodOptions
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
-    model = load_model(args.model, resolve_device(args.device))
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    model = load_model(args.model, resolve_device(args.device), args.lora, scale)
+    if LORA in args.params:
+        require_adapter(model)
     dataset = load_dataset(args.data, model.image_size, model.image_channels)
     if args.calibrate and model.latent is not None:
         raise ExplorerError(

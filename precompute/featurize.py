@@ -229,6 +229,7 @@ def featurize(
         timesteps=tuple(map(tuple, computer.timesteps)),
         num_train_timesteps=model.num_train_timesteps,
         num_params=computer.num_params,
+        lora=model.lora,
     )
     build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts, method=method)
     if collective.is_main:

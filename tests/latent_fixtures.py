@@ -56,11 +56,9 @@ def _text_config(tokenizer):
 
 def write_text_pipeline(root: Path, lora: bool = True, seed: int = 0) -> Path:
     """A StableDiffusionPipeline folder: 16 px RGB images, 4 x 8 x 8 latents, 16-token prompts, a DDIM
-    scheduler; lora: a rank-4 adapter on the attention projections in lora/ (nonzero, as fine-tuned)."""
+    scheduler; lora: a rank-4 adapter on the attention projections in lora/ (write_lora)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -101,18 +99,55 @@ def write_text_pipeline(root: Path, lora: bool = True, seed: int = 0) -> Path:
         json.dumps({"_class_name": "StableDiffusionPipeline", **components})
     )
     if lora:
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        unet.add_adapter(config)
-        with torch.no_grad():
-            for name, parameter in unet.named_parameters():
-                if "lora_B" in name:  # zero at initialization; a fine-tuned adapter's is not
-                    parameter.normal_(0, 0.05)
-        StableDiffusionPipeline.save_lora_weights(
-            root / "lora",
-            unet_lora_layers=get_peft_model_state_dict(unet),
-            unet_lora_adapter_metadata=config.to_dict(),
-        )
+        write_lora(root, root / "lora")
     return root
+
+
+def write_lora(pipeline: Path, out: Path, form: str = "diffusers", seed: int = 1, text: bool = False) -> Path:
+    """A rank-4 adapter of the pipeline's attention projections, nonzero as fine-tuned, saved as diffusers'
+    training scripts do (form "diffusers": StableDiffusionPipeline.save_lora_weights(out), text: the text
+    encoder's too) or as a peft adapter folder (form "peft": PeftModel.save_pretrained(out))."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet")
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    if form == "peft":
+        adapted = get_peft_model(unet, config)
+        _fine_tuned(adapted)
+        adapted.save_pretrained(out)
+        return out
+    unet.add_adapter(config)
+    _fine_tuned(unet)
+    layers = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "unet_lora_adapter_metadata": config.to_dict(),
+    }
+    if text:
+        text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder")
+        text_config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        inject_adapter_in_model(text_config, text_encoder)  # transformers' add_adapter wants peft >= 0.22
+        _fine_tuned(text_encoder)
+        layers.update(
+            text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
+            text_encoder_lora_adapter_metadata=text_config.to_dict(),
+        )
+    StableDiffusionPipeline.save_lora_weights(out, **layers)
+    return out
+
+
+def _fine_tuned(module) -> None:
+    """lora_B is zero at initialization; a fine-tuned adapter's is not."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
 
 
 def write_clip(root: Path, seed: int = 0) -> Path:
