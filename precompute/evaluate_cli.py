@@ -78,6 +78,38 @@ def add_evaluate(commands) -> None:
     add_retrain_options(truth, "bench/results/lds_mnist5k", "bench/cache/lds-mnist5k")
     truth.set_defaults(run=run_shipped_truth)
 
+    ground = kinds.add_parser(
+        "truth",
+        help="the LDS ground truth with signal: subset models x shared seeds, measured at each of --stops "
+        "with identical evaluation draws (hours; resumable; several processes may share the work)",
+    )
+    ground.add_argument(
+        "--model", default="assets/model", help="the attributed model (its architecture is retrained)"
+    )
+    ground.add_argument("--data", default="mnist5k")
+    ground.add_argument("--subsets", type=positive_int, default=64, help="random halves (default 64)")
+    ground.add_argument(
+        "--seeds",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="recipe seeds, shared by every subset (default 0 1 2)",
+    )
+    ground.add_argument(
+        "--stops",
+        type=positive_int,
+        nargs="+",
+        default=[1250],
+        help="training steps at which every model is measured (default 1250)",
+    )
+    ground.add_argument(
+        "--queries-from",
+        default="bench/results/lds_mnist5k",
+        help="the folder whose queries.npz the truth measures (copied once)",
+    )
+    add_retrain_options(ground, "bench/results/truth_mnist5k", "bench/cache/truth-mnist5k")
+    ground.set_defaults(run=run_ground_truth)
+
     quality = kinds.add_parser(
         "step-quality",
         help="per bucket, on held-out digits: top-10 label agreement, spread of "
@@ -222,6 +254,20 @@ def run_shipped_truth(args) -> None:
     torch_threads(args.threads)
     finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
     print(f"{finished} subset models finished in this call; results in {args.results}")
+
+
+def run_ground_truth(args) -> None:
+    from precompute.retrain import torch_threads
+    from precompute.truth_study import GroundTruthConfig, run_ground_truth
+
+    torch_threads(args.threads)
+    config = GroundTruthConfig(
+        subsets=args.subsets, seeds=tuple(args.seeds), stops=tuple(sorted(set(args.stops)))
+    )
+    finished = run_ground_truth(
+        args.results, args.cache, args.model, args.data, config, args.queries_from, stop_after=args.stop_after
+    )
+    print(f"{finished} models finished in this call; results in {args.results}")
 
 
 def run_step_quality(args) -> None:

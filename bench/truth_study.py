@@ -1,0 +1,131 @@
+"""Truth study: the share of signal (ICC) and the LDS ceiling of every ground-truth recipe, and its cost.
+
+    python -m precompute evaluate truth --subsets 4 --stops 600 1250   # the models (resumable, 2 processes)
+    python -m bench.truth_study --json bench/results/truth_study.json   # this summary
+    python bench/report.py                                             # docs/benchmarks/truth_study.md
+
+A recipe is a training length (a stop) and a number m of shared seeds that the truth averages. For every
+stop, the subsets measured with every seed give a (subsets, seeds, queries) truth per kind of query and per
+number of evaluation draws (the files' nested `*_levels`); precompute.ceiling splits it into subset signal
+and seed noise (ICC) and turns the ICC into the LDS a perfect method could reach against an m-seed mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from precompute.ceiling import ceiling, leave_one_seed_out, signal_share
+from precompute.shipped_truth import Queries
+from precompute.truth_study import draw_levels
+
+KINDS = {  # name in the summary -> (level array in the files, what it is)
+    "heldout": ("whole_levels", "whole image, held-out digits: loss over (t, eps) pairs in every bucket"),
+    "generated": ("whole_levels", "whole image, generated finals: the same loss"),
+    "step_proxy": ("proxy_levels", "per step, Journey-TRAK: x0hat re-noised inside the step's bucket"),
+    "step_trajectory": ("trajectory_levels", "per step, tied to the trajectory: x_t against its completions"),
+}
+SEED_COUNTS = (1, 3, 5)
+
+
+def load_stop(folder: Path) -> dict:
+    """Every file of one stop: {(subset, seed): arrays}."""
+    runs = {}
+    for path in sorted(folder.glob("subset_*_seed*.npz")):
+        with np.load(path) as data:
+            runs[int(data["subset"]), int(data["seed"])] = {key: data[key] for key in data.files}
+    return runs
+
+
+def complete_subsets(runs: dict) -> tuple[list[int], list[int]]:
+    """The subsets that have every seed any subset has, and those seeds."""
+    seeds = sorted({seed for _, seed in runs})
+    subsets = sorted({j for j, _ in runs if all((j, seed) in runs for seed in seeds)})
+    return subsets, seeds
+
+
+def kind_truth(runs: dict, subsets: list[int], seeds: list[int], kind: str, heldout: int) -> np.ndarray:
+    """(S, m, Q, L): the truth of one kind at every draw level."""
+    key = KINDS[kind][0]
+    rows = np.stack([np.stack([runs[j, seed][key] for seed in seeds]) for j in subsets]).astype(np.float64)
+    if kind == "heldout":
+        rows = rows[:, :, :heldout]
+    elif kind == "generated":
+        rows = rows[:, :, heldout:]
+    return rows.reshape(len(subsets), len(seeds), -1, rows.shape[-1])  # per-step (G, J) -> G J queries
+
+
+def summarize_stop(runs: dict, heldout: int, config: dict) -> dict:
+    subsets, seeds = complete_subsets(runs)
+    draws = {
+        "heldout": draw_levels(config["pairs_per_bucket"]),
+        "generated": draw_levels(config["pairs_per_bucket"]),
+        "step_proxy": draw_levels(config["proxy_pairs"]),
+        "step_trajectory": draw_levels(config["completions"]),
+    }
+    train = [float(run["train_cpu_seconds"]) for run in runs.values()]
+    measure = [float(run["measure_cpu_seconds"]) for run in runs.values()]
+    out = {
+        "subsets": subsets,
+        "seeds": seeds,
+        "models": len(runs),
+        "train_cpu_seconds": float(np.median(train)),
+        "measure_cpu_seconds": float(np.median(measure)),
+        "kinds": {},
+    }
+    if len(subsets) < 2 or len(seeds) < 2:
+        return out
+    for kind in KINDS:
+        truth = kind_truth(runs, subsets, seeds, kind, heldout)
+        levels = []
+        for level, count in enumerate(draws[kind]):
+            share = signal_share(truth[..., level])
+            levels.append(
+                {
+                    "draws": count,
+                    "icc_pooled": share.pooled,
+                    "icc_median": share.median,
+                    "ceiling": {str(m): float(ceiling(share.pooled, m)) for m in SEED_COUNTS},
+                }
+            )
+        entry = {"levels": levels}
+        if len(subsets) >= 3:  # a Spearman over fewer subsets says nothing
+            entry["leave_one_seed_out"] = float(np.nanmean(leave_one_seed_out(truth[..., -1])))
+        out["kinds"][kind] = entry
+    return out
+
+
+def study(results: Path) -> dict:
+    config = json.loads((results / "config.json").read_text())["truth"]
+    heldout = len(Queries.load(results / "queries.npz").heldout_ids)
+    stops = {}
+    for folder in sorted(results.glob("steps_*")):
+        runs = load_stop(folder)
+        if runs:
+            stops[str(int(folder.name.split("_")[1]))] = summarize_stop(runs, heldout, config)
+    return {"config": config, "heldout_queries": heldout, "stops": stops}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="bench/results/truth_mnist5k", help="the ground-truth folder")
+    parser.add_argument("--json", default="bench/results/truth_study.json")
+    args = parser.parse_args(argv)
+    summary = study(Path(args.results))
+    summary["command"] = "python -m bench.truth_study --json " + args.json
+    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    for stop, entry in summary["stops"].items():
+        for kind, values in entry.get("kinds", {}).items():
+            top = values["levels"][-1]
+            print(
+                f"steps {stop:>5} {kind:16} ICC {top['icc_pooled']:.3f} (median {top['icc_median']:.3f}) "
+                f"ceiling m=1/3/5 {'/'.join(f'{v:.2f}' for v in top['ceiling'].values())}"
+            )
+    print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()

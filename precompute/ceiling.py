@@ -1,0 +1,89 @@
+"""How much of a retraining ground truth is signal, and the LDS a perfect method could reach against it.
+
+A truth value y[s, m, q] is the output of the model trained on subset s with recipe seed m, for query q.
+Every subset is trained with the same seeds, so y splits into a subset effect (the data: what an
+attribution method predicts), a seed offset shared by all subsets (the same init and draws: invisible to
+a rank correlation over subsets) and a residual (seed noise that differs between subsets):
+
+    y[s, m] = mu + a[s] + b[m] + e[s, m]
+
+The share of signal is the consistency intra-class correlation ICC = var(a) / (var(a) + var(e))
+(two-way ANOVA without replication, McGraw & Wong's ICC(C,1)). A truth that averages m seeds has
+reliability m ICC / (1 + (m - 1) ICC) (Spearman-Brown), and a method that knew a[s] exactly would reach a
+correlation of sqrt(reliability) with it (a little less as a Spearman): the ceiling of the LDS. The EK-FAC
+diffusion paper (arXiv 2410.13850) shows the empirical twin of that number beside every method: one seed's
+truth against the mean of the others; `leave_one_seed_out` computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from precompute.metrics import spearman_columns
+
+
+@dataclass(frozen=True)
+class SignalShare:
+    """Variance components of a (S subsets, m seeds, Q queries) truth, per query and pooled."""
+
+    subset_variance: np.ndarray  # (Q,) var(a), clipped at 0
+    residual_variance: np.ndarray  # (Q,) var(e)
+
+    @property
+    def per_query(self) -> np.ndarray:
+        """(Q,) ICC of every query (0 where the query has no variance at all)."""
+        total = self.subset_variance + self.residual_variance
+        return np.divide(self.subset_variance, total, out=np.zeros_like(total), where=total > 0)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.per_query))
+
+    @property
+    def pooled(self) -> float:
+        """Components summed over queries after scaling each query to unit total variance: one ICC that
+        a few noisy per-query estimates cannot drag around as they do the median."""
+        return float(np.mean(self.per_query))
+
+
+def signal_share(truth: np.ndarray) -> SignalShare:
+    """Two-way decomposition of truth (S, m, Q) with S >= 2 subsets and m >= 2 seeds shared across them."""
+    if truth.ndim != 3 or truth.shape[0] < 2 or truth.shape[1] < 2:
+        raise ValueError(f"truth must be (subsets >= 2, seeds >= 2, queries), got shape {truth.shape}")
+    y = truth.astype(np.float64)
+    subsets, seeds = y.shape[:2]
+    subset_means = y.mean(1, keepdims=True)  # (S, 1, Q)
+    seed_means = y.mean(0, keepdims=True)  # (1, m, Q)
+    grand = y.mean((0, 1), keepdims=True)
+    residual = y - subset_means - seed_means + grand
+    ms_subset = seeds * ((subset_means - grand) ** 2).sum((0, 1)) / (subsets - 1)
+    ms_residual = (residual**2).sum((0, 1)) / ((subsets - 1) * (seeds - 1))
+    return SignalShare(np.clip((ms_subset - ms_residual) / seeds, 0, None), ms_residual)
+
+
+def reliability(icc: float | np.ndarray, seeds: int) -> float | np.ndarray:
+    """Spearman-Brown: the share of signal in the mean of `seeds` models."""
+    return seeds * icc / (1 + (seeds - 1) * icc)
+
+
+def ceiling(icc: float | np.ndarray, seeds: int) -> float | np.ndarray:
+    """Spearman correlation of a perfect prediction of the subset effect with a truth averaging `seeds`
+    models: Pearson sqrt(reliability), turned into Spearman's rho for normal variables (6 / pi) arcsin(r / 2)
+    (the LDS is a Spearman)."""
+    return 6 / np.pi * np.arcsin(np.sqrt(reliability(icc, seeds)) / 2)
+
+
+def leave_one_seed_out(truth: np.ndarray) -> np.ndarray:
+    """(Q,) Spearman over subsets between one seed's truth and the mean of the other seeds, averaged over
+    which seed is left out: the "exact retraining" bar of arXiv 2410.13850 (a ceiling of a single-seed
+    truth predicted by a (m - 1)-seed mean, so it understates the ceiling of the m-seed mean)."""
+    seeds = truth.shape[1]
+    if seeds < 2:
+        raise ValueError(f"leave-one-seed-out needs >= 2 seeds per subset, got {seeds}")
+    rows = []
+    for m in range(seeds):
+        others = np.delete(truth, m, axis=1).mean(1)  # (S, Q)
+        rows.append(spearman_columns(truth[:, m], others))
+    return np.mean(rows, axis=0)
