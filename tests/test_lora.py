@@ -205,3 +205,21 @@ def test_bad_adapters_are_named(adapters, tmp_path):
     tiny_config(8).build().save_pretrained(tmp_path / "pixel" / "unet")
     with pytest.raises(ExplorerError, match="'.*pixel' is a pixel DDPM: featurize it without --lora"):
         load_model(tmp_path / "pixel", lora=str(adapters["own"]))
+
+
+def test_the_app_hands_lora_and_its_scale_to_the_engine(adapters, indexes):
+    import subprocess
+    import sys
+
+    own = str(adapters["own"])
+    command = [sys.executable, "app.py", "--model", str(adapters["pipeline"]), "--index", str(indexes["own"])]
+    done = subprocess.run(
+        [*command, "--lora", own, "--lora-scale", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2  # refused before anything is served
+    assert f"the loaded model {str(adapters['pipeline'])!r} with LoRA {own!r} at scale 0.5" in done.stderr
+    assert f"(--lora {own})" in done.stderr
