@@ -88,6 +88,36 @@ class SearchResult:
     scores: np.ndarray
 
 
+def _check_model(
+    directory: Path, meta: IndexMeta, model_hash: str | None, model: DiffusionModel | None
+) -> None:
+    """Refuse an index built for other weights, naming the model and LoRA adapter of each side and the fix."""
+    if model_hash is None or meta.model_hash == model_hash:
+        return
+    loaded = "" if model is None else f"{model.description} "
+    raise ExplorerError(
+        f"index {str(directory)!r} was built for the model with weights hash {meta.model_hash} "
+        f"({describe_model(meta.model_path, meta.lora)}), but the loaded model {loaded}has hash "
+        f"{model_hash}: {mismatch_fix(meta.lora, None if model is None else model.lora)}"
+    )
+
+
+def _check_files(directory: Path, meta: IndexMeta) -> None:
+    """Every file meta.json lists is there with its sha256."""
+    for name, digest in meta.files:
+        path = directory / name
+        if not path.is_file():
+            raise ExplorerError(
+                f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute "
+                "featurize`"
+            )
+        if sha256_file(path) != digest:
+            raise ExplorerError(
+                f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the "
+                "index with `python -m precompute featurize`"
+            )
+
+
 class AttributionIndex:
     """A loaded, validated index directory."""
 
@@ -161,26 +191,8 @@ class AttributionIndex:
         and whose path and LoRA adapter the refusal names."""
         directory = Path(directory)
         meta = read_meta(directory)
-        model_hash = model.weights_hash if model is not None else model_hash
-        if model_hash is not None and meta.model_hash != model_hash:
-            loaded = "" if model is None else f"{model.description} "
-            raise ExplorerError(
-                f"index {str(directory)!r} was built for the model with weights hash {meta.model_hash} "
-                f"({describe_model(meta.model_path, meta.lora)}), but the loaded model {loaded}has hash "
-                f"{model_hash}: {mismatch_fix(meta.lora, None if model is None else model.lora)}"
-            )
-        for name, digest in meta.files:
-            path = directory / name
-            if not path.is_file():
-                raise ExplorerError(
-                    f"index file {str(path)!r} is missing: rebuild the index with `python -m precompute "
-                    "featurize`"
-                )
-            if sha256_file(path) != digest:
-                raise ExplorerError(
-                    f"index file {str(path)!r} is corrupt or truncated (checksum mismatch): rebuild the "
-                    "index with `python -m precompute featurize`"
-                )
+        _check_model(directory, meta, model.weights_hash if model is not None else model_hash, model)
+        _check_files(directory, meta)
         count, buckets, dim = meta.count, meta.spec.buckets, meta.spec.proj_dim
         indexes, factors, centers = [], [], []
         for bucket in range(buckets):

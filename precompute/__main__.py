@@ -230,27 +230,15 @@ def run_featurize(args) -> None:
     import torch
 
     from explorer.data import load_dataset, to_model_range, train_heldout_split
-    from explorer.device import resolve_device
     from explorer.features import FeatureSpec
-    from explorer.lora import require_adapter
-    from explorer.model import load_model
-    from explorer.spec import LORA
     from precompute.calibration import calibrate, calibration_rows
     from precompute.collective import Collective
     from precompute.featurize import FeaturizeOptions, featurize
     from precompute.method_build import MethodOptions
 
     collective = Collective.from_env()  # torchrun's ranks, or one process
-    scale = 1.0 if args.lora_scale is None else args.lora_scale
-    model = load_model(args.model, resolve_device(args.device), args.lora, scale)
-    if LORA in args.params:
-        require_adapter(model)
+    model = _featurize_model(args)
     dataset = load_dataset(args.data, model.image_size, model.image_channels)
-    if args.calibrate and model.latent is not None:
-        raise ExplorerError(
-            f"--calibrate measures a pixel model's exact coordinates and bf16 range; {args.model!r} is "
-            "a latent text-to-image model: featurize it without --calibrate"
-        )
     if args.split == "train":
         dataset, _ = train_heldout_split(dataset)
     if args.limit is not None:
@@ -311,6 +299,25 @@ def run_featurize(args) -> None:
     )
     sys.stdout.write(line + "\n")  # one write: the ranks of a torchrun share this stream
     sys.stdout.flush()
+
+
+def _featurize_model(args):
+    """The model of --model, --lora and --lora-scale, checked against --params lora and --calibrate."""
+    from explorer.device import resolve_device
+    from explorer.lora import require_adapter
+    from explorer.model import load_model
+    from explorer.spec import LORA
+
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    model = load_model(args.model, resolve_device(args.device), args.lora, scale)
+    if LORA in args.params:
+        require_adapter(model)
+    if args.calibrate and model.latent is not None:
+        raise ExplorerError(
+            f"--calibrate measures a pixel model's exact coordinates and bf16 range; {args.model!r} is "
+            "a latent text-to-image model: featurize it without --calibrate"
+        )
+    return model
 
 
 def _peak_rss_gb() -> float:
