@@ -45,12 +45,13 @@ def local_or_cached(name: str | Path, what: str, cache_dir: str | Path | None = 
     """The path `name` when it exists here, else the snapshot folder of the Hub id `name` in the local cache.
 
     what: what the name should be, for the error ("model", "LoRA adapter", "CLIP model"). A name that is
-    neither an existing path nor shaped like a Hub id is returned unchanged, for the caller to refuse."""
+    neither an existing path nor shaped like a Hub id, or whose first part is a folder here (`assets/model`
+    with `assets/` present: a path), is returned unchanged, for the caller to refuse."""
     path = Path(name)
     if path.exists():
         return path
     parsed = parse_hub_id(str(name))
-    if parsed is None:
+    if parsed is None or Path(parsed[0].split("/")[0]).is_dir():
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError

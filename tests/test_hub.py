@@ -88,8 +88,16 @@ def test_an_absent_id_names_the_id_the_cache_and_the_download(hub, offline_watch
 
 
 def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(hub, offline_watch, tmp_path, monkeypatch):
+    from explorer.model import load_model
+
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny-org" / "tiny-sd").mkdir(parents=True)
+    assert local_or_cached(MODEL, "model") != Path(MODEL)  # the snapshot
+    (tmp_path / "tiny-org").mkdir()  # ORG is a folder here: ORG/NAME is a path, missing
+    assert local_or_cached(MODEL, "model") == Path(MODEL)
+    (tmp_path / "assets").mkdir()
+    with pytest.raises(ExplorerError, match="model directory 'assets/model' does not exist: train one"):
+        load_model("assets/model")
+    (tmp_path / "tiny-org" / "tiny-sd").mkdir()
     assert local_or_cached(MODEL, "model") == Path(MODEL)
     assert local_or_cached("not an id", "model") == Path("not an id")  # the caller refuses it
 
