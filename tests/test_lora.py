@@ -155,6 +155,12 @@ def test_params_lora_without_an_adapter_names_the_fix(adapters, tmp_path, capsys
     assert _featurize(adapters, tmp_path / "s", adapters["pipeline"], "--lora-scale", "2") == 2
     assert "--lora-scale 2 scales a LoRA adapter" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() and not (tmp_path / "s").exists()
+    from explorer.features import FeatureComputer, FeatureSpec
+    from explorer.model import load_model
+
+    spec = FeatureSpec(params=("lora",), buckets=1, proj_dim=16)  # the engine's own check, without the CLI
+    with pytest.raises(ExplorerError, match="has no LoRA adapter loaded; load one with --lora PATH"):
+        FeatureComputer(load_model(adapters["pipeline"]), spec)
 
 
 def test_reindex_keeps_the_adapter_record(adapters, indexes, tmp_path):
@@ -202,6 +208,8 @@ def test_bad_adapters_are_named(adapters, tmp_path):
     (half / "adapter_model.safetensors").unlink()
     with pytest.raises(ExplorerError, match="has no adapter_model.safetensors: only safetensors"):
         load_model(pipeline, lora=str(half))
+    with pytest.raises(ExplorerError, match="--lora-scale nan must be a finite number"):
+        load_model(pipeline, lora=str(adapters["own"]), lora_scale=float("nan"))
     tiny_config(8).build().save_pretrained(tmp_path / "pixel" / "unet")
     with pytest.raises(ExplorerError, match="'.*pixel' is a pixel DDPM: featurize it without --lora"):
         load_model(tmp_path / "pixel", lora=str(adapters["own"]))
