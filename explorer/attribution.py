@@ -275,6 +275,15 @@ class Explorer:
         timings = dict(attribution.timings, attribute_s=time.perf_counter() - started)
         return TrajectoryAttribution(attribution.trajectory, name, steps_attr, attribution.proxy, timings)
 
+    def attribute_steps(
+        self, attribution: TrajectoryAttribution, steps: list[int], top_k: int, region=None
+    ) -> list[StepAttribution]:
+        """Only some steps of a trajectory, under its index (e.g. a region's step on screen before the others:
+        a region needs one center per bucket, explorer.region); reattribute does every step."""
+        trajectory, chosen = attribution.trajectory, np.asarray(steps, dtype=int)
+        images, timesteps = trajectory.x0hat[chosen], trajectory.timesteps[chosen]
+        return self._attribute(attribution.index_name, images, timesteps, top_k, region, trajectory.context)
+
     def rollouts(
         self, trajectory: Trajectory, count: int = 12, completions: int = 16, seed: int = 0, on_step=None
     ) -> RolloutCurves:

@@ -32,6 +32,8 @@ class RolloutCurves:
     steps: np.ndarray  # (n,) trajectory step indices the rollouts started from
     probabilities: np.ndarray  # (n, classes) mean classifier probability over the completions
     completions: int  # M per step
+    # (n, classes) standard error of that mean over the M completions (None where it was not kept)
+    stderr: np.ndarray | None = None
 
 
 def proxy_curves(classifier: FeatureScorer, trajectory: Trajectory) -> np.ndarray:
@@ -64,5 +66,6 @@ def rollout_curves(
     )  # (n, M, C, H, W)
     n, m = finals.shape[:2]
     pictures = model.to_images(finals.flatten(0, 1))  # a latent model's completions decoded
-    probabilities = classifier.probabilities(pictures).view(n, m, -1).mean(1).numpy()
-    return RolloutCurves(steps=np.asarray(steps), probabilities=probabilities, completions=completions)
+    each = classifier.probabilities(pictures).view(n, m, -1)  # (n, M, classes)
+    stderr = each.std(1, unbiased=False).numpy() / np.sqrt(m)
+    return RolloutCurves(np.asarray(steps), each.mean(1).numpy(), completions, stderr)

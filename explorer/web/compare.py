@@ -6,10 +6,11 @@ as generate's) and kept in the session; scrubbing then only looks it up, like th
 
 from __future__ import annotations
 
-import gradio as gr
-
 from explorer.attribution import StepAttribution, TrajectoryAttribution
 from explorer.errors import ExplorerError, whole_number
+from explorer.web.galleries import Galleries
+from explorer.web.payloads import skipped
+from explorer.web.session import CompareOutputs
 
 NO_COMPARISON = "Pick a second method to see its influencers at the same step."
 
@@ -50,19 +51,19 @@ def overlap_note(main: StepAttribution, other: StepAttribution, main_name: str) 
     )
 
 
-def compare_view(handlers, session, step, name) -> tuple:
-    """(positive gallery, negative gallery, note) of the second method at `step`."""
+def compare_view(explorer, galleries: Galleries, session, step, name) -> CompareOutputs:
+    """The second method's (positive gallery, negative gallery, note) at `step`."""
     if session is None:
         raise ExplorerError("nothing generated yet: click Generate first")
     if not name:
-        return [], [], NO_COMPARISON
+        return CompareOutputs([], [], NO_COMPARISON)
     if name == session.attribution.index_name:
-        return gr.skip(), gr.skip(), f"{name} is the method on screen: pick another one to compare"
-    other = _current(handlers.explorer, session, name)
+        return skipped(CompareOutputs)._replace(
+            compare_info=f"{name} is the method on screen: pick another one to compare"
+        )
+    other = _current(explorer, session, name)
     step = whole_number(session.step if step is None else step, "step", 0, other.trajectory.steps - 1)
-    current, index = other.steps[step], handlers._index(name)
-    return (
-        handlers._gallery(index, current, current.positive),
-        handlers._gallery(index, current, current.negative),
-        overlap_note(session.attribution.steps[step], current, session.attribution.index_name),
-    )
+    current = other.steps[step]
+    positive, negative = galleries.pair(explorer.index(name)[1], current)
+    main = session.attribution
+    return CompareOutputs(positive, negative, overlap_note(main.steps[step], current, main.index_name))

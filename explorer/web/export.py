@@ -9,18 +9,18 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
-import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw
 
-from explorer.attribution import StepAttribution, TrajectoryAttribution
+from explorer.attribution import TrajectoryAttribution
 from explorer.data import to_uint8
-from explorer.errors import ExplorerError, whole_number
 from explorer.index import AttributionIndex
-from explorer.web.payloads import refused
+from explorer.web.rows import influencer_rows
 
 TILE = 64  # pixels per image in the PNG figure
 CAPTION = 24  # caption band under each tile
+TITLE = 24  # the title band: seed, step, t, method
+LABEL = 84  # the row labels' column
 
 
 def view_query(attribution: TrajectoryAttribution, step: int, top_k: int) -> str:
@@ -32,25 +32,11 @@ def view_query(attribution: TrajectoryAttribution, step: int, top_k: int) -> str
     return "?" + urlencode(fields)
 
 
-def step_rows(index: AttributionIndex, step: StepAttribution) -> list[dict]:
-    """One row per listed influencer: sign, rank, id, label, score, percentile, negative or least aligned."""
-    rows = []
-    for sign, result in (("positive", step.positive), ("negative", step.negative)):
-        for rank, (position, score) in enumerate(zip(result.positions, result.scores), start=1):
-            position = int(position)
-            kind = sign if sign == "positive" or score < 0 else "least aligned"
-            rows.append(
-                {
-                    "sign": sign,
-                    "rank": rank,
-                    "id": int(index.train_ids[position]),
-                    "label": index.class_names[int(index.train_labels[position])],
-                    "score": float(score),
-                    "percentile": round(float(step.percentile(position)), 2),
-                    "kind": kind,
-                }
-            )
-    return rows
+def file_row(row: dict) -> dict:
+    """A row as the files and the API give it: no index position, the percentile to 2 decimals."""
+    return {
+        key: round(value, 2) if key == "percentile" else value for key, value in row.items() if key != "row"
+    }
 
 
 def export_step(
@@ -64,7 +50,14 @@ def export_step(
     directory = Path(directory or tempfile.mkdtemp(prefix="explorer-export-"))
     directory.mkdir(parents=True, exist_ok=True)
     current, trajectory = attribution.steps[step], attribution.trajectory
-    rows = step_rows(index, current)
+    rows = [
+        {
+            key: (round(value, 2) if key == "percentile" else value)
+            for key, value in row.items()
+            if key != "row"
+        }
+        for row in influencer_rows(index, current)
+    ]
     stem = f"influencers_seed{trajectory.seed}_step{step}"
     document = {
         "seed": trajectory.seed,
@@ -98,20 +91,31 @@ def _position(index: AttributionIndex, train_id: int) -> int:
 def figure(
     attribution: TrajectoryAttribution, index: AttributionIndex, step: int, rows: list[dict]
 ) -> Image.Image:
-    """x_t and x0hat of the step, then one row of positive and one of negative influencers, captioned."""
-    trajectory = attribution.trajectory
+    """A title (seed, step, t, method), then x_t and x0hat of the step, one row of positive and one of
+    negative influencers, each row labelled on the left and each tile captioned."""
+    trajectory, current = attribution.trajectory, attribution.steps[step]
     columns = max(2, max(r["rank"] for r in rows))
-    canvas = Image.new("RGB", (columns * TILE, 3 * (TILE + CAPTION)), "white")
+    row_height = TILE + CAPTION
+    width, height = LABEL + columns * TILE, TITLE + 3 * row_height
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
+    title = (
+        f"seed {trajectory.seed} · step {step} of {trajectory.steps - 1} · t = {current.timestep} · "
+        f"bucket {current.bucket} · {attribution.index_name} ({index.score_name})"
+    )
+    draw.text((4, 6), title, fill="black")
+    for row, label in enumerate(("x_t, x0hat", "positive", "negative")):
+        draw.text((4, TITLE + row * row_height + TILE // 2 - 6), label, fill="black")
 
     def tile(image: np.ndarray, column: int, row: int, caption: str) -> None:
         picture = Image.fromarray(image).convert("RGB").resize((TILE, TILE), Image.NEAREST)
-        canvas.paste(picture, (column * TILE, row * (TILE + CAPTION)))
-        draw.text((column * TILE + 2, row * (TILE + CAPTION) + TILE + 2), caption, fill="black")
+        left, top = LABEL + column * TILE, TITLE + row * row_height
+        canvas.paste(picture, (left, top))
+        draw.text((left + 2, top + TILE + 2), caption, fill="black")
 
     xt, x0hat, _ = trajectory.pictures  # a latent model's decoded
     frames = to_uint8(np.stack([xt[step].numpy(), x0hat[step].numpy()]))
-    tile(frames[0], 0, 0, f"x_t t={attribution.steps[step].timestep}")
+    tile(frames[0], 0, 0, f"x_t t={current.timestep}")
     tile(frames[1], 1, 0, "x0hat")
     for r in rows:
         image = index.train_images[_position(index, r["id"])]
@@ -119,30 +123,21 @@ def figure(
     return canvas
 
 
-def open_view(handlers, query: dict) -> tuple:
-    """Outputs of a page opened with a view's query string: seed, steps, then generate's outputs with the
-    linked step on screen; a plain page load (no seed) changes nothing, a bad value goes to the status
-    line."""
-    prompt = query.get("prompt")  # text as it is, even where it reads as a number
-    query = {key: _link_value(value) for key, value in query.items()}
+def link_arguments(query: dict) -> dict | None:
+    """What a page opened with a view's query string (?seed=S&steps=N&step=s&top_k=k, a text model's
+    &prompt=..&guidance=..) asks Generate for; None for a plain page load (no seed). Generate checks or clamps
+    the values."""
     if "seed" not in query:
-        return (gr.skip(),) * 19
-    steps, top_k, guidance = query.get("steps", 50), query.get("top_k", 8), query.get("guidance", 1.0)
-    quiet = lambda *a, **k: None  # noqa: E731
-    outputs = list(handlers.generate(query["seed"], steps, top_k, None, prompt, guidance, progress=quiet))
-    session = outputs[0]
-    if not hasattr(session, "attribution"):  # refused: generate's status slot says why
-        return (gr.skip(),) * 4 + tuple(outputs)
-    trajectory = session.attribution.trajectory
-    if "step" in query:
-        try:
-            step = whole_number(query["step"], "step", 0, trajectory.steps - 1)
-            outputs[3:10] = handlers.step_view(session, step)
-            outputs[3] = gr.update(maximum=trajectory.steps - 1, value=step, label=outputs[3]["label"])
-        except ExplorerError as error:
-            outputs[10] = refused(error)
-    shown = (trajectory.prompt, trajectory.guidance) if trajectory.prompt is not None else (gr.skip(),) * 2
-    return (trajectory.seed, trajectory.steps, *shown, *outputs)
+        return None
+    values = {key: _link_value(value) for key, value in query.items()}
+    return dict(
+        seed=values["seed"],
+        steps=values.get("steps", 50),
+        top_k=values.get("top_k", 8),
+        prompt=query.get("prompt"),  # text as it is, even where it reads as a number
+        guidance=values.get("guidance", 1.0),
+        step=values.get("step"),
+    )
 
 
 def _link_value(text: str):

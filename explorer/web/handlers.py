@@ -1,184 +1,106 @@
-"""The web UI's event handlers and per-session state (the layout and wiring are in ui.py).
+"""The web UI's event handlers (layout and wiring: ui.py; the session and the output groups: session.py).
 
-Every handler is a few lines around one engine call. All steps are attributed at generate
-time, so moving the step slider only reads the session's state (no gradients). Each browser
-session keeps its own `Session` in a gr.State; sessions never see each other's trajectory.
+Every handler is a few lines around one engine call. All steps are attributed at generate time and sent to
+the browser at once (explorer.web.scrub_view), so moving the step slider costs the server nothing but the
+panels that follow it (the selected influencer, a second method, a region). Each browser session keeps its
+own `Session` in a gr.State; sessions never see each other's trajectory.
 
-Handlers return their outputs already serialized (events use postprocess=False), with images
-inlined as base64 PNG data URIs (`ImageData.url`, which gradio documents as "publicly available
-url or base64 encoded image"). The images are under a kilobyte each; as files, gradio would
-write, path-check and serve every gallery image of every slider update separately.
+Handlers return their outputs already serialized (events use postprocess=False), with images inlined as
+base64 PNG data URIs (`ImageData.url`, which gradio documents as "publicly available url or base64 encoded
+image"); as files, gradio would write, path-check and serve every image separately.
 """
 
 import logging
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
-import gradio.utils as gr_utils
-import numpy as np
 
-from explorer.attribution import Explorer, StepAttribution, TrajectoryAttribution
-from explorer.data import load_image_file
+from explorer.attribution import Explorer, TrajectoryAttribution
 from explorer.errors import ExplorerError, bounded, whole_number
-from explorer.index import AttributionIndex, SearchResult
-from explorer.likelihood import RolloutCurves
+from explorer.index import AttributionIndex
 from explorer.memory import releases_memory
-from explorer.sampler import MAX_SEED
-from explorer.web import compare, export, plots
+from explorer.sampler import MAX_SEED, MIN_STEPS
+from explorer.web import api, compare, export, plots, region, scrub_view, story
+from explorer.web.galleries import Galleries
 from explorer.web.insight import InsightHandlers
-from explorer.web.payloads import gallery_payload, image_payload, plot_payload, user_errors
+from explorer.web.payloads import (
+    gallery_payload,
+    image_payload,
+    plot_payload,
+    refusal,
+    refused,
+    skipped,
+    user_errors,
+)
 from explorer.web.region import RegionHandlers
+from explorer.web.rows import caption, training_row
+from explorer.web.session import (  # noqa: F401  (the page's limits, here for the tests)
+    UI_MAX_STEPS,
+    UI_MAX_TOP_K,
+    ChosenOutputs,
+    CompareOutputs,
+    ExportOutputs,
+    FollowOutputs,
+    GenerateOutputs,
+    LinkOutputs,
+    ReattributeOutputs,
+    RegionLists,
+    RolloutOutputs,
+    Session,
+)
+from explorer.web.uploads import ImageHandlers
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PX = plots.IMAGE_PX
-THUMB_PX = 112  # influencer thumbnails
 LARGE_PX = 224  # the selected influencer
-STRIP_COUNT = 10  # x_t thumbnails along the trajectory
 ROLLOUT_STEPS, ROLLOUT_COMPLETIONS = 12, 16  # rollout curves: 16 completions at 12 steps
 NO_INFLUENCER = "Click an influencer to see when it mattered."
-UI_MAX_TOP_K = 32  # top-k the page offers (the engine allows MAX_TOP_K); a larger typed value is clamped
+QUIET = lambda *a, **k: None  # noqa: E731  (progress for calls outside an event)
 
 
-@dataclass(eq=False)
-class Session:
-    """One browser session's generation: every step's attribution, later the rollout curves."""
-
-    attribution: TrajectoryAttribution
-    plot: dict  # the likelihood figure as JSON (plots.figure_template); scrubbing only moves its marker
-    step: int  # the step on screen
-    rollouts: RolloutCurves | None = None
-    rollout_s: float | None = None
-    selected: tuple[str, int] | None = None  # the clicked influencer: (sign, training row); follows the step
-    notes: tuple[str, ...] = ()  # what the controls' values were changed to (e.g. a clamped top-k)
-    compare: TrajectoryAttribution | None = None  # the same trajectory under a second index (compare.py)
-    region: tuple | None = None  # (box, the trajectory attributed inside it) (region.py)
-    region_corner: tuple[int, int] | None = None  # the first clicked corner of a box being drawn
-
-    @property
-    def strip_steps(self) -> list[int]:
-        """The steps shown in the trajectory strip, noisiest first."""
-        last = self.attribution.trajectory.steps - 1
-        return sorted(set(np.linspace(0, last, min(STRIP_COUNT, last + 1)).round().astype(int).tolist()))
-
-    def status(self) -> str:
-        a, t = self.attribution, self.attribution.timings
-        parts = [
-            f"seed {a.trajectory.seed} · {a.trajectory.steps} steps · {a.index_name}",
-            f"sample {t['sample_s']:.2f} s · attribute {t['attribute_s']:.2f} s · proxy {t['proxy_s']:.2f} s",
-        ]
-        if a.proxy.shape[1] == 0:
-            parts.append("no likelihood curves: no feature classifier")
-        elif self.rollouts is None:
-            parts.append("rollout curves: computing…")
-        else:
-            parts.append(
-                f"rollouts ({len(self.rollouts.steps)} steps × {self.rollouts.completions} completions) "
-                f"{self.rollout_s:.1f} s"
-            )
-        return " · ".join([*parts, *self.notes])
+class Stopped(Exception):
+    """The completions of a generation that a newer Generate replaced."""
 
 
-class Handlers(RegionHandlers, InsightHandlers):
+class Handlers(RegionHandlers, InsightHandlers, ImageHandlers):
     """The event handlers, bound to one Explorer (shared, read-only) and given per-session state; the region
     and the bias & memorization views' handlers live with those views."""
 
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
-        self._bias, self._copies = {}, {}  # per index: explorer.web.insight's cached computations
-        self._thumbnails: dict[tuple[int, int], str] = {}  # (id(index), row) -> data URI, for all sessions
+        self.galleries = Galleries()
+        self._bias, self._copies, self._backgrounds = {}, {}, {}  # per index, computed once
 
-    # -- helpers ---------------------------------------------------------------------------
     def _index(self, name: str | None) -> AttributionIndex:
         return self.explorer.index(name)[1]
 
-    def _thumbnail(self, index: AttributionIndex, position: int) -> str:
-        key = (id(index), position)
-        if key not in self._thumbnails:
-            self._thumbnails[key] = plots.png_data_uri(plots.upscale(index.train_images[position], THUMB_PX))
-        return self._thumbnails[key]
-
-    def _caption(
-        self,
-        index: AttributionIndex,
-        step: StepAttribution,
-        position: int,
-        score: float,
-        negative: bool = False,
-    ) -> str:
-        """id, label, the score (for a normalized index a cosine of whitened gradients: 1 = the same
-        direction, 0 = unrelated) and its percentile; a listed negative with a score >= 0 says so."""
-        kind, captions = index.score_name, index.train_captions
-        label = index.class_names[int(index.train_labels[position])]
-        name = f"label {label}" if captions is None else captions[position]  # a text model's: its prompt
-        prefix = "least aligned · " if negative and score >= 0 else ""
-        return (
-            f"{prefix}id {int(index.train_ids[position])} · {name} · {kind} {score:+.3f} · "
-            f"p{step.percentile(position):.1f}"
+    # -- what the page shows of a session ----------------------------------------------------------
+    def _figure(self, attribution: TrajectoryAttribution, rollouts) -> dict:
+        """The likelihood over the influencers' classes (plots.likelihood_figure) as a JSON template."""
+        index = self._index(attribution.index_name)
+        shares = story.class_shares(attribution, index)
+        classes, timesteps = self.explorer.class_names, attribution.trajectory.timesteps
+        figure = plots.likelihood_figure(
+            timesteps, attribution.proxy, classes, rollouts, shares, index.class_names
         )
+        return plots.figure_template(figure)
 
-    def _gallery(self, index: AttributionIndex, step: StepAttribution, result: SearchResult) -> list[dict]:
-        negative = result is step.negative
-        return gallery_payload(
-            [
-                (self._thumbnail(index, int(p)), self._caption(index, step, int(p), float(s), negative))
-                for p, s in zip(result.positions, result.scores)
-            ]
-        )
+    def _plot(self, session: Session) -> dict:
+        return plot_payload(plots.with_marker(session.plot, session.attribution.steps[session.step].timestep))
 
-    def _likelihood(self, attribution: TrajectoryAttribution, rollouts: RolloutCurves | None) -> dict:
-        steps, classes = attribution.trajectory.timesteps, self.explorer.class_names
-        return plots.figure_template(plots.likelihood_figure(steps, attribution.proxy, classes, rollouts))
-
-    def step_view(self, session: Session, step: int) -> tuple:
-        """Outputs for one step: slider label, x_t, x0hat, both galleries, the plot, a step line
-        that ends with this handler's own time."""
-        started = time.perf_counter()
+    def _view(self, session: Session) -> str:
+        """The step view's payload: every step at once (explorer.web.scrub_view)."""
         attribution = session.attribution
-        last = attribution.trajectory.steps - 1
-        step = session.step = whole_number(step, "step", 0, last)
-        current, index = attribution.steps[step], self._index(attribution.index_name)
-        frame = lambda images: image_payload(plots.png_data_uri(plots.tensor_image(images[step], IMAGE_PX)))  # noqa: E731
-        outputs = (
-            gr.update(label=f"denoising step {step} of {last} · train timestep t = {current.timestep}"),
-            *(frame(pictures) for pictures in attribution.trajectory.pictures[:2]),
-            self._gallery(index, current, current.positive),
-            self._gallery(index, current, current.negative),
-            plot_payload(plots.with_marker(session.plot, current.timestep)),
-        )
-        proxy = attribution.proxy[step]
-        if len(proxy):
-            top = int(proxy.argmax())
-            classified = f"classifier on x0hat: {self.explorer.class_names[top]} ({proxy[top]:.2f})"
-        else:
-            classified = "no feature classifier"
-        link = export.view_query(attribution, step, len(current.positive.ids))
-        info = (
-            f"step {step} · t = {current.timestep} · index bucket {current.bucket} · {classified} · "
-            f"{current.negatives_note()} · [link to this view]({link}) · "
-            f"handler {1e3 * (time.perf_counter() - started):.1f} ms"
-        )
-        return (*outputs, info)
+        index, classes = self._index(attribution.index_name), self.explorer.class_names
+        abar = self.explorer.model.scheduler.alphas_cumprod.numpy()
+        notes = story.step_notes(attribution, index, abar, classes, session.rollouts)
+        selected = session.selected[1] if session.selected else None
+        thumbnail = lambda row: self.galleries.pixels(index, row)  # noqa: E731
+        return scrub_view.payload(attribution, index, notes, session.step, selected, thumbnail, classes)
 
-    def highlight(self, session: Session | None) -> tuple:
-        """Both galleries' highlighted tile: the selected influencer where the step on screen lists it, else
-        none (a gallery keeps its clicked tile position while its images change)."""
-        if session is None:
-            return gr.skip(), gr.skip()
-        current = session.attribution.steps[session.step]
-        ranks = []
-        for sign, result in (("positive", current.positive), ("negative", current.negative)):
-            listed = result.positions.tolist()
-            chosen = (
-                session.selected is not None and session.selected[0] == sign and session.selected[1] in listed
-            )
-            ranks.append(listed.index(session.selected[1]) if chosen else -1)  # -1 clears (None is ignored)
-        return tuple(gr.update(selected_index=rank) for rank in ranks)
-
-    def chosen_view(self, session: Session, step: int) -> tuple:
+    def chosen_view(self, session: Session, step: int) -> ChosenOutputs:
         """The selected influencer's panel at `step`: its image, its score at every step (marker at `step`)
         and what it scores and ranks here."""
         sign, position = session.selected
@@ -187,161 +109,187 @@ class Handlers(RegionHandlers, InsightHandlers):
         curve = attribution.score_curve(position)  # (S,)
         peak = int(curve.argmax() if sign == "positive" else curve.argmin())
         timesteps = attribution.trajectory.timesteps
-        result = current.positive if sign == "positive" else current.negative
-        listed = result.positions.tolist()
+        listed = (current.positive if sign == "positive" else current.negative).positions.tolist()
         where = (
             f"#{listed.index(position) + 1} of the {sign} list"
             if position in listed
             else f"not in the {sign} list"
         )
-        score = float(result.scores[listed.index(position)]) if position in listed else float(curve[step])
-        caption = self._caption(index, current, position, score)  # as the gallery captions it where listed
-        figure = plots.score_curve_figure(
-            timesteps, curve, step, f"{caption.split(' · ' + index.score_name)[0]}: score at every step"
-        )
-        text = (
-            f"**{sign} influencer at step {step} (t = {current.timestep})**, {where}: {caption}. "
+        text = caption(training_row(index, current, position, float(curve[step]), sign), index.score_name)
+        title = f"{text.split(' · ' + index.score_name)[0]}: score at every step"
+        figure = plots.score_curve_figure(timesteps, curve, step, title)
+        info = (
+            f"**{sign} influencer at step {step} (t = {current.timestep})**, {where}: {text}. "
             f"Its score is most {sign} at step {peak} (t = {timesteps[peak]}, score {curve[peak]:.3f})."
         )
         large = image_payload(plots.png_data_uri(plots.upscale(index.train_images[position], LARGE_PX)))
-        return large, plot_payload(figure.to_json()), text
+        return ChosenOutputs(large, plot_payload(figure.to_json()), info)
 
-    def _chosen_or_skip(self, session: Session, step: int) -> tuple:
-        return self.chosen_view(session, step) if session.selected else (gr.skip(),) * 3
-
-    # -- events ----------------------------------------------------------------------------
-    @user_errors(outputs=2, message_at=1)
-    def export(self, session: Session | None, step) -> tuple:
-        """The current step's influencers as JSON, CSV and a PNG figure (files to download)."""
-        if session is None:
-            raise ExplorerError("nothing generated yet: click Generate first")
-        attribution = session.attribution
-        step = whole_number(step, "step", 0, attribution.trajectory.steps - 1)
-        files = export.export_step(
-            attribution, self._index(attribution.index_name), step, len(attribution.steps[step].positive.ids)
-        )
-        return [str(path) for path in files], f"exported step {step}: {', '.join(p.name for p in files)}"
-
-    def open_link(self, request: gr.Request) -> tuple:
-        """A page opened with ?seed=S&steps=N&step=s&top_k=k regenerates that view (explorer.web.export)."""
-        return export.open_view(self, dict(request.query_params) if request is not None else {})
-
-    def rollouts_after_link(self, session: Session | None, progress=gr.Progress()) -> tuple:
-        """The rollout curves of a view opened by link; nothing after a plain page load."""
-        return (gr.skip(), gr.skip()) if session is None else self.rollouts(session, progress)
-
+    # -- Generate, links, the completions ----------------------------------------------------------
     def random_seed(self) -> int:
         return random.randint(0, MAX_SEED)
 
-    @user_errors(outputs=15, message_at=10)
+    def stop_completions(self, session: Session | None) -> None:
+        """Runs outside the queue as Generate is clicked: the old generation's completions stop at their next
+        sampler step, so Generate does not wait for them (gradio's cancel waits for a running thread)."""
+        if session is not None:
+            session.cancelled = True
+
     @releases_memory
     def generate(
-        self, seed, steps, top_k, index_name, prompt=None, guidance=1.0, progress=gr.Progress()
-    ) -> tuple:
-        """Sample (for the prompt, if any), attribute every step, classify every x0hat (one engine call)."""
-        top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
+        self,
+        session,
+        seed,
+        steps,
+        top_k,
+        index_name,
+        prompt=None,
+        guidance=1.0,
+        progress=gr.Progress(),
+        step=None,
+    ) -> GenerateOutputs:
+        """Sample, attribute every step, classify every x0hat (one engine call); the old generation's
+        completions stop. A refusal stays in the status line, in front of what the page still shows."""
+        if session is not None:
+            session.cancelled = True  # its completions' event was cancelled with this click (ui.py)
+        try:
+            return self._generate(seed, steps, top_k, index_name, prompt, guidance, progress, step)
+        except ExplorerError as error:
+            logger.info("user error in generate: %s", error)
+            if session is None:
+                return refusal(GenerateOutputs, "status", error)
+            session.refusal = refused(error)
+            return skipped(GenerateOutputs)._replace(status=session.status())
+
+    def _generate(self, seed, steps, top_k, index_name, prompt, guidance, progress, step) -> GenerateOutputs:
+        steps, steps_note = bounded(steps, "sampler steps", MIN_STEPS, UI_MAX_STEPS)
+        top_k, top_k_note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
         stage = lambda done, what: progress(done, desc=what)  # noqa: E731
         attribution = self.explorer.generate(seed, steps, index_name, top_k, stage, prompt or None, guidance)
         trajectory, last = attribution.trajectory, attribution.trajectory.steps - 1
-        session = Session(
-            attribution, self._likelihood(attribution, None), last, notes=(note,) if note else ()
+        shown, step_note = (last, "") if step is None else bounded(step, "step", 0, last)
+        notes = tuple(note for note in (steps_note, top_k_note, step_note) if note)
+        session = Session(attribution, self._figure(attribution, None), shown, notes=notes)
+        picture = lambda image, size: plots.png_data_uri(plots.tensor_image(image, size))  # noqa: E731
+        strip = [
+            (picture(trajectory.pictures[0][s], 112), f"t={trajectory.timesteps[s]}")
+            for s in session.strip_steps
+        ]
+        return GenerateOutputs(
+            session=session,
+            final=image_payload(picture(trajectory.pictures[2], IMAGE_PX)),
+            strip=gallery_payload(strip),
+            slider=gr.update(maximum=last, value=shown),
+            scrub=self._view(session),
+            plot=self._plot(session),
+            status=session.status(),
+            chosen=None,
+            chosen_plot=None,
+            chosen_info=NO_INFLUENCER,
+            top_k=top_k,
+            steps=steps,
         )
-        strip = gallery_payload(
-            [
-                (
-                    plots.png_data_uri(plots.tensor_image(trajectory.pictures[0][s], THUMB_PX)),
-                    f"t={trajectory.timesteps[s]}",
-                )
-                for s in session.strip_steps
-            ]
-        )
-        final = image_payload(plots.png_data_uri(plots.tensor_image(trajectory.pictures[2], IMAGE_PX)))
-        slider, *view = self.step_view(session, last)
-        slider = gr.update(maximum=last, value=last, label=slider["label"])
-        return (session, final, strip, slider, *view, session.status(), None, None, NO_INFLUENCER, top_k)
 
-    @user_errors(outputs=2, message_at=1)
+    def open_link(self, request: gr.Request) -> tuple:
+        """A page opened with ?seed=S&steps=N&step=s&top_k=k regenerates that view (export.link_arguments);
+        values beyond the page's controls are clamped and said."""
+        link = export.link_arguments(dict(request.query_params) if request is not None else {})
+        if link is None:  # a plain page load
+            return (gr.skip(),) * len(LinkOutputs.fields())
+        step, seed, prompt, guidance = (
+            link.pop("step"),
+            link.pop("seed"),
+            link.pop("prompt"),
+            link.pop("guidance"),
+        )
+        generated = self.generate(
+            None, seed, link["steps"], link["top_k"], None, prompt, guidance, QUIET, step
+        )
+        trajectory = (
+            generated.session.attribution.trajectory if isinstance(generated.session, Session) else None
+        )
+        if trajectory is None:  # refused: the status line says why
+            return LinkOutputs(gr.skip(), gr.skip(), gr.skip(), generated).flat()
+        text = trajectory.prompt is not None  # a text model's prompt and guidance go back into their boxes
+        shown = (trajectory.prompt, trajectory.guidance) if text else (gr.skip(), gr.skip())
+        return LinkOutputs(trajectory.seed, *shown, generated).flat()
+
     @releases_memory
-    def rollouts(self, session: Session | None, progress=gr.Progress()) -> tuple:
-        """Feature likelihoods from stochastic completions (>= 16 at >= 10 steps); shown when ready, with the
-        sampler steps done so far as progress."""
-        if session is None:
-            raise ExplorerError("nothing generated yet: click Generate first")
+    def rollouts(self, session: Session | None, progress=gr.Progress()) -> RolloutOutputs:
+        """Feature likelihoods from stochastic completions (16 at 12 steps), shown when ready, with the
+        sampler steps done so far as progress; nothing when this generation already has them or was
+        replaced."""
+        if session is None or session.rollouts is not None or session.cancelled:
+            return skipped(RolloutOutputs)
         if self.explorer.classifier is None:  # the plot already says so; nothing to compute
-            return gr.skip(), session.status()
+            return skipped(RolloutOutputs)._replace(status=session.status())
         started = time.perf_counter()
 
         def report(done: int, total: int) -> None:
-            progress(
-                done / total,
-                desc=f"rollouts: {ROLLOUT_COMPLETIONS} completions, sampler step {done} of {total}",
-            )
+            if session.cancelled:
+                raise Stopped
+            progress(done / total, desc=f"completions from x_t: sampler step {done} of {total}")
 
-        curves = self.explorer.rollouts(
-            session.attribution.trajectory,
-            count=ROLLOUT_STEPS,
-            completions=ROLLOUT_COMPLETIONS,
-            on_step=report,
-        )
+        trajectory = session.attribution.trajectory
+        try:
+            curves = self.explorer.rollouts(trajectory, ROLLOUT_STEPS, ROLLOUT_COMPLETIONS, on_step=report)
+        except Stopped:
+            logger.info("completions of seed %s stopped by a newer Generate", trajectory.seed)
+            return skipped(RolloutOutputs)
         session.rollouts, session.rollout_s = curves, time.perf_counter() - started
-        session.plot = self._likelihood(session.attribution, curves)
-        return self.replot(session), session.status()
+        session.plot = self._figure(session.attribution, curves)
+        return RolloutOutputs(self._view(session), self._plot(session), session.status())
 
-    def replot(self, session: Session | None) -> str | dict:
-        """Resend the plot at the step on screen: a scrub that read it before the rollouts may land later."""
-        timestep = session and session.attribution.steps[session.step].timestep
-        return gr.skip() if session is None else plot_payload(plots.with_marker(session.plot, timestep))
-
-    @user_errors(outputs=10, message_at=6)
-    def scrub(self, session: Session | None, step) -> tuple:
-        """Show one recorded step: a lookup in the session, no gradients; the selected influencer follows."""
-        if session is None:
-            raise ExplorerError("nothing generated yet: click Generate first")
-        return (*self.step_view(session, step), *self._chosen_or_skip(session, session.step))
-
-    @user_errors(outputs=13, message_at=8)
+    # -- the same trajectory, another method or top-k ------------------------------------------------
+    @user_errors(ReattributeOutputs, "status")
     @releases_memory
-    def reattribute(self, session: Session | None, step, index_name, top_k) -> tuple:
+    def reattribute(self, session: Session | None, step, index_name, top_k) -> ReattributeOutputs:
         """The same trajectory against another index or top-k (no resampling); a top-k typed outside
         1..UI_MAX_TOP_K is clamped and the status says so."""
         if session is None:
-            return (gr.skip(),) * 13
+            return skipped(ReattributeOutputs)
         top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
+        step = whole_number(step, "step", 0, session.attribution.trajectory.steps - 1)
         attribution = self.explorer.reattribute(session.attribution, index_name, top_k)
-        new = Session(
-            attribution,
-            session.plot,
-            session.step,
-            session.rollouts,
-            session.rollout_s,
-            notes=(note,) if note else (),
-        )
-        return (new, *self.step_view(new, step), new.status(), None, None, NO_INFLUENCER, top_k)
+        session.attribution, session.step, session.selected = attribution, step, None
+        session.notes, session.refusal = ((note,) if note else ()), None
+        session.plot = self._figure(attribution, session.rollouts)
+        chosen = (None, None, NO_INFLUENCER)
+        return ReattributeOutputs(self._view(session), self._plot(session), session.status(), *chosen, top_k)
 
-    @user_errors(outputs=3, message_at=2)
+    # -- what follows the step slider on the server ------------------------------------------------
+    def follow_step(self, session: Session | None, step, compare_name) -> tuple:
+        """The panels that follow the slider: the selected influencer, a second method, a region (each only
+        when shown; a refusal goes to that panel's note)."""
+        if session is None:
+            return FollowOutputs(skipped(ChosenOutputs), skipped(CompareOutputs), skipped(RegionLists)).flat()
+        try:
+            session.step = step = whole_number(step, "step", 0, session.attribution.trajectory.steps - 1)
+        except ExplorerError as error:
+            return FollowOutputs(
+                refusal(ChosenOutputs, "chosen_info", error), skipped(CompareOutputs), skipped(RegionLists)
+            ).flat()
+        chosen = self.chosen_view(session, step) if session.selected else skipped(ChosenOutputs)
+        second = self.compare(session, step, compare_name) if compare_name else skipped(CompareOutputs)
+        lists = skipped(RegionLists)
+        try:
+            lists = region.follow(self.explorer, self.galleries, session, step)
+        except ExplorerError as error:
+            lists = refusal(RegionLists, "region_info", error)
+        return FollowOutputs(chosen, second, lists).flat()
+
+    @user_errors(CompareOutputs, "compare_info")
     @releases_memory
-    def compare(self, session: Session | None, step, name) -> tuple:
+    def compare(self, session: Session | None, step, name) -> CompareOutputs:
         """The second method's influencers at the step on screen (explorer.web.compare)."""
-        return compare.compare_view(self, session, step, name)
-
-    def compare_scrub(self, session: Session | None, step, name) -> tuple:
-        """The comparison follows the slider; nothing to do while none is chosen."""
-        if session is None or not name:
-            return (gr.skip(),) * 3
-        return self.compare(session, step, name)
+        return compare.compare_view(self.explorer, self.galleries, session, step, name)
 
     def jump(self, session: Session | None, evt: gr.SelectData) -> dict:
         """A click on the trajectory strip moves the step slider there."""
-        if session is None:
-            return gr.skip()
-        return gr.update(value=session.strip_steps[evt.index])
+        return gr.skip() if session is None else gr.update(value=session.strip_steps[evt.index])
 
-    def pick(self, evt: gr.SelectData) -> tuple[str, int]:
-        """A click in either influencer gallery: which one (by elem_id) and which rank."""
-        return ("negative" if getattr(evt.target, "elem_id", None) == "negative" else "positive"), evt.index
-
-    @user_errors(outputs=3, message_at=2)
-    def select_influencer(self, session: Session | None, step, sign, rank) -> tuple:
+    @user_errors(ChosenOutputs, "chosen_info")
+    def select_influencer(self, session: Session | None, step, sign, rank) -> ChosenOutputs:
         """A larger view of one influencer and its score at every step: when did it matter? It stays selected
         while the step changes."""
         if session is None:
@@ -356,45 +304,51 @@ class Handlers(RegionHandlers, InsightHandlers):
         session.selected = (sign, int(result.positions[rank]))
         return self.chosen_view(session, step)
 
-    @user_errors(outputs=4, message_at=3)
-    @releases_memory
-    def attribute_image(self, image, timestep, top_k, index_name, prompt=None) -> tuple:
-        """An uploaded image (any size or mode) as the query at one timestep, with a text model's prompt."""
-        if not image:
-            raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
-        path = (
-            image.get("path") if isinstance(image, dict) else image
-        )  # preprocess=False: the upload's FileData
-        # preprocess=False skips gradio's own path check, so do it here: only files gradio received
-        # as uploads are read, never an arbitrary server path named by a crafted request.
-        if (
-            not isinstance(path, str)
-            or "\x00" in path
-            or not gr_utils.is_in_or_equal(path, gr_utils.get_upload_folder())
-        ):
-            raise ExplorerError(
-                f"image {str(path)[:80]!r} is not an uploaded file: upload the image through the page"
-            )
+    def select_tile(self, session: Session | None, step, evt: gr.SelectData) -> ChosenOutputs:
+        """A click on a tile of the step view: its sign and rank come with the event."""
+        return self.select_influencer(session, step, evt.value, evt.index)
+
+    @user_errors(ExportOutputs, "export_note")
+    def export(self, session: Session | None, step) -> ExportOutputs:
+        """The current step's influencers as JSON, CSV and a PNG figure (files to download)."""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        attribution = session.attribution
+        step = whole_number(step, "step", 0, attribution.trajectory.steps - 1)
+        top_k = len(attribution.steps[step].positive.ids)
+        files = export.export_step(attribution, self._index(attribution.index_name), step, top_k)
+        shown = gr.update(value=[str(path) for path in files], visible=True)
+        return ExportOutputs(shown, f"exported step {step}: {', '.join(p.name for p in files)}")
+
+    # -- the API for scripts and the Attribute-an-image tab --------------------------------------------
+    def attribute_trajectory(
+        self,
+        seed: int,
+        steps: int = 50,
+        top_k: int = 8,
+        method: str = "",
+        prompt: str = "",
+        guidance: float = 1.0,
+        completions: int = 16,
+    ) -> dict:
+        """Generate with a seed and attribute every denoising step; returns JSON. Per step: step, t,
+        bucket, positive and negative influencers (sign, rank, id, label, caption for text models, score,
+        percentile, kind), negative_count, x0hat_p (the classifier's p(class | x0hat)); and the completions'
+        p(class | x_t) with standard errors at 12 steps (completions=0: none), classes, method, score,
+        timings_s.
+
+        Args:
+            seed: sampler seed, 0 to 2147483647 (the page's seed gives the page's trajectory)
+            steps: sampler steps, 10 to 1000
+            top_k: influencers per sign and step, 1 to 100
+            method: index name as in the page's method menu ("" = the first)
+            prompt: a text-to-image model's prompt ("" for pixel models)
+            guidance: classifier-free guidance scale (1 = none)
+            completions: stochastic completions per start step for p(class | x_t), 0 to 64 (0 = skip)
+        """
         try:
-            array = load_image_file(path, self.explorer.model.image_size, self.explorer.model.image_channels)
-        except ExplorerError as error:  # name the upload, not the server's temporary path
-            raise ExplorerError(str(error).replace(path, Path(path).name)) from None
-        timestep = whole_number(timestep, "timestep", 0, self.explorer.model.num_train_timesteps - 1)
-        top_k, note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
-        started = time.perf_counter()
-        step = self.explorer.attribute_image(array, timestep, index_name, top_k, prompt=prompt or None)
-        index = self._index(index_name)
-        status = " · ".join(
-            [
-                f"t = {timestep} (bucket {step.bucket}) · top-{top_k} · {step.negatives_note()}",
-                f"attributed in {time.perf_counter() - started:.2f} s",
-                *([note] if note else []),
-            ]
-        )
-        seen = image_payload(plots.png_data_uri(plots.upscale(array, IMAGE_PX)))
-        return (
-            seen,
-            self._gallery(index, step, step.positive),
-            self._gallery(index, step, step.negative),
-            status,
-        )
+            return api.attribute_trajectory(
+                self.explorer, seed, steps, top_k, method, prompt, guidance, completions
+            )
+        except ExplorerError as error:
+            raise gr.Error(str(error)) from None

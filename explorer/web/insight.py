@@ -4,7 +4,8 @@ scores), training images ranked by self-influence, and the generated image's nea
 Everything here is computed from the index (explorer.diagnostics), once per index, and shared by sessions.
 """
 
-import gradio as gr
+from typing import NamedTuple
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -12,7 +13,26 @@ from plotly.subplots import make_subplots
 from explorer.diagnostics import COPY_RATIO, NEIGHBOURS, NearCopies, self_influence, timestep_bias
 from explorer.errors import whole_number
 from explorer.web import plots
-from explorer.web.payloads import gallery_payload, plot_payload, user_errors
+from explorer.web.galleries import Galleries
+from explorer.web.payloads import gallery_payload, plot_payload, skipped, user_errors
+
+
+class BiasOutputs(NamedTuple):
+    bias_plot: object
+    bias_note: object
+
+
+class SelfOutputs(NamedTuple):
+    self_high: object
+    self_low: object
+    self_note: object
+
+
+class CopyOutputs(NamedTuple):
+    copy_pixel: object
+    copy_feature: object
+    copy_info: object
+
 
 ALL_BUCKETS = -1  # the bucket choice that averages self-influence over every bucket
 SELF_COUNT = 16  # training images shown at each end of the self-influence ranking
@@ -87,9 +107,10 @@ class InsightHandlers:
 
     _bias: dict
     _copies: dict
+    galleries: Galleries
 
-    @user_errors(outputs=2, message_at=1)
-    def bias(self, name) -> tuple:
+    @user_errors(BiasOutputs, "bias_note")
+    def bias(self, name) -> BiasOutputs:
         """(figure, note) for the index `name`."""
         index = self._index(name or None)
         if id(index) not in self._bias:
@@ -102,10 +123,10 @@ class InsightHandlers:
             "normalized ones (Diffusion-ReTrac's point: raw scores let a few large-gradient images top "
             "many lists)."
         )
-        return plot_payload(bias_figure(bias).to_json()), note
+        return BiasOutputs(plot_payload(bias_figure(bias).to_json()), note)
 
-    @user_errors(outputs=3, message_at=2)
-    def self_influence(self, name, bucket) -> tuple:
+    @user_errors(SelfOutputs, "self_note")
+    def self_influence(self, name, bucket) -> SelfOutputs:
         """(highest gallery, lowest gallery, note) of the self-influence ranking at `bucket`."""
         index = self._index(name or None)
         bucket = whole_number(bucket, "bucket", ALL_BUCKETS, index.buckets - 1)
@@ -118,7 +139,7 @@ class InsightHandlers:
             return gallery_payload(
                 [
                     (
-                        self._thumbnail(index, int(row)),
+                        self.galleries.thumbnail(index, int(row)),
                         f"id {int(index.train_ids[row])} · label "
                         f"{index.class_names[int(index.train_labels[row])]} · self {scores[row]:.4f} · "
                         f"rank {rank[row]}",
@@ -134,13 +155,13 @@ class InsightHandlers:
             f"self-influence |psi_i|^2 {where}: highest {scores[order[0]]:.4f}, median "
             f"{np.median(scores):.4f}, lowest {scores[order[-1]]:.4f} over {len(scores)} training images"
         )
-        return gallery(order[:SELF_COUNT]), gallery(order[::-1][:SELF_COUNT]), note
+        return SelfOutputs(gallery(order[:SELF_COUNT]), gallery(order[::-1][:SELF_COUNT]), note)
 
-    @user_errors(outputs=3, message_at=2)
-    def near_copies(self, session) -> tuple:
+    @user_errors(CopyOutputs, "copy_info")
+    def near_copies(self, session) -> CopyOutputs:
         """(pixel-nearest gallery, feature-nearest gallery, verdict) for the session's generated image."""
         if session is None:  # a plain page load: nothing generated yet
-            return (gr.skip(),) * 3
+            return skipped(CopyOutputs)
         attribution = session.attribution
         index = self._index(attribution.index_name)
         if id(index) not in self._copies:
@@ -151,7 +172,7 @@ class InsightHandlers:
         pixel = gallery_payload(
             [
                 (
-                    self._thumbnail(index, int(row)),
+                    self.galleries.thumbnail(index, int(row)),
                     f"id {int(index.train_ids[row])} · label "
                     f"{index.class_names[int(index.train_labels[row])]} · RMS {distance:.3f}",
                 )
@@ -159,7 +180,7 @@ class InsightHandlers:
             ]
         )
         last = attribution.steps[-1]
-        feature = self._gallery(index, last, last.positive)
+        feature = self.galleries.gallery(index, last, last.positive)
         verdict = "**a near copy**" if found.near_copy else "not a near copy"
         text = (
             f"Generated image (seed {attribution.trajectory.seed}): {verdict}. Its nearest training image, "
@@ -169,4 +190,4 @@ class InsightHandlers:
             f"ratio to the rest of the training set, and {found.percentile:.1f}% have their nearest "
             f"neighbour farther away. Feature space: the last step's top positives (t = {last.timestep})."
         )
-        return pixel, feature, text
+        return CopyOutputs(pixel, feature, text)

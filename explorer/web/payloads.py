@@ -13,15 +13,25 @@ from explorer.errors import ExplorerError
 logger = logging.getLogger("explorer.web.handlers")
 
 
-def refused(error: Exception) -> str:
+def refused(error: Exception | str) -> str:
     """The line a refused input leaves in its status slot."""
     return f"**Not done:** {error}. Everything else on the page is as it was."
 
 
-def user_errors(outputs: int, message_at: int) -> Callable:
-    """A refused input (ExplorerError) leaves every output as it was (gr.skip) except the status slot
-    `message_at` of the `outputs`, which says what was wrong and how to fix it: one bad input never wipes
-    earlier results, and no stack trace reaches the page."""
+def skipped(group: type) -> tuple:
+    """Every output of a named group (a NamedTuple of explorer.web.session or a view) left as it was."""
+    return group(*[gr.skip()] * len(group._fields))
+
+
+def refusal(group: type, field: str, error: Exception) -> tuple:
+    """The group with every output skipped except `field`, which says what was wrong and how to fix it."""
+    return skipped(group)._replace(**{field: refused(error)})
+
+
+def user_errors(group: type, field: str) -> Callable:
+    """A refused input (ExplorerError) leaves every output of the handler's `group` as it was (gr.skip) except
+    `field`, its status slot, which says what was wrong and how to fix it: one bad input never wipes earlier
+    results, and no stack trace reaches the page."""
 
     def decorate(handler: Callable) -> Callable:
         @functools.wraps(handler)
@@ -30,9 +40,7 @@ def user_errors(outputs: int, message_at: int) -> Callable:
                 return handler(*args, **kwargs)
             except ExplorerError as error:
                 logger.info("user error in %s: %s", handler.__name__, error)
-                answer = [gr.skip()] * outputs
-                answer[message_at] = refused(error)
-                return tuple(answer)
+                return refusal(group, field, error)
 
         return wrapper
 

@@ -14,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 from PIL import Image
+from plotly.subplots import make_subplots
 
 from explorer.data import to_uint8
 from explorer.likelihood import RolloutCurves
@@ -33,6 +34,7 @@ CLASS_COLORS = [
 ]
 MARKER_COLOR = "#222222"
 FIGURE_HEIGHT = 380
+LIKELIHOOD_HEIGHT = 560  # the likelihood over the influencers' classes
 
 
 IMAGE_PX = 160  # x_t, x0hat and the final image, upscaled nearest (16 px -> 160 px)
@@ -104,60 +106,138 @@ def with_marker(template: dict, timestep: int) -> str:
     return json.dumps(dict(template, layout=layout))
 
 
+def class_color(name: str, names: list[str]) -> str:
+    """The colour of a class, by its position in `names` (the same class keeps its colour in every panel)."""
+    return CLASS_COLORS[(names.index(name) if name in names else len(names)) % len(CLASS_COLORS)]
+
+
+def _completion_traces(figure: go.Figure, x: list, rollouts: RolloutCurves, c: int, name: str, color: str):
+    """Class c's completions curve (solid) and its band, mean +- 2 standard errors over the M completions."""
+    p = rollouts.probabilities[:, c]
+    spread = 2 * (rollouts.stderr[:, c] if rollouts.stderr is not None else np.zeros_like(p))
+    for edge, fill in ((np.minimum(1, p + spread), None), (np.maximum(0, p - spread), "tonexty")):
+        band = dict(color=color, width=0)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=edge.tolist(),
+                mode="lines",
+                line=band,
+                fill=fill,
+                fillcolor=color + "30",
+                legendgroup=name,
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=1,
+        )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=p.tolist(),
+            mode="lines+markers",
+            name=name,
+            legendgroup=name,
+            line=dict(color=color, width=2.5),
+            marker=dict(size=5),
+            customdata=spread.tolist(),
+            hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t) from {rollouts.completions} completions="
+            "%{y:.2f} ± %{customdata:.2f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+
+
 def likelihood_figure(
     timesteps: np.ndarray,
     proxy: np.ndarray,
     class_names: list[str],
     rollouts: RolloutCurves | None,
+    shares: np.ndarray | None = None,
+    share_names: list[str] | None = None,
     current_step: int | None = None,
 ) -> go.Figure:
-    """Feature likelihoods p(class | x_t) over the steps (Journey-TRAK section 3.1).
+    """Top: p(class | x_t) over the steps (Journey-TRAK section 3.1) from stochastic completions of x_t
+    (solid, with a band of +- 2 standard errors); the classifier on x0hat faint and dotted (off once the
+    completions are in: at high noise x0hat is a blur the classifier reads as any class). Bottom: the share
+    of the top-k positive influencers in each class at every step.
 
-    timesteps (S,), proxy (S, classes): classifier on x0hat (solid lines); rollouts: the mean
-    classifier probability over stochastic completions from x_t (dashed, with markers).
-    """
-    figure = go.Figure()
+    timesteps (S,), proxy (S, classes), shares (S, classes of the index) with their share_names."""
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, row_heights=[0.6, 0.4])
+    x = timesteps.tolist()
     for c, name in enumerate(class_names):
-        color = CLASS_COLORS[c % len(CLASS_COLORS)]
+        color = class_color(name, class_names)
+        if rollouts is not None:
+            _completion_traces(figure, timesteps[rollouts.steps].tolist(), rollouts, c, name, color)
         figure.add_trace(
             go.Scatter(
-                x=timesteps.tolist(),
+                x=x,
                 y=proxy[:, c].tolist(),
                 mode="lines",
-                name=name,
-                legendgroup=name,
-                line=dict(color=color, width=2),
+                name="x0hat classifier (unreliable at high noise)",
+                legendgroup="x0hat",
+                showlegend=c == 0,
+                opacity=0.5,
+                visible="legendonly" if rollouts is not None else True,
+                line=dict(color=color, width=1, dash="dot"),
                 hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>",
-            )
+            ),
+            row=1,
+            col=1,
         )
-        if rollouts is not None:
-            figure.add_trace(
-                go.Scatter(
-                    x=timesteps[rollouts.steps].tolist(),
-                    y=rollouts.probabilities[:, c].tolist(),
-                    mode="lines+markers",
-                    name=f"{name} (rollouts)",
-                    legendgroup=name,
-                    showlegend=False,
-                    line=dict(color=color, width=1.5, dash="dash"),
-                    marker=dict(size=6),
-                    hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x_t)=%{{y:.3f}}<extra></extra>",
-                )
-            )
+    names = share_names or []
+    for c, name in enumerate(names if shares is not None else []):
+        color = class_color(name, class_names or names)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=shares[:, c].tolist(),
+                mode="lines",
+                name=f"{name} (influencers)",
+                legendgroup=name,
+                showlegend=name not in class_names,
+                stackgroup="shares",
+                line=dict(color=color, width=0.5),
+                fillcolor=color + "b0",
+                hovertemplate=f"class {name}<br>t=%{{x}}<br>share of top-k=%{{y:.2f}}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     if not class_names:
-        title = (
-            "No feature likelihood: no classifier next to the model (python -m precompute train "
-            "--classifier-only ...)"
-        )
+        top = "No feature likelihood: no classifier next to the model (precompute train --classifier-only)"
     elif rollouts is None:
-        title = "Feature likelihood: solid = classifier on x0hat · rollout curves computing…"
+        top = "p(class | x_t): completions from x_t computing… · dotted: x0hat classifier (unreliable)"
     else:
-        title = (
-            f"Feature likelihood: solid = classifier on x0hat · dashed = {rollouts.completions} "
-            "rollouts from x_t"
+        top = (
+            f"p(class | x_t): solid = {rollouts.completions} completions from x_t (band ± 2 s.e.) · "
+            "dotted (legend): x0hat classifier"
         )
-    _layout(figure, title, "p(class)")
-    figure.update_yaxes(range=[-0.02, 1.02])
+    _layout(figure, top, "p(class)")
+    figure.update_layout(height=LIKELIHOOD_HEIGHT, margin=dict(l=50, r=10, t=40, b=40))
+    figure.update_layout(
+        legend=dict(title=dict(text="click to hide:"), orientation="h", y=-0.12, x=0, font=dict(size=11)),
+        margin=dict(l=50, r=10, t=40, b=90),
+    )
+    figure.update_xaxes(autorange="reversed", zeroline=False)
+    figure.update_xaxes(title=None, row=1, col=1)
+    figure.update_xaxes(title="train timestep t  (noisy → clean)", row=2, col=1)
+    figure.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
+    figure.update_yaxes(range=[0, 1], title="share", row=2, col=1)
+    if shares is not None:
+        figure.add_annotation(
+            text="share of the top-k positive influencers in each class",
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=0.40,
+            xanchor="left",
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(size=12),
+        )
     return figure if current_step is None else move_marker(figure, int(timesteps[current_step]))
 
 

@@ -1,9 +1,13 @@
 """Region attribution on the page: click two corners on the generated image (or type the box), attribute the
-output inside it at every step, and scrub with the region's influencers next to the whole image's.
+output inside it, and scrub with the region's influencers next to the whole image's.
 
-The region's attribution is computed once per trajectory, box and top-k (explorer.region centers the region
-query by its own output's mean training feature) and kept in the session; scrubbing then only looks it up.
+A region needs its own center per bucket (explorer.region: one backward pass through 256 training images
+each), so a new box is attributed at the step on screen first (one bucket: about a second) and shown; a
+follow-up event then attributes every other step in one batch, and the slider reads them from the session.
+A step the follow-up has not reached yet is attributed on demand.
 """
+
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
@@ -12,14 +16,36 @@ from PIL import Image, ImageDraw
 from explorer.errors import ExplorerError, whole_number
 from explorer.memory import releases_memory
 from explorer.web import plots
-from explorer.web.compare import follows, shared_influencers
-from explorer.web.payloads import image_payload, user_errors
+from explorer.web.compare import shared_influencers
+from explorer.web.payloads import image_payload, skipped, user_errors
+from explorer.web.session import RegionLists, RegionState
 
 NO_REGION = (
     "Click two opposite corners of a box on the image (or type x0,y0,x1,y1 in model pixels, x1 and y1 "
     "exclusive), then **Attribute region**."
 )
 BOX_COLOR = (255, 64, 64)
+
+
+class RegionClick(NamedTuple):
+    region_image: object
+    region_box: object
+    region_info: object
+
+
+class RegionOutputs(NamedTuple):
+    region_image: object
+    region_positive: object
+    region_negative: object
+    region_info: object
+
+
+class RegionReset(NamedTuple):
+    region_image: object
+    region_box: object
+    region_positive: object
+    region_negative: object
+    region_info: object
 
 
 def box_text(box: tuple[int, int, int, int]) -> str:
@@ -51,7 +77,7 @@ def canvas(session, box: tuple[int, int, int, int] | None, corner: tuple[int, in
     return image_payload(plots.png_data_uri(np.asarray(image)))
 
 
-def click(session, evt: gr.SelectData) -> tuple:
+def click(session, evt: gr.SelectData) -> RegionClick:
     """A click on the region image: the first sets a corner, the second completes the box (any order)."""
     if session is None:
         raise ExplorerError("nothing generated yet: click Generate first")
@@ -59,25 +85,36 @@ def click(session, evt: gr.SelectData) -> tuple:
     x, y = (min(size - 1, max(0, int(v * size / plots.IMAGE_PX))) for v in evt.index[:2])
     if session.region_corner is None:
         session.region_corner = (x, y)
-        return canvas(session, None, (x, y)), gr.skip(), "first corner set: click the opposite corner"
+        return RegionClick(
+            canvas(session, None, (x, y)), gr.skip(), "first corner set: click the opposite corner"
+        )
     (cx, cy), session.region_corner = session.region_corner, None
     box = (min(x, cx), min(y, cy), max(x, cx) + 1, max(y, cy) + 1)
-    return canvas(session, box), box_text(box), f"box {box_text(box)}: click **Attribute region**"
+    return RegionClick(
+        canvas(session, box), box_text(box), f"box {box_text(box)}: click **Attribute region**"
+    )
 
 
-def _current(explorer, session, box: tuple[int, int, int, int]):
-    """The session's region attribution, recomputed when the trajectory, the index, the box or top-k
-    changed."""
-    main = session.attribution
+def _state(session, box: tuple[int, int, int, int]) -> RegionState:
+    """The session's region, started afresh when the box or the whole image's attribution changed."""
     kept = session.region
-    if kept is None or kept[0] != box or not follows(kept[1], main, main.index_name):
-        top_k = len(main.steps[0].positive.ids)
-        session.region = kept = (box, explorer.reattribute(main, main.index_name, top_k, box))
-    return kept[1]
+    if kept is None or kept.box != box or kept.attribution is not session.attribution:
+        session.region = kept = RegionState(box, session.attribution)
+    return kept
 
 
-def overlap_note(session, step: int, box) -> str:
-    whole, part = session.attribution.steps[step], session.region[1].steps[step]
+def region_step(explorer, state: RegionState, steps: list[int]):
+    """Attribute the box at the steps it does not have yet; return the first asked for."""
+    missing = [s for s in steps if s not in state.steps]
+    if missing:
+        top_k = len(state.attribution.steps[0].positive.ids)
+        found = explorer.attribute_steps(state.attribution, missing, top_k, state.box)
+        state.steps.update(zip(missing, found))
+    return state.steps[steps[0]]
+
+
+def overlap_note(session, step: int, box, part) -> str:
+    whole = session.attribution.steps[step]
     shared, k = shared_influencers(whole, part), len(whole.positive.ids)
     return (
         f"region {box_text(box)} at step {step} (t = {part.timestep}): {shared[0]} of {k} positive and "
@@ -86,54 +123,52 @@ def overlap_note(session, step: int, box) -> str:
     )
 
 
-def region_view(handlers, session, step, text) -> tuple:
-    """(canvas, positive gallery, negative gallery, note) for the box in `text` at `step`."""
-    if session is None:
-        raise ExplorerError("nothing generated yet: click Generate first")
-    box = handlers.explorer.region_box(parse_box(text))
-    region = _current(handlers.explorer, session, box)
-    step = whole_number(session.step if step is None else step, "step", 0, region.trajectory.steps - 1)
-    current, index = region.steps[step], handlers._index(region.index_name)
-    return (
-        canvas(session, box),
-        handlers._gallery(index, current, current.positive),
-        handlers._gallery(index, current, current.negative),
-        overlap_note(session, step, box),
-    )
+def region_lists(explorer, galleries, session, step, box) -> RegionLists:
+    """The box's (positive gallery, negative gallery, note) at `step`."""
+    state = _state(session, box)
+    last = session.attribution.trajectory.steps - 1
+    step = whole_number(session.step if step is None else step, "step", 0, last)
+    part = region_step(explorer, state, [step])
+    positive, negative = galleries.pair(explorer.index(session.attribution.index_name)[1], part)
+    return RegionLists(positive, negative, overlap_note(session, step, box, part))
 
 
-def follow(handlers, session, step) -> tuple:
-    """The region's lists follow the slider once a region was attributed for this trajectory."""
-    if (
-        session is None
-        or session.region is None
-        or session.region[1].trajectory is not (session.attribution.trajectory)
-    ):
-        return (gr.skip(),) * 3
-    _, positive, negative, note = region_view(handlers, session, step, box_text(session.region[0]))
-    return positive, negative, note
+def follow(explorer, galleries, session, step) -> RegionLists:
+    """The region's lists follow the slider once a box was attributed for the image on screen."""
+    if session is None or session.region is None or session.region.attribution is not session.attribution:
+        return skipped(RegionLists)
+    return region_lists(explorer, galleries, session, step, session.region.box)
 
 
 class RegionHandlers:
     """The region view's event handlers (mixed into explorer.web.handlers.Handlers)."""
 
-    @user_errors(outputs=3, message_at=2)
-    def region_click(self, session, evt: gr.SelectData) -> tuple:
+    @user_errors(RegionClick, "region_info")
+    def region_click(self, session, evt: gr.SelectData) -> RegionClick:
         """A click on the region image sets a corner or completes the box."""
         return click(session, evt)
 
-    @user_errors(outputs=4, message_at=3)
+    @user_errors(RegionOutputs, "region_info")
     @releases_memory
-    def region(self, session, step, text) -> tuple:
-        """Attribute the output inside the typed or clicked box at every step (once per box)."""
-        return region_view(self, session, step, text)
+    def region(self, session, step, text) -> RegionOutputs:
+        """Attribute the output inside the typed or clicked box at the step on screen (region_fill: the
+        rest)."""
+        if session is None:
+            raise ExplorerError("nothing generated yet: click Generate first")
+        box = self.explorer.region_box(parse_box(text))
+        lists = region_lists(self.explorer, self.galleries, session, step, box)
+        return RegionOutputs(canvas(session, box), *lists)
 
-    def region_reset(self, session) -> tuple:
+    @releases_memory
+    def region_fill(self, session) -> None:
+        """After a box is shown: attribute it at every other step in one batch (nothing on screen
+        changes)."""
+        if session is not None and session.region is not None:
+            state = session.region
+            region_step(self.explorer, state, list(range(state.attribution.trajectory.steps)))
+
+    def region_reset(self, session) -> RegionReset:
         """After Generate: the new image without a box, the region lists emptied."""
         if session is None:
-            return (gr.skip(),) * 5
-        return canvas(session, None), "", [], [], NO_REGION
-
-    @user_errors(outputs=3, message_at=2)
-    def region_scrub(self, session, step) -> tuple:
-        return follow(self, session, step)
+            return skipped(RegionReset)
+        return RegionReset(canvas(session, None), "", [], [], NO_REGION)
