@@ -19,57 +19,36 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from explorer.web.session import GenerateOutputs, ReattributeOutputs
+
 SEED, STEPS, TOP_K = 7, 20, 6
 CAPTION = re.compile(
     r"^(least aligned · )?id (\d+) · label (\S+) · (?:cos|TRAK score) ([+-]\d+\.\d+) · p(\d+\.\d)$"
 )
-GENERATE_OUTPUTS = (
-    "final",
-    "strip",
-    "slider",
-    "xt",
-    "x0",
-    "positive",
-    "negative",
-    "plot",
-    "step_info",
-    "status",
-    "chosen",
-    "chosen_plot",
-    "chosen_info",
-    "top_k",
-)
-SCRUB_OUTPUTS = (
-    "slider",
-    "xt",
-    "x0",
-    "positive",
-    "negative",
-    "plot",
-    "step_info",
-    "chosen",
-    "chosen_plot",
-    "chosen_info",
-)
+GENERATE_OUTPUTS = tuple(name for name in GenerateOutputs._fields if name != "session")  # state: not sent
+REATTRIBUTE_OUTPUTS = ReattributeOutputs._fields
 
 
-def parse(gallery: list[dict] | dict) -> list[tuple[int, str, float, float]]:
-    """(id, label, score, percentile) of every gallery item, from its caption (a step view's galleries come
-    as updates that also set the highlighted item)."""
+def parse(captions: list[str]) -> list[tuple[int, str, float, float]]:
+    """(id, label, score, percentile) of every tile, from its caption."""
     rows = []
-    if isinstance(gallery, dict):
-        gallery = gallery["value"]
-    for item in gallery:
-        match = CAPTION.match(item["caption"])
+    for text in captions:
+        match = CAPTION.match(text)
         assert match, (
-            f"caption {item['caption']!r} does not have the form '[least aligned · ]id I · label L · "
-            "cos S · pP'"
+            f"caption {text!r} does not have the form '[least aligned · ]id I · label L · cos S · pP'"
         )
-        assert not match[1] or float(match[4]) >= 0, (
-            f"{item['caption']!r}: a negative score is not 'least aligned'"
-        )
+        assert not match[1] or float(match[4]) >= 0, f"{text!r}: a negative score is not 'least aligned'"
         rows.append((int(match[2]), match[3], float(match[4]), float(match[5])))
     return rows
+
+
+def view(payload: str) -> dict:
+    """The step view's payload (explorer.web.scrub_view): every step's lists, frames, line and note."""
+    return json.loads(payload)
+
+
+def tiles(document: dict, step: int, sign: str) -> list[tuple[int, str, float, float]]:
+    return parse([caption for _, caption in document["steps"][step][sign]])
 
 
 def picture(image: dict) -> Image.Image:
@@ -101,7 +80,9 @@ def client(running_app) -> Client:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def generated(client: Client, index_name: str) -> dict:
-    return dict(zip(GENERATE_OUTPUTS, client.predict(SEED, STEPS, TOP_K, index_name, api_name="/generate")))
+    return dict(
+        zip(GENERATE_OUTPUTS, client.predict(SEED, STEPS, TOP_K, index_name, "", 1.0, api_name="/generate"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,87 +91,81 @@ def reference(running_app):  # noqa: F811
     return running_app.explorer.generate(SEED, STEPS, top_k=TOP_K)
 
 
-def test_generate_shows_final_image_strip_galleries_and_plot(generated: dict, running_app) -> None:  # noqa: F811
+def test_generate_sends_every_step_once(generated: dict, running_app, reference) -> None:  # noqa: F811
     final = picture(generated["final"])
     assert final.size == (160, 160) and np.asarray(final).std() > 0
-    assert 2 <= len(generated["strip"]) <= 10
-    assert generated["strip"][0]["caption"].startswith("t=")
-    for sign in ("positive", "negative"):
-        rows = parse(generated[sign])
-        assert len(rows) == TOP_K
-        scores = [row[2] for row in rows]
-        assert scores == sorted(scores, reverse=(sign == "positive"))
-        assert all(picture(item["image"]).size == (112, 112) for item in generated[sign])
-    assert parse(generated["positive"])[0][2] > parse(generated["negative"])[0][2]
-    # honest negatives: a listed negative is called negative only with a score below 0, and the step line says
-    # how many
-    for item in generated["negative"]:
-        score = float(CAPTION.match(item["caption"])[4])
-        assert item["caption"].startswith("least aligned · ") == (score >= 0)
-    assert not any(item["caption"].startswith("least aligned") for item in generated["positive"])
-    assert (
-        "listed negatives have negative scores" in generated["step_info"]
-        or "least aligned" in generated["step_info"]
-    )
+    assert 2 <= len(generated["strip"]) <= 10 and generated["strip"][0]["caption"].startswith("t=")
+    document = view(generated["scrub"])
+    assert document["last"] == STEPS - 1 and document["step"] == STEPS - 1 and len(document["steps"]) == STEPS
+    size = running_app.explorer.model.sample_size
+    for step, shown in enumerate(document["steps"]):
+        assert shown["t"] == int(reference.trajectory.timesteps[step])
+        assert shown["line"].startswith(f"step {step} of {STEPS - 1} · t = {shown['t']} · index bucket ")
+        assert shown["note"].startswith(f"t = {shown['t']}: ") and "noise" in shown["note"]
+        for sign in ("positive", "negative"):
+            rows = tiles(document, step, sign)
+            scores = [row[2] for row in rows]
+            assert len(rows) == TOP_K and scores == sorted(scores, reverse=(sign == "positive"))
+        assert all(str(row) in document["thumbs"] for row, _ in shown["positive"] + shown["negative"])
+    assert all(picture({"url": uri}).size == (size, size) for uri in document["frames"][0])  # CSS scales up
+    frames = [np.asarray(picture({"url": document["frames"][s][0]})) for s in (0, STEPS - 1)]
+    assert not np.array_equal(*frames)
+    assert tiles(document, 0, "positive") != tiles(document, STEPS - 1, "positive")
     assert generated["slider"]["maximum"] == STEPS - 1 and generated["slider"]["value"] == STEPS - 1
     traces = figure(generated["plot"])["data"]
-    assert [
-        trace["name"] for trace in traces
-    ] == running_app.explorer.class_names  # one proxy curve per class
-    assert all(len(trace["y"]) == STEPS for trace in traces)
+    classes = running_app.explorer.class_names
+    proxy = [trace for trace in traces if trace.get("legendgroup") == "x0hat"]
+    assert len(proxy) == len(classes) and all(len(trace["y"]) == STEPS for trace in proxy)
+    assert all(
+        trace["line"]["dash"] == "dot" and trace["visible"] is True for trace in proxy
+    )  # until completions
+    shares = [trace for trace in traces if trace.get("stackgroup") == "shares"]
+    np.testing.assert_allclose(
+        np.sum([trace["y"] for trace in shares], axis=0), 1.0
+    )  # every top-k in a class
+    assert marker_x(generated["plot"]) == document["steps"][-1]["t"]
     assert "sample" in generated["status"] and "attribute" in generated["status"]
 
 
-def test_captions_match_the_engine(
-    client: Client, generated: dict, reference, running_app, index_name
-) -> None:  # noqa: F811
+def test_captions_match_the_engine(generated: dict, reference, running_app, index_name) -> None:  # noqa: F811
     index = running_app.explorer.indexes[index_name]
+    document = view(generated["scrub"])
     for step in (STEPS - 1, 3):
-        out = dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub")))
         expected = reference.steps[step]
         for sign in ("positive", "negative"):
-            rows, result = parse(out[sign]), getattr(expected, sign)
+            rows, result = tiles(document, step, sign), getattr(expected, sign)
             assert [row[0] for row in rows] == result.ids.tolist()
             np.testing.assert_allclose([row[2] for row in rows], result.scores, atol=2e-3)
             labels = [index.class_names[index.train_labels[p]] for p in result.positions]
             assert [row[1] for row in rows] == labels
             assert rows[0][3] == pytest.approx(expected.percentile(int(result.positions[0])), abs=0.06)
+            for _row, caption in document["steps"][step][sign]:  # honest negatives: "least aligned" if >= 0
+                score = float(CAPTION.match(caption)[4])
+                assert caption.startswith("least aligned · ") == (sign == "negative" and score >= 0)
 
 
-def test_scrub_changes_step_view_and_moves_marker(client: Client, generated: dict, reference) -> None:
-    views = {
-        step: dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub")))
-        for step in (0, STEPS // 2, STEPS - 1)
-    }
-    for step, view in views.items():
-        t = int(reference.trajectory.timesteps[step])
-        assert f"t = {t}" in view["slider"]["label"]
-        assert marker_x(view["plot"]) == t
-        assert len(parse(view["positive"])) == len(parse(view["negative"])) == TOP_K
-        assert "handler" in view["step_info"]
-    first, last = views[0], views[STEPS - 1]
-    assert parse(first["positive"]) != parse(last["positive"])
-    assert not np.array_equal(np.asarray(picture(first["xt"])), np.asarray(picture(last["xt"])))
-
-
-def test_rollout_curves_arrive_as_dashed_traces(client: Client, generated: dict, running_app) -> None:  # noqa: F811
-    plot, status = client.predict(api_name="/rollouts")
+def test_completions_arrive_as_solid_curves_with_a_band(client: Client, generated: dict, running_app) -> None:  # noqa: F811
+    payload, plot, status = client.predict(api_name="/rollouts")
     traces = figure(plot)["data"]
     classes = running_app.explorer.class_names
-    rollouts = [trace for trace in traces if trace["line"].get("dash") == "dash"]
-    assert len(rollouts) == len(classes) and len(traces) == 2 * len(classes)
-    assert all(10 <= len(trace["x"]) <= 12 for trace in rollouts)  # >= 10 start steps
-    totals = np.sum([trace["y"] for trace in rollouts], axis=0)
-    np.testing.assert_allclose(totals, 1.0, atol=1e-4)  # probabilities over the classes
-    assert "16 completions" in status
+    solid = [trace for trace in traces if trace.get("name") in classes and trace["mode"] == "lines+markers"]
+    bands = [trace for trace in traces if trace.get("fill") == "tonexty" and trace.get("stackgroup") is None]
+    assert len(solid) == len(classes) == len(bands)
+    assert all(10 <= len(trace["x"]) <= 12 and trace["line"]["width"] >= 2 for trace in solid)
+    np.testing.assert_allclose(np.sum([trace["y"] for trace in solid], axis=0), 1.0, atol=1e-4)
+    proxy = [trace for trace in traces if trace.get("legendgroup") == "x0hat"]
+    assert all(trace["visible"] == "legendonly" for trace in proxy)  # off once the completions are in
+    assert "16 completions" in status and "solid = 16 completions" in figure(plot)["layout"]["title"]["text"]
+    notes = [step["note"] for step in view(payload)["steps"]]
+    assert all("the completions " in note for note in notes)
 
 
 def test_select_influencer_shows_its_score_at_every_step(client: Client, generated: dict) -> None:
     step = STEPS // 2
-    view = dict(zip(SCRUB_OUTPUTS, client.predict(step, api_name="/scrub")))
+    document = view(generated["scrub"])
     for sign, rank in (("positive", 0), ("negative", 2)):
         image, plot, text = client.predict(step, sign, rank, api_name="/select_influencer")
-        chosen = parse(view[sign])[rank]
+        chosen = tiles(document, step, sign)[rank]
         assert picture(image).size[0] >= 160
         (trace,) = figure(plot)["data"]
         assert len(trace["y"]) == STEPS
@@ -202,18 +177,26 @@ def test_sessions_do_not_share_trajectories(
     running_app, index_name: str, client: Client, generated: dict
 ) -> None:  # noqa: F811
     other = Client(running_app.url, verbose=False)
-    other.predict(SEED + 1, STEPS, TOP_K, index_name, api_name="/generate")
-    mine = dict(zip(SCRUB_OUTPUTS, client.predict(STEPS - 1, api_name="/scrub")))
-    assert parse(mine["positive"]) == parse(generated["positive"])
+    other.predict(SEED + 1, STEPS, TOP_K, index_name, "", 1.0, api_name="/generate")
+    text = client.predict(STEPS - 1, "positive", 0, api_name="/select_influencer")[2]
+    assert f"id {tiles(view(generated['scrub']), STEPS - 1, 'positive')[0][0]} " in text
 
 
 def test_reattribute_with_another_top_k_keeps_the_trajectory(running_app, index_name: str) -> None:  # noqa: F811
     other = Client(running_app.url, verbose=False)
-    before = dict(zip(GENERATE_OUTPUTS, other.predict(SEED, STEPS, TOP_K, index_name, api_name="/generate")))
-    after = other.predict(STEPS - 1, index_name, 3, api_name="/reattribute_top_k")
-    positive, status = after[3], after[7]
-    assert [row[:3] for row in parse(positive)] == [row[:3] for row in parse(before["positive"])[:3]]
-    assert status.split(" · sample")[0] == before["status"].split(" · sample")[0]  # same seed, steps, index
+    before = dict(
+        zip(GENERATE_OUTPUTS, other.predict(SEED, STEPS, TOP_K, index_name, "", 1.0, api_name="/generate"))
+    )
+    after = dict(
+        zip(REATTRIBUTE_OUTPUTS, other.predict(STEPS - 1, index_name, 3, api_name="/reattribute_top_k"))
+    )
+    shown = tiles(view(after["scrub"]), STEPS - 1, "positive")
+    assert [row[:3] for row in shown] == [
+        row[:3] for row in tiles(view(before["scrub"]), STEPS - 1, "positive")[:3]
+    ]
+    assert (
+        after["status"].split(" · sample")[0] == before["status"].split(" · sample")[0]
+    )  # same seed and steps
 
 
 def test_several_indexes_offer_a_method_dropdown(app_assets, tmp_path: Path) -> None:  # noqa: F811
@@ -222,32 +205,67 @@ def test_several_indexes_offer_a_method_dropdown(app_assets, tmp_path: Path) -> 
     app = start_app(model_dir, index_dir, tmp_path / "second")
     first, second = app.explorer.indexes
     client = Client(app.url, verbose=False)
-    client.predict(SEED, STEPS, TOP_K, first, api_name="/generate")
-    status = client.predict(STEPS - 1, second, TOP_K, api_name="/reattribute_index")[7]
-    assert second in status
+    client.predict(SEED, STEPS, TOP_K, first, "", 1.0, api_name="/generate")
+    status = dict(
+        zip(REATTRIBUTE_OUTPUTS, client.predict(STEPS - 1, second, TOP_K, api_name="/reattribute_index"))
+    )
+    assert second in status["status"]
     with pytest.raises(AppError, match="not in the list of choices"):  # the dropdown's own check (API only)
         client.predict(STEPS - 1, "no such index", TOP_K, api_name="/reattribute_index")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**40, "abc", 1.5])
 def test_bad_seed_is_a_clear_error_in_the_status_line(client: Client, index_name: str, seed) -> None:
-    status = dict(
-        zip(GENERATE_OUTPUTS, client.predict(seed, STEPS, TOP_K, index_name, api_name="/generate"))
-    )["status"]
-    assert status.startswith("**Not done:**") and "seed" in status and "Traceback" not in status
+    out = dict(
+        zip(GENERATE_OUTPUTS, client.predict(seed, STEPS, TOP_K, index_name, "", 1.0, api_name="/generate"))
+    )
+    assert "**Not done:**" in out["status"] and "seed" in out["status"] and "Traceback" not in out["status"]
 
 
-def test_scrub_before_generate_is_a_clear_error(running_app) -> None:  # noqa: F811
-    out = dict(zip(SCRUB_OUTPUTS, Client(running_app.url, verbose=False).predict(3, api_name="/scrub")))
-    assert "Generate first" in out["step_info"]
+def test_select_before_generate_is_a_clear_error(running_app) -> None:  # noqa: F811
+    text = Client(running_app.url, verbose=False).predict(3, "positive", 0, api_name="/select_influencer")[2]
+    assert "Generate first" in text
 
 
 def test_typed_top_k_outside_the_range_is_clamped_and_said(running_app, index_name: str) -> None:  # noqa: F811
     other = Client(running_app.url, verbose=False)
     for typed, used in ((0, 1), (500, 32)):
-        out = dict(zip(GENERATE_OUTPUTS, other.predict(SEED, STEPS, typed, index_name, api_name="/generate")))
-        assert out["top_k"] == used and len(parse(out["positive"])) == used
+        out = dict(
+            zip(
+                GENERATE_OUTPUTS, other.predict(SEED, STEPS, typed, index_name, "", 1.0, api_name="/generate")
+            )
+        )
+        assert out["top_k"] == used and len(tiles(view(out["scrub"]), 0, "positive")) == used
         assert f"top-k {typed} is outside 1..32: used {used}" in out["status"]
+
+
+def test_only_the_documented_endpoint_is_on_the_api_page(client: Client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")
+    assert list(api["named_endpoints"]) == ["/attribute_trajectory"] and not api["unnamed_endpoints"]
+    names = [p["parameter_name"] for p in api["named_endpoints"]["/attribute_trajectory"]["parameters"]]
+    assert names == ["seed", "steps", "top_k", "method", "prompt", "guidance", "completions"]
+
+
+def test_attribute_trajectory_returns_the_pages_ids_and_scores(
+    client: Client, generated: dict, reference
+) -> None:
+    result = client.predict(SEED, STEPS, TOP_K, "", "", 1.0, 4, api_name="/attribute_trajectory")
+    document = view(generated["scrub"])
+    assert result["seed"] == SEED and len(result["steps"]) == STEPS
+    for step in (0, 7, STEPS - 1):
+        got = result["steps"][step]
+        assert got["t"] == document["steps"][step]["t"] and got["bucket"] == reference.steps[step].bucket
+        for sign in ("positive", "negative"):
+            shown = tiles(document, step, sign)
+            assert [row["id"] for row in got[sign]] == [row[0] for row in shown]
+            np.testing.assert_allclose(
+                [row["score"] for row in got[sign]], [row[2] for row in shown], atol=5e-4
+            )
+    curves = result["completions"]
+    assert curves["completions"] == 4 and len(curves["t"]) == len(curves["p"]) == len(curves["stderr"])
+    np.testing.assert_allclose(np.sum(curves["p"], axis=1), 1.0, atol=1e-3)
+    with pytest.raises(AppError, match="top-k 0 is out of range"):
+        client.predict(SEED, STEPS, 0, "", "", 1.0, 0, api_name="/attribute_trajectory")
 
 
 def test_attribute_an_uploaded_image(client: Client, index_name: str, tmp_path: Path, running_app) -> None:  # noqa: F811
@@ -255,19 +273,36 @@ def test_attribute_an_uploaded_image(client: Client, index_name: str, tmp_path: 
     odd[8:30, 20:30] = 255
     Image.fromarray(odd, mode="RGBA").save(tmp_path / "odd.png")
     seen, positive, negative, status = client.predict(
-        handle_file(str(tmp_path / "odd.png")), 100, 5, index_name, api_name="/attribute_image"
+        handle_file(str(tmp_path / "odd.png")), 100, 5, index_name, "", api_name="/attribute_image"
     )
-    assert len(parse(positive)) == len(parse(negative)) == 5
-    assert "t = 100" in status
+    assert len(positive) == len(negative) == 5 and "t = 100" in status and "inverted" not in status
     size = running_app.explorer.model.sample_size
     assert picture(seen).size == (size * (160 // size),) * 2
+    inverted = 255 - np.asarray(Image.fromarray(odd, mode="RGBA").convert("L"))  # a dark digit on white
+    Image.fromarray(inverted).save(tmp_path / "inverted.png")
+    seen, _, _, status = client.predict(
+        handle_file(str(tmp_path / "inverted.png")), 100, 5, index_name, "", api_name="/attribute_image"
+    )
+    assert "inverted: the upload has a light background" in status
+    assert np.asarray(picture(seen).convert("L"))[0, 0] < 64  # flipped to the training images' dark ground
 
 
-def test_corrupt_or_missing_upload_is_a_clear_error(client: Client, index_name: str, tmp_path: Path) -> None:
+def test_corrupt_tiny_or_missing_upload_is_a_clear_error_that_clears_the_old_results(
+    client: Client, index_name: str, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    status = client.predict(handle_file(str(broken)), 100, 5, index_name, api_name="/attribute_image")[3]
-    assert "'broken.png' could not be read as an image" in status
+    seen, positive, negative, status = client.predict(
+        handle_file(str(broken)), 100, 5, index_name, "", api_name="/attribute_image"
+    )
+    assert (
+        "'broken.png' could not be read as an image" in status and seen is None and positive == negative == []
+    )
     assert get_upload_folder() not in status  # the upload is named, not the server's temporary path
-    status = client.predict(None, 100, 5, index_name, api_name="/attribute_image")[3]
+    Image.new("L", (1, 1), 255).save(tmp_path / "dot.png")
+    status = client.predict(
+        handle_file(str(tmp_path / "dot.png")), 100, 5, index_name, "", api_name="/attribute_image"
+    )[3]
+    assert "image 'dot.png' is 1x1 px: upload one at least 8x8 px" in status
+    status = client.predict(None, 100, 5, index_name, "", api_name="/attribute_image")[3]
     assert "no image uploaded" in status

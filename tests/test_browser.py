@@ -35,7 +35,7 @@ TRACES_JS = (
 )
 TRACE_LINES_JS = (
     "() => document.querySelector('#likelihood .js-plotly-plot').data"
-    ".map(t => ({name: t.name, dash: (t.line || {}).dash || null, y: Array.from(t.y)}))"
+    ".map(t => ({name: t.name, mode: t.mode, group: t.legendgroup, visible: t.visible, y: Array.from(t.y)}))"
 )
 CHOSEN_INFO_JS = "() => document.querySelector('#chosen-info').textContent.trim()"
 SCORE_CURVE_JS = (  # the selected influencer's score curve: the one plot outside #likelihood
@@ -92,9 +92,8 @@ def generated(page, running_app) -> dict:  # noqa: F811
 
 
 def shown_timestep(page) -> int:
-    """The train timestep the step slider's label shows."""
-    label = page.locator("#step-slider").text_content()
-    return int(re.search(r"train timestep t = (\d+)", label).group(1))
+    """The train timestep the step line shows."""
+    return int(re.search(r"· t = (\d+) ·", page.locator("#step-line").text_content()).group(1))
 
 
 def wait_until_changed(page, js: str, before, argument=None) -> None:
@@ -121,20 +120,25 @@ def test_generate_then_scrub_changes_galleries_and_plot(page, generated: dict, t
     for _ in range(5):  # quick moves: only the last one has to land (trigger_mode="always_last")
         slider.press("ArrowRight")
     page.wait_for_function(f"() => ({MARKER_JS})() === {timesteps[5]}")
-    assert page.locator("#step-slider").get_by_text(f"t = {timesteps[5]}").count() == 1
+    assert (
+        f"step 5 of {len(timesteps) - 1} · t = {timesteps[5]} ·" in page.locator("#step-line").text_content()
+    )
 
 
 def test_rollout_curves_appear_when_ready(page, generated: dict, running_app) -> None:  # noqa: F811
     classes = running_app.explorer.class_names
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
-    page.wait_for_function(f"() => ({TRACES_JS})() > {len(classes)}")
+    solid_js = f"() => ({TRACE_LINES_JS})().filter(t => t.mode === 'lines+markers').length"
+    page.wait_for_function(f"() => ({solid_js})() === {len(classes)}")
     traces = page.evaluate(TRACE_LINES_JS)
-    dashed = [trace for trace in traces if trace["dash"] == "dash"]
-    assert len(traces) == 2 * len(classes)  # proxy + dashed rollout curve per class
-    assert [trace["name"] for trace in dashed] == [f"{name} (rollouts)" for name in classes]
-    np.testing.assert_allclose(np.sum([trace["y"] for trace in dashed], axis=0), 1.0, atol=1e-3)
+    solid = [trace for trace in traces if trace["mode"] == "lines+markers"]
+    assert [trace["name"] for trace in solid] == classes  # the completions: one solid curve per class
+    np.testing.assert_allclose(np.sum([trace["y"] for trace in solid], axis=0), 1.0, atol=1e-3)
+    proxy = [trace for trace in traces if trace["group"] == "x0hat"]
+    assert len(proxy) == len(classes) and all(t["visible"] == "legendonly" for t in proxy)  # off: unreliable
     status = page.locator("#status").text_content()
     assert f"× {ROLLOUT_COMPLETIONS} completions" in status and "computing" not in status
+    assert "the completions " in page.locator("#step-note").text_content()  # the step's note reads them
     assert page.evaluate(MARKER_JS) == shown_timestep(page)  # the new plot keeps the step marker
 
 
@@ -171,6 +175,7 @@ def test_a_bad_seed_leaves_the_page_as_it_was(page, generated: dict) -> None:
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('Not done')")
     assert "seed -5" in page.locator("#status").text_content()
     assert page.evaluate(CAPTIONS_JS, "#positive") == captions  # the galleries keep the last good run
+    assert "Still shown: seed 0 " in page.locator("#status").text_content()  # and the status says whose
     assert page.locator(".error").count() == 0  # no red error pills over the outputs
     seed.fill("0")
 
@@ -191,7 +196,7 @@ def test_clicking_the_trajectory_strip_jumps_to_that_step(
     thumbnail.click()
     wait_until_changed(page, MARKER_JS, before)
     assert page.evaluate(MARKER_JS) == timesteps[step]
-    expect(page.locator("#step-slider")).to_contain_text(f"denoising step {step} of {len(timesteps) - 1}")
+    expect(page.locator("#step-line")).to_contain_text(f"step {step} of {len(timesteps) - 1} ·")
     assert page.locator("#step-slider input[type=range]").input_value() == str(step)
 
 

@@ -19,11 +19,16 @@ from explorer.web.handlers import IMAGE_PX, UI_MAX_TOP_K
 
 pytestmark = BROWSER_MARKS
 
-WATCH_STATUS_JS = """() => {
-    window.statusTexts = [];
-    const root = document.querySelector('#status').closest('.block') || document.querySelector('#status');
-    new MutationObserver(() => window.statusTexts.push(root.textContent))
-        .observe(root, {subtree: true, childList: true, characterData: true});
+WATCH_PROGRESS_JS = """() => {
+    window.progressTexts = [];
+    window.overlaps = 0;
+    const box = document.querySelector('#progress').closest('.block') || document.querySelector('#progress');
+    const status = document.querySelector('#status');
+    new MutationObserver(() => {
+        window.progressTexts.push(box.textContent);
+        const a = box.getBoundingClientRect(), b = status.getBoundingClientRect();
+        if (a.bottom > b.top + 1 && b.bottom > a.top + 1) window.overlaps += 1;  // drawn over the status
+    }).observe(box, {subtree: true, childList: true, characterData: true});
 }"""
 GEOMETRY_JS = """sel => Array.from(document.querySelectorAll(sel + ' .thumbnail-item')).map(tile => {
     const img = tile.querySelector('img'), caption = tile.querySelector('.caption-label');
@@ -40,21 +45,23 @@ BORDER_JS = "sel => getComputedStyle(document.querySelector(sel)).borderLeftColo
 def page(running_app):  # noqa: F811
     with browser_page(running_app.url) as page:
         page.locator("#status").wait_for()
-        page.evaluate(WATCH_STATUS_JS)
+        page.evaluate(WATCH_PROGRESS_JS)
         page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
         page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
         yield page
 
 
-def test_progress_moves_in_the_status_line(page) -> None:
-    """Generate's stages and the rollouts' sampler steps are reported as they run, in the status line."""
+def test_progress_moves_on_its_own_line_never_over_the_status(page) -> None:
+    """Generate's stages and the completions' sampler steps are reported as they run, on the progress line
+    above the status, which stays readable."""
     shown = {
         m[0]
-        for text in page.evaluate("() => window.statusTexts")
+        for text in page.evaluate("() => window.progressTexts")
         for m in re.finditer(r"sampling \d+ steps|attributing all \d+ steps|sampler step \d+ of \d+", text)
     }
     assert any(s.startswith("sampler step") for s in shown) and len(shown) >= 3, sorted(shown)
+    assert page.evaluate("() => window.overlaps") == 0
 
 
 def test_thumbnails_show_the_whole_image_with_the_caption_below(page) -> None:
@@ -70,12 +77,29 @@ def test_thumbnails_show_the_whole_image_with_the_caption_below(page) -> None:
     assert positive != negative and "rgba(0, 0, 0, 0)" not in (positive, negative)
 
 
-def test_the_legend_says_what_solid_and_dashed_mean(page) -> None:
+def test_the_plot_and_the_legend_say_what_things_are(page) -> None:
     title = page.wait_for_function(
         "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
-        " return p && p.layout && p.layout.title.text.includes('dashed') && p.layout.title.text; }"
-    ).json_value()  # the title of the plot with the rollouts
-    assert "solid" in title and "dashed" in title
+        " return p && p.layout && p.layout.title.text.includes('solid') && p.layout.title.text; }"
+    ).json_value()  # the title of the plot with the completions
+    assert "solid = 16 completions from x_t" in title and "x0hat" in title
+    names = page.evaluate("() => document.querySelector('#likelihood .js-plotly-plot').data.map(t => t.name)")
+    assert "x0hat classifier (unreliable at high noise)" in names
+    legend = page.locator("#legend").text_content()
+    for term in (
+        "cosine of the whitened gradients",
+        "percentile",
+        "bucket",
+        "negative influencer",
+        "least aligned",
+    ):
+        assert term in legend
+    assert re.match(r"^t = \d+: (high|medium|low) noise", page.locator("#step-note").text_content())
+    title, caption = page.evaluate(
+        "() => { const t = document.querySelector('#positive .dax-tile');"
+        " return [t.title, t.querySelector('.caption-label').textContent]; }"
+    )
+    assert title == caption  # the whole caption as a tooltip too
 
 
 def test_a_typed_top_k_out_of_range_is_clamped_and_said(page) -> None:
@@ -113,8 +137,9 @@ def test_an_upload_shows_at_display_size_and_a_bad_one_names_the_file(page, tmp_
     page.locator("input[type=file]").first.set_input_files(str(broken))
     page.get_by_role("button", name="Attribute", exact=True).click()
     page.wait_for_function("() => document.body.textContent.includes('Not done')")
-    status = page.locator("text=Not done").first.locator("xpath=..").text_content()
+    status = page.locator("#image-status").text_content()
     assert "broken.png" in status and "/tmp/" not in status and "attributed in" not in status
+    assert page.evaluate(CAPTIONS_JS, "#image-positive") == []  # the earlier image's results are cleared
     page.get_by_role("tab", name="Generate & scrub").click()
     assert len(page.evaluate(CAPTIONS_JS, "#positive")) == 8
 

@@ -1,9 +1,11 @@
 """Deep links and export in a real Chromium: a URL with seed, steps, step and top-k reproduces the view, the
 step line links to the view on screen, and Export downloads the step's influencers as JSON, CSV and PNG."""
 
+import io
 import json
 import re
 
+import numpy as np
 import pytest
 from app_fixtures import (  # noqa: F401  (fixtures; also sets the offline env)
     BROWSER_MARKS,
@@ -12,8 +14,10 @@ from app_fixtures import (  # noqa: F401  (fixtures; also sets the offline env)
     app_assets,
     running_app,
 )
+from PIL import Image
 
 from bench.screenshot import CHROMIUM_ARGS
+from explorer.web.export import CAPTION, LABEL, TILE, TITLE
 
 pytestmark = BROWSER_MARKS
 
@@ -39,16 +43,15 @@ def _expected_captions(explorer, seed: int, steps: int, step: int, top_k: int) -
     from explorer.web.handlers import Handlers
 
     handlers = Handlers(explorer)
-    session = handlers.generate(seed, steps, top_k, None, progress=lambda *a, **k: None)[0]
-    gallery = handlers.step_view(session, step)[3]
-    return [item["caption"] for item in gallery]
+    view = json.loads(handlers.generate(None, seed, steps, top_k, None, progress=lambda *a, **k: None).scrub)
+    return [caption for _, caption in view["steps"][step]["positive"]]
 
 
 def test_a_link_reproduces_the_view_and_export_downloads_it(browser, running_app):  # noqa: F811
     page = _open(browser, running_app.url + "?seed=3&steps=12&step=4&top_k=5")
     page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 5")
     page.wait_for_function(
-        "() => document.querySelector('#step-slider').textContent.includes('step 4 of 11')"
+        "() => document.querySelector('#step-line').textContent.includes('step 4 of 11 ·')"
     )
     captions = page.evaluate(CAPTIONS_JS, "#positive")
     assert captions == _expected_captions(running_app.explorer, 3, 12, 4, 5)
@@ -64,8 +67,12 @@ def test_a_link_reproduces_the_view_and_export_downloads_it(browser, running_app
     assert [f"id {row['id']} · label {row['label']}" for row in positive] == [
         " · ".join(caption.split(" · ")[:2]) for caption in captions
     ]
-    png = page.request.get(next(h for h in hrefs if h.endswith(".png"))).body()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    png = Image.open(io.BytesIO(page.request.get(next(h for h in hrefs if h.endswith(".png"))).body()))
+    assert png.size == (LABEL + 5 * TILE, TITLE + 3 * (TILE + CAPTION))  # title band, labelled rows
+    title, labels = np.asarray(png.convert("L")), np.asarray(png.convert("L"))[TITLE:, :LABEL]
+    assert (title[:TITLE] < 128).sum() > 50 and (labels < 128).sum() > 50  # text drawn in both
+    assert page.locator("a", has_text="link to this view").get_attribute("href") == link  # the line stays
+    assert "exported step 4" in page.locator("#export-note").text_content()
     page.close()
 
 

@@ -134,20 +134,20 @@ def test_ddim_completions_draw_and_the_trajectory_is_deterministic(rgb_pipeline)
     assert not torch.allclose(finals[0], finals[1]), "completions from x_t draw (eta = 1), they differ"
 
 
-def test_a_scrub_that_read_the_plot_before_the_rollouts_is_followed_by_one_with_them(rgb_pipeline):
-    """The race CI met: a scrub reads the plot, the rollouts land, then the scrub's (curve-less) plot lands.
-    The replot that follows the rollouts resends the plot with both kinds of curves at the step on screen."""
+def test_the_completions_plot_keeps_the_step_the_server_last_heard(rgb_pipeline):
+    """The completions land after the slider moved: their plot carries both kinds of curves and its marker is
+    at the step the server last heard (the browser moves it on from there, explorer/web/scrub_view.js)."""
     from explorer.attribution import Explorer
     from explorer.web.handlers import Handlers
 
     model_dir, _, index_dir = rgb_pipeline
     handlers = Handlers(Explorer.from_dirs(model_dir, [index_dir]))
     quiet = lambda *a, **k: None  # noqa: E731
-    session = handlers.generate(3, 10, 4, next(iter(handlers.explorer.indexes)), progress=quiet)[0]
-    stale = json.loads(handlers.scrub(session, 2)[5]["plot"])  # read before the rollouts
-    handlers.rollouts(session, progress=quiet)
-    fresh = json.loads(handlers.replot(session)["plot"])
-    assert len(stale["data"]) == len(COLOURS) and len(fresh["data"]) == 2 * len(COLOURS)
+    session = handlers.generate(None, 3, 10, 4, next(iter(handlers.explorer.indexes)), progress=quiet).session
+    handlers.follow_step(session, 2, "")
+    fresh = json.loads(handlers.rollouts(session, progress=quiet).plot["plot"])
+    solid = [trace for trace in fresh["data"] if trace.get("mode") == "lines+markers"]
+    assert [trace["name"] for trace in solid] == list(COLOURS)
     (marker,) = fresh["layout"]["shapes"]
     assert marker["x0"] == session.attribution.steps[2].timestep
 
@@ -181,11 +181,11 @@ def test_rgb_pipeline_in_the_browser(rgb_pipeline):
         )
         # the rollout curves (completions through the DDIM scheduler) arrive, one dashed trace per class
         page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
-        traces = (
+        solid = (
             "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
-            " return p ? p.data.length : 0; }"
+            " return p ? p.data.filter(t => t.mode === 'lines+markers').length : 0; }"
         )
-        page.wait_for_function(f"() => ({traces})() === {2 * len(COLOURS)}")
+        page.wait_for_function(f"() => ({solid})() === {len(COLOURS)}")
         browser.close()
 
 
@@ -228,10 +228,10 @@ def test_a_model_without_classifier_serves_attributions_and_says_why_there_are_n
     with pytest.raises(ExplorerError, match="no feature classifier"):
         explorer.rollouts(explorer.generate(seed=0, steps=10).trajectory)
     handlers = Handlers(explorer)
-    outputs = handlers.generate(3, 10, 8, next(iter(explorer.indexes)), progress=lambda *a, **k: None)
-    session = outputs[0]
+    outputs = handlers.generate(None, 3, 10, 8, next(iter(explorer.indexes)), progress=lambda *a, **k: None)
+    session = outputs.session
     assert session.attribution.proxy.shape == (10, 0)
-    plot, status = handlers.rollouts(session, progress=lambda *a, **k: None)
+    status = handlers.rollouts(session, progress=lambda *a, **k: None).status
     assert "no likelihood curves: no feature classifier" in status
     assert "No feature likelihood" in json.dumps(session.plot) and "precompute train" in NO_CLASSIFIER
     with pytest.raises(ExplorerError, match="no feature classifier in"):

@@ -168,9 +168,12 @@ def test_prompt_generate_and_scrub_in_the_browser(text_pipeline):
         slider.press("Home")
         wait_for_changed_captions(page, "#positive", last)
         page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
-        traces = "() => document.querySelector('#likelihood .js-plotly-plot')?.data.length ?? 0"
-        page.wait_for_function(f"() => ({traces})() === {2 * len(COLOURS)}")  # concept + rollout curves
-        link = page.locator("#step-info a, a:has-text('link to this view')").first.get_attribute("href")
+        solid = (  # the completions' concept curves
+            "() => (document.querySelector('#likelihood .js-plotly-plot')?.data ?? [])"
+            ".filter(t => t.mode === 'lines+markers').length"
+        )
+        page.wait_for_function(f"() => ({solid})() === {len(COLOURS)}")
+        link = page.locator("#step-line a.dax-link").get_attribute("href")
         assert "prompt=a+green+square+on+the+right" in link
 
 
