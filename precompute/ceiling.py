@@ -87,3 +87,34 @@ def leave_one_seed_out(truth: np.ndarray) -> np.ndarray:
         others = np.delete(truth, m, axis=1).mean(1)  # (S, Q)
         rows.append(spearman_columns(truth[:, m], others))
     return np.mean(rows, axis=0)
+
+
+def complete_subsets(subsets: np.ndarray, seeds: np.ndarray) -> tuple[list[int], list[int]]:
+    """The subsets that have a model for every seed any subset has, and those seeds (both sorted)."""
+    all_seeds = sorted(set(seeds.tolist()))
+    have = set(zip(subsets.tolist(), seeds.tolist()))
+    return sorted(j for j in set(subsets.tolist()) if all((j, s) in have for s in all_seeds)), all_seeds
+
+
+def seed_grid(values: np.ndarray, subsets: np.ndarray, seeds: np.ndarray, keep: list[int]) -> np.ndarray:
+    """(M, Q) rows of models -> (S, m, Q) for the subsets in `keep`, seeds sorted."""
+    all_seeds = sorted(set(seeds.tolist()))
+    row = {(int(j), int(s)): i for i, (j, s) in enumerate(zip(subsets, seeds))}
+    return np.stack([np.stack([values[row[j, s]] for s in all_seeds]) for j in keep])
+
+
+def column_ceiling(grid: np.ndarray, seeds_used: int) -> dict:
+    """The ceiling block of one LDS column from its (S, m, Q) per-seed truth: ICC, the LDS ceiling of a truth
+    averaging `seeds_used` seeds, and the leave-one-seed-out Spearman (needs >= 3 subsets)."""
+    share = signal_share(grid)
+    out = {
+        "subsets": int(grid.shape[0]),
+        "seeds": int(grid.shape[1]),
+        "seeds_used": int(seeds_used),
+        "icc": share.pooled,
+        "icc_median": share.median,
+        "ceiling": float(ceiling(share.pooled, seeds_used)),
+    }
+    if grid.shape[0] >= 3:
+        out["leave_one_seed_out"] = float(np.nanmean(leave_one_seed_out(grid)))
+    return out

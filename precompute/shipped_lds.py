@@ -22,8 +22,8 @@ and test
 split models (even / odd j) and queries (held-out halves by seed; generated and per-step queries by
 sampler seed,
 so no trajectory is in both). Intervals: 95% bootstrap over subset models and over queries together (per-step
-queries resampled a trajectory at a time). The seed-noise ceiling: Spearman over the subsets retrained with a
-second seed of f_j(seed 0) and f_j(seed 1), per query, averaged.
+queries resampled a trajectory at a time). A truth with several seeds per subset is used as their mean, and
+every column gets its ceiling (precompute.ceiling): the share of signal and the LDS a perfect method reaches.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from explorer.index_methods import query_computer, query_identity
 from explorer.model import DiffusionModel
 from explorer.scoring import blocked_predictions
 from precompute.baselines import pixel_vectors, random_scores
+from precompute.ceiling import column_ceiling, complete_subsets, seed_grid
 from precompute.metrics import lds_interval, paired_interval, predictions
-from precompute.shipped_truth import Queries, TruthConfig, TruthTable
+from precompute.shipped_truth import Queries, TruthConfig, TruthTable, seed_mean
 
 logger = logging.getLogger(__name__)
 
@@ -184,56 +185,35 @@ def method_lds(
     return out
 
 
-def _repeat_rows(table: TruthTable) -> tuple[list[int], list[int]]:
-    """Rows of the seed-0 and the seed-1 model of every subset retrained twice, in the same order."""
-    repeated = sorted(set(table.subsets[table.seeds == 1].tolist()))
-    first = [int(np.flatnonzero((table.subsets == j) & (table.seeds == 0))[0]) for j in repeated]
-    second = [int(np.flatnonzero((table.subsets == j) & (table.seeds == 1))[0]) for j in repeated]
-    return first, second
-
-
 def _ceiling_columns(table: TruthTable, queries: Queries) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per column: the (M, Q) truth of every model and the query clusters (a trajectory is one cluster)."""
+    """Per column: the (M, Q) truth of every model and the query rows of the whole set it covers."""
     n_held = len(queries.heldout_ids)
     whole = table.rows["whole_by_bucket"].mean(-1)
-    trajectories = np.repeat(np.arange(len(queries.seeds)), len(queries.steps))
     return {
         "heldout": (whole[:, :n_held], np.arange(n_held)),
         "generated": (whole[:, n_held:], np.arange(whole.shape[1] - n_held)),
-        "step_trajectory": (table.rows["step_trajectory"].reshape(len(table.seeds), -1), trajectories),
-        "step_proxy": (table.rows["step_proxy"].reshape(len(table.seeds), -1), trajectories),
+        "step_trajectory": (table.rows["step_trajectory"], np.arange(len(queries.seeds))),
+        "step_proxy": (table.rows["step_proxy"], np.arange(len(queries.seeds))),
     }
 
 
-def seed_ceiling(table: TruthTable, queries: Queries) -> dict:
-    """Spearman over the twice-trained subsets of f_j(seed 0) and f_j(seed 1), mean over queries, per
-    column, with the same bootstrap as the LDS (over the repeated models and the queries)."""
-    first, second = _repeat_rows(table)
-    if len(first) < 3:
-        return {"subsets": len(first)}
-    out = {"subsets": len(first)}
-    for name, (values, clusters) in _ceiling_columns(table, queries).items():
-        out[name] = lds_interval(values[first], values[second], clusters)
+def truth_ceiling(per_seed: TruthTable, queries: Queries, parts: Split, seeds_used: int) -> dict:
+    """Per LDS column, on its test queries: the share of the truth that is signal and the LDS a perfect method
+    could reach against the truth as used (precompute.ceiling), from every subset trained with every seed."""
+    subsets, seeds = complete_subsets(per_seed.subsets, per_seed.seeds)
+    out: dict = {"subsets": len(subsets), "seeds": len(seeds), "seeds_used": seeds_used}
+    if len(subsets) < 2 or len(seeds) < 2:
+        return out
+    tests = {
+        "heldout": parts.heldout["test"],
+        "generated": parts.generated["test"],
+        "step_trajectory": parts.generated["test"],
+        "step_proxy": parts.generated["test"],
+    }
+    for name, (values, _) in _ceiling_columns(per_seed, queries).items():
+        rows = values[:, tests[name]].reshape(len(values), -1)  # per-step (M, G', J) -> (M, G' J)
+        out[name] = column_ceiling(seed_grid(rows, per_seed.subsets, per_seed.seeds, subsets), seeds_used)
     return out
-
-
-def repeated_lds(predicted: QueryPredictions, table: TruthTable, queries: Queries) -> dict:
-    """Held-out LDS of one method on the twice-trained subsets only, against the seed-0 truth, the seed-1
-    truth and their mean: if the mean is predicted better than either seed, the truth's seed noise is part of
-    what bounds the LDS."""
-    first, second = _repeat_rows(table)
-    if len(first) < 3:
-        return {}
-    values, clusters = _ceiling_columns(table, queries)["heldout"]
-    g = predicted.whole[first][:, : len(clusters)]  # a subset's two models share its mask
-    return {
-        name: lds_interval(truth, g, clusters)
-        for name, truth in (
-            ("seed0", values[first]),
-            ("seed1", values[second]),
-            ("two_seed_mean", (values[first] + values[second]) / 2),
-        )
-    }
 
 
 @dataclass
@@ -242,7 +222,9 @@ class Benchmark:
 
     config: TruthConfig
     queries: Queries
-    table: TruthTable
+    table: TruthTable  # the truth as used: one row per subset (the mean of its seeds)
+    per_seed: TruthTable  # every model
+    seeds_used: int
     parts: Split
     whole_images: np.ndarray  # (W, C, H, W) held-out images, then the generated finals, model range
     train_images: np.ndarray
@@ -252,23 +234,19 @@ class Benchmark:
         from precompute.shipped_truth import QUERIES_NAME, load_truth
 
         truth_dir = Path(truth_dir)
-        config = TruthConfig(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in json.loads((truth_dir / "config.json").read_text())["truth"].items()
-            }
-        )
-        queries = Queries.load(truth_dir / QUERIES_NAME)
-        table = load_truth(truth_dir, len(train_images))
+        config, root = truth_settings(truth_dir)
+        queries = Queries.load(root / QUERIES_NAME)
+        per_seed = load_truth(truth_dir, len(train_images))
+        table, seeds_used = seed_mean(per_seed)
         whole = np.concatenate([to_model_range(heldout_images), queries.finals]).astype(np.float32)
-        return cls(config, queries, table, split(table, queries, config), whole, train_images)
+        parts = split(table, queries, config)
+        return cls(config, queries, table, per_seed, seeds_used, parts, whole, train_images)
 
     def entry(self, predicted: QueryPredictions, label: str) -> dict:
         parts, queries, table = self.parts, self.queries, self.table
         return {
             "label": label,
             **{g: method_lds(predicted, table, parts, queries, g) for g in ("dev", "test")},
-            "repeated_subsets": repeated_lds(predicted, table, queries),
         }
 
     def columns(self, predicted: QueryPredictions, group: str) -> dict[str, tuple]:
@@ -292,6 +270,25 @@ class Benchmark:
         for name, (truth, a, clusters) in a_columns.items():
             out[name] = paired_interval(truth, a, b_columns[name][1], clusters)
         return out
+
+
+def truth_settings(truth_dir: Path) -> tuple[TruthConfig, Path]:
+    """The query settings of a truth folder and the folder holding its queries: the 600-step truth
+    (bench/results/lds_mnist5k) records them itself; a stop of the shared-seed truth
+    (bench/results/truth_mnist5k/steps_1250) keeps them, with its queries, one folder up."""
+    root = truth_dir if (truth_dir / "config.json").is_file() else truth_dir.parent
+    if not (root / "config.json").is_file():
+        raise ExplorerError(
+            f"{str(truth_dir)!r} is no ground-truth folder (no config.json in it or above it): pass "
+            "bench/results/truth_mnist5k/steps_1250 or a folder written by `precompute evaluate truth`"
+        )
+    settings = json.loads((root / "config.json").read_text())
+    if "queries" in settings:
+        stop = int(truth_dir.name.split("_")[-1]) if truth_dir.name.startswith("steps_") else 0
+        values = {**settings["queries"], "steps": stop, "buckets": settings["truth"]["buckets"]}
+    else:
+        values = settings["truth"]
+    return TruthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), root
 
 
 def score_index(
@@ -344,13 +341,14 @@ def run_shipped_lds(
     table, queries = bench.table, bench.queries
     return {
         "truth": {
-            "models": int((table.seeds == 0).sum()),
+            "models": int(len(table.seeds)),
+            "seeds_used": bench.seeds_used,
             "dev_models": int(len(bench.parts.models["dev"])),
             "test_models": int(len(bench.parts.models["test"])),
             "recipe_steps": bench.config.steps,
             "step_timesteps": queries.timesteps.mean(0).round().astype(int).tolist(),
             "steps": queries.steps.tolist(),
         },
-        "seed_ceiling": seed_ceiling(table, queries),
+        "ceiling": truth_ceiling(bench.per_seed, queries, bench.parts, bench.seeds_used),
         "methods": methods,
     }

@@ -346,6 +346,30 @@ class TruthTable:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (M, ...)
 
 
+def seed_mean(table: TruthTable) -> tuple[TruthTable, int]:
+    """The truth as used and how many seeds it averages: one row per subset that has every seed, the mean of
+    its seeds' rows (seed 0 stands for the mean). A truth with one seed per subset and a few repeats (the
+    600-step benchmark) keeps its seed-0 rows instead."""
+    from precompute.ceiling import complete_subsets
+
+    subsets, seeds = complete_subsets(table.subsets, table.seeds)
+    if len(subsets) < len(set(table.subsets.tolist())) / 2:  # the 600-step truth: repeats are the exception
+        keep = np.flatnonzero(table.seeds == 0)
+        kept = {k: v[keep] for k, v in table.rows.items()}
+        return TruthTable(table.masks[keep], table.subsets[keep], table.seeds[keep], kept), 1
+    rows = {k: [] for k in table.rows}
+    masks = []
+    for j in subsets:
+        mine = np.flatnonzero(table.subsets == j)
+        masks.append(table.masks[mine[0]])
+        for k, v in table.rows.items():
+            rows[k].append(v[mine].astype(np.float64).mean(0).astype(np.float32))
+    stacked = {k: np.stack(v) for k, v in rows.items()}
+    return TruthTable(np.stack(masks), np.array(subsets), np.zeros(len(subsets), dtype=int), stacked), len(
+        seeds
+    )
+
+
 def load_truth(results: str | Path, size: int) -> TruthTable:
     files = sorted(Path(results).glob("subset_*.npz"))
     if not files:

@@ -218,6 +218,7 @@ def prepare(results: Path, model_dir: str, data: str, config: GroundTruthConfig,
         results,
         {
             "truth": config.to_dict(),
+            "queries": json.loads((queries_from / "config.json").read_text())["truth"],
             "model_hash": model.weights_hash,
             "train_fingerprint": train.fingerprint(),
             "heldout_fingerprint": heldout.fingerprint(),

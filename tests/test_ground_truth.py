@@ -145,3 +145,20 @@ def test_evaluation_draws_are_identical_for_every_model(ground_truth, tiny_model
     # the proxy draws stay inside the bucket of each step's timestep
     width = 1000 / TINY.buckets
     assert np.all(made[0].proxy_t.numpy() // width == (queries.timesteps // width)[..., None])
+
+
+def test_the_benchmark_uses_the_seed_mean_and_reports_the_ceiling(ground_truth, digits_splits):
+    from precompute.shipped_lds import Benchmark, truth_ceiling
+
+    results, _ = ground_truth
+    train, heldout = digits_splits
+    bench = Benchmark.load(results / "steps_0003", train.images, heldout.images)
+    assert bench.seeds_used == len(TINY.seeds) and bench.config.steps == 3
+    assert bench.table.subsets.tolist() == [0, 1] and len(bench.per_seed.seeds) == 4
+    for j in range(TINY.subsets):
+        rows = [np.load(result_path(results, 3, j, seed))["step_proxy"] for seed in TINY.seeds]
+        assert np.allclose(bench.table.rows["step_proxy"][j], np.mean(rows, axis=0), atol=1e-6)
+    found = truth_ceiling(bench.per_seed, bench.queries, bench.parts, bench.seeds_used)
+    assert (found["subsets"], found["seeds"], found["seeds_used"]) == (2, 2, 2)
+    for column in ("heldout", "generated", "step_trajectory", "step_proxy"):
+        assert 0 <= found[column]["icc"] <= 1 and 0 <= found[column]["ceiling"] <= 1

@@ -156,7 +156,7 @@ def test_lds_table_on_the_tiny_truth(
         run_shipped_lds([str(tiny_index_dir)], tiny_model, truth_dir, train.images, heldout.images, tmp_path)
     full = full_index
     results = run_shipped_lds([str(full)], tiny_model, truth_dir, train.images, heldout.images, tmp_path)
-    assert results["truth"]["models"] == TINY.subsets and results["seed_ceiling"]["subsets"] == 1
+    assert results["truth"]["models"] == TINY.subsets and results["ceiling"]["subsets"] == 1
     for name in (str(full), "pixel", "random"):
         test = results["methods"][name]["test"]
         for column in ("heldout", "generated", "step_trajectory", "step_proxy"):
