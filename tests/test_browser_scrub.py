@@ -3,6 +3,7 @@ the influencer-class plot, a refusal that stays, a link beyond the slider that i
 Generate during the completions that does not wait for them, and /attribute_trajectory returning what the
 page shows."""
 
+import contextlib
 import json
 import re
 import time
@@ -18,6 +19,7 @@ from app_fixtures import (  # noqa: F401  (fixtures; also sets the offline env)
     wait_for_changed_captions,
 )
 from gradio_client import Client
+from playwright.sync_api import Error as PlaywrightError
 
 pytestmark = BROWSER_MARKS
 
@@ -49,14 +51,14 @@ def page(running_app):  # noqa: F811
 
 
 def test_scrubbing_needs_no_server_and_adds_no_nodes(page) -> None:
-    """With every request to the server blocked, the keyboard still moves the step view, and 30 steps back
-    and forth leave the page with as many elements as before."""
+    """With every new request to the server held unanswered, the keyboard still moves the step view, and 30
+    steps back and forth leave the page with as many elements as before."""
     slider = page.locator("#step-slider input[type=range]")
     slider.focus()
     slider.press("ArrowLeft")  # the first move may create nothing: settle the count after it
     page.wait_for_timeout(300)
-    before_nodes, blocked = page.evaluate(NODES_JS), []
-    page.route("**/gradio_api/**", lambda route: (blocked.append(route.request.url), route.abort()))
+    before_nodes, held = page.evaluate(NODES_JS), []
+    page.route("**/gradio_api/**", lambda route: held.append(route))  # held: not sent on until the view moved
     try:
         captions = page.evaluate(CAPTIONS_JS, "#positive")
         line = page.locator("#step-line").text_content()
@@ -67,9 +69,14 @@ def test_scrubbing_needs_no_server_and_adds_no_nodes(page) -> None:
         for key in ["ArrowRight"] * 15 + ["ArrowLeft"] * 15:
             slider.press(key)
         page.wait_for_function("() => document.querySelector('#scrub-view .dax-scrub').dataset.step === '0'")
+        assert held, "the slider's server follow-up was sent (and held): the view did not wait for it"
     finally:
+        for route in held:  # sent on now (one that playwright already let through is skipped)
+            try:
+                route.continue_()
+            except PlaywrightError:
+                pass
         page.unroute("**/gradio_api/**")
-    assert blocked, "the slider's server follow-up was sent (and blocked): the view did not wait for it"
     page.wait_for_timeout(300)
     assert page.evaluate(NODES_JS) == before_nodes
 
@@ -119,8 +126,20 @@ def test_a_second_generate_does_not_wait_for_the_completions(page) -> None:
     wait_status(page, "completions (")
 
 
-def test_a_link_beyond_the_slider_is_clamped_and_generate_still_works(running_app) -> None:  # noqa: F811
-    with browser_page(running_app.url + "?seed=3&steps=300&step=999&top_k=4") as page:
+@contextlib.contextmanager
+def another_page(page, url: str):
+    """A second page in the module's browser (one Playwright per thread)."""
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1400})
+    other.set_default_timeout(60_000)
+    other.goto(url)
+    try:
+        yield other
+    finally:
+        other.close()
+
+
+def test_a_link_beyond_the_slider_is_clamped_and_generate_still_works(page, running_app) -> None:  # noqa: F811
+    with another_page(page, running_app.url + "?seed=3&steps=300&step=999&top_k=4") as page:
         page.locator("#status").wait_for()
         wait_status(page, "seed 3 ")
         status = page.evaluate(STATUS_JS)
@@ -134,9 +153,11 @@ def test_a_link_beyond_the_slider_is_clamped_and_generate_still_works(running_ap
         assert "Not done" not in page.evaluate(STATUS_JS) and page.locator(".toast-body").count() == 0
 
 
-def test_attribute_trajectory_returns_what_the_page_shows(running_app) -> None:  # noqa: F811
+def test_attribute_trajectory_returns_what_the_page_shows(page, running_app) -> None:  # noqa: F811
     seed, steps, step, top_k = 12, 14, 5, 6
-    with browser_page(running_app.url + f"?seed={seed}&steps={steps}&step={step}&top_k={top_k}") as page:
+    with another_page(
+        page, running_app.url + f"?seed={seed}&steps={steps}&step={step}&top_k={top_k}"
+    ) as page:
         page.locator("#status").wait_for()
         page.wait_for_function(
             f"() => document.querySelectorAll('#negative .caption-label').length === {top_k}"
