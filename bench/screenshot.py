@@ -83,9 +83,9 @@ def main() -> None:
             page.wait_for_function(
                 "() => document.querySelector('#status').textContent.includes('completions')"
             )
-            page.wait_for_function(
+            page.wait_for_function(  # the completions' solid curves, one per class
                 f"() => {{ const p = document.querySelector('#likelihood .js-plotly-plot');"
-                f" return p && p.data.length === {2 * classes}; }}"
+                f" return p && p.data.filter(t => t.mode === 'lines+markers').length === {classes}; }}"
             )
             slider = page.locator("#step-slider input[type=range]")
             slider.focus()
@@ -93,7 +93,7 @@ def main() -> None:
             for _ in range(args.step):
                 slider.press("ArrowRight")
             page.wait_for_function(
-                f"() => document.querySelector('#step-slider').textContent.includes('step {args.step} of')"
+                f"() => document.querySelector('#step-line').textContent.includes('step {args.step} of')"
             )
             time.sleep(1.0)  # let the last scrub's images load
             page.locator("#positive button.thumbnail-item").first.click()

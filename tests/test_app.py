@@ -306,3 +306,16 @@ def test_corrupt_tiny_or_missing_upload_is_a_clear_error_that_clears_the_old_res
     assert "image 'dot.png' is 1x1 px: upload one at least 8x8 px" in status
     status = client.predict(None, 100, 5, index_name, "", api_name="/attribute_image")[3]
     assert "no image uploaded" in status
+
+
+def test_the_readme_example_runs_against_the_app(running_app) -> None:  # noqa: F811
+    """The README's gradio_client example, as printed, against the real server (its URL swapped in)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(from gradio_client.*?)```", readme, re.DOTALL)[1]
+    namespace: dict = {}
+    exec(example.replace("http://127.0.0.1:7860/", running_app.url), namespace)  # noqa: S102
+    result = namespace["result"]
+    assert result["seed"] == 3 and len(result["steps"]) == 50 and result["completions"]["completions"] == 16
+    assert len(result["steps"][20]["positive"]) == 8 and {"id", "label", "score"} <= set(
+        result["steps"][20]["positive"][0]
+    )

@@ -150,6 +150,49 @@ def _completion_traces(figure: go.Figure, x: list, rollouts: RolloutCurves, c: i
     )
 
 
+def _proxy_trace(x: list, p: np.ndarray, name: str, color: str, first: bool, hidden: bool) -> go.Scatter:
+    """The classifier on x0hat for one class: faint and dotted, one legend entry for all classes."""
+    return go.Scatter(
+        x=x,
+        y=p.tolist(),
+        mode="lines",
+        name="x0hat classifier (unreliable at high noise)",
+        legendgroup="x0hat",
+        showlegend=first,
+        opacity=0.5,
+        visible="legendonly" if hidden else True,
+        line=dict(color=color, width=1, dash="dot"),
+        hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>",
+    )
+
+
+def _share_trace(x: list, share: np.ndarray, name: str, color: str, in_legend: bool) -> go.Scatter:
+    """One class's share of the top-k positive influencers, stacked over the classes (they sum to 1)."""
+    return go.Scatter(
+        x=x,
+        y=share.tolist(),
+        mode="lines",
+        name=f"{name} (influencers)",
+        legendgroup=name,
+        showlegend=in_legend,
+        stackgroup="shares",
+        line=dict(color=color, width=0.5),
+        fillcolor=color + "b0",
+        hovertemplate=f"class {name}<br>t=%{{x}}<br>share of top-k=%{{y:.2f}}<extra></extra>",
+    )
+
+
+def _likelihood_title(class_names: list[str], rollouts: RolloutCurves | None) -> str:
+    if not class_names:
+        return "No feature likelihood: no classifier next to the model (precompute train --classifier-only)"
+    if rollouts is None:
+        return "p(class | x_t): completions from x_t computing… · dotted: x0hat classifier (unreliable)"
+    return (
+        f"p(class | x_t): solid = {rollouts.completions} completions from x_t (band ± 2 s.e.) · "
+        "dotted (legend): x0hat classifier"
+    )
+
+
 def likelihood_figure(
     timesteps: np.ndarray,
     proxy: np.ndarray,
@@ -172,52 +215,15 @@ def likelihood_figure(
         if rollouts is not None:
             _completion_traces(figure, timesteps[rollouts.steps].tolist(), rollouts, c, name, color)
         figure.add_trace(
-            go.Scatter(
-                x=x,
-                y=proxy[:, c].tolist(),
-                mode="lines",
-                name="x0hat classifier (unreliable at high noise)",
-                legendgroup="x0hat",
-                showlegend=c == 0,
-                opacity=0.5,
-                visible="legendonly" if rollouts is not None else True,
-                line=dict(color=color, width=1, dash="dot"),
-                hovertemplate=f"class {name}<br>t=%{{x}}<br>p(x0hat)=%{{y:.3f}}<extra></extra>",
-            ),
-            row=1,
-            col=1,
+            _proxy_trace(x, proxy[:, c], name, color, c == 0, rollouts is not None), row=1, col=1
         )
     names = share_names or []
     for c, name in enumerate(names if shares is not None else []):
         color = class_color(name, class_names or names)
-        figure.add_trace(
-            go.Scatter(
-                x=x,
-                y=shares[:, c].tolist(),
-                mode="lines",
-                name=f"{name} (influencers)",
-                legendgroup=name,
-                showlegend=name not in class_names,
-                stackgroup="shares",
-                line=dict(color=color, width=0.5),
-                fillcolor=color + "b0",
-                hovertemplate=f"class {name}<br>t=%{{x}}<br>share of top-k=%{{y:.2f}}<extra></extra>",
-            ),
-            row=2,
-            col=1,
-        )
-    if not class_names:
-        top = "No feature likelihood: no classifier next to the model (precompute train --classifier-only)"
-    elif rollouts is None:
-        top = "p(class | x_t): completions from x_t computing… · dotted: x0hat classifier (unreliable)"
-    else:
-        top = (
-            f"p(class | x_t): solid = {rollouts.completions} completions from x_t (band ± 2 s.e.) · "
-            "dotted (legend): x0hat classifier"
-        )
-    _layout(figure, top, "p(class)")
-    figure.update_layout(height=LIKELIHOOD_HEIGHT, margin=dict(l=50, r=10, t=40, b=40))
+        figure.add_trace(_share_trace(x, shares[:, c], name, color, name not in class_names), row=2, col=1)
+    _layout(figure, _likelihood_title(class_names, rollouts), "p(class)")
     figure.update_layout(
+        height=LIKELIHOOD_HEIGHT,
         legend=dict(title=dict(text="click to hide:"), orientation="h", y=-0.12, x=0, font=dict(size=11)),
         margin=dict(l=50, r=10, t=40, b=90),
     )
@@ -227,8 +233,9 @@ def likelihood_figure(
     figure.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
     figure.update_yaxes(range=[0, 1], title="share", row=2, col=1)
     if shares is not None:
+        title = "share of the top-k positive influencers in each class"
         figure.add_annotation(
-            text="share of the top-k positive influencers in each class",
+            text=title,
             xref="paper",
             yref="paper",
             x=0,
@@ -236,7 +243,6 @@ def likelihood_figure(
             xanchor="left",
             yanchor="bottom",
             showarrow=False,
-            font=dict(size=12),
         )
     return figure if current_step is None else move_marker(figure, int(timesteps[current_step]))
 

@@ -161,11 +161,18 @@ class RegionHandlers:
 
     @releases_memory
     def region_fill(self, session) -> None:
-        """After a box is shown: attribute it at every other step in one batch (nothing on screen
-        changes)."""
-        if session is not None and session.region is not None:
-            state = session.region
-            region_step(self.explorer, state, list(range(state.attribution.trajectory.steps)))
+        """After a box is shown: attribute it at every other step, one bucket at a time (one region center
+        each), stopping when a new Generate or another box replaced it (nothing on screen changes)."""
+        state = None if session is None else session.region
+        if state is None:
+            return
+        by_bucket: dict[int, list[int]] = {}
+        for s, step in enumerate(state.attribution.steps):
+            by_bucket.setdefault(step.bucket, []).append(s)
+        for steps in by_bucket.values():
+            if session.cancelled or session.region is not state:
+                return
+            region_step(self.explorer, state, steps)
 
     def region_reset(self, session) -> RegionReset:
         """After Generate: the new image without a box, the region lists emptied."""
