@@ -9,7 +9,7 @@ from __future__ import annotations
 from explorer.attribution import StepAttribution, TrajectoryAttribution
 from explorer.errors import ExplorerError, whole_number
 from explorer.web.galleries import Galleries
-from explorer.web.payloads import skipped
+from explorer.web.payloads import ENGINE_LOCK, skipped
 from explorer.web.session import CompareOutputs
 
 NO_COMPARISON = "Pick a second method to see its influencers at the same step."
@@ -30,7 +30,8 @@ def _current(explorer, session, name: str) -> TrajectoryAttribution:
     """The session's comparison attribution, recomputed when the trajectory, the index or top-k changed."""
     main = session.attribution
     if not follows(session.compare, main, name):
-        session.compare = explorer.reattribute(main, name, len(main.steps[0].positive.ids))
+        with ENGINE_LOCK:
+            session.compare = explorer.reattribute(main, name, len(main.steps[0].positive.ids))
     return session.compare
 
 

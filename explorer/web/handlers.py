@@ -25,7 +25,9 @@ from explorer.web import api, compare, export, plots, region, scrub_view, story
 from explorer.web.galleries import Galleries
 from explorer.web.insight import InsightHandlers
 from explorer.web.payloads import (
+    ENGINE_LOCK,
     gallery_payload,
+    holds_engine,
     image_payload,
     plot_payload,
     refusal,
@@ -161,6 +163,7 @@ class Handlers(RegionHandlers, InsightHandlers, ImageHandlers):
             session.refusal = refused(error)
             return skipped(GenerateOutputs)._replace(status=session.status())
 
+    @holds_engine
     def _generate(self, seed, steps, top_k, index_name, prompt, guidance, progress, step) -> GenerateOutputs:
         steps, steps_note = bounded(steps, "sampler steps", MIN_STEPS, UI_MAX_STEPS)
         top_k, top_k_note = bounded(top_k, "top-k", 1, UI_MAX_TOP_K)
@@ -215,6 +218,7 @@ class Handlers(RegionHandlers, InsightHandlers, ImageHandlers):
         return LinkOutputs(trajectory.seed, *shown, generated).flat()
 
     @releases_memory
+    @holds_engine
     def rollouts(self, session: Session | None, progress=gr.Progress()) -> RolloutOutputs:
         """Feature likelihoods from stochastic completions (16 at 12 steps), shown when ready, with the
         sampler steps done so far as progress; nothing when this generation already has them or was
@@ -243,6 +247,7 @@ class Handlers(RegionHandlers, InsightHandlers, ImageHandlers):
     # -- the same trajectory, another method or top-k ------------------------------------------------
     @user_errors(ReattributeOutputs, "status")
     @releases_memory
+    @holds_engine
     def reattribute(self, session: Session | None, step, index_name, top_k) -> ReattributeOutputs:
         """The same trajectory against another index or top-k (no resampling); a top-k typed outside
         1..UI_MAX_TOP_K is clamped and the status says so."""
@@ -347,8 +352,9 @@ class Handlers(RegionHandlers, InsightHandlers, ImageHandlers):
             completions: stochastic completions per start step for p(class | x_t), 0 to 64 (0 = skip)
         """
         try:
-            return api.attribute_trajectory(
-                self.explorer, seed, steps, top_k, method, prompt, guidance, completions
-            )
+            with ENGINE_LOCK:
+                return api.attribute_trajectory(
+                    self.explorer, seed, steps, top_k, method, prompt, guidance, completions
+                )
         except ExplorerError as error:
             raise gr.Error(str(error)) from None

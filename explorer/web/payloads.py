@@ -3,6 +3,7 @@ refused input is reported (its status slot only; every other output keeps what i
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 
 import gradio as gr
@@ -11,6 +12,22 @@ from gradio.components.plot import PlotData
 from explorer.errors import ExplorerError
 
 logger = logging.getLogger("explorer.web.handlers")
+# Held by whatever runs the model: torch.func.functional_call swaps a module's parameters while it runs, so
+# two threads in the model at once corrupt each other's gradients. The queued engine events take turns anyway
+# (concurrency_id "engine"); this also covers the slider's follow-up when it must compute (a region's step,
+# a second method), which is not queued behind them.
+ENGINE_LOCK = threading.RLock()
+
+
+def holds_engine(handler: Callable) -> Callable:
+    """Run the handler holding ENGINE_LOCK."""
+
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        with ENGINE_LOCK:
+            return handler(*args, **kwargs)
+
+    return wrapper
 
 
 def refused(error: Exception | str) -> str:

@@ -17,7 +17,7 @@ from explorer.errors import ExplorerError, whole_number
 from explorer.memory import releases_memory
 from explorer.web import plots
 from explorer.web.compare import shared_influencers
-from explorer.web.payloads import image_payload, skipped, user_errors
+from explorer.web.payloads import ENGINE_LOCK, image_payload, skipped, user_errors
 from explorer.web.session import RegionLists, RegionState
 
 NO_REGION = (
@@ -108,7 +108,8 @@ def region_step(explorer, state: RegionState, steps: list[int]):
     missing = [s for s in steps if s not in state.steps]
     if missing:
         top_k = len(state.attribution.steps[0].positive.ids)
-        found = explorer.attribute_steps(state.attribution, missing, top_k, state.box)
+        with ENGINE_LOCK:
+            found = explorer.attribute_steps(state.attribution, missing, top_k, state.box)
         state.steps.update(zip(missing, found))
     return state.steps[steps[0]]
 

@@ -106,11 +106,17 @@ function load() {
   }
 }
 
-// the step slider: its range input moves the view at once; programmatic moves come through show() from ui.py
-document.addEventListener('input', (event) => {
-  const target = event.target;
-  if (target && target.matches && target.matches('#step-slider input[type=range]')) show(target.value);
-}, true);
+// the step slider: its range input moves the view at once (one listener per page, calling the view that
+// loaded last); programmatic moves come through window.daxScrub.show from ui.py's js-only change event
 window.daxScrub = { show: (step) => show(step), step: () => view.step };
+if (!window.daxScrubListening) {
+  window.daxScrubListening = true;
+  document.addEventListener('input', (event) => {
+    const target = event.target;
+    if (target && target.matches && target.matches('#step-slider input[type=range]')) {
+      window.daxScrub.show(target.value);
+    }
+  }, true);
+}
 watch('value', load);
 load();

@@ -17,7 +17,7 @@ from explorer.data import load_image_file
 from explorer.errors import ExplorerError, bounded, whole_number
 from explorer.memory import releases_memory
 from explorer.web import plots
-from explorer.web.payloads import image_payload, refused
+from explorer.web.payloads import holds_engine, image_payload, refused
 from explorer.web.session import UI_MAX_TOP_K
 
 logger = logging.getLogger("explorer.web.handlers")
@@ -100,6 +100,7 @@ class ImageHandlers:
                 None, [], [], refused(error).replace("Everything else on the page is as it was.", "")
             )
 
+    @holds_engine
     def _attribute_image(self, image, timestep, top_k, index_name, prompt) -> ImageOutputs:
         if not image:
             raise ExplorerError("no image uploaded: drop a PNG or JPEG into the image box first")
