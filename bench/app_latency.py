@@ -95,11 +95,18 @@ def summary(values: list[float]) -> dict:
 
 
 def counters(cdp) -> dict:
-    """Chromium's DOM counters after a garbage collection, and the JS heap in MB."""
+    """The page's elements, Chromium's DOM counters after a garbage collection (nodes: text and detached
+    ones too) and the JS heap in MB."""
     cdp.send("HeapProfiler.collectGarbage")
     dom = cdp.send("Memory.getDOMCounters")
     heap = cdp.send("Runtime.getHeapUsage")["usedSize"] / 2**20
-    return {"nodes": dom["nodes"], "listeners": dom["jsEventListeners"], "js_heap_mb": round(heap, 1)}
+    elements = cdp.send("Runtime.evaluate", {"expression": "document.getElementsByTagName('*').length"})
+    return {
+        "elements": elements["result"]["value"],
+        "nodes": dom["nodes"],
+        "listeners": dom["jsEventListeners"],
+        "js_heap_mb": round(heap, 1),
+    }
 
 
 def browser_scrub(url: str, scrubs: int, chromium: str) -> dict:
@@ -254,9 +261,10 @@ def machine_note() -> str:
 
 def generate_latency(client, url: str, args) -> dict:
     """Generate twice (cold, warm) and the completions after each: server-side seconds."""
-    index_name = client.view_api(print_info=False, return_format="dict", all_endpoints=True)[
-        "named_endpoints"
-    ]["/generate"]["parameters"][3]["parameter_default"]
+    (menu,) = [c for c in client.config["components"] if c.get("props", {}).get("label") == "method / index"][
+        :1
+    ]
+    index_name = menu["props"]["value"]  # the method menu's default: the first --index
     generate, completions = {}, {}
     for label, seed in (("cold", args.seed), ("warm", args.seed + 1)):
         out = client.predict(seed, args.steps, 8, index_name, "", 1.0, api_name="/generate")

@@ -53,7 +53,8 @@ def app_latency() -> str:
             after[key],
         ]
         for name, key in (
-            ("DOM nodes", "nodes"),
+            ("elements in the page", "elements"),
+            ("DOM nodes (text nodes and detached ones too)", "nodes"),
             ("event listeners", "listeners"),
             ("JS heap (MB)", "js_heap_mb"),
         )

@@ -9,11 +9,19 @@ const grids = {
 };
 const frames = [root.querySelector('img.dax-xt'), root.querySelector('img.dax-x0')];
 const note = root.querySelector('.dax-note');
-const view = { data: null, token: null, step: -1, selected: null, gd: null, t: null };
+const view = { data: null, token: null, step: -1, selected: null, gd: null, t: null, markerPending: false };
 
 function lineParts() {
   const line = document.querySelector('#step-line .dax-line');
   return line ? [line, line.querySelector('.dax-line-text'), line.querySelector('a.dax-link')] : [null];
+}
+
+function setText(node, text) {  // reuse the text node: no new node per step
+  if (node.firstChild && node.firstChild.nodeType === Node.TEXT_NODE && !node.firstChild.nextSibling) {
+    node.firstChild.nodeValue = text;
+  } else {
+    node.textContent = text;
+  }
 }
 
 function makeTiles(grid, count, sign) {
@@ -39,7 +47,7 @@ function fill(grid, list) {
     const row = list[i][0], caption = list[i][1], tile = grid.children[i];
     const img = tile.firstChild, label = tile.lastChild, src = thumbs[row];
     if (img.getAttribute('src') !== src) img.setAttribute('src', src);
-    if (label.textContent !== caption) label.textContent = caption;
+    if (label.textContent !== caption) setText(label, caption);
     tile.title = caption;
     tile.dataset.row = row;
     tile.classList.toggle('selected', row === view.selected);
@@ -72,16 +80,19 @@ function show(step, force) {
     makeTiles(grids[sign], current[sign].length, sign);
     fill(grids[sign], current[sign]);
   }
-  note.textContent = current.note;
+  setText(note, current.note);
   const [line, text, link] = lineParts();
   if (line) {
-    text.textContent = current.line;
+    setText(text, current.line);
     link.setAttribute('href', current.link);
     line.hidden = false;
   }
   root.dataset.step = step;
   view.t = current.t;
-  requestAnimationFrame(marker);
+  if (!view.markerPending) {  // after this frame is painted: the tiles first, the plot's marker next
+    view.markerPending = true;
+    requestAnimationFrame(() => setTimeout(() => { view.markerPending = false; marker(); }, 0));
+  }
 }
 
 function select(sign, rank) {
