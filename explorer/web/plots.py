@@ -186,10 +186,10 @@ def _likelihood_title(class_names: list[str], rollouts: RolloutCurves | None) ->
     if not class_names:
         return "No feature likelihood: no classifier next to the model (precompute train --classifier-only)"
     if rollouts is None:
-        return "p(class | x_t): completions from x_t computing… · dotted: x0hat classifier (unreliable)"
+        return "p(class | x_t): completions from x_t computing…<br>dotted: the x0hat classifier (unreliable)"
     return (
-        f"p(class | x_t): solid = {rollouts.completions} completions from x_t (band ± 2 s.e.) · "
-        "dotted (legend): x0hat classifier"
+        f"p(class | x_t): solid = {rollouts.completions} completions from x_t (band ± 2 s.e.)<br>"
+        "dotted, off (legend): the x0hat classifier"
     )
 
 
@@ -225,7 +225,7 @@ def likelihood_figure(
     figure.update_layout(
         height=LIKELIHOOD_HEIGHT,
         legend=dict(title=dict(text="click to hide:"), orientation="h", y=-0.12, x=0, font=dict(size=11)),
-        margin=dict(l=50, r=10, t=40, b=90),
+        margin=dict(l=50, r=10, t=56, b=90),
     )
     figure.update_xaxes(autorange="reversed", zeroline=False)
     figure.update_xaxes(title=None, row=1, col=1)
