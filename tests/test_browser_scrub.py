@@ -5,6 +5,7 @@ page shows."""
 
 import contextlib
 import json
+import logging
 import re
 import time
 
@@ -103,26 +104,34 @@ def test_a_refusal_stays_on_the_page(page) -> None:
     assert "nothing generated yet" not in status
 
 
-def test_a_second_generate_does_not_wait_for_the_completions(page) -> None:
+def test_a_second_generate_does_not_wait_for_the_completions(page, caplog) -> None:
+    """At 200 sampler steps the completions take seconds: a Generate clicked while they run stops them (the
+    server says so) and returns about as fast as one clicked with nothing in flight, not after them."""
+    caplog.set_level(logging.INFO, logger="explorer.web.handlers")
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("200")
+    steps.press("Enter")
     generate(page, 6)
-    wait_status(page, "seed 6 ")
-    started = time.perf_counter()
+    wait_status(page, "seed 6 · 200 steps")
     wait_status(page, "completions (")
-    completions_s = time.perf_counter() - started  # how long a Generate would wait behind them
+    completions_s = float(re.search(r"completions\) ([\d.]+) s", page.evaluate(STATUS_JS))[1])
+    assert completions_s > 1.5, f"completions took {completions_s} s: too short to tell waiting from not"
     generate(page, 7)
     wait_status(page, "seed 7 ")
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('computing')")
-    time.sleep(0.3)  # the completions of seed 7 are running now
+    time.sleep(0.3)  # seed 7's completions are running now
+    assert "computing" in page.evaluate(STATUS_JS)
     started = time.perf_counter()
     generate(page, 8)
     wait_status(page, "seed 8 ")
     second_s = time.perf_counter() - started
-    started = time.perf_counter()
+    assert "seed 7" not in page.evaluate(STATUS_JS)
     wait_status(page, "completions (")
-    generate(page, 9)
+    started = time.perf_counter()
+    generate(page, 9)  # nothing in flight
     wait_status(page, "seed 9 ")
-    alone_s = time.perf_counter() - started - 0  # a Generate with nothing in flight, for comparison
-    assert second_s < alone_s + 0.5 * completions_s + 1.0, (second_s, alone_s, completions_s)
+    alone_s = time.perf_counter() - started
+    assert second_s < alone_s + max(1.5, 0.75 * completions_s), (second_s, alone_s, completions_s)
+    assert "completions of seed 7 stopped by a newer Generate" in caplog.text
     wait_status(page, "completions (")
 
 
