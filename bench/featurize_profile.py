@@ -46,6 +46,7 @@ from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.index import FeatureSource, LambdaRecord, write_index  # noqa: E402
 from explorer.index_meta import DatasetInfo  # noqa: E402
 from explorer.model import load_model  # noqa: E402
+from explorer.noising import forward_noise  # noqa: E402
 from explorer.scoring import fit_bucket  # noqa: E402
 from precompute.calibration import calibrate  # noqa: E402
 from precompute.featurizer import Featurizer, default_workers  # noqa: E402
@@ -70,7 +71,7 @@ def stage_profile(
     timesteps = computer.draw_timesteps[buckets].flatten()
     noise = computer.noise[buckets].flatten(0, 1)
     abar = computer.abar[timesteps].view(-1, 1, 1, 1)
-    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    noisy = forward_noise(x0, noise, abar)
     for repeat in range(repeats + 1):
         times: dict[str, float] = {}
         if computer.kronecker is None:
@@ -179,9 +180,7 @@ def training_step(model, images: torch.Tensor, batch: int):
         t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         abar = abar_all[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(
-            unet(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t).sample, noise
-        )  # as precompute/train.py
+        loss = F.mse_loss(unet(forward_noise(x0, noise, abar), t).sample, noise)  # as precompute/train.py
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

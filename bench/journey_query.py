@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from explorer.features import FeatureComputer, bucket_of_timestep  # noqa: E402
 from explorer.index import AttributionIndex  # noqa: E402
 from explorer.model import load_model  # noqa: E402
+from explorer.noising import joining_noise  # noqa: E402
 from explorer.scoring import blocked_predictions  # noqa: E402
 from precompute.metrics import lds_interval  # noqa: E402
 from precompute.shipped_lds import split  # noqa: E402
@@ -57,7 +58,7 @@ def step_queries(computer: FeatureComputer, queries: Queries, buckets: int, T: i
     abar = computer.abar[timesteps].view(-1, 1, 1, 1)
     finals = torch.from_numpy(np.repeat(queries.finals, queries.timesteps.shape[1], axis=0))
     xt = torch.from_numpy(queries.xt).flatten(0, 1)
-    eps_star = (xt - abar.sqrt() * finals) / (1 - abar).sqrt()
+    eps_star = joining_noise(xt, finals, abar)
     bucket_t = torch.tensor([computer.timesteps[int(b)][0] for b in bucket])
     return {
         "served": computer.features(x0hat, bucket).numpy(),

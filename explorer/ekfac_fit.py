@@ -20,6 +20,7 @@ from explorer.ekfac import Block, EkfacFactors, block_gradients, plan_blocks
 from explorer.errors import ExplorerError
 from explorer.layer_gradients import unfold
 from explorer.model import DiffusionModel
+from explorer.noising import forward_noise
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def draw_samples(
         eps = torch.randn((len(rows), *shape), generator=generator)
         v = torch.randn((len(rows), *shape), generator=generator)
         scale = abar[t].view(-1, 1, 1, 1)
-        x_t = scale.sqrt() * images[rows].float().cpu() + (1 - scale).sqrt() * eps  # DDPM eq. 4, on the CPU
+        x_t = forward_noise(images[rows].float().cpu(), eps, scale)  # DDPM eq. 4, on the CPU
         c = None if context is None else context[rows].to(device)
         yield x_t.to(device), t.to(device), v.to(device), c
 

@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 from explorer.errors import ExplorerError
 from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
+from explorer.noising import forward_noise
 from explorer.outputs import get_output_function, region_output
 from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
 from explorer.spec import (  # noqa: F401 (re-exported: the spec is part of this module's interface)
@@ -200,7 +201,7 @@ class FeatureComputer:
 
     def _noisy(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         abar = self.abar[timesteps].view(-1, 1, 1, 1)
-        return abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4
+        return forward_noise(x0.unsqueeze(0), noise, abar)  # x_t, DDPM eq. 4
 
     def _output(
         self, params: dict, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, context=None
@@ -354,7 +355,7 @@ class FeatureComputer:
         x0, timesteps = x0.to(self.device), timesteps.to(self.device)  # callers pass CPU tensors
         rows_context = None if context is None else context.to(self.device).repeat_interleave(draws, dim=0)
         abar = self.abar[timesteps].view(pairs, draws, 1, 1, 1)
-        noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4; (P, n, C, H, W)
+        noisy = forward_noise(x0.unsqueeze(1), noise, abar)  # x_t, DDPM eq. 4; (P, n, C, H, W)
 
         def forward() -> torch.Tensor:
             with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -22,6 +22,7 @@ from torch.func import functional_call, vmap
 
 from explorer.data import to_model_range
 from explorer.features import FeatureComputer
+from explorer.noising import forward_noise
 
 CENTER_SAMPLE = 256  # training images whose batch-mean gradient estimates c_A (seeded, fixed per index)
 
@@ -45,7 +46,7 @@ def mean_feature(computer: FeatureComputer, images: torch.Tensor, bucket: int) -
     params = {name: p.detach().requires_grad_(True) for name, p in computer.params.items()}
     draws = timesteps.shape[1]
     abar = computer.abar[timesteps].view(n, draws, 1, 1, 1)
-    noisy = abar.sqrt() * images.unsqueeze(1) + (1 - abar).sqrt() * noise  # x_t, DDPM eq. 4
+    noisy = forward_noise(images.unsqueeze(1), noise, abar)  # x_t, DDPM eq. 4
     with torch.enable_grad():
         prediction = functional_call(
             computer.model.unet, {**computer._frozen, **params}, (noisy.flatten(0, 1), timesteps.flatten())

@@ -22,6 +22,7 @@ import torch
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, every_bucket
 from explorer.model import DiffusionModel
+from explorer.noising import forward_noise
 from precompute.allocator import keep_freed_memory
 
 
@@ -122,9 +123,7 @@ def residual_norms(
             c = len(x0)
             rows_context = None if context is None else context[start : start + c].repeat_interleave(draws, 0)
             abar = computer.abar[t].view(1, -1, 1, 1, 1)
-            noisy = abar.sqrt() * x0.unsqueeze(1) + (1 - abar).sqrt() * computer.noise[b].unsqueeze(
-                0
-            )  # (c, mR, C, H, W)
+            noisy = forward_noise(x0.unsqueeze(1), computer.noise[b].unsqueeze(0), abar)  # (c, mR, C, H, W)
             prediction = computer.model.eps(noisy.flatten(0, 1), t.repeat(c), rows_context).view(c, draws, -1)
             residual = prediction - computer.noise[b].flatten(1).unsqueeze(0)
             out[start : start + c, b] = residual.pow(2).mean(dim=(1, 2)).sqrt().cpu()

@@ -23,6 +23,7 @@ import torch
 
 from explorer.data import Dataset, to_model_range
 from explorer.model import DiffusionModel
+from explorer.noising import forward_noise
 from explorer.sampler import generate
 
 KINDS = ("heldout", "generated", "journey")
@@ -143,7 +144,7 @@ def query_losses(
     for start in range(0, len(flat_q), batch):
         rows = slice(start, start + batch)
         a = abar[flat_t[rows]].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0[flat_q[rows]] + (1 - a).sqrt() * flat_eps[rows]  # x_t, DDPM eq. 4
+        noisy = forward_noise(x0[flat_q[rows]], flat_eps[rows], a)  # x_t, DDPM eq. 4
         prediction = model.unet(noisy, flat_t[rows]).sample
         losses[rows] = (prediction - flat_eps[rows]).pow(2).flatten(1).mean(1).double()
     return losses.view(q_count, p_count).mean(1).numpy()

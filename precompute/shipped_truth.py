@@ -39,6 +39,7 @@ from explorer.atomic import write_json_atomic
 from explorer.data import Dataset, load_dataset, to_model_range, train_heldout_split
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, UNetConfig, load_model
+from explorer.noising import forward_noise, joining_noise
 from explorer.sampler import generate
 from precompute.retrain import Recipe, subset_masks, train_cached
 
@@ -179,9 +180,7 @@ class Truth:
         xt = torch.from_numpy(q.xt).flatten(0, 1)  # (G J, C, S, S)
         final = torch.from_numpy(q.finals).repeat_interleave(q.xt.shape[1], 0)
         a = abar[t].view(-1, 1, 1, 1)
-        target = (xt - a.sqrt() * final) / (
-            1 - a
-        ).sqrt()  # eps* joining x_t to the final image (DDPM eq. 4 solved)
+        target = joining_noise(xt, final, a)  # eps* joining x_t to the final image
         trajectory = _predict_loss(model, xt, t, target, batch)
 
         pairs = self.proxy_t.shape[-1]
@@ -206,7 +205,7 @@ def _losses(
     batch: int,
 ) -> torch.Tensor:
     a = abar[t].view(-1, 1, 1, 1)
-    return _predict_loss(model, a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps, batch)  # x_t, DDPM eq. 4
+    return _predict_loss(model, forward_noise(x0, eps, a), t, eps, batch)  # x_t, DDPM eq. 4
 
 
 def _predict_loss(

@@ -25,6 +25,7 @@ from explorer.classifier import ClassifierConfig, FeatureClassifier, save_classi
 from explorer.data import Dataset, to_model_range
 from explorer.errors import ExplorerError
 from explorer.model import UNetConfig, make_scheduler, save_model
+from explorer.noising import forward_noise
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def train_ddpm(dataset: Dataset, out_dir: str | Path, config: TrainConfig, unet_
         )
         noise = torch.randn(batch.shape, generator=generator)
         abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = abar.sqrt() * batch + (1 - abar).sqrt() * noise  # forward process, DDPM eq. 4
+        noisy = forward_noise(batch, noise, abar)  # forward process, DDPM eq. 4
         loss = F.mse_loss(unet(noisy, timesteps).sample, noise)  # L_simple, DDPM eq. 14
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

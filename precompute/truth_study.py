@@ -37,6 +37,7 @@ import torch
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, load_model
+from explorer.noising import joining_noise
 from explorer.sampler import complete_from_steps, generate
 from precompute.retrain import Recipe, subset_masks
 from precompute.shipped_truth import (
@@ -199,7 +200,7 @@ def completion_targets(model: DiffusionModel, queries: Queries, config: GroundTr
             model, trajectory, steps, config.completions, seed=config.completion_seed + int(seed)
         )  # (J, c, C, H, W)
         a = abar[torch.from_numpy(times)].view(-1, 1, 1, 1, 1)
-        eps_star = (torch.from_numpy(xt).unsqueeze(1) - a.sqrt() * finals) / (1 - a).sqrt()
+        eps_star = joining_noise(torch.from_numpy(xt).unsqueeze(1), finals, a)
         cumulative = eps_star.double().cumsum(1)
         out.append(torch.stack([cumulative[:, n - 1] / n for n in levels], 1).float())
     return torch.stack(out).numpy()
