@@ -28,14 +28,17 @@ from precompute.metrics import spearman_columns
 class SignalShare:
     """Variance components of a (S subsets, m seeds, Q queries) truth, per query and pooled."""
 
-    subset_variance: np.ndarray  # (Q,) var(a), clipped at 0
-    residual_variance: np.ndarray  # (Q,) var(e)
+    subset_mean_square: np.ndarray  # (Q,) MS of the subset effect, (S - 1) degrees of freedom
+    residual_mean_square: np.ndarray  # (Q,) MS of the residual, (S - 1)(m - 1) degrees of freedom
+    subsets: int
+    seeds: int
 
     @property
     def per_query(self) -> np.ndarray:
-        """(Q,) ICC of every query (0 where the query has no variance at all)."""
-        total = self.subset_variance + self.residual_variance
-        return np.divide(self.subset_variance, total, out=np.zeros_like(total), where=total > 0)
+        """(Q,) ICC of every query, var(a) = (MS_subset - MS_residual) / m clipped at 0."""
+        signal = np.clip((self.subset_mean_square - self.residual_mean_square) / self.seeds, 0, None)
+        total = signal + self.residual_mean_square
+        return np.divide(signal, total, out=np.zeros_like(total), where=total > 0)
 
     @property
     def median(self) -> float:
@@ -43,9 +46,18 @@ class SignalShare:
 
     @property
     def pooled(self) -> float:
-        """Components summed over queries after scaling each query to unit total variance: one ICC that
-        a few noisy per-query estimates cannot drag around as they do the median."""
-        return float(np.mean(self.per_query))
+        """One ICC for all queries, free of each query's scale: theta = var(a) / var(e) from each query's
+        F = MS_subset / MS_residual, E[F] = (1 + m theta) df / (df - 2) for normal residuals with df
+        degrees of freedom, averaged unclipped over queries and turned into theta / (1 + theta). A mean of
+        clipped per-query ratios drifts upwards with few subsets; this does not. With df <= 2 (too few
+        subsets or seeds for F to have a mean) it falls back to that mean."""
+        df = (self.subsets - 1) * (self.seeds - 1)
+        if df <= 2:
+            return float(np.mean(self.per_query))
+        defined = self.residual_mean_square > 0
+        f = self.subset_mean_square[defined] / self.residual_mean_square[defined]
+        theta = float(np.mean((f * (df - 2) / df - 1) / self.seeds))
+        return max(theta, 0.0) / (1 + max(theta, 0.0))
 
 
 def signal_share(truth: np.ndarray) -> SignalShare:
@@ -60,7 +72,7 @@ def signal_share(truth: np.ndarray) -> SignalShare:
     residual = y - subset_means - seed_means + grand
     ms_subset = seeds * ((subset_means - grand) ** 2).sum((0, 1)) / (subsets - 1)
     ms_residual = (residual**2).sum((0, 1)) / ((subsets - 1) * (seeds - 1))
-    return SignalShare(np.clip((ms_subset - ms_residual) / seeds, 0, None), ms_residual)
+    return SignalShare(ms_subset, ms_residual, subsets, seeds)
 
 
 def reliability(icc: float | np.ndarray, seeds: int) -> float | np.ndarray:

@@ -53,6 +53,13 @@ def test_ceiling_of_a_seed_mean_matches_a_perfect_predictor():
     assert held_out == pytest.approx(expected, abs=0.03)
 
 
+@pytest.mark.parametrize("icc", [0.1, 0.4])
+def test_pooled_icc_is_unbiased_with_few_subsets(icc):
+    """The study has 4 subsets x 3 seeds: the per-query estimates are noisy, the pooled one must not drift."""
+    share = signal_share(synthetic_truth(icc, subsets=4, seeds=3, queries=4000, seed=2))
+    assert share.pooled == pytest.approx(icc, abs=0.04)
+
+
 def test_no_signal_gives_a_ceiling_near_zero_and_bad_shapes_are_named():
     assert signal_share(synthetic_truth(0.0, 32, 3, 300)).pooled < 0.05
     with pytest.raises(ValueError, match=r"\(subsets >= 2, seeds >= 2, queries\)"):

@@ -9,6 +9,7 @@ MODULES = (
     "scale",
     "accuracy",
     "steps",
+    "truth",
     "step_counterfactual",
     "region",
     "app",
