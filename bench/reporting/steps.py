@@ -7,6 +7,7 @@ import math
 
 from bench.reporting import core
 from bench.reporting.core import commands, load, page, para, source_links, strip_lock, table
+from bench.reporting.truth import ceiling_rows
 
 QUALITY = "step_quality.json"
 CANDIDATES = "step_candidates.json"
@@ -254,7 +255,7 @@ def lds_mnist5k() -> str:
         [method_name(name, entry["label"]), *(lds_cell(entry["test"][key]) for _, key in LDS_COLUMNS)]
         for name, entry in methods.items()
     ]
-    rows += ceiling_rows(results)
+    rows += ceiling_rows(results, LDS_COLUMNS, lds_cell)
     buckets = len(first["heldout_by_bucket"])
     width = 1000 // buckets  # the shipped scheduler's 1,000 training timesteps in equal buckets
     by_bucket = table(
@@ -295,40 +296,6 @@ def lds_mnist5k() -> str:
             *seed_noise(methods, results.get("seed_ceiling", {}).get("subsets", 0)),
         ]
     )
-
-
-def ceiling_rows(results: dict) -> list[list[str]]:
-    """What a perfect method could reach against this truth (precompute.ceiling), beside the methods."""
-    if "ceiling" not in results:  # a result file written before the ceiling estimator
-        old = results["seed_ceiling"]
-        twice = old["subsets"]
-        return [
-            [
-                f"seed ceiling ({twice} subset{'' if twice == 1 else 's'} trained twice)",
-                *(lds_cell(old[key]) if key in old else "n/a" for _, key in LDS_COLUMNS),
-            ]
-        ]
-    found = results["ceiling"]
-    used = found["seeds_used"]
-    truth = f"the {used}-seed mean" if used > 1 else "one seed"
-    rows = [
-        [
-            f"**ceiling**: a perfect method against {truth} (ICC of {found['subsets']} subsets x "
-            f"{found['seeds']} seeds)",
-            *(
-                f"{found[key]['ceiling']:.3f} (ICC {found[key]['icc']:.3f})" if key in found else "n/a"
-                for _, key in LDS_COLUMNS
-            ),
-        ]
-    ]
-    if all("leave_one_seed_out" in found.get(key, {}) for _, key in LDS_COLUMNS):
-        rows.append(
-            [
-                "one seed against the mean of the others",
-                *(f"{found[key]['leave_one_seed_out']:.3f}" for _, key in LDS_COLUMNS),
-            ]
-        )
-    return rows
 
 
 def seed_noise(methods: dict, twice: int) -> list[str]:

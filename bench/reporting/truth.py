@@ -124,3 +124,38 @@ def truth_study() -> str:
             table(["training steps", "truth", "draws: ICC"], draws),
         ]
     )
+
+
+def ceiling_rows(results: dict, columns: tuple[tuple[str, str], ...], cell) -> list[list[str]]:
+    """What a perfect method could reach against this truth (precompute.ceiling), to put beside the methods
+    of an LDS table with these (title, key) columns; `cell` renders an old-style LDS entry."""
+    if "ceiling" not in results:  # a result file written before the ceiling estimator
+        old = results["seed_ceiling"]
+        twice = old["subsets"]
+        return [
+            [
+                f"seed ceiling ({twice} subset{'' if twice == 1 else 's'} trained twice)",
+                *(cell(old[key]) if key in old else "n/a" for _, key in columns),
+            ]
+        ]
+    found = results["ceiling"]
+    used = found["seeds_used"]
+    truth = f"the {used}-seed mean" if used > 1 else "one seed"
+    rows = [
+        [
+            f"**ceiling**: a perfect method against {truth} (ICC of {found['subsets']} subsets x "
+            f"{found['seeds']} seeds)",
+            *(
+                f"{found[key]['ceiling']:.3f} (ICC {found[key]['icc']:.3f})" if key in found else "n/a"
+                for _, key in columns
+            ),
+        ]
+    ]
+    if all("leave_one_seed_out" in found.get(key, {}) for _, key in columns):
+        rows.append(
+            [
+                "one seed against the mean of the others",
+                *(f"{found[key]['leave_one_seed_out']:.3f}" for _, key in columns),
+            ]
+        )
+    return rows
