@@ -61,6 +61,16 @@ def kind_truth(runs: dict, subsets: list[int], seeds: list[int], kind: str, held
     return rows.reshape(len(subsets), len(seeds), -1, rows.shape[-1])  # per-step (G, J) -> G J queries
 
 
+def jackknife_se(truth: np.ndarray) -> float | None:
+    """Jackknife standard error over subsets of the pooled ICC of a (S, m, Q) truth: the queries share the
+    subsets, so the subsets, not the queries, bound how well the ICC is known (None below 4 subsets)."""
+    subsets = truth.shape[0]
+    if subsets < 4:
+        return None
+    leave_out = np.array([signal_share(np.delete(truth, j, axis=0)).pooled for j in range(subsets)])
+    return float(np.sqrt((subsets - 1) / subsets * ((leave_out - leave_out.mean()) ** 2).sum()))
+
+
 def summarize_stop(runs: dict, heldout: int, config: dict) -> dict:
     subsets, seeds = complete_subsets(runs)
     draws = {
@@ -94,7 +104,7 @@ def summarize_stop(runs: dict, heldout: int, config: dict) -> dict:
                     "ceiling": {str(m): float(ceiling(share.pooled, m)) for m in SEED_COUNTS},
                 }
             )
-        entry = {"levels": levels}
+        entry = {"levels": levels, "icc_jackknife_se": jackknife_se(truth[..., -1])}
         if len(subsets) >= 3:  # a Spearman over fewer subsets says nothing
             entry["leave_one_seed_out"] = float(np.nanmean(leave_one_seed_out(truth[..., -1])))
         out["kinds"][kind] = entry

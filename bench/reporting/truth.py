@@ -35,9 +35,12 @@ def truth_study() -> str:
         definition), and {config["completions"]} completions from x_t for the trajectory-tied one. Each model
         is measured at several training lengths (one run, measured as it passes each). Per query, a two-way
         decomposition (subset effect + seed offset + residual) gives the share of the truth that is
-        signal, the ICC (precompute.ceiling; pooled: the mean over queries of each query's share). A truth
-        that averages m seeds has reliability m ICC / (1 + (m - 1) ICC), and a perfect method reaches
-        Spearman (6 / pi) arcsin(sqrt(reliability) / 2) against it: the ceiling. Queries: the benchmark's
+        signal, the ICC (precompute.ceiling; pooled over queries through each query's F ratio, so a
+        query's scale does not matter). A truth that averages m seeds has reliability
+        m ICC / (1 + (m - 1) ICC), and a perfect method reaches Spearman
+        (6 / pi) arcsin(sqrt(reliability) / 2) against it: the ceiling. The queries share the subsets, so
+        the subsets, not the queries, bound how well the ICC is known: the ± is a jackknife standard error
+        over subsets. Queries: the benchmark's
         {results["heldout_queries"]} held-out digits and 48 generated trajectories (10 steps each).""")
     rows = []
     for stop, entry in stops.items():
@@ -47,7 +50,8 @@ def truth_study() -> str:
                 [
                     f"{int(stop):,}",
                     KIND_NAMES[kind],
-                    f"{top['icc_pooled']:.3f} ({top['icc_median']:.3f})",
+                    f"{top['icc_pooled']:.3f} ({top['icc_median']:.3f})"
+                    + (f" ± {values['icc_jackknife_se']:.3f}" if values.get("icc_jackknife_se") else ""),
                     *(f"{top['ceiling'][m]:.2f}" for m in ("1", "3", "5")),
                     f"{values['leave_one_seed_out']:.2f}" if "leave_one_seed_out" in values else "n/a",
                 ]
@@ -56,7 +60,7 @@ def truth_study() -> str:
         [
             "training steps",
             "truth",
-            "ICC pooled (median)",
+            "ICC pooled (median) ± jackknife SE",
             "ceiling, 1 seed",
             "3 seeds",
             "5 seeds",
