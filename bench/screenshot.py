@@ -6,6 +6,9 @@ side by side (docs/screenshot_region.png, _bias.png, _compare.png).
     python bench/screenshot.py --model M --index I --seed 3 --step 18
     python bench/screenshot.py --compare runs/loss512   # a second index for the compare view
 
+The README's compare shot used `precompute featurize --output loss --proj-dim 512` as the second index, and
+its other shots a run without --compare (a second index adds the method menu to the page).
+
 Runs the real app on 127.0.0.1 and drives Debian's chromium (/usr/bin/chromium) with Playwright.
 """
 
