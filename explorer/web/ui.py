@@ -40,7 +40,8 @@ CSS = (
 .influencers .grid-wrap { height: auto !important; max-height: none !important; overflow: visible; }
 .influencers .caption-label { position: static; white-space: normal; max-width: none; margin: 0;
                               padding: 1px 3px; font-size: 10px; line-height: 1.15; opacity: 1; }
-.influencers label[data-testid="block-label"].float { position: static; }  /* a label above the tiles, not on them */
+/* a gallery's label above its tiles, not on them */
+.influencers label[data-testid="block-label"].float { position: static; }
 #progress { min-height: 44px; }
 """
     + scrub_view.CSS
