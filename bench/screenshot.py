@@ -84,7 +84,7 @@ def main() -> None:
             seed.press("Enter")
             page.get_by_role("button", name="Generate", exact=True).click()
             page.wait_for_function(
-                "() => document.querySelector('#status').textContent.includes('completions')"
+                "() => document.querySelector('#status').textContent.includes('completions (')"
             )
             page.wait_for_function(  # the completions' solid curves, one per class
                 f"() => {{ const p = document.querySelector('#likelihood .js-plotly-plot');"

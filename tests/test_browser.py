@@ -127,7 +127,7 @@ def test_generate_then_scrub_changes_galleries_and_plot(page, generated: dict, t
 
 def test_rollout_curves_appear_when_ready(page, generated: dict, running_app) -> None:  # noqa: F811
     classes = running_app.explorer.class_names
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions (')")
     solid_js = f"() => ({TRACE_LINES_JS})().filter(t => t.mode === 'lines+markers').length"
     page.wait_for_function(f"() => ({solid_js})() === {len(classes)}")
     traces = page.evaluate(TRACE_LINES_JS)

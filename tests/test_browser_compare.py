@@ -35,4 +35,6 @@ def test_second_method_follows_the_slider(two_methods):
         slider.focus()
         slider.press("Home")
         wait_for_changed_captions(page, "#compare-positive", first)
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )

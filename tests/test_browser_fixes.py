@@ -48,7 +48,9 @@ def page(running_app):  # noqa: F811
         page.evaluate(WATCH_PROGRESS_JS)
         page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )
         yield page
 
 
@@ -151,4 +153,4 @@ def test_typed_sampler_steps_beyond_the_slider_say_what_was_used(page) -> None:
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_function("() => document.querySelector('#status').textContent.includes('200 steps')")
     assert steps.input_value() == "200"
-    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions (')")

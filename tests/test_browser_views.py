@@ -27,10 +27,14 @@ def page(running_app):  # noqa: F811
         page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function("() => document.querySelectorAll('#positive .caption-label').length === 8")
         # the events that follow Generate (highlight reset, rollouts) have landed before the first click
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )
         yield page
         # leave only after the rollouts ended: a browser closed mid-event aborts the server at exit
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )
 
 
 def _scrub_home(page) -> None:

@@ -235,6 +235,8 @@ def test_the_app_offers_every_method_in_its_dropdown(tiny_model_dir, tiny_model,
     from app_fixtures import start_app
     from gradio_client import Client
 
+    from explorer.web.session import ReattributeOutputs
+
     train, _ = rows_and_queries
     history = str(tiny_model_dir / "checkpoint" / "history")
     directories = [
@@ -256,7 +258,10 @@ def test_the_app_offers_every_method_in_its_dropdown(tiny_model_dir, tiny_model,
     names = list(app.explorer.indexes)
     assert [name.split(" (")[1].split(",")[0] for name in names] == ["DAS", "ReTrac", "EK-FAC IF"]
     client = Client(app.url, verbose=False)
-    client.predict(3, 10, 4, names[0], api_name="/generate")
+    client.predict(3, 10, 4, names[0], "", 1.0, api_name="/generate")  # the page's events take every input
     for name in names[1:]:
-        status = client.predict(9, name, 4, api_name="/reattribute_index")[7]
+        status = dict(
+            zip(ReattributeOutputs._fields, client.predict(9, name, 4, api_name="/reattribute_index"))
+        )
+        status = status["status"]
         assert name in status

@@ -180,7 +180,9 @@ def test_rgb_pipeline_in_the_browser(rgb_pipeline):
             arg=["#positive", last],
         )
         # the rollout curves (completions through the DDIM scheduler) arrive, one dashed trace per class
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )
         solid = (
             "() => { const p = document.querySelector('#likelihood .js-plotly-plot');"
             " return p ? p.data.filter(t => t.mode === 'lines+markers').length : 0; }"

@@ -167,7 +167,9 @@ def test_prompt_generate_and_scrub_in_the_browser(text_pipeline):
         slider.focus()
         slider.press("Home")
         wait_for_changed_captions(page, "#positive", last)
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('completions')")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('completions (')"
+        )
         solid = (  # the completions' concept curves
             "() => (document.querySelector('#likelihood .js-plotly-plot')?.data ?? [])"
             ".filter(t => t.mode === 'lines+markers').length"
