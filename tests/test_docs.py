@@ -136,7 +136,9 @@ def test_shipped_lds_headline_is_the_result_file():
     section = headline_section()
     low, high = shipped["ci95"]
     assert (
-        f"held-out LDS of {shipped['mean']:.3f} [{low:.3f}, {high:.3f}] against {pixel['mean']:.3f} for "
-        f"pixel similarity, over {results['truth']['test_models']} test-split subset models" in section
+        f"LDS of {shipped['mean']:.3f} [{low:.3f}, {high:.3f}] on **clean held-out digits** "
+        f"({results['truth']['test_models']} test-split subset models) against {pixel['mean']:.3f} for "
+        "pixel similarity" in section
     )
+    assert "**per-step queries on generated trajectories**" in section and "**ceiling**" in section
     assert "docs/benchmarks/lds_mnist5k.md" in section

@@ -95,7 +95,9 @@ def truth_study() -> str:
             recipe whose ceilings reach 0.5 on the held-out and the per-step columns with at least 3 seeds
             (or, where none does, the one with the highest of its lower ceiling).""")
         if chosen
-        else para("No stop has every seed of two subsets yet: the recipes appear as the models finish.")
+        else para("""No stop has every seed of 4 subsets yet, too few to choose from (the ICC above is a first
+            look: with 2 or 3 subsets it is a mean of per-query shares, which drifts upwards); the recipes
+            appear as the models finish.""")
     )
     draws = []
     for stop, entry in stops.items():
