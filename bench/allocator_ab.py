@@ -1,4 +1,4 @@
-"""What precompute.allocator's malloc settings change: `precompute featurize` with and without them,
+"""What precompute.featurize.allocator's malloc settings change: `precompute featurize` with and without them,
 alternating.
 
     flock /tmp/cpu.lock python bench/allocator_ab.py                           # default count-sketch, 256
@@ -122,7 +122,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, label in (
         ("defaults", "glibc defaults (EXPLORER_MALLOC_TUNING=0)"),
-        ("tuned", "precompute.allocator"),
+        ("tuned", "precompute.featurize.allocator"),
     ):
         print(
             f"| {label} | {statistics.median(r['seconds'] for r in runs[name]):.1f} | "

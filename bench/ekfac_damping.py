@@ -34,9 +34,9 @@ from explorer.features import FeatureSpec  # noqa: E402
 from explorer.index_meta import DatasetInfo, FeatureSource  # noqa: E402
 from explorer.index_methods import IndexMethod, ekfac_projector  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.chunks import ArrayChunks  # noqa: E402
-from precompute.featurize import FeaturizeOptions, build_index  # noqa: E402
-from precompute.featurizer import Featurizer, default_workers  # noqa: E402
+from precompute.featurize.chunks import ArrayChunks  # noqa: E402
+from precompute.featurize.pipeline import FeaturizeOptions, build_index  # noqa: E402
+from precompute.featurize.workers import Featurizer, default_workers  # noqa: E402
 
 CHUNK = 64
 

@@ -48,8 +48,8 @@ from explorer.index_meta import DatasetInfo  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.noising import forward_noise  # noqa: E402
 from explorer.scoring import fit_bucket  # noqa: E402
-from precompute.calibration import calibrate  # noqa: E402
-from precompute.featurizer import Featurizer, default_workers  # noqa: E402
+from precompute.featurize.calibration import calibrate  # noqa: E402
+from precompute.featurize.workers import Featurizer, default_workers  # noqa: E402
 
 
 def timed(fn):
@@ -114,7 +114,7 @@ def stage_profile(
 
 
 def end_to_end(computer: Featurizer, images: torch.Tensor, chunk: int, dataset) -> dict[str, float]:
-    """One featurize run as precompute/featurize.py does it: features, whitening, I/O (seconds)."""
+    """One featurize run as precompute/featurize/pipeline.py does it: features, whitening, I/O (seconds)."""
     n, nb, k = len(images), computer.spec.buckets, computer.spec.proj_dim
     with tempfile.TemporaryDirectory() as tmp:
         memmap = np.lib.format.open_memmap(
@@ -132,7 +132,7 @@ def end_to_end(computer: Featurizer, images: torch.Tensor, chunk: int, dataset) 
         started = time.perf_counter()
         for bucket in range(
             nb
-        ):  # what precompute.featurize.build_index does at its defaults (lambda by GCV here)
+        ):  # what precompute.featurize.pipeline.build_index does at its defaults (lambda by GCV here)
             phi = np.asarray(memmap[bucket])
             scorer, choice = fit_bucket(phi, None, center=True, normalize=True)
             vectors.append(scorer.vectors(phi))
@@ -219,7 +219,8 @@ def main() -> None:
         "--paths",
         nargs="+",
         default=["countsketch", "kronecker", "kronecker+calibrated"],
-        help="projectors to profile; name+calibrated calibrates the spec first (precompute.calibration), "
+        help="projectors to profile; name+calibrated calibrates the spec first "
+        "(precompute.featurize.calibration), "
         "kronecker+bf16 runs under bfloat16 autocast (FeatureSpec.precision)",
     )
     parser.add_argument(
@@ -260,7 +261,7 @@ def main() -> None:
         )
         if (
             "calibrated" in variants
-        ):  # precompute.calibration on the first --calibrate images (not timed: once per index)
+        ):  # precompute.featurize.calibration on the first --calibrate images (not timed: once per index)
             calibration = calibrate(model, spec, images[: args.calibrate], chunk_size=args.batch)
             spec = calibration.spec
             print(f"{path}: {calibration.summary()}")

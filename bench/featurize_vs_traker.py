@@ -31,8 +31,8 @@ same 10 timesteps (t = 50, 150, ..., 950) with the same shared noise, projected 
    proj_dim=2048, projector=--projector, precision=--precision), workers=--workers).features(images,
    bucket 0), on --workers threads (precompute featurize's default: 2 on 2 cores, each single-threaded,
    against traker's one call at a time on all of torch's threads); with --calibrate n the spec is first
-   calibrated on n of the N training images (precompute.calibration, counted in our setup, as are the
-   workers' model copies). --workers-baseline 1 also times ours on one worker in the same repeats,
+   calibrated on n of the N training images (precompute.featurize.calibration, counted in our setup, as are
+   the workers' model copies). --workers-baseline 1 also times ours on one worker in the same repeats,
    so the part of the speed-up that is the worker threads can be read off.
 
 Cost against training: each repeat also times --train-steps AdamW steps of a trainable copy of the
@@ -84,8 +84,8 @@ from traker_side import (  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.calibration import calibrate  # noqa: E402
-from precompute.featurizer import Featurizer  # noqa: E402
+from precompute.featurize.calibration import calibrate  # noqa: E402
+from precompute.featurize.workers import Featurizer  # noqa: E402
 
 try:
     from trak.projectors import BasicProjector, ProjectionType

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.results_file import write_case  # noqa: E402
 from explorer.data import load_dataset, train_heldout_split  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.method_build import unit_blocks  # noqa: E402
+from precompute.featurize.method_build import unit_blocks  # noqa: E402
 from precompute.metrics import spearman_columns  # noqa: E402
 from precompute.shipped_lds import (  # noqa: E402
     Benchmark,
@@ -180,7 +180,7 @@ def cache_ekfac_queries(bench: Benchmark, model, cache: Path) -> None:
 
 def cache_retrac_queries(cache: Path) -> None:
     """ReTrac's query features from TracIn's: the same checkpoints' sketches, each block scaled to unit
-    norm (precompute.method_build.unit_blocks)."""
+    norm (precompute.featurize.method_build.unit_blocks)."""
     from explorer.index import AttributionIndex
 
     for family in FAMILIES:
@@ -197,7 +197,7 @@ def cache_retrac_queries(cache: Path) -> None:
         parts = len(tracin.meta.method.checkpoints)
         with np.load(source) as data:
             unit = {name: unit_blocks(data[name], parts) for name in ("whole", "steps")}
-        np.savez(target, **unit)  # precompute.method_build.unit_blocks
+        np.savez(target, **unit)  # precompute.featurize.method_build.unit_blocks
 
 
 def history_record() -> dict:

@@ -8,7 +8,7 @@ featurize) and projector, images/s of FeatureComputer.features (median of --runs
 and the Spearman agreement of its scores for held-out queries with the exact scores of the FULL
 gradient (all parameters, unprojected), averaged over --seeds projection seeds. The gap to the
 "all" row is the accuracy cost of leaving parameters out; the subset's share of the squared
-gradient norm (precompute.calibration.gradient_shares on the first 16 images) says how much of the
+gradient norm (precompute.featurize.calibration.gradient_shares on the first 16 images) says how much of the
 gradient it holds.
 """
 
@@ -33,7 +33,7 @@ from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.calibration import gradient_shares  # noqa: E402
+from precompute.featurize.calibration import gradient_shares  # noqa: E402
 
 SUBSETS = {
     "all": (),

@@ -33,7 +33,7 @@ from fidelity import agreement, exact_gradients  # noqa: E402
 from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
 from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.calibration import calibrate  # noqa: E402
+from precompute.featurize.calibration import calibrate  # noqa: E402
 
 
 def main() -> None:

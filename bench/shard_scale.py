@@ -115,9 +115,9 @@ def synthetic_rank(args) -> None:
     from explorer.features import FeatureSpec
     from explorer.index import AttributionIndex, FeatureSource
     from explorer.index_meta import DatasetInfo
-    from precompute.chunks import ChunkFiles
-    from precompute.collective import Collective
-    from precompute.featurize import PARTIAL_DIR, FeaturizeOptions, build_index
+    from precompute.featurize.chunks import ChunkFiles
+    from precompute.featurize.collective import Collective
+    from precompute.featurize.pipeline import PARTIAL_DIR, FeaturizeOptions, build_index
 
     collective = Collective.from_env()
     out = Path(args.work) / "index"

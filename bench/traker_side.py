@@ -14,7 +14,7 @@ import torch
 from fidelity import exact_gradients
 from torch.func import functional_call
 
-from precompute.featurizer import Featurizer, default_workers
+from precompute.featurize.workers import Featurizer, default_workers
 
 try:
     from trak import TRAKer
@@ -145,7 +145,7 @@ def parse_args(description: str) -> argparse.Namespace:
         "--workers",
         type=int,
         default=default_workers(),
-        help="our worker threads (precompute.featurizer "
+        help="our worker threads (precompute.featurize.workers "
         "workers; default: precompute featurize's, 2 on 2 or more cores)",
     )
     parser.add_argument(
@@ -180,7 +180,7 @@ def parse_args(description: str) -> argparse.Namespace:
         type=int,
         default=0,
         help="calibrate our spec on this many of the N training "
-        "images (precompute.calibration; 0: off); its time counts in our setup",
+        "images (precompute.featurize.calibration; 0: off); its time counts in our setup",
     )
     parser.add_argument(
         "--seeds",

@@ -18,7 +18,7 @@ layer_widths).
 Biases (gradient sum_p g_p) and GroupNorm affine parameters (weight gradient sum_p g_p * x_hat_p)
 are taken exactly. Every example's blocks and small gradients, in parameter order, are
 count-sketched together down to exactly `dim` dimensions, which keeps E[<phi(x), phi(y)>] =
-<grad_x, grad_y> over all parameters. A calibrated spec (precompute.calibration) keeps a few small,
+<grad_x, grad_y> over all parameters. A calibrated spec (precompute.featurize.calibration) keeps a few small,
 heavy tensors out of the sketch as exact coordinates and forms the weight gradients of the heaviest
 layers exactly (P = I on both sides), which removes most of the projection error where the
 gradient norm is.
@@ -108,8 +108,8 @@ class KroneckerProjector:
         """kept_params: parameter tensors kept as exact coordinates in front of the sketch
         (PartlyExactProjector);
         exact_layers: Conv2d/Linear layers whose per-example weight gradient is formed exactly, not projected
-        (both from precompute.calibration); params: the parameters phi covers (default all). Only their
-        layers are
+        (both from precompute.featurize.calibration); params: the parameters phi covers (default all).
+        Only their layers are
         hooked, so the backward stops below the lowest of them."""
         if dim < 1:
             raise ExplorerError(f"spec.proj_dim {dim} must be >= 1, e.g. 2048", ("spec.proj_dim",))

@@ -9,7 +9,7 @@ kind, `kronecker`, projects layer by layer without forming the gradients (explor
 - GaussianProjector: dense P with N(0, 1/k) entries (what TRAK uses on CPU), generated block by
   block from the seed so it never has to fit in memory at once; costly for big models.
 - PartlyExactProjector: a few small parameter tensors that carry much of the gradient norm are kept
-  as exact coordinates and only the rest goes through one of the above (precompute.calibration picks
+  as exact coordinates and only the rest goes through one of the above (precompute.featurize.calibration picks
   them). The estimate of <x, y> stays unbiased and its variance shrinks with the squared norm that
   no longer goes through the random projection.
 """

@@ -75,7 +75,7 @@ def choose_lambda_gcv(features: np.ndarray, seed: int = 0, grid: np.ndarray = GC
 
 def gcv_choice(fit_kernel: np.ndarray, responses: np.ndarray, grid: np.ndarray = GCV_GRID) -> LambdaChoice:
     """GCV from the kernel K (k, k) of the fitting rows and the held-out rows (R, k) as responses; a
-    featurize sharded over processes sums K over its shards (precompute.sharded_fit)."""
+    featurize sharded over processes sums K over its shards (precompute.featurize.sharded_fit)."""
     k = fit_kernel.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(fit_kernel)
     eigenvalues = np.clip(eigenvalues, 0.0, None)

@@ -40,7 +40,7 @@ from explorer.whitening import (
     choose_lambda_gcv,
     given_lambda,
 )
-from precompute.featurizer import Featurizer, default_workers
+from precompute.featurize.workers import Featurizer, default_workers
 from precompute.ground_truth import QuerySet
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from explorer.noising import forward_noise
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-# In CHECKPOINT_DIR: the raw (non-EMA) weights of every checkpoint, for TracIn (precompute.method_build).
+# In CHECKPOINT_DIR: the raw (non-EMA) weights of every checkpoint, for TracIn
+# (precompute.featurize.method_build).
 HISTORY_DIR = "history"
 
 

@@ -75,7 +75,7 @@ def tiny_train_subset(digits_splits):
 
 @pytest.fixture(scope="session")
 def tiny_index_dir(tmp_path_factory, tiny_model, tiny_spec, tiny_train_subset) -> Path:
-    from precompute.featurize import FeaturizeOptions, featurize
+    from precompute.featurize.pipeline import FeaturizeOptions, featurize
 
     out = tmp_path_factory.mktemp("tiny_index") / "index"
     options = FeaturizeOptions(keep_features=True, chunk_size=50)

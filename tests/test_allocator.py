@@ -1,5 +1,5 @@
-"""precompute.allocator: glibc then serves MB-sized blocks from its heap and keeps them after they are
-freed."""
+"""precompute.featurize.allocator: glibc then serves MB-sized blocks from its heap and keeps them after they
+are freed."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # activations, then free them, and print glibc's own accounting (mallinfo2) after each step.
 PROBE = """
 import ctypes, sys, torch
-from precompute.allocator import keep_freed_memory
+from precompute.featurize.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

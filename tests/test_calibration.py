@@ -14,7 +14,7 @@ from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME
 from explorer.projector import CountSketchProjector, PartlyExactProjector
-from precompute.calibration import (
+from precompute.featurize.calibration import (
     EXACT_LAYER_SHARE,
     calibrate,
     calibration_rows,

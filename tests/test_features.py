@@ -4,7 +4,7 @@ import torch
 from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep, bucket_timesteps, noise_bank
-from precompute.featurizer import Featurizer, residual_norms
+from precompute.featurize.workers import Featurizer, residual_norms
 
 
 def test_bucket_timesteps_cover_their_ranges():

@@ -7,7 +7,7 @@ from cli import run_featurize
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from precompute.featurize import FEATURES_NAME, PARTIAL_DIR, FeaturizeOptions, featurize
+from precompute.featurize.pipeline import FEATURES_NAME, PARTIAL_DIR, FeaturizeOptions, featurize
 
 SPEC = FeatureSpec(output="loss", buckets=3, proj_dim=32)
 

@@ -10,7 +10,7 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer
 from explorer.index import META_NAME, AttributionIndex, bucket_file
-from precompute.featurize import FEATURES_NAME, FeaturizeOptions, reindex
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, reindex
 
 
 def _exact_scores(

@@ -19,7 +19,7 @@ from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
 from explorer.ivf import TARGET_RECALL, nlist_rule
 from precompute.__main__ import main
-from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize, reindex
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, featurize, reindex
 
 QUERIES = 40
 NLIST = 41  # the rule for 1,617 rows: min(4 sqrt(N), N / 39)

@@ -15,8 +15,8 @@ from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import AttributionIndex
 from explorer.index_methods import checkpoint_model, query_computer
 from explorer.projector import CountSketchProjector
-from precompute.featurize import FeaturizeOptions, featurize, reindex
-from precompute.method_build import MethodOptions, history_checkpoints
+from precompute.featurize.method_build import MethodOptions, history_checkpoints
+from precompute.featurize.pipeline import FeaturizeOptions, featurize, reindex
 
 SPEC = FeatureSpec(output="mean", buckets=2, proj_dim=64)
 ROWS, QUERIES = 40, 3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from explorer.index import META_NAME
-from precompute.featurize import PARTIAL_DIR
+from precompute.featurize.pipeline import PARTIAL_DIR
 
 KILL_SEED = 20  # fixed, so every run kills at the same points (after 3, 9 and 11 of the 12 chunks)
 ARGS = "--data digits --limit 120 --buckets 3 --proj-dim 32 --chunk-size 10 --das-weights".split()
@@ -23,7 +23,7 @@ def _featurize(model_dir, out):
 
 
 def _chunks_done(out) -> int:
-    """Finished chunks: one file each (precompute.chunks)."""
+    """Finished chunks: one file each (precompute.featurize.chunks)."""
     return len(list((out / PARTIAL_DIR / "chunks").glob("chunk_*.npy")))
 
 

@@ -14,7 +14,7 @@ from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
 from explorer.kronecker import KroneckerProjector, layer_widths
 from explorer.layer_gradients import BACKWARD_MIN_CHANNELS, BACKWARD_MIN_ROWS, conv_weight_gradients, unfold
-from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, featurize
 
 
 def _images(split, count: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from precompute.calibration import MAX_BF16_MOVE, bf16_moves, calibrate, choose_bf16_below
-from precompute.featurizer import Featurizer
+from precompute.featurize.calibration import MAX_BF16_MOVE, bf16_moves, calibrate, choose_bf16_below
+from precompute.featurize.workers import Featurizer
 
 # timesteps of the tiny model (T = 1000): bucket 0 [83, 250], bucket 1 [416, 583], bucket 2 [750, 916]
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, projector="kronecker", proj_dim=256)

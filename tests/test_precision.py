@@ -14,8 +14,8 @@ from explorer.data import to_model_range
 from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec
 from explorer.index import META_NAME, AttributionIndex
-from precompute.featurize import FEATURES_NAME
-from precompute.featurizer import Featurizer
+from precompute.featurize.pipeline import FEATURES_NAME
+from precompute.featurize.workers import Featurizer
 
 SPEC = FeatureSpec(output="square", buckets=3, timesteps_per_bucket=2, projector="kronecker", proj_dim=256)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from explorer.attribution import MAX_TOP_K
 from explorer.errors import ExplorerError
 from explorer.index import CENTER_FORMAT_VERSION, META_NAME, READABLE_VERSIONS, AttributionIndex, bucket_file
-from precompute.featurize import FEATURES_NAME
+from precompute.featurize.pipeline import FEATURES_NAME
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),

@@ -11,7 +11,7 @@ import pytest
 from explorer.errors import ExplorerError
 from explorer.index import META_NAME, AttributionIndex, center_file
 from explorer.scoring import all_scores, fit_bucket
-from precompute.featurize import FEATURES_NAME, FeaturizeOptions, reindex
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, reindex
 from precompute.step_quality import step_quality
 
 

@@ -14,7 +14,7 @@ from explorer.index import AttributionIndex
 from explorer.model import load_model
 from explorer.sampler import generate
 from explorer.scoring import all_scores, fit_bucket
-from precompute.featurize import FEATURES_NAME, FeaturizeOptions, featurize, reindex
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, featurize, reindex
 from precompute.metrics import predictions
 from precompute.shipped_lds import index_predictions, run_shipped_lds, split
 from precompute.shipped_truth import Queries, Truth, TruthConfig, load_truth, run_truth

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from explorer.index import META_NAME, AttributionIndex
-from precompute.featurize import PARTIAL_DIR
+from precompute.featurize.pipeline import PARTIAL_DIR
 
 ARGS = "--data digits --limit 160 --buckets 2 --proj-dim 32 --chunk-size 10".split()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -35,8 +35,8 @@ def allocator_command(args: dict) -> str:
 @page(
     "docs/benchmarks/allocator.md",
     "Memory allocator settings",
-    "featurize time, peak memory and page faults with and without precompute.allocator's glibc malloc "
-    "settings",
+    "featurize time, peak memory and page faults with and without precompute.featurize.allocator's glibc "
+    "malloc settings",
     ALLOCATOR,
 )
 def allocator() -> str:
@@ -61,9 +61,9 @@ def allocator() -> str:
         rows.append([label, *cells, f"**{results['speedup']:.2f}x**"])
     first = cases[ALLOCATOR_CASES[0]]["args"]
     intro = para(f"""
-        `precompute.featurizer.Featurizer` sets glibc's malloc, once per process, to serve blocks under
-        32 MiB from its heap and never to shrink it (`precompute/allocator.py`; `EXPLORER_MALLOC_TUNING=0`
-        keeps glibc's defaults).
+        `precompute.featurize.workers.Featurizer` sets glibc's malloc, once per process, to serve blocks under
+        32 MiB from its heap and never to shrink it (`precompute/featurize/allocator.py`;
+        `EXPLORER_MALLOC_TUNING=0` keeps glibc's defaults).
         What does that change? `bench/allocator_ab.py` runs `precompute featurize --limit {first["images"]}`
         in fresh processes, alternately with `EXPLORER_MALLOC_TUNING=0` and without ({first["rounds"]}
         rounds), and reads from each process its featurization seconds (featurize's own report), peak RSS,
@@ -200,8 +200,8 @@ def shard_scale() -> str:
     cases = load(SHARDS)["cases"]
     parts = [
         para("""`torchrun -m precompute featurize` deals the missing chunks to the ranks, sums each
-        bucket's mean and kernel over gloo, and rank 0 writes the index (precompute.collective,
-        precompute.sharded_fit).
+        bucket's mean and kernel over gloo, and rank 0 writes the index (precompute.featurize.collective,
+        precompute.featurize.sharded_fit).
         Measured with `bench/shard_scale.py`: whole-process wall times, and each rank's peak RSS as the rank
         reports it.""")
     ]

@@ -1,7 +1,7 @@
 """Fit each bucket's scorer (explorer.scoring.BucketScorer) from chunked features, summed over processes.
 
 The scorer needs three sums over the N training rows of a bucket, each a sum of per-chunk terms, so every
-rank sums its own chunks and an all-reduce adds the ranks (precompute.collective):
+rank sums its own chunks and an all-reduce adds the ranks (precompute.featurize.collective):
 1. the mean feature c = (sum_i phi_i) / N (two passes: the kernel is summed from centered rows, as a single
    process computes it, instead of sum phi phi^T - N c c^T, which cancels badly when one direction dominates);
 2. the kernel K = sum_i (phi_i - c)(phi_i - c)^T, (k, k) float64;
@@ -24,8 +24,8 @@ from explorer.whitening import (
     given_lambda_of_kernel,
     normalize_rows,
 )
-from precompute.chunks import ArrayChunks, ChunkFiles
-from precompute.collective import Collective
+from precompute.featurize.chunks import ArrayChunks, ChunkFiles
+from precompute.featurize.collective import Collective
 
 
 def bucket_mean(chunks: ChunkFiles | ArrayChunks, bucket: int, collective: Collective) -> np.ndarray:

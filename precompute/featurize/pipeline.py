@@ -1,12 +1,13 @@
 """Featurize a training set into an index directory; resumable, deterministic, and sharded under torchrun.
 
-Work happens in OUT/.partial/: the raw projected features of every chunk of examples go into one file per
-chunk (precompute.chunks), written atomically, so a chunk is done when its file exists. A run that is killed
-and started again, with any number of processes, recomputes only the missing chunks; every chunk's result
-depends only on its images and the seeds, so the final index is the same bit for bit. Under torchrun the
-missing chunks are dealt round-robin to the ranks, and each bucket's mean and kernel are summed over the
-ranks (precompute.sharded_fit); rank 0 then whitens, normalizes, applies DAS weights and writes the FAISS
-files, one bucket at a time through a memmap, and meta.json last of all; only then is .partial/ removed.
+Work happens in OUT/.partial/: the raw projected features of every chunk of examples go into one file
+per chunk (precompute.featurize.chunks), written atomically, so a chunk is done when its file exists. A
+run that is killed and started again, with any number of processes, recomputes only the missing chunks;
+every chunk's result depends only on its images and the seeds, so the final index is the same bit for
+bit. Under torchrun the missing chunks are dealt round-robin to the ranks, and each bucket's mean and
+kernel are summed over the ranks (precompute.featurize.sharded_fit); rank 0 then whitens, normalizes,
+applies DAS weights and writes the FAISS files, one bucket at a time through a memmap, and meta.json last
+of all; only then is .partial/ removed.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from explorer.ivf import check_ivf_request
 from explorer.model import DiffusionModel
 from explorer.training_inputs import prompt_batch, training_inputs, training_prompts
 from explorer.whitening import DEFAULT_RELATIVE_LAMBDA
-from precompute.chunks import ArrayChunks, ChunkFiles, stack
-from precompute.collective import Collective
-from precompute.featurizer import default_workers
-from precompute.method_build import MethodOptions, fit_method_bucket, method_featurizer, unit_blocks
-from precompute.sharded_fit import bucket_vectors
+from precompute.featurize.chunks import ArrayChunks, ChunkFiles, stack
+from precompute.featurize.collective import Collective
+from precompute.featurize.method_build import MethodOptions, fit_method_bucket, method_featurizer, unit_blocks
+from precompute.featurize.sharded_fit import bucket_vectors
+from precompute.featurize.workers import default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class FeaturizeOptions:
     chunk_size: int = 64  # examples per resumable unit
     max_chunks: int | None = None  # stop after this many new chunks (tests of interruption)
     keep_features: bool = False  # also keep the raw projected features, for `reindex` without gradients
-    workers: int | None = None  # featurizing threads (precompute.featurizer); None: default_workers()
+    workers: int | None = None  # featurizing threads (precompute.featurize.workers); None: default_workers()
     method: MethodOptions = field(default_factory=MethodOptions)  # trak, das, tracin, retrac, ekfac
 
 
@@ -254,7 +255,7 @@ def build_index(
 ) -> None:
     """Raw features by chunk [+ residuals] -> lambda, whitening, normalization, DAS, FAISS files (rank 0);
     captions: a text model's training prompts, kept with the index; method: what the features are
-    (precompute.method_build), trak when None."""
+    (precompute.featurize.method_build), trak when None."""
     collective, method = collective or Collective(), method or IndexMethod()
     fits = [
         fit_method_bucket(

@@ -5,10 +5,10 @@ needs.
   the model (hooks and functional_call are per module) and torch's intra-op threads divided among them. On 2
   cores, two single-threaded workers featurize ~1.1x faster than one chunk at a time on both cores: many of
   the model's operations are too small to keep two threads busy.
-- glibc malloc settings that keep freed memory for the next chunk (precompute.allocator).
+- glibc malloc settings that keep freed memory for the next chunk (precompute.featurize.allocator).
 
-Calibration (precompute.calibration) picks the spec's exact coordinates and bf16 range before this runs;
-the features themselves are the engine's, so queries featurized by the explorer match them.
+Calibration (precompute.featurize.calibration) picks the spec's exact coordinates and bf16 range before this
+runs; the features themselves are the engine's, so queries featurized by the explorer match them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from explorer.errors import ExplorerError
 from explorer.features import FeatureComputer, FeatureSpec, every_bucket
 from explorer.model import DiffusionModel
 from explorer.noising import forward_noise
-from precompute.allocator import keep_freed_memory
+from precompute.featurize.allocator import keep_freed_memory
 
 
 def default_workers() -> int:

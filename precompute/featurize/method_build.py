@@ -40,9 +40,9 @@ from explorer.index_methods import (
 from explorer.model import DiffusionModel
 from explorer.scoring import BucketScorer
 from explorer.whitening import LambdaChoice
-from precompute.collective import Collective
-from precompute.featurizer import Featurizer
-from precompute.sharded_fit import bucket_mean, fit_bucket_chunks
+from precompute.featurize.collective import Collective
+from precompute.featurize.sharded_fit import bucket_mean, fit_bucket_chunks
+from precompute.featurize.workers import Featurizer
 
 logger = logging.getLogger(__name__)
 
