@@ -6,9 +6,9 @@
 - speed: `precompute featurize --limit N` of each path, in alternating repeats on the same machine (whole
   process, model load and calibration included), median seconds and the within-repeat ratio to the default;
 - served top-10: per bucket, the overlap of each index's top-10 positive list with the reference's (the
-  default path, shipped) for the 250 test-split held-out digits (precompute.step_quality's split), each index
-  queried with its own feature spec. The noise floor is the same default path with another projection seed:
-  an overlap that low is what re-drawing the projection alone gives;
+  default path, shipped) for the 250 test-split held-out digits (precompute.evaluation.shipped.step_quality's
+  split), each index queried with its own feature spec. The noise floor is the same default path with another
+  projection seed: an overlap that low is what re-drawing the projection alone gives;
 - LDS: the held-out and per-step (trajectory-tied) test-split LDS with bootstrap intervals, read from a
   `precompute evaluate shipped-lds --json` file that scored the same directories.
 Writes --json (default bench/results/fast_path.json; the page docs/benchmarks/fast_path.md).
@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from explorer.index import AttributionIndex  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.shipped_truth import shipped_split  # noqa: E402
-from precompute.step_quality import heldout_split, query_features, served_scores  # noqa: E402
+from precompute.evaluation.shipped.step_quality import heldout_split, query_features, served_scores  # noqa: E402
+from precompute.evaluation.shipped.truth import shipped_split  # noqa: E402
 
 PATHS = {  # featurize flags of each path
     "default (countsketch, fp32)": [],

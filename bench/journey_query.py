@@ -5,8 +5,8 @@
 Journey-TRAK's query at step t (its code: the DDPM loss of x0hat_t re-noised with fresh noise at t) differs
 from the explorer's in two ways: the explorer re-noises x0hat at its *bucket's* timestep (the training
 features exist only there) and with the bucket's *shared* noise draw. Each variant below is scored as a
-per-step LDS on the shipped-model benchmark (precompute.shipped_lds: test-split models and trajectories,
-bootstrap intervals), against the trajectory-tied truth and the re-noised-x0hat proxy:
+per-step LDS on the shipped-model benchmark (precompute.evaluation.shipped.lds: test-split models and
+trajectories, bootstrap intervals), against the trajectory-tied truth and the re-noised-x0hat proxy:
 - served: x0hat at the bucket's timestep, shared noise (what the explorer serves);
 - own t: x0hat at the step's own timestep, shared noise;
 - own t, fresh noise: x0hat at its own timestep with a seeded fresh draw per query (Journey-TRAK as written);
@@ -32,9 +32,9 @@ from explorer.index import AttributionIndex  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.noising import joining_noise  # noqa: E402
 from explorer.scoring import blocked_predictions  # noqa: E402
-from precompute.metrics import lds_interval  # noqa: E402
-from precompute.shipped_lds import split  # noqa: E402
-from precompute.shipped_truth import QUERIES_NAME, Queries, TruthConfig, load_truth  # noqa: E402
+from precompute.evaluation.metrics import lds_interval  # noqa: E402
+from precompute.evaluation.shipped.lds import split  # noqa: E402
+from precompute.evaluation.shipped.truth import QUERIES_NAME, Queries, TruthConfig, load_truth  # noqa: E402
 
 VARIANTS = ("served", "own t", "own t, fresh noise", "trajectory")
 

@@ -13,7 +13,8 @@ runs/mean512); TracIn and ReTrac from runs/tracin512 (`featurize --method tracin
 checkpoints of runs/shipped-history, a rerun of the shipped model's training recipe; ReTrac by `reindex
 --as-retrac`, what `featurize --method retrac` computes); EK-FAC influence functions from
 runs/ekfac2048-d* (bench/ekfac_damping.py: one index per damping). Scoring reads the index files as the
-explorer does (precompute.shipped_lds); the per-step column is Journey-TRAK's query (x0hat of the step).
+explorer does (precompute.evaluation.shipped.lds); the per-step column is Journey-TRAK's query (x0hat of the
+step).
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ sys.path.insert(0, str(ROOT))
 from bench.results_file import write_case  # noqa: E402
 from explorer.data import load_dataset, train_heldout_split  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.featurize.method_build import unit_blocks  # noqa: E402
-from precompute.metrics import spearman_columns  # noqa: E402
-from precompute.shipped_lds import (  # noqa: E402
+from precompute.evaluation.metrics import spearman_columns  # noqa: E402
+from precompute.evaluation.shipped.lds import (  # noqa: E402
     Benchmark,
     baseline_predictions,
     query_cache_name,
     query_features,
     score_index,
 )
+from precompute.featurize.method_build import unit_blocks  # noqa: E402
 
 LAMBDAS = (0.003, 0.03, 0.3)  # the starting grid of every ridge family; extended while the choice is an edge
 LAMBDA_LIMITS = (1e-5, 3000.0)
@@ -147,7 +148,7 @@ def build(family: dict, value) -> str:
 
 def cache_ekfac_queries(bench: Benchmark, model, cache: Path) -> None:
     """Every EK-FAC damping's query features from one rotation of each query gradient
-    (bench.ekfac_damping.DampingGrid), into the cache files precompute.shipped_lds reads. Waits for
+    (bench.ekfac_damping.DampingGrid), into the cache files precompute.evaluation.shipped.lds reads. Waits for
     bench/ekfac_damping.py's indexes if that is still running."""
     from bench.ekfac_damping import DampingGrid
     from explorer.features import FeatureComputer

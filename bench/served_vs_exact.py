@@ -34,7 +34,7 @@ from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep  
 from explorer.index import AttributionIndex  # noqa: E402
 from explorer.model import load_model  # noqa: E402
 from explorer.scoring import all_scores, fit_bucket  # noqa: E402
-from precompute.step_quality import TOP, heldout_split, served_scores  # noqa: E402
+from precompute.evaluation.shipped.step_quality import TOP, heldout_split, served_scores  # noqa: E402
 
 
 def features_at(model, spec: FeatureSpec, images: np.ndarray, timestep: int) -> np.ndarray:

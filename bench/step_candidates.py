@@ -26,7 +26,12 @@ from explorer.atomic import write_json_atomic  # noqa: E402
 from explorer.data import load_dataset, train_heldout_split  # noqa: E402
 from explorer.index import read_meta  # noqa: E402
 from explorer.model import load_model  # noqa: E402
-from precompute.step_quality import candidate_scores, heldout_split, query_features, step_quality  # noqa: E402
+from precompute.evaluation.shipped.step_quality import (  # noqa: E402
+    candidate_scores,
+    heldout_split,
+    query_features,
+    step_quality,
+)
 
 LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 

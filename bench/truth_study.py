@@ -6,8 +6,9 @@
 
 A recipe is a training length (a stop) and a number m of shared seeds that the truth averages. For every
 stop, the subsets measured with every seed give a (subsets, seeds, queries) truth per kind of query and per
-number of evaluation draws (the files' nested `*_levels`); precompute.ceiling splits it into subset signal
-and seed noise (ICC) and turns the ICC into the LDS a perfect method could reach against an m-seed mean.
+number of evaluation draws (the files' nested `*_levels`); precompute.evaluation.ceiling splits it into subset
+signal and seed noise (ICC) and turns the ICC into the LDS a perfect method could reach against an m-seed
+mean.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.ceiling import ceiling, leave_one_seed_out, signal_share
-from precompute.shipped_truth import Queries
-from precompute.truth_study import draw_levels
+from precompute.evaluation.ceiling import ceiling, leave_one_seed_out, signal_share
+from precompute.evaluation.shipped.ground_truth import draw_levels
+from precompute.evaluation.shipped.truth import Queries
 
 KINDS = {  # name in the summary -> (level array in the files, what it is)
     "heldout": ("whole_levels", "whole image, held-out digits: loss over (t, eps) pairs in every bucket"),

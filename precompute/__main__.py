@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if not word.startswith("-")), None)
     if command not in BUILD_COMMANDS:  # the evaluation harness is imported only for `evaluate` (and --help)
-        from precompute.evaluate_cli import add_evaluate
+        from precompute.evaluation.cli import add_evaluate
 
         add_evaluate(commands)
     args = parser.parse_args(argv)

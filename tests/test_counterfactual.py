@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from explorer.errors import ExplorerError
-from precompute.counterfactual import energy_distance, parse_method, pixel_nearest
+from precompute.evaluation.counterfactual import energy_distance, parse_method, pixel_nearest
 
 
 def test_parse_method():
@@ -38,7 +38,7 @@ def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 
 @pytest.mark.slow
 def test_smoke_counterfactual_trains_every_removal_once(tmp_path):
-    from precompute.counterfactual import KINDS, run_counterfactual, smoke_counterfactual
+    from precompute.evaluation.counterfactual import KINDS, run_counterfactual, smoke_counterfactual
 
     config = replace(smoke_counterfactual(), queries=2, fractions=(0.05,), completions=4)
     results = run_counterfactual(config, tmp_path)

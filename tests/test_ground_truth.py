@@ -7,9 +7,8 @@ import torch
 
 from explorer.data import to_model_range
 from explorer.model import load_model
-from precompute.ceiling import ceiling, leave_one_seed_out, reliability, signal_share
-from precompute.shipped_truth import TruthConfig, prepare
-from precompute.truth_study import (
+from precompute.evaluation.ceiling import ceiling, leave_one_seed_out, reliability, signal_share
+from precompute.evaluation.shipped.ground_truth import (
     GroundTruthConfig,
     Measurement,
     draw_levels,
@@ -17,6 +16,7 @@ from precompute.truth_study import (
     result_path,
     run_ground_truth,
 )
+from precompute.evaluation.shipped.truth import TruthConfig, prepare
 
 
 def synthetic_truth(icc: float, subsets: int, seeds: int, queries: int, seed: int = 0) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_ceiling_of_a_seed_mean_matches_a_perfect_predictor():
     rng = np.random.default_rng(1)
     a = rng.normal(0, np.sqrt(icc), (subsets, queries))
     truth = a[:, None] + rng.normal(0, np.sqrt(1 - icc), (subsets, seeds, queries))
-    from precompute.metrics import spearman_columns
+    from precompute.evaluation.metrics import spearman_columns
 
     perfect = np.nanmean(spearman_columns(truth.mean(1), a))
     assert perfect == pytest.approx(ceiling(icc, seeds), abs=0.03)
@@ -135,8 +135,8 @@ def test_every_subset_is_trained_with_the_same_seeds_and_measured_at_every_stop(
 
 def test_evaluation_draws_are_identical_for_every_model(ground_truth, tiny_model_dir):
     results, cache = ground_truth
-    from precompute.shipped_truth import Queries
-    from precompute.truth_study import TARGETS_NAME
+    from precompute.evaluation.shipped.ground_truth import TARGETS_NAME
+    from precompute.evaluation.shipped.truth import Queries
 
     queries = Queries.load(results / "queries.npz")
     with np.load(results / TARGETS_NAME) as stored:
@@ -155,7 +155,7 @@ def test_evaluation_draws_are_identical_for_every_model(ground_truth, tiny_model
 
 
 def test_the_benchmark_uses_the_seed_mean_and_reports_the_ceiling(ground_truth, digits_splits):
-    from precompute.shipped_lds import Benchmark, truth_ceiling
+    from precompute.evaluation.shipped.lds import Benchmark, truth_ceiling
 
     results, _ = ground_truth
     train, heldout = digits_splits

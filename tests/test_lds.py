@@ -8,9 +8,9 @@ import torch
 from scipy.stats import spearmanr
 
 from explorer.model import DiffusionModel, make_scheduler, tiny_config
-from precompute.ground_truth import QuerySet, query_losses, truth_pairs
-from precompute.metrics import LDSBootstrap, distinctness, predictions, spearman_columns
-from precompute.retrain import subset_masks
+from precompute.evaluation.digits.ground_truth import QuerySet, query_losses, truth_pairs
+from precompute.evaluation.metrics import LDSBootstrap, distinctness, predictions, spearman_columns
+from precompute.evaluation.retrain import subset_masks
 
 
 def test_spearman_columns_matches_scipy():
@@ -103,7 +103,8 @@ def test_truth_pairs_cover_the_right_timesteps_and_losses_match_brute_force():
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     """The smoke benchmark 'killed' after 2 of 4 subset models, resumed, then run a third time."""
-    from precompute.lds import run_lds, smoke_config
+    from precompute.evaluation.digits.config import smoke_config
+    from precompute.evaluation.digits.lds import run_lds
 
     cache = tmp_path_factory.mktemp("lds_smoke")
     config = smoke_config(subsets=4)
@@ -115,8 +116,8 @@ def smoke_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
-    from precompute.eval_report import lds_markdown
-    from precompute.lds import save_run
+    from precompute.evaluation.digits.lds import save_run
+    from precompute.evaluation.digits.report import lds_markdown
 
     cache, config, first, second, third = smoke_runs
     assert not first.complete and first.trained_subsets == 2
@@ -168,7 +169,7 @@ def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
 @pytest.mark.slow
 def test_cache_of_other_settings_is_refused(smoke_runs):
     from explorer.errors import ExplorerError
-    from precompute.lds import run_lds
+    from precompute.evaluation.digits.lds import run_lds
 
     cache, config, *_ = smoke_runs
     with pytest.raises(ExplorerError, match="other settings"):
@@ -178,7 +179,7 @@ def test_cache_of_other_settings_is_refused(smoke_runs):
 def test_folded_count_sketch_equals_features_computed_at_the_smaller_k():
     from explorer.errors import ExplorerError
     from explorer.features import FeatureSpec
-    from precompute.methods import compute_features, fold_features
+    from precompute.evaluation.digits.scores import compute_features, fold_features
 
     rng = np.random.default_rng(0)
     queries = QuerySet(
@@ -205,9 +206,9 @@ def test_shipped_defaults_picks_the_lambda_that_generated_the_truth(tmp_path):
     """Synthetic features whose truth is an exact linear datamodel of one (k, lambda) row: the fair protocol
     must pick that lambda, with LDS 1 on the test half."""
     from explorer.features import FeatureSpec
-    from precompute.eval_report import defaults_markdown
-    from precompute.lds_defaults import DefaultsConfig, shipped_defaults
-    from precompute.methods import (
+    from precompute.evaluation.digits.defaults import DefaultsConfig, shipped_defaults
+    from precompute.evaluation.digits.report import defaults_markdown
+    from precompute.evaluation.digits.scores import (
         GLOBAL,
         FeatureSet,
         fold_features,
@@ -216,7 +217,7 @@ def test_shipped_defaults_picks_the_lambda_that_generated_the_truth(tmp_path):
         trak_scores,
         whiten_features,
     )
-    from precompute.metrics import fair_split
+    from precompute.evaluation.metrics import fair_split
 
     rng = np.random.default_rng(0)
     n, q, m = 40, 12, 12

@@ -11,8 +11,8 @@ import pytest
 from explorer.errors import ExplorerError
 from explorer.index import META_NAME, AttributionIndex, center_file
 from explorer.scoring import all_scores, fit_bucket
+from precompute.evaluation.shipped.step_quality import step_quality
 from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, reindex
-from precompute.step_quality import step_quality
 
 
 def _collapsed_features(rng, n: int = 400, k: int = 32, classes: int = 4, common: float = 1e4):
@@ -128,7 +128,7 @@ def test_plain_index_stays_readable_by_older_explorers(tiny_index_dir, tmp_path)
 
 def test_blocked_predictions_equal_the_whole_matrix_under_a_tiny_memory_bound():
     from explorer.scoring import blocked_predictions, score_blocks
-    from precompute.metrics import predictions
+    from precompute.evaluation.metrics import predictions
 
     rng = np.random.default_rng(3)
     train, queries = rng.standard_normal((300, 16)), rng.standard_normal((70, 16))

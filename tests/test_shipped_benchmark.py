@@ -14,17 +14,17 @@ from explorer.index import AttributionIndex
 from explorer.model import load_model
 from explorer.sampler import generate
 from explorer.scoring import all_scores, fit_bucket
-from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, featurize, reindex
-from precompute.metrics import predictions
-from precompute.shipped_lds import index_predictions, run_shipped_lds, split
-from precompute.shipped_truth import Queries, Truth, TruthConfig, load_truth, run_truth
-from precompute.step_counterfactual import (
+from precompute.evaluation.metrics import predictions
+from precompute.evaluation.shipped.lds import index_predictions, run_shipped_lds, split
+from precompute.evaluation.shipped.step_counterfactual import (
     StepCounterfactualConfig,
     removals,
     run_step_counterfactual,
     summarize,
 )
-from precompute.step_quality import heldout_split
+from precompute.evaluation.shipped.step_quality import heldout_split
+from precompute.evaluation.shipped.truth import Queries, Truth, TruthConfig, load_truth, run_truth
+from precompute.featurize.pipeline import FEATURES_NAME, FeaturizeOptions, featurize, reindex
 
 TRAIN_SIZE = 1617  # sklearn digits' training split
 TINY = TruthConfig(
@@ -204,7 +204,7 @@ def test_step_counterfactual_removes_the_served_top_k_and_resumes(
 
 def test_step_quality_of_a_served_index_from_uncached_features(tiny_model, tiny_index_dir, digits_splits):
     """`evaluate step-quality` end to end on the tiny model, with query features computed, not cached."""
-    from precompute.step_quality import served_quality
+    from precompute.evaluation.shipped.step_quality import served_quality
 
     _, heldout = digits_splits
     result = served_quality(tiny_model, [str(tiny_index_dir)], heldout.images[:20], heldout.labels[:20])

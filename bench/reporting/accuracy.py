@@ -31,7 +31,7 @@ def accuracy_headline(results: dict | None = None) -> dict:
     LDS,
 )
 def lds_digits() -> str:
-    from precompute.eval_report import GROUPS, lds_markdown
+    from precompute.evaluation.digits.report import GROUPS, lds_markdown
 
     results = load(LDS)
     config, queries, methods = results["config"], results["queries"], results["methods"]
@@ -66,15 +66,15 @@ def lds_digits() -> str:
         sign is right. Query groups: {", ".join(GROUPS)} (the per-step queries). The results predate centering
         (`--center`, now featurize's default): no method here is centered.""")
     method_list = para("""
-        Methods (`precompute/methods.py`, `precompute/baselines.py`): `trak-loss` is TRAK (output: the
-        training loss); `dtrak-square`, `-mean`, `-l1`, `-l2` are D-TRAK with those output functions; `-norm`
-        adds Diffusion-ReTrac normalization (both whitened vectors L2-normalized); `das-*` scale the training
-        rows by residual weights, the scalar shortcut of DAS's released code (the paper's DAS is scored on
-        the [methods page](methods.md)); `tracin` is Diffusion-TracIn over 4 checkpoints and `retrac` the same
-        with unit-norm gradients; `pixel`, `embedding` (the feature classifier's penultimate layer) and
-        `random` are baselines. In the main table lambda is chosen by GCV on the training features; the
-        shipped-default study compares fixed relative lambdas picked on one half of the queries and subset
-        models and reported on the other.""")
+        Methods (`precompute/evaluation/digits/scores.py`, `precompute/evaluation/baselines.py`): `trak-loss`
+        is TRAK (output: the training loss); `dtrak-square`, `-mean`, `-l1`, `-l2` are D-TRAK with those
+        output functions; `-norm` adds Diffusion-ReTrac normalization (both whitened vectors L2-normalized);
+        `das-*` scale the training rows by residual weights, the scalar shortcut of DAS's released code (the
+        paper's DAS is scored on the [methods page](methods.md)); `tracin` is Diffusion-TracIn over 4
+        checkpoints and `retrac` the same with unit-norm gradients; `pixel`, `embedding` (the feature
+        classifier's penultimate layer) and `random` are baselines. In the main table lambda is chosen by GCV
+        on the training features; the shipped-default study compares fixed relative lambdas picked on one half
+        of the queries and subset models and reported on the other.""")
     reproduce = para("""
         Everything expensive (models, ground truth, features) is cached in `bench/cache/lds-digits/`
         (git-ignored), so a killed run resumes. The command writes `bench/results/lds_digits.json` (this
@@ -125,7 +125,7 @@ def lds_digits() -> str:
     COUNTERFACTUAL,
 )
 def counterfactual_digits() -> str:
-    from precompute.counterfactual import counterfactual_markdown
+    from precompute.evaluation.counterfactual import counterfactual_markdown
 
     results = load(COUNTERFACTUAL)
     config = results["config"]

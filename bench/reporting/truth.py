@@ -35,8 +35,8 @@ def truth_study() -> str:
         definition), and {config["completions"]} completions from x_t for the trajectory-tied one. Each model
         is measured at several training lengths (one run, measured as it passes each). Per query, a two-way
         decomposition (subset effect + seed offset + residual) gives the share of the truth that is
-        signal, the ICC (precompute.ceiling; pooled over queries through each query's F ratio, so a
-        query's scale does not matter). A truth that averages m seeds has reliability
+        signal, the ICC (precompute.evaluation.ceiling; pooled over queries through each query's F ratio,
+        so a query's scale does not matter). A truth that averages m seeds has reliability
         m ICC / (1 + (m - 1) ICC), and a perfect method reaches Spearman
         (6 / pi) arcsin(sqrt(reliability) / 2) against it: the ceiling. The queries share the subsets, so
         the subsets, not the queries, bound how well the ICC is known: the ± is a jackknife standard error
@@ -133,8 +133,8 @@ def truth_study() -> str:
 
 
 def ceiling_rows(results: dict, columns: tuple[tuple[str, str], ...], cell) -> list[list[str]]:
-    """What a perfect method could reach against this truth (precompute.ceiling), to put beside the methods
-    of an LDS table with these (title, key) columns; `cell` renders an old-style LDS entry."""
+    """What a perfect method could reach against this truth (precompute.evaluation.ceiling), to put beside the
+    methods of an LDS table with these (title, key) columns; `cell` renders an old-style LDS entry."""
     if "ceiling" not in results:  # a result file written before the ceiling estimator
         old = results["seed_ceiling"]
         twice = old["subsets"]

@@ -3,7 +3,8 @@
     python -m precompute evaluate shipped-lds --index assets/index runs/other [--json
     bench/results/lds_mnist5k.json]
 
-Ground truth comes from precompute.shipped_truth (committed per-model files). For every index directory:
+Ground truth comes from precompute.evaluation.shipped.truth (committed per-model files). For every index
+directory:
 - whole-image queries (held-out digits, generated finals): the score of a training image is its score
 summed over
   the index's buckets, each bucket queried at its own timestep (the whole-image column), and, bucket by
@@ -23,7 +24,8 @@ split models (even / odd j) and queries (held-out halves by seed; generated and 
 sampler seed,
 so no trajectory is in both). Intervals: 95% bootstrap over subset models and over queries together (per-step
 queries resampled a trajectory at a time). A truth with several seeds per subset is used as their mean, and
-every column gets its ceiling (precompute.ceiling): the share of signal and the LDS a perfect method reaches.
+every column gets its ceiling (precompute.evaluation.ceiling): the share of signal and the LDS a perfect
+method reaches.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from explorer.index import AttributionIndex
 from explorer.index_methods import query_computer, query_identity
 from explorer.model import DiffusionModel
 from explorer.scoring import blocked_predictions
-from precompute.baselines import pixel_vectors, random_scores
-from precompute.ceiling import column_ceiling, complete_subsets, seed_grid
-from precompute.metrics import lds_interval, paired_interval, predictions
-from precompute.shipped_truth import Queries, TruthConfig, TruthTable, seed_mean
+from precompute.evaluation.baselines import pixel_vectors, random_scores
+from precompute.evaluation.ceiling import column_ceiling, complete_subsets, seed_grid
+from precompute.evaluation.metrics import lds_interval, paired_interval, predictions
+from precompute.evaluation.shipped.truth import Queries, TruthConfig, TruthTable, seed_mean
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +201,8 @@ def _ceiling_columns(table: TruthTable, queries: Queries) -> dict[str, tuple[np.
 
 def truth_ceiling(per_seed: TruthTable, queries: Queries, parts: Split, seeds_used: int) -> dict:
     """Per LDS column, on its test queries: the share of the truth that is signal and the LDS a perfect method
-    could reach against the truth as used (precompute.ceiling), from every subset trained with every seed."""
+    could reach against the truth as used (precompute.evaluation.ceiling), from every subset trained with
+    every seed."""
     subsets, seeds = complete_subsets(per_seed.subsets, per_seed.seeds)
     out: dict = {"subsets": len(subsets), "seeds": len(seeds), "seeds_used": seeds_used}
     if len(subsets) < 2 or len(seeds) < 2:
@@ -231,7 +234,7 @@ class Benchmark:
 
     @classmethod
     def load(cls, truth_dir: str | Path, train_images: np.ndarray, heldout_images: np.ndarray) -> Benchmark:
-        from precompute.shipped_truth import QUERIES_NAME, load_truth
+        from precompute.evaluation.shipped.truth import QUERIES_NAME, load_truth
 
         truth_dir = Path(truth_dir)
         config, root = truth_settings(truth_dir)

@@ -25,13 +25,12 @@ from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
 from explorer.classifier import load_classifier
 from explorer.data import load_builtin, to_model_range, train_heldout_split
 from explorer.model import load_model
-from precompute.baselines import embedding_cosine, pixel_cosine, random_scores
-from precompute.eval_report import lds_markdown, lds_plot
-from precompute.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
-from precompute.lds_config import OUTPUT_NAMES, LDSConfig, LDSRun, _check_cache_config, smoke_config  # noqa: F401
-from precompute.lds_defaults import shipped_defaults
-from precompute.lds_studies import ablate, lambda_sweep
-from precompute.methods import (
+from precompute.evaluation.baselines import embedding_cosine, pixel_cosine, random_scores
+from precompute.evaluation.digits.config import OUTPUT_NAMES, LDSConfig, LDSRun, check_cache_config
+from precompute.evaluation.digits.defaults import shipped_defaults
+from precompute.evaluation.digits.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
+from precompute.evaluation.digits.report import lds_markdown, lds_plot
+from precompute.evaluation.digits.scores import (
     cached_features,
     spec_key,
     tracin_scores,
@@ -39,8 +38,15 @@ from precompute.methods import (
     variant,
     whiten_features,
 )
-from precompute.metrics import LDSBootstrap, distinctness, fair_split, predictions, spearman_columns
-from precompute.retrain import (
+from precompute.evaluation.digits.studies import ablate, lambda_sweep
+from precompute.evaluation.metrics import (
+    LDSBootstrap,
+    distinctness,
+    fair_split,
+    predictions,
+    spearman_columns,
+)
+from precompute.evaluation.retrain import (
     load_raw_weights,
     subset_masks,
     train_cached,
@@ -191,7 +197,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     """Run (or resume) the benchmark; every expensive piece is cached under `cache`."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    _check_cache_config(cache, config)
+    check_cache_config(cache, config)
     timings: dict[str, float] = {}
     train, heldout = train_heldout_split(load_builtin("digits"))
     if config.train_size is not None:

@@ -9,8 +9,8 @@ For each bucket b and each held-out digit q queried at b's timestep, from every 
 
 Candidates are scored from kept raw features through explorer.scoring (the path the index build uses), and the
 served index through its own files, so both read the same. The held-out digits are split in two halves by a
-seed (precompute.shipped_truth.TruthConfig.query_split_seed): settings are chosen on "dev", reported on
-"test".
+seed (precompute.evaluation.shipped.truth.TruthConfig.query_split_seed): settings are chosen on "dev",
+reported on "test".
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The digits LDS's configuration (LDSConfig, the smoke-test one), its run record, and the check that a cache
-folder was filled with the same configuration (precompute.lds runs it)."""
+folder was filled with the same configuration (precompute.evaluation.digits.lds runs it)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 from explorer.atomic import write_json_atomic
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
-from precompute.ground_truth import QuerySet
-from precompute.lds_defaults import DefaultsConfig
-from precompute.retrain import (
+from precompute.evaluation.digits.defaults import DefaultsConfig
+from precompute.evaluation.digits.ground_truth import QuerySet
+from precompute.evaluation.retrain import (
     Recipe,
 )
 
@@ -113,7 +113,7 @@ class LDSRun:
     complete: bool
 
 
-def _check_cache_config(cache: Path, config: LDSConfig) -> None:
+def check_cache_config(cache: Path, config: LDSConfig) -> None:
     path = cache / "config.json"
     wanted = {
         "recipe": config.recipe.to_dict(),

@@ -41,7 +41,7 @@ from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, UNetConfig, load_model
 from explorer.noising import forward_noise, joining_noise
 from explorer.sampler import generate
-from precompute.retrain import Recipe, subset_masks, train_cached
+from precompute.evaluation.retrain import Recipe, subset_masks, train_cached
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Truth:
         abar = model.scheduler.alphas_cumprod.to(torch.float32)
         x0 = torch.from_numpy(self.whole)
         w, p = len(x0), len(self.whole_t)
-        losses = _losses(
+        losses = noised_losses(
             model,
             x0.repeat_interleave(p, 0),
             self.whole_t.repeat(w),
@@ -187,7 +187,7 @@ class Truth:
         x0hat = torch.from_numpy(q.x0hat).flatten(0, 1).repeat_interleave(pairs, 0)  # (G J P, C, S, S)
         proxy_t = self.proxy_t.flatten()
         eps = self.proxy_eps.repeat(len(t), 1, 1, 1)
-        proxy = _losses(model, x0hat, proxy_t, eps, abar, batch).view(len(t), pairs).mean(-1)
+        proxy = noised_losses(model, x0hat, proxy_t, eps, abar, batch).view(len(t), pairs).mean(-1)
         shape = q.timesteps.shape
         return {
             "whole_by_bucket": whole.numpy().astype(np.float32),
@@ -196,7 +196,7 @@ class Truth:
         }
 
 
-def _losses(
+def noised_losses(
     model: DiffusionModel,
     x0: torch.Tensor,
     t: torch.Tensor,
@@ -234,7 +234,7 @@ def result_name(j: int, seed: int) -> str:
     return f"subset_{j:03d}.npz" if seed == 0 else f"subset_{j:03d}_seed{seed}.npz"
 
 
-def _claim(lock: Path) -> bool:
+def claim_lock(lock: Path) -> bool:
     """An exclusive claim on one model; a claim whose process is gone is taken over."""
     try:
         handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -245,7 +245,7 @@ def _claim(lock: Path) -> bool:
             return False
         except (ValueError, ProcessLookupError):
             lock.unlink(missing_ok=True)
-            return _claim(lock)
+            return claim_lock(lock)
         except PermissionError:
             return False
     os.write(handle, str(os.getpid()).encode())
@@ -315,7 +315,7 @@ def run_truth(
         lock = cache / (out.stem + ".lock")
         if stop_after is not None and finished >= stop_after:
             break
-        if out.is_file() or not _claim(lock):
+        if out.is_file() or not claim_lock(lock):
             continue
         try:
             started = time.perf_counter()
@@ -349,7 +349,7 @@ def seed_mean(table: TruthTable) -> tuple[TruthTable, int]:
     """The truth as used and how many seeds it averages: one row per subset that has every seed, the mean of
     its seeds' rows (seed 0 stands for the mean). A truth with one seed per subset and a few repeats (the
     600-step benchmark) keeps its seed-0 rows instead."""
-    from precompute.ceiling import complete_subsets
+    from precompute.evaluation.ceiling import complete_subsets
 
     subsets, seeds = complete_subsets(table.subsets, table.seeds)
     if len(subsets) < len(set(table.subsets.tolist())) / 2:  # the 600-step truth: repeats are the exception

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from precompute.metrics import spearman_columns
+from precompute.evaluation.metrics import spearman_columns
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from explorer.whitening import (
     choose_lambda_gcv,
     given_lambda,
 )
+from precompute.evaluation.digits.ground_truth import QuerySet
 from precompute.featurize.workers import Featurizer, default_workers
-from precompute.ground_truth import QuerySet
 
 logger = logging.getLogger(__name__)
 

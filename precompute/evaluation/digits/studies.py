@@ -1,5 +1,5 @@
-"""The digits LDS's side studies (precompute.lds runs them): ablations of the default method (one setting
-changed at a time) and the lambda sweep with a fair (dev-chosen) relative lambda per method.
+"""The digits LDS's side studies (precompute.evaluation.digits.lds runs them): ablations of the default method
+(one setting changed at a time) and the lambda sweep with a fair (dev-chosen) relative lambda per method.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from explorer.model import load_model
-from precompute.ground_truth import QuerySet
-from precompute.methods import (
+from precompute.evaluation.digits.ground_truth import QuerySet
+from precompute.evaluation.digits.scores import (
     cached_features,
     inner_product_scores,
     load_feature_set,
@@ -20,10 +20,10 @@ from precompute.methods import (
     variant,
     whiten_features,
 )
-from precompute.metrics import LDSBootstrap, fair_split, predictions, spearman_columns
+from precompute.evaluation.metrics import LDSBootstrap, fair_split, predictions, spearman_columns
 
 if TYPE_CHECKING:
-    from precompute.lds_config import LDSConfig
+    from precompute.evaluation.digits.config import LDSConfig
 
 
 def ablate(

@@ -164,3 +164,11 @@ def paired_interval(
         )
     low, high = np.nanpercentile(draws, [2.5, 97.5])
     return {"mean": float(difference), "ci95": [float(low), float(high)]}
+
+
+def mean_interval(values: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """The mean of `values` (n,) with a 95% bootstrap interval over its entries (resampled with
+    replacement)."""
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
+    return Interval(float(values.mean()), *map(float, np.percentile(means, [2.5, 97.5]))).to_dict()

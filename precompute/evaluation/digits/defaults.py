@@ -26,7 +26,7 @@ import numpy as np
 from explorer.errors import ExplorerError
 from explorer.features import FeatureSpec
 from explorer.whitening import normalize_rows
-from precompute.methods import (
+from precompute.evaluation.digits.scores import (
     FeatureSet,
     fold_features,
     inner_product_scores,
@@ -36,7 +36,7 @@ from precompute.methods import (
     variant,
     whiten_features,
 )
-from precompute.metrics import FairSplit, LDSBootstrap, predictions, spearman_columns
+from precompute.evaluation.metrics import FairSplit, LDSBootstrap, predictions, spearman_columns
 
 logger = logging.getLogger(__name__)
 

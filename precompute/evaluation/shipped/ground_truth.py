@@ -17,10 +17,11 @@ subsets), and every model measured on the benchmark's queries with **the same ev
 
 Every model is trained once to the longest of `stops` and measured at each stop (training is resumable and
 deterministic, so stopping and continuing changes nothing). Each measurement is one small file,
-`steps_NNNN/subset_JJJ_seedM.npz`, holding the full truth under the names precompute.shipped_truth's files
-use, plus nested means over the first 1, 2, 4, ... draws (`*_levels`): the study of how the signal grows with
-draws and with training length reads those (bench/truth_study.py). Commit the files as they finish; a run
-resumes on any machine from them, and several processes share the work through lock files.
+`steps_NNNN/subset_JJJ_seedM.npz`, holding the full truth under the names
+precompute.evaluation.shipped.truth's files use, plus nested means over the first 1, 2, 4, ... draws
+(`*_levels`): the study of how the signal grows with draws and with training length reads those
+(bench/truth_study.py). Commit the files as they finish; a run resumes on any machine from them, and several
+processes share the work through lock files.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, load_model
 from explorer.noising import joining_noise
 from explorer.sampler import complete_from_steps, generate
-from precompute.retrain import Recipe, subset_masks
-from precompute.shipped_truth import (
+from precompute.evaluation.retrain import Recipe, subset_masks
+from precompute.evaluation.shipped.truth import (
     QUERIES_NAME,
     Queries,
-    _claim,
-    _losses,
+    claim_lock,
+    noised_losses,
     record_settings,
     shipped_split,
     shipped_unet,
@@ -148,7 +149,7 @@ class Measurement:
         abar = model.scheduler.alphas_cumprod.to(torch.float32)
         B, per = self.whole_t.shape
         W = len(self.whole)
-        losses = _losses(
+        losses = noised_losses(
             model,
             self.whole.repeat_interleave(B * per, 0),
             self.whole_t.flatten().repeat(W),
@@ -163,7 +164,7 @@ class Measurement:
         P = self.proxy_t.shape[-1]
         x0hat = torch.from_numpy(q.x0hat).flatten(0, 1).repeat_interleave(P, 0)  # (G J P, C, H, W)
         eps = self.proxy_eps.repeat(G * J, 1, 1, 1)
-        proxy = _losses(model, x0hat, self.proxy_t.flatten(), eps, abar, batch).view(G, J, P)
+        proxy = noised_losses(model, x0hat, self.proxy_t.flatten(), eps, abar, batch).view(G, J, P)
 
         # trajectory-tied: mean_c |eps_theta(x_t) - eps*_c|^2 = |eps_theta(x_t) - mean_c eps*_c|^2 + a
         # constant that no model changes, so the mean target over the first n completions gives the same
@@ -273,7 +274,7 @@ def run_ground_truth(
         if stop_after is not None and finished >= stop_after:
             break
         lock = cache / f"subset_{j:03d}_seed{seed}.lock"
-        if not _claim(lock):
+        if not claim_lock(lock):
             continue
         try:
             _train_and_measure(

@@ -12,13 +12,13 @@ step s:
 1. the explorer's own attribution of step s (the served index, x0hat of s in the bucket of its timestep) gives
    the top-k positive influencers; the pixel-nearest are the k training images closest to the final image;
 2. a model is retrained on the 4,500 training images minus those k with the shipped-truth recipe
-   (precompute.shipped_truth: the shipped architecture, 600 steps), and k random images are removed in shared
-   seeded sets; the reference is the same recipe on all 4,500 images, so only the data differs;
+   (precompute.evaluation.shipped.truth: the shipped architecture, 600 steps), and k random images are removed
+   in shared seeded sets; the reference is the same recipe on all 4,500 images, so only the data differs;
 3. every model runs M stochastic completions from the trajectory's x_t at step s with the same sampler
 seed, and
    the change against the reference is measured: the drop of p(c* | x_t) (c* = the class of the trajectory's
    final image), the total-variation distance of the class distributions, the energy distance of the
-   completions (precompute.counterfactual).
+   completions (precompute.evaluation.counterfactual).
 Each finished model leaves one small JSON in the results folder (commit them); the weights stay in the cache.
 """
 
@@ -41,9 +41,16 @@ from explorer.index import AttributionIndex
 from explorer.model import load_model
 from explorer.sampler import generate
 from explorer.scoring import all_scores
-from precompute.counterfactual import _interval, completions, pixel_nearest
-from precompute.retrain import train_cached
-from precompute.shipped_truth import TruthConfig, _claim, record_settings, shipped_split, shipped_unet
+from precompute.evaluation.counterfactual import completions, pixel_nearest
+from precompute.evaluation.metrics import mean_interval
+from precompute.evaluation.retrain import train_cached
+from precompute.evaluation.shipped.truth import (
+    TruthConfig,
+    claim_lock,
+    record_settings,
+    shipped_split,
+    shipped_unet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +148,7 @@ def run_step_counterfactual(
         out = results / f"{name}.json"
         if stop_after is not None and finished >= stop_after:
             break
-        if out.is_file() or not _claim(cache / f"{name}.lock"):
+        if out.is_file() or not claim_lock(cache / f"{name}.lock"):
             continue
         try:
             if kind == "reference":
@@ -230,9 +237,9 @@ def summarize(results: str | Path) -> dict:
         values = {kind: np.array(v) for kind, v in per_kind.items()}
         out[str(step)] = {
             "queries": len(complete_seeds),
-            "tv": {kind: _interval(v, 1000) for kind, v in values.items()},
-            "topk_minus_random": _interval(values["topk"] - values["random"], 1000),
-            "topk_minus_pixel": _interval(values["topk"] - values["pixel"], 1000),
-            "drop_topk": _interval(np.array([d for _, d in complete_seeds]), 1000),
+            "tv": {kind: mean_interval(v, 1000) for kind, v in values.items()},
+            "topk_minus_random": mean_interval(values["topk"] - values["random"], 1000),
+            "topk_minus_pixel": mean_interval(values["topk"] - values["pixel"], 1000),
+            "drop_topk": mean_interval(np.array([d for _, d in complete_seeds]), 1000),
         }
     return {"steps": out, "models": len(loaded), "config": config.to_dict()}

@@ -33,11 +33,18 @@ from explorer.data import load_builtin, to_model_range, train_heldout_split
 from explorer.errors import ExplorerError
 from explorer.model import DiffusionModel, load_model
 from explorer.sampler import Trajectory, complete_from_steps, generate
-from precompute.ground_truth import QuerySet
-from precompute.lds import LDSConfig, prepare_full_model, smoke_config
-from precompute.methods import GLOBAL, compute_features, trak_scores, variant, whiten_features
-from precompute.metrics import Interval
-from precompute.retrain import train_cached
+from precompute.evaluation.digits.config import LDSConfig, smoke_config
+from precompute.evaluation.digits.ground_truth import QuerySet
+from precompute.evaluation.digits.lds import prepare_full_model
+from precompute.evaluation.digits.scores import (
+    GLOBAL,
+    compute_features,
+    trak_scores,
+    variant,
+    whiten_features,
+)
+from precompute.evaluation.metrics import mean_interval
+from precompute.evaluation.retrain import train_cached
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +161,6 @@ def change(full: Completions, new: Completions, target: int) -> dict[str, float]
     }
 
 
-def _interval(values: np.ndarray, resamples: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
-    return Interval(float(values.mean()), *map(float, np.percentile(means, [2.5, 97.5]))).to_dict()
-
-
 def run_counterfactual(config: CounterfactualConfig, cache: str | Path) -> dict:
     """Train (or load from the cache) every removal model and measure the change of p(. | x_t)."""
     cache = Path(cache)
@@ -247,11 +248,11 @@ def summarize(
         for metric in ("drop", "tv", "energy"):
             per_kind = {kind: matrix(f"{kind}_k{k}", metric) for kind in KINDS}
             for kind, values in per_kind.items():
-                summary.setdefault(f"{kind}_k{k}", {})[metric] = _interval(values, config.bootstrap)
+                summary.setdefault(f"{kind}_k{k}", {})[metric] = mean_interval(values, config.bootstrap)
             for other in ("random", "pixel"):
                 difference = per_kind["topk"] - per_kind[other]
                 comparisons.setdefault(f"topk_minus_{other}_k{k}", {})[metric] = dict(
-                    _interval(difference, config.bootstrap), wins=int((difference > 0).sum()), of=q_count
+                    mean_interval(difference, config.bootstrap), wins=int((difference > 0).sum()), of=q_count
                 )
     timesteps = int(trajectories[0].timesteps[config.step])
     return {

@@ -187,15 +187,15 @@ def run_counterfactual(args) -> None:
 
     from explorer.atomic import write_json_atomic
     from explorer.errors import ExplorerError
-    from precompute.counterfactual import (
+    from precompute.evaluation.counterfactual import (
         CounterfactualConfig,
         counterfactual_markdown,
         smoke_counterfactual,
     )
-    from precompute.counterfactual import (
+    from precompute.evaluation.counterfactual import (
         run_counterfactual as run_test,
     )
-    from precompute.retrain import torch_threads
+    from precompute.evaluation.retrain import torch_threads
 
     torch_threads(args.threads)
     config = smoke_counterfactual() if args.smoke else CounterfactualConfig()
@@ -224,9 +224,9 @@ def run_counterfactual(args) -> None:
 def run_step_counterfactual(args) -> None:
     import json
 
-    from precompute.retrain import torch_threads
-    from precompute.step_counterfactual import run_step_counterfactual as run_models
-    from precompute.step_counterfactual import summarize
+    from precompute.evaluation.retrain import torch_threads
+    from precompute.evaluation.shipped.step_counterfactual import run_step_counterfactual as run_models
+    from precompute.evaluation.shipped.step_counterfactual import summarize
 
     torch_threads(args.threads)
     finished = run_models(args.results, args.cache, args.model, args.index, stop_after=args.stop_after)
@@ -248,8 +248,8 @@ def run_step_counterfactual(args) -> None:
 
 
 def run_shipped_truth(args) -> None:
-    from precompute.retrain import torch_threads
-    from precompute.shipped_truth import run_truth
+    from precompute.evaluation.retrain import torch_threads
+    from precompute.evaluation.shipped.truth import run_truth
 
     torch_threads(args.threads)
     finished = run_truth(args.results, args.cache, args.model, args.data, stop_after=args.stop_after)
@@ -257,8 +257,8 @@ def run_shipped_truth(args) -> None:
 
 
 def run_ground_truth(args) -> None:
-    from precompute.retrain import torch_threads
-    from precompute.truth_study import GroundTruthConfig, run_ground_truth
+    from precompute.evaluation.retrain import torch_threads
+    from precompute.evaluation.shipped.ground_truth import GroundTruthConfig, run_ground_truth
 
     torch_threads(args.threads)
     config = GroundTruthConfig(
@@ -276,8 +276,8 @@ def run_step_quality(args) -> None:
 
     from explorer.atomic import write_json_atomic
     from explorer.model import load_model
-    from precompute.shipped_truth import shipped_split
-    from precompute.step_quality import served_quality
+    from precompute.evaluation.shipped.step_quality import served_quality
+    from precompute.evaluation.shipped.truth import shipped_split
 
     model = load_model(args.model)
     _, heldout = shipped_split("mnist5k", model.sample_size)
@@ -304,8 +304,8 @@ def run_shipped_lds(args) -> None:
 
     from explorer.atomic import write_json_atomic
     from explorer.model import load_model
-    from precompute.shipped_lds import run_shipped_lds as run_table
-    from precompute.shipped_truth import shipped_split
+    from precompute.evaluation.shipped.lds import run_shipped_lds as run_table
+    from precompute.evaluation.shipped.truth import shipped_split
 
     model = load_model(args.model)
     train, heldout = shipped_split("mnist5k", model.sample_size)
@@ -325,10 +325,11 @@ def run_shipped_lds(args) -> None:
 def run_lds(args) -> None:
     import time
 
-    from precompute.eval_report import lds_markdown
-    from precompute.lds import LDSConfig, save_run, smoke_config
-    from precompute.lds import run_lds as run_benchmark
-    from precompute.retrain import torch_threads
+    from precompute.evaluation.digits.config import LDSConfig, smoke_config
+    from precompute.evaluation.digits.lds import run_lds as run_benchmark
+    from precompute.evaluation.digits.lds import save_run
+    from precompute.evaluation.digits.report import lds_markdown
+    from precompute.evaluation.retrain import torch_threads
 
     torch_threads(args.threads)
     config = smoke_config() if args.smoke else LDSConfig()
@@ -348,6 +349,6 @@ def run_lds(args) -> None:
 
 
 def run_label_agreement(args) -> None:
-    from precompute.evaluate import label_agreement_table
+    from precompute.evaluation.label_agreement import label_agreement_table
 
     print(label_agreement_table(args.model, args.index, args.data, args.timesteps, args.top_k, args.queries))

@@ -117,7 +117,7 @@ def _lambda_order(label: str) -> float:
 
 
 def defaults_markdown(defaults: dict) -> str:
-    """The tables of the shipped-default study (precompute/lds_defaults.py)."""
+    """The tables of the shipped-default study (precompute/evaluation/digits/defaults.py)."""
     config = defaults["config"]
     lines = [
         f"Shipped-default study: count-sketch features folded from k = {config['folded_from_k']}; "
