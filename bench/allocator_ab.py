@@ -1,9 +1,9 @@
 """What precompute.featurize.allocator's malloc settings change: `precompute featurize` with and without them,
 alternating.
 
-    flock /tmp/cpu.lock python bench/allocator_ab.py                           # default count-sketch, 256
+    flock /tmp/cpu.lock python -m bench.allocator_ab                           # default count-sketch, 256
     images
-    flock /tmp/cpu.lock python bench/allocator_ab.py --projector kronecker --rounds 6
+    flock /tmp/cpu.lock python -m bench.allocator_ab --projector kronecker --rounds 6
 
 Each round runs the same featurize command twice in fresh processes, once with EXPLORER_MALLOC_TUNING=0
 (glibc's defaults) and once without (the settings applied), in alternating order, and reads from each
@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.results_file import write_case
 
-from results_file import write_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the precompute CLI in this process, then reports its resource use on the last line.
 CHILD = """

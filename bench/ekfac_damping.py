@@ -1,6 +1,6 @@
 """EK-FAC influence-function indexes of the shipped model at several dampings, from one gradient pass.
 
-    python bench/ekfac_damping.py --out runs/ekfac2048 --dampings 1e-4 1e-3 1e-2 1e-1
+    python -m bench.ekfac_damping --out runs/ekfac2048 --dampings 1e-4 1e-3 1e-2 1e-1
 
 The damping acts inside the preconditioner, before the sketch, so a damping grid cannot be reindexed
 from kept features as TRAK's lambda is. This computes every training row's loss gradient once (vmap), rotates
@@ -16,27 +16,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.atomic import save_npy_atomic
+from explorer.data import load_dataset, to_model_range, train_heldout_split
+from explorer.ekfac import FACTOR_FILES, EkfacFactors
+from explorer.ekfac_fit import fit_ekfac
+from explorer.features import FeatureSpec
+from explorer.index_meta import DatasetInfo, FeatureSource
+from explorer.index_methods import IndexMethod, ekfac_projector
+from explorer.model import load_model
+from precompute.featurize.chunks import ArrayChunks
+from precompute.featurize.pipeline import FeaturizeOptions, build_index
+from precompute.featurize.workers import Featurizer, default_workers
 
-from explorer.atomic import save_npy_atomic  # noqa: E402
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.ekfac import FACTOR_FILES, EkfacFactors  # noqa: E402
-from explorer.ekfac_fit import fit_ekfac  # noqa: E402
-from explorer.features import FeatureSpec  # noqa: E402
-from explorer.index_meta import DatasetInfo, FeatureSource  # noqa: E402
-from explorer.index_methods import IndexMethod, ekfac_projector  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.featurize.chunks import ArrayChunks  # noqa: E402
-from precompute.featurize.pipeline import FeaturizeOptions, build_index  # noqa: E402
-from precompute.featurize.workers import Featurizer, default_workers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHUNK = 64
 

@@ -1,6 +1,6 @@
 """Which featurize path should be the default? Speed, served top-10 and LDS of each path on the shipped model.
 
-    python bench/fast_path.py --reference assets/index --noise-floor runs/mean512-seed1 \
+    python -m bench.fast_path --reference assets/index --noise-floor runs/mean512-seed1 \
         --candidates runs/kron512 --lds bench/results/lds_fast_path.json
 
 - speed: `precompute featurize --limit N` of each path, in alternating repeats on the same machine (whole
@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.index import AttributionIndex
+from explorer.model import load_model
+from precompute.evaluation.shipped.step_quality import heldout_split, query_features, served_scores
+from precompute.evaluation.shipped.truth import shipped_split
 
-from explorer.index import AttributionIndex  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.evaluation.shipped.step_quality import heldout_split, query_features, served_scores  # noqa: E402
-from precompute.evaluation.shipped.truth import shipped_split  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PATHS = {  # featurize flags of each path
     "default (countsketch, fp32)": [],
@@ -125,7 +124,7 @@ def main() -> None:
     seconds = time_paths(args.model, args.limit, args.repeats)
     default = list(PATHS)[0]
     result = {
-        "command": "python bench/fast_path.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.fast_path " + " ".join(sys.argv[1:]),
         "limit": args.limit,
         "speed": {
             name: {

@@ -1,7 +1,7 @@
 """Where featurization time goes: the vmap path vs the kronecker path, against a training step.
 
-    flock /tmp/cpu.lock python bench/featurize_profile.py                 # shipped model, 2 threads
-    python bench/featurize_profile.py --images 256 --batch 64 --proj-dim 2048 --threads 2 --repeats 3
+    flock /tmp/cpu.lock python -m bench.featurize_profile                 # shipped model, 2 threads
+    python -m bench.featurize_profile --images 256 --batch 64 --proj-dim 2048 --threads 2 --repeats 3
 
 On the shipped model (assets/model) and mnist5k training images, with one timestep and one noise
 draw per bucket (so one row = one (example, timestep) pair), it prints medians over --repeats:
@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,18 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.data import load_builtin, to_model_range, train_heldout_split
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.index import FeatureSource, LambdaRecord, write_index
+from explorer.index_meta import DatasetInfo
+from explorer.model import load_model
+from explorer.noising import forward_noise
+from explorer.scoring import fit_bucket
+from precompute.featurize.calibration import calibrate
+from precompute.featurize.workers import Featurizer, default_workers
 
-from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
-from explorer.index import FeatureSource, LambdaRecord, write_index  # noqa: E402
-from explorer.index_meta import DatasetInfo  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from explorer.noising import forward_noise  # noqa: E402
-from explorer.scoring import fit_bucket  # noqa: E402
-from precompute.featurize.calibration import calibrate  # noqa: E402
-from precompute.featurize.workers import Featurizer, default_workers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn):

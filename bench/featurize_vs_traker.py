@@ -1,9 +1,9 @@
 """Featurization throughput and fidelity: ours (explorer.features) vs traker 0.3.2, both on CPU.
 
     pip install -r bench/requirements-bench.txt        # traker, bench-only (torch stays 2.13.0 CPU)
-    python bench/featurize_vs_traker.py                # N=256, 24 queries, 3 runs, countsketch
-    python bench/featurize_vs_traker.py --projector kronecker --runs 5
-    python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --seeds 5 --runs 5
+    python -m bench.featurize_vs_traker                # N=256, 24 queries, 3 runs, countsketch
+    python -m bench.featurize_vs_traker --projector kronecker --runs 5
+    python -m bench.featurize_vs_traker --projector kronecker --calibrate 16 --seeds 5 --runs 5
     --default-n 8   # the README's figures
 
 Both sides featurize the same N training images of the shipped model (assets/model, mnist5k
@@ -57,21 +57,16 @@ from __future__ import annotations
 import dataclasses
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from featurize_profile import seconds_per_sample, training_step  # noqa: E402
-from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
-from results_file import write_case  # noqa: E402
-from traker_side import (  # noqa: E402
+from bench.featurize_profile import seconds_per_sample, training_step
+from bench.fidelity import agreement, exact_gradients, over_seeds
+from bench.results_file import write_case
+from bench.traker_side import (
     DiffusionSquareOutput,
     check_same_quantity,
     ours_featurize,
@@ -80,12 +75,13 @@ from traker_side import (  # noqa: E402
     print_table,
     traker_featurize,
 )
+from explorer.data import load_dataset, to_model_range, train_heldout_split
+from explorer.features import FeatureSpec
+from explorer.model import load_model
+from precompute.featurize.calibration import calibrate
+from precompute.featurize.workers import Featurizer
 
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureSpec  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.featurize.calibration import calibrate  # noqa: E402
-from precompute.featurize.workers import Featurizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 try:
     from trak.projectors import BasicProjector, ProjectionType

@@ -1,7 +1,7 @@
 """Search at scale: flat vs IVF vs HNSW inner-product indexes on 100k and 1M unit vectors.
 
-    python bench/index_scale.py                            # three data models, 100k and 1M, k = 512
-    python bench/index_scale.py --sizes 100000 --data mixture --dim 256
+    python -m bench.index_scale                            # three data models, 100k and 1M, k = 512
+    python -m bench.index_scale --sizes 100000 --data mixture --dim 256
 
 For each data model and size N it builds an exact IndexFlatIP, IndexIVFFlat (inner product,
 nlist = f sqrt(N) for each --nlist-factors f, built as `--index-type ivf` builds them; at the
@@ -39,17 +39,15 @@ import json
 import math
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.ivf import add_rows, build_ivf, calibrate_nprobe, nlist_rule
 
-from explorer.ivf import add_rows, build_ivf, calibrate_nprobe, nlist_rule  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

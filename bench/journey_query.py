@@ -1,6 +1,6 @@
 """The per-step query against Journey-TRAK's (arXiv 2312.06205): where the explorer deviates, measured.
 
-    python bench/journey_query.py --index assets/index runs/loss512
+    python -m bench.journey_query --index assets/index runs/loss512
 
 Journey-TRAK's query at step t (its code: the DDPM loss of x0hat_t re-noised with fresh noise at t) differs
 from the explorer's in two ways: the explorer re-noises x0hat at its *bucket's* timestep (the training
@@ -24,17 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.features import FeatureComputer, bucket_of_timestep
+from explorer.index import AttributionIndex
+from explorer.model import load_model
+from explorer.noising import joining_noise
+from explorer.scoring import blocked_predictions
+from precompute.evaluation.metrics import lds_interval
+from precompute.evaluation.shipped.lds import split
+from precompute.evaluation.shipped.truth import QUERIES_NAME, Queries, TruthConfig, load_truth
 
-from explorer.features import FeatureComputer, bucket_of_timestep  # noqa: E402
-from explorer.index import AttributionIndex  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from explorer.noising import joining_noise  # noqa: E402
-from explorer.scoring import blocked_predictions  # noqa: E402
-from precompute.evaluation.metrics import lds_interval  # noqa: E402
-from precompute.evaluation.shipped.lds import split  # noqa: E402
-from precompute.evaluation.shipped.truth import QUERIES_NAME, Queries, TruthConfig, load_truth  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("served", "own t", "own t, fresh noise", "trajectory")
 
@@ -85,7 +84,7 @@ def main() -> None:
     config_json = json.loads((truth_dir / "config.json").read_text())["truth"]
     config = TruthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_json.items()})
     queries = Queries.load(truth_dir / QUERIES_NAME)
-    out = {"command": "python bench/journey_query.py " + " ".join(sys.argv[1:]), "indexes": {}}
+    out = {"command": "python -m bench.journey_query " + " ".join(sys.argv[1:]), "indexes": {}}
     for directory in args.index:
         index = AttributionIndex.load(directory, model_hash=model.weights_hash)
         table = load_truth(truth_dir, index.meta.count)

@@ -1,6 +1,6 @@
 """Each output function's ridge lambda, chosen by LDS on the shipped model's dev split, reported on test.
 
-    python bench/lambda_grid.py --json bench/results/lambda_grid.json
+    python -m bench.lambda_grid --json bench/results/lambda_grid.json
 
 Builds, from the raw features two featurize runs kept (`--keep-features`: runs/mean512 with the served
 output `mean`, runs/loss512 with TRAK's `loss`), centered and normalized int8 indexes at relative lambdas
@@ -18,10 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.results_file import write_case
 
-from bench.results_file import write_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LAMBDAS = (0.0003, 0.001, 0.003, 0.03, 0.3, 3.0)
 SOURCES = {"mean": "runs/mean512", "loss": "runs/loss512"}
@@ -83,7 +82,7 @@ def main() -> None:
         ]
         for output in SOURCES
     }
-    result = {"cells": cells, "chosen": chosen, "command": "python bench/lambda_grid.py"}
+    result = {"cells": cells, "chosen": chosen, "command": "python -m bench.lambda_grid"}
     print(json.dumps({"chosen": chosen}, indent=2))
     if args.json:
         write_case(args.json, "shipped_model", result)

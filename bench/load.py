@@ -6,7 +6,7 @@ that every session sees only its own trajectory, and prints p50/p95 latencies, t
 server's memory: its resident set before the first session, after all of them, and its peak (VmRSS, VmHWM of
 /proc/PID/status), with the increase per session.
 
-    python bench/load.py --sessions 8 --scrubs 20 --json bench/results/load.json
+    python -m bench.load --sessions 8 --scrubs 20 --json bench/results/load.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 import time
 
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-from app_latency import ROOT, free_port, percentile, wait_for_page  # noqa: E402  (bench/ is on sys.path)
+from bench.app_latency import ROOT, free_port, percentile, wait_for_page
 
 STEP_INFO = re.compile(r"step (\d+)")
 SCRUB_STEP_INFO = 6  # /scrub's outputs: slider, x_t, x0hat, 2 galleries, plot, step line, then the selection
@@ -170,7 +170,7 @@ def main() -> int:
                 "memory_after": after,
                 "mb_per_session": round(per_session * 1024),
                 "errors": len(results["errors"]),
-                "command": f"python bench/load.py --sessions {args.sessions} --scrubs {args.scrubs} "
+                "command": f"python -m bench.load --sessions {args.sessions} --scrubs {args.scrubs} "
                 f"--steps {args.steps}",
             },
         )

@@ -2,7 +2,7 @@
 dev split (its grid extended until the choice is inside it), reported on the test split, with the seed
 papers' claims as paired differences.
 
-    python bench/methods_lds.py --json bench/results/methods_lds.json
+    python -m bench.methods_lds --json bench/results/methods_lds.json
 
 The indexes are real index directories (`python app.py --index DIR` serves any of them), int8 like the
 served one: TRAK (`loss`) and D-TRAK (`mean`) from the raw features runs/loss512 and runs/mean512 kept,
@@ -30,21 +30,20 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.results_file import write_case  # noqa: E402
-from explorer.data import load_dataset, train_heldout_split  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.evaluation.metrics import spearman_columns  # noqa: E402
-from precompute.evaluation.shipped.lds import (  # noqa: E402
+from bench.results_file import write_case
+from explorer.data import load_dataset, train_heldout_split
+from explorer.model import load_model
+from precompute.evaluation.metrics import spearman_columns
+from precompute.evaluation.shipped.lds import (
     Benchmark,
     baseline_predictions,
     query_cache_name,
     query_features,
     score_index,
 )
-from precompute.featurize.method_build import unit_blocks  # noqa: E402
+from precompute.featurize.method_build import unit_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LAMBDAS = (0.003, 0.03, 0.3)  # the starting grid of every ridge family; extended while the choice is an edge
 LAMBDA_LIMITS = (1e-5, 3000.0)
@@ -340,7 +339,7 @@ def main() -> None:
         "rows": rows,
         "claims": claims,
         "history": history_record(),
-        "command": "python bench/methods_lds.py",
+        "command": "python -m bench.methods_lds",
     }
     for claim in claims:
         print(claim["claim"], json.dumps({k: claim[k] for k in ("heldout", "step_trajectory")}))

@@ -6,8 +6,8 @@ not depend on them, so no download is needed):
   VAE and a CLIP ViT-L text encoder's shape) with a rank-4 LoRA adapter on the attention projections,
   512x512 captioned images, featurized with --params lora (D-TRAK's LoRA setting).
 
-    python bench/own_model_cost.py --case cifar_ddpm --images 16 --json bench/results/own_model_cost.json
-    python bench/own_model_cost.py --case sd15_lora --images 2 --json bench/results/own_model_cost.json
+    python -m bench.own_model_cost --case cifar_ddpm --images 16 --json bench/results/own_model_cost.json
+    python -m bench.own_model_cost --case sd15_lora --images 2 --json bench/results/own_model_cost.json
 
 Builds the pipeline folder and an image folder in a temporary directory, runs `precompute featurize` with the
 default spec (10 buckets, k = 512, count-sketch) on --images images, and reports the whole-process wall time,
@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.results_file import write_case
 
-from bench.results_file import write_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # the featurize report: "... 20 gradients in 98.3 s = 0.2 gradient-examples/s ...; peak RSS 5.98 GB"
 RATE = re.compile(r"([0-9]+) gradients in ([0-9.]+) s = .*peak RSS ([0-9.]+) GB")
@@ -80,8 +79,7 @@ def build_sd15(root: Path, images: int, size: int = 512) -> tuple[Path, Path]:
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from latent_fixtures import write_tokenizer
+    from tests.latent_fixtures import write_tokenizer
 
     torch.manual_seed(0)
     model_dir, data_dir = root / "sd15-lora", root / "images"
@@ -204,7 +202,7 @@ def main() -> None:
         "gradients_per_second": round(rate, 4),
         "hours_per_1000_images": round(1000 * args.buckets / rate / 3600, 2),
         "peak_rss_gb": rss,
-        "command": f"python bench/own_model_cost.py --case {args.case} --images {args.images} "
+        "command": f"python -m bench.own_model_cost --case {args.case} --images {args.images} "
         f"--buckets {args.buckets}"
         + (f" --size {args.size}" if sd15 else "")
         + (f" --workers {args.workers}" if args.workers else ""),

@@ -1,6 +1,6 @@
 """Featurizing a subset of the parameters: speed and agreement with the full exact scores.
 
-    flock /tmp/cpu.lock python bench/param_subsets.py --json bench/results/param_subsets.json
+    flock /tmp/cpu.lock python -m bench.param_subsets --json bench/results/param_subsets.json
 
 The setting of bench/featurize_vs_traker.py (the shipped model, N mnist5k training images, D-TRAK's
 `square` output over 10 timesteps, k = 2048): for each parameter subset (`--params` of precompute
@@ -18,22 +18,18 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.fidelity import agreement, exact_gradients, over_seeds
+from explorer.data import load_dataset, to_model_range, train_heldout_split
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.model import load_model
+from precompute.featurize.calibration import gradient_shares
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from fidelity import agreement, exact_gradients, over_seeds  # noqa: E402
-
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.featurize.calibration import gradient_shares  # noqa: E402
 
 SUBSETS = {
     "all": (),

@@ -1,8 +1,8 @@
 """Agreement with exact scores of kronecker features in fp32 and in bf16, one timestep at a time.
 
-    flock /tmp/cpu.lock python bench/precision_agreement.py                       # shipped spec: mean, k
+    flock /tmp/cpu.lock python -m bench.precision_agreement                       # shipped spec: mean, k
     = 512
-    flock /tmp/cpu.lock python bench/precision_agreement.py --output square --proj-dim 2048
+    flock /tmp/cpu.lock python -m bench.precision_agreement --output square --proj-dim 2048
 
 For the shipped model, N mnist5k training images and Q held-out queries, a calibrated kronecker spec
 with --buckets buckets of one timestep each; for each bucket in --bucket-ids: the Spearman agreement
@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.fidelity import agreement, exact_gradients
+from explorer.data import load_dataset, to_model_range, train_heldout_split
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.model import load_model
+from precompute.featurize.calibration import calibrate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from fidelity import agreement, exact_gradients  # noqa: E402
-
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.featurize.calibration import calibrate  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How well projected scores rank training images like the exact, unprojected scores.
 
-    flock /tmp/cpu.lock python bench/projection_agreement.py            # shipped model, k 512 and 2048
+    flock /tmp/cpu.lock python -m bench.projection_agreement            # shipped model, k 512 and 2048
 
 On a subsample (--train training images, --queries held-out images, one bucket) of mnist5k with
 the shipped model, the exact per-example gradients G (N, d) and g_q come from the vmap path, and
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +26,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from bench.fidelity import exact_gradients
+from explorer.data import load_builtin, to_model_range, train_heldout_split
+from explorer.features import FeatureComputer, FeatureSpec
+from explorer.model import load_model
+from explorer.projector import make_projector
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from fidelity import exact_gradients  # noqa: E402
-
-from explorer.data import load_builtin, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from explorer.projector import make_projector  # noqa: E402
 
 
 def scores(train: np.ndarray, query: np.ndarray, kind: str, relative_lambda: float) -> np.ndarray:

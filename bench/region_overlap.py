@@ -2,7 +2,7 @@
 influencers? For each generated digit and step, the top-k positive lists of the whole image (W) and of two
 disjoint halves (A, B: top/bottom and left/right) are compared by their overlap |X & Y| / k.
 
-    python bench/region_overlap.py                       # 16 digits x 5 steps, top-10, shipped assets
+    python -m bench.region_overlap                       # 16 digits x 5 steps, top-10, shipped assets
 
 Prints and writes the mean overlaps per split and step (--json, default bench/results/region_overlap.json).
 The claim it checks: overlap(A, B) < min(overlap(W, A), overlap(W, B)); a_across is the overlap of region A's
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explorer.attribution import Explorer
 
-from explorer.attribution import Explorer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def overlap(a, b) -> float:

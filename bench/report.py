@@ -1,7 +1,7 @@
 """Write the benchmark pages in docs/benchmarks/ (and docs/evaluation.md) from the results in bench/results/.
 
-    python bench/report.py            # (re)write every page
-    python bench/report.py --check    # write nothing; exit 1, naming the stale pages, if a page would change
+    python -m bench.report            # (re)write every page
+    python -m bench.report --check    # write nothing; exit 1, naming the stale pages, if a page would change
 
 The pages are built in bench/reporting/: core.py holds the registry and the helpers (load, para, table,
 commands, ...), and speed.py, accuracy.py and steps.py the builders. Each page is one small builder
@@ -15,7 +15,7 @@ it). To add a page, add a builder to one of those modules (or a new module impor
         return "\\n\\n".join([para("What ..."), commands(results["command"]), table(header, rows)])
 
 A page whose result files are not all in bench/results yet is skipped (not written, checked or listed on
-the index page, docs/benchmarks/README.md) until they appear; then `python bench/report.py` writes it.
+the index page, docs/benchmarks/README.md) until they appear; then `python -m bench.report` writes it.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.reporting import core
+from bench.reporting.accuracy import LDS, accuracy_headline  # noqa: F401
+from bench.reporting.core import INDEX, PAGES, Page, all_pages, load, stale_pages, write_pages  # noqa: F401
+from bench.reporting.speed import FASTER_TRAKER, TRAKER, speed_headline  # noqa: F401
 
-from bench.reporting import core  # noqa: E402  (importing the package registers every page)
-from bench.reporting.accuracy import LDS, accuracy_headline  # noqa: E402, F401
-from bench.reporting.core import INDEX, PAGES, Page, all_pages, load, stale_pages, write_pages  # noqa: E402, F401
-from bench.reporting.speed import FASTER_TRAKER, TRAKER, speed_headline  # noqa: E402, F401
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = core.stale_pages()
         for path in stale:
-            print(f"stale: {path} (run python bench/report.py)")
+            print(f"stale: {path} (run python -m bench.report)")
         return 1 if stale else 0
     written = core.write_pages()
     print(

@@ -2,9 +2,9 @@
 (docs/screenshot.png), then the region view, the Bias & memorization tab and, with --compare, two methods
 side by side (docs/screenshot_region.png, _bias.png, _compare.png).
 
-    python bench/screenshot.py                      # shipped default (assets/), else --model/--index
-    python bench/screenshot.py --model M --index I --seed 3 --step 18
-    python bench/screenshot.py --compare runs/loss512   # a second index for the compare view
+    python -m bench.screenshot                      # shipped default (assets/), else --model/--index
+    python -m bench.screenshot --model M --index I --seed 3 --step 18
+    python -m bench.screenshot --compare runs/loss512   # a second index for the compare view
 
 The README's compare shot used `precompute featurize --output loss --proj-dim 512` as the second index, and
 its other shots a run without --compare (a second index adds the method menu to the page).
@@ -15,7 +15,6 @@ Runs the real app on 127.0.0.1 and drives Debian's chromium (/usr/bin/chromium) 
 import argparse
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHROMIUM_ARGS = [
     "--headless",

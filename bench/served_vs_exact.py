@@ -1,6 +1,6 @@
 """How far the served index is from exact scores at the query's own timestep (issue 19, item 6).
 
-    python bench/served_vs_exact.py --index assets/index --queries 100 --json
+    python -m bench.served_vs_exact --index assets/index --queries 100 --json
     bench/results/served_vs_exact.json
 
 The served index stores one timestep per bucket (its centre) in its storage (int8 for the shipped one); a
@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from explorer.atomic import write_json_atomic  # noqa: E402
-from explorer.data import load_dataset, to_model_range, train_heldout_split  # noqa: E402
-from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep  # noqa: E402
-from explorer.index import AttributionIndex  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from explorer.scoring import all_scores, fit_bucket  # noqa: E402
-from precompute.evaluation.shipped.step_quality import TOP, heldout_split, served_scores  # noqa: E402
+from explorer.atomic import write_json_atomic
+from explorer.data import load_dataset, to_model_range, train_heldout_split
+from explorer.features import FeatureComputer, FeatureSpec, bucket_of_timestep
+from explorer.index import AttributionIndex
+from explorer.model import load_model
+from explorer.scoring import all_scores, fit_bucket
+from precompute.evaluation.shipped.step_quality import TOP, heldout_split, served_scores
 
 
 def features_at(model, spec: FeatureSpec, images: np.ndarray, timestep: int) -> np.ndarray:

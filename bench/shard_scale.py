@@ -1,7 +1,7 @@
 """Scale-out of precompute featurize: 1 process against torchrun ranks, and a simulated large build.
 
-    python bench/shard_scale.py ranks --limit 256 --json bench/results/shard_scale.json
-    python bench/shard_scale.py synthetic --rows 1000000 --json bench/results/shard_scale.json
+    python -m bench.shard_scale ranks --limit 256 --json bench/results/shard_scale.json
+    python -m bench.shard_scale synthetic --rows 1000000 --json bench/results/shard_scale.json
 
 `ranks`: the shipped model and data featurized with the shipped spec by one process with all cores' threads
 and by `torchrun --nproc-per-node R` ranks with cores/R threads each (the same total cores), whole-process
@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.results_file import write_case
 
-from bench.results_file import write_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 REPORT_LINE = re.compile(r"(?:rank (\d+) of \d+: )?featurized .*?peak RSS ([0-9.]+) GB")
@@ -102,7 +101,7 @@ def run_synthetic(args) -> dict:
     result = {"rows": args.rows, "dim": args.dim, "buckets": args.buckets, "seconds": round(seconds, 1)}
     result.update(ranks=ranks, index_type=args.index_type, ivf_on_disk=args.ivf_on_disk)
     options = f" --index-type {args.index_type}" + (" --ivf-on-disk" if args.ivf_on_disk else "")
-    result["command"] = f"python bench/shard_scale.py synthetic --rows {args.rows} --dim {args.dim}{options}"
+    result["command"] = f"python -m bench.shard_scale synthetic --rows {args.rows} --dim {args.dim}{options}"
     print(json.dumps(result, indent=2))
     return result
 

@@ -1,6 +1,6 @@
 """Which index settings keep per-step attributions sound over the whole slider (issue 19's candidates).
 
-    python bench/step_candidates.py --features mean=runs/mean512 loss=runs/loss512 --json
+    python -m bench.step_candidates --features mean=runs/mean512 loss=runs/loss512 --json
     bench/results/step_candidates.json
 
 Each `--features NAME=DIR` is an index built by `precompute featurize --keep-features` on the shipped
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from explorer.atomic import write_json_atomic  # noqa: E402
-from explorer.data import load_dataset, train_heldout_split  # noqa: E402
-from explorer.index import read_meta  # noqa: E402
-from explorer.model import load_model  # noqa: E402
-from precompute.evaluation.shipped.step_quality import (  # noqa: E402
+from explorer.atomic import write_json_atomic
+from explorer.data import load_dataset, train_heldout_split
+from explorer.index import read_meta
+from explorer.model import load_model
+from precompute.evaluation.shipped.step_quality import (
     candidate_scores,
     heldout_split,
     query_features,

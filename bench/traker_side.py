@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fidelity import exact_gradients
 from torch.func import functional_call
 
+from bench.fidelity import exact_gradients
 from precompute.featurize.workers import Featurizer, default_workers
 
 try:

@@ -2,7 +2,7 @@
 
     python -m precompute evaluate truth --subsets 4 --stops 600 1250   # the models (resumable, 2 processes)
     python -m bench.truth_study --json bench/results/truth_study.json   # this summary
-    python bench/report.py                                             # docs/benchmarks/truth_study.md
+    python -m bench.report                                             # docs/benchmarks/truth_study.md
 
 A recipe is a training length (a stop) and a number m of shared seeds that the truth averages. For every
 stop, the subsets measured with every seed give a (subsets, seeds, queries) truth per kind of query and per

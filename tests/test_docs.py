@@ -26,7 +26,7 @@ def report():
 
 
 def test_benchmark_pages_are_current(report):
-    assert report.stale_pages() == [], "stale pages: run python bench/report.py"
+    assert report.stale_pages() == [], "stale pages: run python -m bench.report"
     assert report.main(["--check"]) == 0
 
 

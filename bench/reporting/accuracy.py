@@ -182,8 +182,7 @@ def evaluation() -> str:
     return "\n\n".join(
         [
             para("""The accuracy measurements of the attribution methods are generated pages, written by
-            `python
-            bench/report.py` from the results in `bench/results/`:"""),
+            `python -m bench.report` from the results in `bench/results/`:"""),
             "\n".join(
                 para(item) + (";" if position < len(items) - 1 else ".")
                 for position, item in enumerate(items)

@@ -8,6 +8,7 @@ written nor checked nor listed on the index page, and appears once its files do.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,13 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def commands(*lines: str) -> str:
-    return "```bash\n" + "\n".join(lines) + "\n```"
+    return "```bash\n" + "\n".join(runnable(line) for line in lines) + "\n```"
+
+
+def runnable(command: str) -> str:
+    """A recorded command as it runs today: result files written before bench/ became a package recorded
+    `python bench/NAME.py ...`, which is now `python -m bench.NAME ...` (run from the repository root)."""
+    return re.sub(r"\bpython bench/(\w+)\.py\b", r"python -m bench.\1", command)
 
 
 def strip_lock(command: str) -> str:
@@ -133,8 +140,8 @@ def index_page() -> str:
         [
             para("""Each page says what was measured and the command that wrote its result file, then
             shows tables
-            rendered from that file. `python bench/report.py` writes every page from `bench/results/`; do not
-            edit them by hand, rerun the benchmark and then the script. `python bench/report.py --check` (run
+            rendered from that file. `python -m bench.report` writes every page from `bench/results/`; do not
+            edit them by hand, rerun the benchmark and then the script. `python -m bench.report --check` (run
             by `tests/test_docs.py`) fails when a page is stale."""),
             table(["page", "what it measures", "result files"], listed),
             para(

@@ -22,7 +22,7 @@ ALLOCATOR_CASES = ("countsketch", "kronecker", "kronecker_traker_spec")
 
 
 def allocator_command(args: dict) -> str:
-    parts = ["python bench/allocator_ab.py"]
+    parts = ["python -m bench.allocator_ab"]
     if args["projector"] != "countsketch":
         parts.append(f"--projector {args['projector']}")
     if args["calibrate"]:
@@ -213,7 +213,7 @@ def shard_scale() -> str:
             storage, {ranks["cores"]} cores: one process with every core's threads, then ranks with the cores
             divided among them."""),
             commands(
-                f"python bench/shard_scale.py ranks --limit {ranks['limit']} --json bench/results/{SHARDS}"
+                f"python -m bench.shard_scale ranks --limit {ranks['limit']} --json bench/results/{SHARDS}"
             ),
             table(
                 [

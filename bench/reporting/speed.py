@@ -24,12 +24,12 @@ from bench.reporting.core import (
 
 TRAKER = "featurize_vs_traker.json"  # cases: main (timed, seeds 0-4) and more_seeds (agreement, seeds 5-9)
 TRAKER_COMMAND = (
-    "python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --precision mixed "
+    "python -m bench.featurize_vs_traker --projector kronecker --calibrate 16 --precision mixed "
     "--traker-bf16 --seeds 5 --runs 7 --default-n 8 --workers-baseline 1 "
     f"--json bench/results/{TRAKER} --case main"
 )
 TRAKER_SEEDS_COMMAND = (
-    "python bench/featurize_vs_traker.py --projector kronecker --calibrate 16 --precision mixed "
+    "python -m bench.featurize_vs_traker --projector kronecker --calibrate 16 --precision mixed "
     "--traker-bf16 --seeds 5 --first-seed 5 --runs 3 --skip-default "
     f"--json bench/results/{TRAKER} --case more_seeds"
 )
@@ -188,7 +188,7 @@ def featurize_speed() -> str:
 
 PROFILE = "featurize_profile.json"
 PROFILE_COMMAND = (
-    "python bench/featurize_profile.py --paths kronecker+calibrated kronecker+calibrated+bf16 "
+    "python -m bench.featurize_profile --paths kronecker+calibrated kronecker+calibrated+bf16 "
     f"--repeats 5 --json bench/results/{PROFILE}"
 )
 
@@ -253,7 +253,7 @@ def featurize_profile() -> str:
 # parameter subsets
 
 SUBSETS = "param_subsets.json"
-SUBSETS_COMMAND = f"python bench/param_subsets.py --json bench/results/{SUBSETS}"
+SUBSETS_COMMAND = f"python -m bench.param_subsets --json bench/results/{SUBSETS}"
 
 
 @page(
