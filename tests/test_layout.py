@@ -1,5 +1,7 @@
-"""The layout keeps its promises: the build commands do not load the evaluation harness."""
+"""The layout keeps its promises: the build commands do not load the evaluation harness, bench/ runs as a
+package, and functions in precompute/ stay short."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,15 @@ def test_bench_scripts_run_as_modules_without_path_hacks():
     ]
     assert (ROOT / "bench" / "__init__.py").is_file()
     assert not hacks, f"these edit sys.path: {hacks}; import bench.* and run them with python -m"
+
+
+def test_no_function_in_precompute_is_over_80_lines():
+    """Long procedures are split by meaning (numbered steps calling named helpers), not left to grow."""
+    long = []
+    for path in sorted((ROOT / "precompute").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
+    assert not long, long

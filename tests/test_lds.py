@@ -116,8 +116,7 @@ def smoke_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_benchmark_resumes_and_reports_valid_lds(smoke_runs, tmp_path):
-    from precompute.evaluation.digits.lds import save_run
-    from precompute.evaluation.digits.report import lds_markdown
+    from precompute.evaluation.digits.report import lds_markdown, save_run
 
     cache, config, first, second, third = smoke_runs
     assert not first.complete and first.trained_subsets == 2

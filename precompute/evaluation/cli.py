@@ -26,8 +26,21 @@ def add_retrain_options(parser, results: str, cache: str) -> None:
 
 
 def add_evaluate(commands) -> None:
+    """The `evaluate` command and its subcommands, one per benchmark."""
     parser = commands.add_parser("evaluate", help="evaluate attributions")
     kinds = parser.add_subparsers(dest="evaluation", required=True)
+    _add_label_agreement(kinds)
+    _add_lds(kinds)
+    _add_shipped_truth(kinds)
+    _add_truth(kinds)
+    _add_step_quality(kinds)
+    _add_shipped_lds(kinds)
+    _add_step_counterfactual(kinds)
+    _add_counterfactual(kinds)
+
+
+def _add_label_agreement(kinds) -> None:
+    """`evaluate label-agreement`: top-k label agreement of index directories (no retraining)."""
     agreement = kinds.add_parser(
         "label-agreement", help="share of top-10 positive influencers with the query's label"
     )
@@ -43,6 +56,9 @@ def add_evaluate(commands) -> None:
     )
     agreement.set_defaults(run=run_label_agreement)
 
+
+def _add_lds(kinds) -> None:
+    """`evaluate lds`: the digits LDS benchmark."""
     lds = kinds.add_parser(
         "lds", help="linear datamodeling score of every method (trains and caches subset models)"
     )
@@ -66,6 +82,9 @@ def add_evaluate(commands) -> None:
     )
     lds.set_defaults(run=run_lds)
 
+
+def _add_shipped_truth(kinds) -> None:
+    """`evaluate shipped-truth`: the shipped model's 600-step ground truth."""
     truth = kinds.add_parser(
         "shipped-truth",
         help="the shipped model's LDS ground truth: retrain subset models of its "
@@ -78,6 +97,9 @@ def add_evaluate(commands) -> None:
     add_retrain_options(truth, "bench/results/lds_mnist5k", "bench/cache/lds-mnist5k")
     truth.set_defaults(run=run_shipped_truth)
 
+
+def _add_truth(kinds) -> None:
+    """`evaluate truth`: the ground truth with shared seeds, measured at several training lengths."""
     ground = kinds.add_parser(
         "truth",
         help="the LDS ground truth with signal: subset models x shared seeds, measured at each of --stops "
@@ -110,6 +132,9 @@ def add_evaluate(commands) -> None:
     add_retrain_options(ground, "bench/results/truth_mnist5k", "bench/cache/truth-mnist5k")
     ground.set_defaults(run=run_ground_truth)
 
+
+def _add_step_quality(kinds) -> None:
+    """`evaluate step-quality`: per-bucket quality of served indexes on held-out digits."""
     quality = kinds.add_parser(
         "step-quality",
         help="per bucket, on held-out digits: top-10 label agreement, spread of "
@@ -123,6 +148,9 @@ def add_evaluate(commands) -> None:
     quality.add_argument("--json", default="bench/results/step_quality.json")
     quality.set_defaults(run=run_step_quality)
 
+
+def _add_shipped_lds(kinds) -> None:
+    """`evaluate shipped-lds`: the LDS of index directories on the shipped model's ground truth."""
     shipped = kinds.add_parser(
         "shipped-lds",
         help="LDS of index directories on the shipped model's ground truth "
@@ -137,6 +165,9 @@ def add_evaluate(commands) -> None:
     shipped.add_argument("--json", default="bench/results/lds_mnist5k.json")
     shipped.set_defaults(run=run_shipped_lds)
 
+
+def _add_step_counterfactual(kinds) -> None:
+    """`evaluate step-counterfactual`: the per-step counterfactual on the shipped model."""
     step_cf = kinds.add_parser(
         "step-counterfactual",
         help="per-step counterfactual on the shipped model: retrain without "
@@ -152,6 +183,9 @@ def add_evaluate(commands) -> None:
     )
     step_cf.set_defaults(run=run_step_counterfactual)
 
+
+def _add_counterfactual(kinds) -> None:
+    """`evaluate counterfactual`: Journey-TRAK's counterfactual test on the digits."""
     counterfactual = kinds.add_parser(
         "counterfactual",
         help="retrain without a query's top influencers; compare with random and pixel-nearest removals",
@@ -327,8 +361,7 @@ def run_lds(args) -> None:
 
     from precompute.evaluation.digits.config import LDSConfig, smoke_config
     from precompute.evaluation.digits.lds import run_lds as run_benchmark
-    from precompute.evaluation.digits.lds import save_run
-    from precompute.evaluation.digits.report import lds_markdown
+    from precompute.evaluation.digits.report import lds_markdown, save_run
     from precompute.evaluation.retrain import torch_threads
 
     torch_threads(args.threads)

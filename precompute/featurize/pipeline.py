@@ -199,28 +199,49 @@ def featurize(
     collective.barrier()  # every rank listed the missing chunks before any rank writes one
     if options.max_chunks is not None:
         todo = todo[: options.max_chunks]
-    started, pairs = time.time(), 0
-    progress = tqdm(
-        total=len(todo) * options.chunk_size, desc="featurize", unit="ex", disable=not collective.is_main
-    )
-    for chunk in todo:
-        batch, context = images[chunks.rows(chunk)], prompt_batch(model, prompts, chunks.rows(chunk))
-        features = computer.all_bucket_features(batch, context).numpy().transpose(1, 0, 2)  # (B, c, k)
-        residuals = computer.residual_norms(batch, context).numpy().T if options.das_weights else None
-        try:
-            chunks.write(chunk, features, residuals)
-        except OSError as error:
-            raise explain_os_error(error, chunks.directory) from error
-        pairs += len(batch) * nb
-        progress.update(len(batch))
-        progress.set_postfix(grads_per_s=f"{pairs / (time.time() - started):.1f}")
-    progress.close()
-    seconds = time.time() - started
+    pairs, seconds = _featurize_chunks(model, computer, images, prompts, chunks, todo, collective)
     collective.barrier()  # every rank's chunks are on disk
     if not chunks.done().all():
         return FeaturizeReport(out_dir, pairs, seconds, complete=False)
 
-    source = FeatureSource(
+    source = _feature_source(model, dataset, spec, computer)
+    build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts, method=method)
+    if collective.is_main:
+        if options.keep_features:
+            stack(chunks, out_dir / FEATURES_NAME)
+            if options.das_weights:
+                stack(chunks, out_dir / RESIDUALS_NAME, residuals=True)
+        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    collective.barrier()  # the index is complete when any rank returns
+    return FeaturizeReport(out_dir, pairs, seconds, complete=True)
+
+
+def _featurize_chunks(
+    model, computer, images, prompts, chunks: ChunkFiles, todo, collective
+) -> tuple[int, float]:
+    """Compute and write the chunks in `todo`: (example, bucket) pairs computed and seconds taken."""
+    started, pairs = time.time(), 0
+    progress = tqdm(
+        total=len(todo) * chunks.chunk_size, desc="featurize", unit="ex", disable=not collective.is_main
+    )
+    for chunk in todo:
+        batch, context = images[chunks.rows(chunk)], prompt_batch(model, prompts, chunks.rows(chunk))
+        features = computer.all_bucket_features(batch, context).numpy().transpose(1, 0, 2)  # (B, c, k)
+        residuals = computer.residual_norms(batch, context).numpy().T if chunks.das else None
+        try:
+            chunks.write(chunk, features, residuals)
+        except OSError as error:
+            raise explain_os_error(error, chunks.directory) from error
+        pairs += len(batch) * chunks.buckets
+        progress.update(len(batch))
+        progress.set_postfix(grads_per_s=f"{pairs / (time.time() - started):.1f}")
+    progress.close()
+    return pairs, time.time() - started
+
+
+def _feature_source(model: DiffusionModel, dataset: Dataset, spec: FeatureSpec, computer) -> FeatureSource:
+    """What the features were computed from, as meta.json records it."""
+    return FeatureSource(
         model_hash=model.weights_hash,
         model_path=str(model.path),
         dataset=DatasetInfo(
@@ -232,15 +253,6 @@ def featurize(
         num_params=computer.num_params,
         lora=model.lora,
     )
-    build_index(out_dir, source, chunks, dataset, options, collective, captions=prompts, method=method)
-    if collective.is_main:
-        if options.keep_features:
-            stack(chunks, out_dir / FEATURES_NAME)
-            if options.das_weights:
-                stack(chunks, out_dir / RESIDUALS_NAME, residuals=True)
-        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
-    collective.barrier()  # the index is complete when any rank returns
-    return FeaturizeReport(out_dir, pairs, seconds, complete=True)
 
 
 def build_index(

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from explorer.atomic import save_npy_atomic, write_atomic, write_json_atomic
+from explorer.atomic import save_npy_atomic
 from explorer.classifier import load_classifier
 from explorer.data import load_builtin, to_model_range, train_heldout_split
 from explorer.model import load_model
@@ -29,7 +30,6 @@ from precompute.evaluation.baselines import embedding_cosine, pixel_cosine, rand
 from precompute.evaluation.digits.config import OUTPUT_NAMES, LDSConfig, LDSRun, check_cache_config
 from precompute.evaluation.digits.defaults import shipped_defaults
 from precompute.evaluation.digits.ground_truth import QuerySet, build_queries, query_losses, truth_pairs
-from precompute.evaluation.digits.report import lds_markdown, lds_plot
 from precompute.evaluation.digits.scores import (
     cached_features,
     spec_key,
@@ -199,17 +199,12 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     cache.mkdir(parents=True, exist_ok=True)
     check_cache_config(cache, config)
     timings: dict[str, float] = {}
-    train, heldout = train_heldout_split(load_builtin("digits"))
-    if config.train_size is not None:
-        train = train.subset(np.arange(config.train_size), f"first{config.train_size}")
-    if config.heldout_queries is not None:
-        heldout = heldout.subset(np.arange(config.heldout_queries), f"first{config.heldout_queries}")
+    train, heldout = _digits(config)
     train_images = to_model_range(train.images)  # (N, 1, H, W)
 
     # 1. the full model, its TracIn checkpoints and the feature classifier
-    started = time.perf_counter()
-    full_dir, tracin_files = prepare_full_model(cache, train, heldout, config)
-    timings["full model"] = round(time.perf_counter() - started, 1)
+    with _timed(timings, "full model"):
+        full_dir, tracin_files = prepare_full_model(cache, train, heldout, config)
 
     # 2. queries and their fixed (t, eps) pairs
     queries = _queries(cache, full_dir, heldout, config)
@@ -220,107 +215,39 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
 
     # 3. subset models and f_j(q)
     masks = subset_masks(config.subsets, len(train), config.alpha, config.mask_seed)
-    started, trained, truth = time.perf_counter(), 0, []
-    for j in tqdm(range(config.subsets), desc="subset models", unit="model"):
-        model_dir = cache / "subsets" / f"subset_{j:03d}"
-        truth_path = model_dir / "truth.npy"
-        if (
-            config.stop_after_subsets is not None
-            and trained >= config.stop_after_subsets
-            and not truth_path.is_file()
-        ):
-            logger.info("stopping after %d new subset models (stop_after_subsets)", trained)
-            return LDSRun({}, {}, {}, np.zeros(0), masks, queries, trained, complete=False)
-        trained += train_cached(
-            train.subset(np.flatnonzero(masks[j]), f"subset{j}"), model_dir, config.recipe
-        )
-        if not truth_path.is_file():
-            save_npy_atomic(truth_path, query_losses(load_model(model_dir), queries, pairs))
-        truth.append(np.load(truth_path))
-    truth = np.stack(truth)  # (M, Q)
-    timings["subset models + truth"] = round(time.perf_counter() - started, 1)
+    with _timed(timings, "subset models + truth"):
+        truth, trained = _subset_truth(config, cache, train, masks, queries, pairs)
+    if truth is None:
+        return LDSRun({}, {}, {}, np.zeros(0), masks, queries, trained, complete=False)
 
     # 4-5. every method's scores, LDS, distinctness
     scores, info = method_scores(config, cache, full_dir, tracin_files, train_images, queries, timings)
-    started = time.perf_counter()
-    predicted = {name: predictions(masks, tau) for name, tau in scores.items()}
-    groups = groups_of(queries)
-    boot = LDSBootstrap(truth, predicted, groups, config.bootstrap, seed=0)
-    methods = {}
-    for name, tau in scores.items():
-        methods[name] = dict(
-            info[name],
-            lds={g: boot.interval(name, g).to_dict() for g in groups},
-            distinctness={
-                kind: distinctness(tau[groups[kind]], config.top)
-                for kind in ("heldout", "generated", "journey")
-            },
-            sign_check=sign_check(masks, truth, tau),
-        )
-    timings["lds + bootstrap"] = round(time.perf_counter() - started, 1)
+    with _timed(timings, "lds + bootstrap"):
+        predicted = {name: predictions(masks, tau) for name, tau in scores.items()}
+        groups = groups_of(queries)
+        boot = LDSBootstrap(truth, predicted, groups, config.bootstrap, seed=0)
+        methods = {
+            name: _method_entry(config, info[name], boot, name, tau, masks, truth, groups)
+            for name, tau in scores.items()
+        }
 
     # 6. ablations of the feature spec, for the TRAK/D-TRAK configuration with the best LDS over all queries
-    started = time.perf_counter()
     best = max(
         (m for m in methods if m.startswith(("trak-", "dtrak-"))),
         key=lambda m: methods[m]["lds"]["all"]["mean"],
     )
-    ablations = ablate(
-        config,
-        cache,
-        full_dir,
-        train_images,
-        queries,
-        masks,
-        truth,
-        groups,
-        best,
-        methods[best],
-        scores,
-        predicted,
-    )
-    timings["ablations"] = round(time.perf_counter() - started, 1)
-
-    started = time.perf_counter()
-    sweep = lambda_sweep(config, cache, masks, truth, groups, methods, scores)
-    timings["lambda sweep"] = round(time.perf_counter() - started, 1)
+    with _timed(timings, "ablations"):
+        benchmark = (masks, truth, groups)
+        ablations = ablate(
+            config, cache, full_dir, train_images, queries, *benchmark, best, methods[best], scores, predicted
+        )
+    with _timed(timings, "lambda sweep"):
+        sweep = lambda_sweep(config, cache, *benchmark, methods, scores)
 
     # 7. the shipped default: k x lambda rule x output, lambda chosen by the fair protocol
-    started, defaults = time.perf_counter(), {}
-    if config.defaults is not None and config.subsets >= 6:
-        defaults = shipped_defaults(
-            config.defaults,
-            config.spec,
-            cache / "features",
-            masks,
-            truth,
-            groups,
-            fair_split(config.subsets, groups, config.mask_seed),
-            config.bootstrap,
-        )
-    elif config.defaults is not None:
-        logger.info(
-            "the shipped-default study needs 3 subset models on each side of its split: use --subsets "
-            "6 or more"
-        )
-    timings["shipped defaults"] = round(time.perf_counter() - started, 1)
+    with _timed(timings, "shipped defaults"):
+        defaults = _shipped_defaults(config, cache, *benchmark)
 
-    compared = {
-        "square_minus_loss": ("dtrak-square", "trak-loss"),  # D-TRAK's headline claim
-        "square_norm_minus_loss_norm": ("dtrak-square-norm", "trak-loss-norm"),
-        "mean_minus_loss": ("dtrak-mean", "trak-loss"),
-        "mean_minus_square": ("dtrak-mean", "dtrak-square"),
-        "mean_norm_minus_mean": ("dtrak-mean-norm", "dtrak-mean"),  # ReTrac normalization on TRAK
-        "retrac_minus_tracin": ("retrac", "tracin"),  # ReTrac normalization on TracIn
-        "das_mean_minus_mean": ("das-mean", "dtrak-mean"),
-        "mean_minus_pixel": ("dtrak-mean", "pixel"),
-        "retrac_minus_mean": ("retrac", "dtrak-mean"),
-    }
-    claims = {
-        name: {g: boot.difference(first, second, g).to_dict() for g in groups}
-        for name, (first, second) in compared.items()
-        if first in scores and second in scores
-    }
     results = {
         "benchmark": "digits",
         "config": config.to_dict(),
@@ -328,7 +255,7 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
         "subsets": config.subsets,
         "queries": {kind: int(len(rows)) for kind, rows in groups.items()},
         "methods": methods,
-        "claims": claims,
+        "claims": _claims(boot, scores, groups),
         "ablations": ablations,
         "lambda_sweep": sweep,
         "defaults": defaults,
@@ -339,38 +266,103 @@ def run_lds(config: LDSConfig, cache: str | Path) -> LDSRun:
     return LDSRun(results, scores, predicted, truth, masks, queries, trained, complete=True)
 
 
-def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:
-    """Small results to results_dir (JSON; Markdown tables; NPZ: masks, truth, the queries, per-query LDS
-    of every
-    method), a PNG plot; the score matrices tau (Q x N per method) and predictions g (M x Q) to the cache."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path, npz_path = results_dir / f"{name}.json", results_dir / f"{name}.npz"
-    write_json_atomic(json_path, run.results)
-    markdown_path = results_dir / f"{name}.md"
-    write_atomic(markdown_path, lambda tmp: Path(tmp).write_text(lds_markdown(run.results) + "\n"))
-    queries = run.queries.to_arrays()
-    arrays = {
-        "masks_packed": np.packbits(run.masks, axis=1),
-        "masks_shape": np.array(run.masks.shape),
-        "truth": run.truth.astype(np.float32),
-        **queries,
-        "query_images": queries["query_images"].astype(np.float16),
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    """Record the wall seconds of the block as timings[name]."""
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 1)
+
+
+def _claims(boot: LDSBootstrap, scores: dict, groups: dict) -> dict:
+    """The paired differences of COMPARED whose two methods were both scored."""
+    return {
+        name: {g: boot.difference(first, second, g).to_dict() for g in groups}
+        for name, (first, second) in COMPARED.items()
+        if first in scores and second in scores
     }
-    names = sorted(run.predictions)
-    arrays["method_names"] = np.array(names)
-    arrays["lds_per_query"] = np.stack(
-        [spearman_columns(run.truth, run.predictions[m]) for m in names]
-    )  # (methods, Q)
-    predictions_by_method = {name: g.astype(np.float32) for name, g in run.predictions.items()}
-    for path, payload in (
-        (npz_path, arrays),
-        (Path(cache) / "scores.npz", run.scores),
-        (Path(cache) / "predictions.npz", predictions_by_method),
-    ):
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **payload)
-        tmp.replace(path)
-    plot = lds_plot(run.results, results_dir / f"{name}.png")
-    return [json_path, npz_path, markdown_path] + ([plot] if plot is not None else [])
+
+
+# The differences between methods reported with paired intervals: (first, second) -> first minus second.
+COMPARED = {
+    "square_minus_loss": ("dtrak-square", "trak-loss"),  # D-TRAK's headline claim
+    "square_norm_minus_loss_norm": ("dtrak-square-norm", "trak-loss-norm"),
+    "mean_minus_loss": ("dtrak-mean", "trak-loss"),
+    "mean_minus_square": ("dtrak-mean", "dtrak-square"),
+    "mean_norm_minus_mean": ("dtrak-mean-norm", "dtrak-mean"),  # ReTrac normalization on TRAK
+    "retrac_minus_tracin": ("retrac", "tracin"),  # ReTrac normalization on TracIn
+    "das_mean_minus_mean": ("das-mean", "dtrak-mean"),
+    "mean_minus_pixel": ("dtrak-mean", "pixel"),
+    "retrac_minus_mean": ("retrac", "dtrak-mean"),
+}
+
+
+def _digits(config: LDSConfig):
+    """The digits' training split and held-out queries, cut to the config's sizes."""
+    train, heldout = train_heldout_split(load_builtin("digits"))
+    if config.train_size is not None:
+        train = train.subset(np.arange(config.train_size), f"first{config.train_size}")
+    if config.heldout_queries is not None:
+        heldout = heldout.subset(np.arange(config.heldout_queries), f"first{config.heldout_queries}")
+    return train, heldout
+
+
+def _subset_truth(
+    config: LDSConfig, cache: Path, train, masks, queries, pairs
+) -> tuple[np.ndarray | None, int]:
+    """f_j(q) of every subset model, (M, Q), training the missing ones, and how many were trained now; None
+    when config.stop_after_subsets stopped the run first."""
+    trained, truth = 0, []
+    for j in tqdm(range(config.subsets), desc="subset models", unit="model"):
+        model_dir = cache / "subsets" / f"subset_{j:03d}"
+        truth_path = model_dir / "truth.npy"
+        if (
+            config.stop_after_subsets is not None
+            and trained >= config.stop_after_subsets
+            and not truth_path.is_file()
+        ):
+            logger.info("stopping after %d new subset models (stop_after_subsets)", trained)
+            return None, trained
+        trained += train_cached(
+            train.subset(np.flatnonzero(masks[j]), f"subset{j}"), model_dir, config.recipe
+        )
+        if not truth_path.is_file():
+            save_npy_atomic(truth_path, query_losses(load_model(model_dir), queries, pairs))
+        truth.append(np.load(truth_path))
+    return np.stack(truth), trained
+
+
+def _method_entry(
+    config: LDSConfig, info: dict, boot: LDSBootstrap, name: str, tau, masks, truth, groups
+) -> dict:
+    """One method's row of the results: its settings, LDS per query group, distinctness, sign check."""
+    return dict(
+        info,
+        lds={g: boot.interval(name, g).to_dict() for g in groups},
+        distinctness={
+            kind: distinctness(tau[groups[kind]], config.top) for kind in ("heldout", "generated", "journey")
+        },
+        sign_check=sign_check(masks, truth, tau),
+    )
+
+
+def _shipped_defaults(config: LDSConfig, cache: Path, masks, truth, groups) -> dict:
+    """The shipped-default study (precompute.evaluation.digits.defaults), when configured and possible."""
+    if config.defaults is None:
+        return {}
+    if config.subsets < 6:
+        logger.info(
+            "the shipped-default study needs 3 subset models on each side of its split: use --subsets "
+            "6 or more"
+        )
+        return {}
+    return shipped_defaults(
+        config.defaults,
+        config.spec,
+        cache / "features",
+        masks,
+        truth,
+        groups,
+        fair_split(config.subsets, groups, config.mask_seed),
+        config.bootstrap,
+    )

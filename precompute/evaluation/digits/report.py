@@ -1,9 +1,15 @@
 """Markdown tables and a plot of the evaluation results (the JSON written by `evaluate lds` /
-`counterfactual`)."""
+`counterfactual`), and the files a digits LDS run is saved to."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+
+from explorer.atomic import write_atomic, write_json_atomic
+from precompute.evaluation.digits.config import LDSRun
+from precompute.evaluation.metrics import spearman_columns
 
 GROUPS = ("all", "heldout", "generated", "journey")
 
@@ -15,6 +21,20 @@ def _cell(entry: dict) -> str:
 
 def lds_markdown(results: dict) -> str:
     """The LDS table (mean and 95% bootstrap CI over subsets), then the claims and the ablations."""
+    lines = _methods_lines(results) + _claims_lines(results)
+    if results.get("ablations"):
+        lines += _ablation_lines(results)
+    if results.get("lambda_sweep"):
+        lines += _sweep_lines(results["lambda_sweep"]) + _validated_lines(results["lambda_sweep"])
+    if results.get("defaults"):
+        lines += ["", defaults_markdown(results["defaults"])]
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
+    lines += ["", f"wall times: {timings}"]
+    return "\n".join(lines)
+
+
+def _methods_lines(results: dict) -> list[str]:
+    """Every method by its LDS over all queries, per query group, with distinctness and the sign check."""
     q = results["queries"]
     header = (
         "| method | "
@@ -38,7 +58,12 @@ def lds_markdown(results: dict) -> str:
             + " | ".join(_cell(method["lds"][g]) for g in GROUPS)
             + f" | {distinct['heldout']:.2f} / {distinct['journey']:.2f} | {sign['top50_positive']:+.2f} |"
         )
-    lines += [
+    return lines
+
+
+def _claims_lines(results: dict) -> list[str]:
+    """The paired differences between methods (the papers' claims)."""
+    lines = [
         "",
         "Claims (paired bootstrap over subsets):",
         "",
@@ -47,69 +72,77 @@ def lds_markdown(results: dict) -> str:
     ]
     for name, entry in results["claims"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(entry[g]) for g in GROUPS) + " |")
-    if results.get("ablations"):
-        lines += [
-            "",
-            f"Ablations of {results['best_method']} (one setting changed; difference from it):",
-            "",
-            "| variant | " + " | ".join(GROUPS) + " | journey minus base |",
-            "|---|" + "---|" * (len(GROUPS) + 1),
-        ]
-        for name, entry in results["ablations"].items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(_cell(entry["lds"][g]) for g in GROUPS)
-                + f" | {_cell(entry['minus_base']['journey'])} |"
-            )
-    if results.get("lambda_sweep"):
-        lines += [
-            "",
-            "Lambda sweep (diagnostic: lambda picked on the benchmark itself; 'inf' = no whitening, "
-            "i.e. gradient dot / cosine); mean LDS, raw | ReTrac-normalized:",
-            "",
-            "| output | relative lambda | heldout | generated | journey | heldout (norm) | generated "
-            "(norm) | journey (norm) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+    return lines
 
-        def order(label: str) -> tuple[int, float]:
-            return (0, 0.0) if label == "gcv" else (2, 0.0) if label == "inf" else (1, float(label))
 
-        for output, entry in results["lambda_sweep"].items():
-            for label in sorted((k for k in entry if k != "validated"), key=order):
-                values = entry[label]
-                if label == "gcv":
-                    label = "GCV (" + ", ".join(f"{v:.2g}" for v in values["relative_lambda"].values()) + ")"
-                cells = [
-                    f"{values[kind][g]:.3f}"
-                    for kind in ("raw", "norm")
-                    for g in ("heldout", "generated", "journey")
-                ]
-                lines.append(f"| {output} | {label} | " + " | ".join(cells) + " |")
-    if results.get("lambda_sweep"):
-        lines += [
-            "",
-            "Lambda validated fairly (picked on half of the queries with the even subset models, "
-            "reported on the "
-            "other queries with the odd ones) vs GCV on the same test half; mean LDS:",
-            "",
-            "| output | normalization | chosen lambda | heldout | generated | journey | GCV: heldout | "
-            "generated | journey |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for output, entry in results["lambda_sweep"].items():
-            for name, values in entry["validated"].items():
-                cells = [
-                    f"{values[key][g]:.3f}"
-                    for key in ("test", "gcv_test")
-                    for g in ("heldout", "generated", "journey")
-                ]
-                lines.append(f"| {output} | {name} | {values['chosen']} | " + " | ".join(cells) + " |")
-    if results.get("defaults"):
-        lines += ["", defaults_markdown(results["defaults"])]
-    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
-    lines += ["", f"wall times: {timings}"]
-    return "\n".join(lines)
+def _ablation_lines(results: dict) -> list[str]:
+    """The best method with one setting changed at a time."""
+    lines = [
+        "",
+        f"Ablations of {results['best_method']} (one setting changed; difference from it):",
+        "",
+        "| variant | " + " | ".join(GROUPS) + " | journey minus base |",
+        "|---|" + "---|" * (len(GROUPS) + 1),
+    ]
+    for name, entry in results["ablations"].items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_cell(entry["lds"][g]) for g in GROUPS)
+            + f" | {_cell(entry['minus_base']['journey'])} |"
+        )
+    return lines
+
+
+def _sweep_lines(sweep: dict) -> list[str]:
+    """The lambda sweep picked on the benchmark itself (a diagnostic), raw and ReTrac-normalized."""
+    lines = [
+        "",
+        "Lambda sweep (diagnostic: lambda picked on the benchmark itself; 'inf' = no whitening, "
+        "i.e. gradient dot / cosine); mean LDS, raw | ReTrac-normalized:",
+        "",
+        "| output | relative lambda | heldout | generated | journey | heldout (norm) | generated "
+        "(norm) | journey (norm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def order(label: str) -> tuple[int, float]:
+        return (0, 0.0) if label == "gcv" else (2, 0.0) if label == "inf" else (1, float(label))
+
+    for output, entry in sweep.items():
+        for label in sorted((k for k in entry if k != "validated"), key=order):
+            values = entry[label]
+            if label == "gcv":
+                label = "GCV (" + ", ".join(f"{v:.2g}" for v in values["relative_lambda"].values()) + ")"
+            cells = [
+                f"{values[kind][g]:.3f}"
+                for kind in ("raw", "norm")
+                for g in ("heldout", "generated", "journey")
+            ]
+            lines.append(f"| {output} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _validated_lines(sweep: dict) -> list[str]:
+    """The lambda chosen fairly (dev half) against GCV, on the test half."""
+    lines = [
+        "",
+        "Lambda validated fairly (picked on half of the queries with the even subset models, "
+        "reported on the "
+        "other queries with the odd ones) vs GCV on the same test half; mean LDS:",
+        "",
+        "| output | normalization | chosen lambda | heldout | generated | journey | GCV: heldout | "
+        "generated | journey |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for output, entry in sweep.items():
+        for name, values in entry["validated"].items():
+            cells = [
+                f"{values[key][g]:.3f}"
+                for key in ("test", "gcv_test")
+                for g in ("heldout", "generated", "journey")
+            ]
+            lines.append(f"| {output} | {name} | {values['chosen']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _lambda_order(label: str) -> float:
@@ -237,3 +270,40 @@ def lds_plot(results: dict, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_run(run: LDSRun, results_dir: str | Path, cache: str | Path, name: str = "lds_digits") -> list[Path]:
+    """Small results to results_dir (JSON; Markdown tables; NPZ: masks, truth, the queries, per-query LDS
+    of every
+    method), a PNG plot; the score matrices tau (Q x N per method) and predictions g (M x Q) to the cache."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path, npz_path = results_dir / f"{name}.json", results_dir / f"{name}.npz"
+    write_json_atomic(json_path, run.results)
+    markdown_path = results_dir / f"{name}.md"
+    write_atomic(markdown_path, lambda tmp: Path(tmp).write_text(lds_markdown(run.results) + "\n"))
+    queries = run.queries.to_arrays()
+    arrays = {
+        "masks_packed": np.packbits(run.masks, axis=1),
+        "masks_shape": np.array(run.masks.shape),
+        "truth": run.truth.astype(np.float32),
+        **queries,
+        "query_images": queries["query_images"].astype(np.float16),
+    }
+    names = sorted(run.predictions)
+    arrays["method_names"] = np.array(names)
+    arrays["lds_per_query"] = np.stack(
+        [spearman_columns(run.truth, run.predictions[m]) for m in names]
+    )  # (methods, Q)
+    predictions_by_method = {name: g.astype(np.float32) for name, g in run.predictions.items()}
+    for path, payload in (
+        (npz_path, arrays),
+        (Path(cache) / "scores.npz", run.scores),
+        (Path(cache) / "predictions.npz", predictions_by_method),
+    ):
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **payload)
+        tmp.replace(path)
+    plot = lds_plot(run.results, results_dir / f"{name}.png")
+    return [json_path, npz_path, markdown_path] + ([plot] if plot is not None else [])
