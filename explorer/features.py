@@ -32,13 +32,14 @@ from explorer.kronecker import KroneckerProjector
 from explorer.model import DiffusionModel
 from explorer.noising import forward_noise
 from explorer.outputs import get_output_function, region_output
-from explorer.projector import PROJECTORS, PartlyExactProjector, kept_mask, make_projector
+from explorer.projector import PartlyExactProjector, kept_mask, make_projector
 from explorer.spec import (  # noqa: F401 (re-exported: the spec is part of this module's interface)
     NAME_LIST_FIELDS,
     PRECISIONS,
     FeatureSpec,
     bucket_of_timestep,
     bucket_timesteps,
+    check_precision_projector,
     noise_bank,
     select_params,
 )
@@ -49,18 +50,6 @@ logger = logging.getLogger(__name__)
 KRONECKER_ROWS = 80
 
 
-def check_precision_projector(spec: FeatureSpec) -> None:
-    """Refuse a reduced precision on a projector other than kronecker (the vmap path is the exact fp32
-    reference)."""
-    if spec.precision != "fp32" and spec.projector != "kronecker":
-        raise ExplorerError(
-            f"spec.precision {spec.precision} applies to the kronecker projector only (the "
-            f"{spec.projector!r} path is the exact fp32 reference): use spec.projector kronecker or "
-            "spec.precision fp32",
-            ("spec.precision", "spec.projector"),
-        )
-
-
 def native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 convolutions and matmuls natively on this CPU (what makes
     spec.precision bf16 pay)."""
@@ -68,6 +57,52 @@ def native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private torch API: if it moves, assume no
         return False
+
+
+def warn_precision(spec: FeatureSpec, device: torch.device) -> None:
+    """Say what a reduced precision costs (accuracy at high t; speed on a CPU without native bf16)."""
+    if spec.precision == "bf16":
+        logger.warning(
+            "spec.precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its "
+            "scores agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
+            "timestep-averaged outputs only (bench/precision_agreement.py)"
+        )
+    if spec.precision != "fp32" and device.type == "cpu" and not native_bf16():
+        logger.warning(
+            "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): spec.precision "
+            f"{spec.precision} is emulated here and slower than fp32"
+        )
+
+
+def choose_projector(spec: FeatureSpec, unet, params: dict, override=None) -> tuple:
+    """(projector, kronecker) of a computer over `params` (name -> tensor, in model order): the override
+    (EK-FAC: preconditioned, then sketched) or the spec's projector, with calibrated exact coordinates in
+    front of it; kronecker forms its sketch from layer captures instead (the second element)."""
+    names = list(params)
+    if override is not None:
+        if spec.projector != "countsketch" or spec.exact_params or spec.exact_layers:
+            raise ExplorerError(
+                f"a projector override (EK-FAC) replaces the count-sketch of exact gradients, not the "
+                f"{spec.projector!r} projector or calibrated exact parameters: featurize it with the default "
+                "--projector countsketch and without --calibrate",
+                ("spec.projector",),
+            )
+        return override, None  # it takes the gradients in `names` order
+    if spec.projector == "kronecker":  # checks exact_params and exact_layers itself
+        kronecker = KroneckerProjector(
+            unet,
+            spec.proj_dim,
+            spec.proj_seed,
+            kept_params=spec.exact_params,
+            exact_layers=spec.exact_layers,
+            params=names,
+        )
+        return None, kronecker
+    sizes = {name: p.numel() for name, p in params.items()}
+    total = sum(sizes.values())
+    kept, kept_width = kept_mask(names, sizes, spec.exact_params, spec.proj_dim)
+    inner = make_projector(spec.projector, total - kept_width, spec.proj_dim - kept_width, spec.proj_seed)
+    return (PartlyExactProjector(kept, inner) if kept_width else inner), None
 
 
 def every_bucket(
@@ -123,73 +158,10 @@ class FeatureComputer:
         self.params = {name: every[name] for name in self.names}
         self._frozen = {name: p for name, p in every.items() if name not in self.params}  # constants of f
         self.num_params = sum(p.numel() for p in self.params.values())
-        if spec.projector not in PROJECTORS:
-            raise ExplorerError(
-                f"unknown spec.projector {spec.projector!r}: use one of {', '.join(PROJECTORS)}",
-                ("spec.projector",),
-            )
-        if spec.precision not in PRECISIONS:
-            raise ExplorerError(
-                f"unknown spec.precision {spec.precision!r}: use one of {', '.join(PRECISIONS)}",
-                ("spec.precision",),
-            )
-        check_precision_projector(spec)
-        if spec.precision == "mixed" and not 1 <= spec.bf16_below <= T:
-            raise ExplorerError(
-                f"spec.precision mixed with spec.bf16_below {spec.bf16_below}: calibrate it (which measures "
-                f"where bf16 is safe) or give spec.bf16_below T with 1 <= T <= {T}",
-                ("spec.precision", "spec.bf16_below", "calibrate"),
-            )
-        if spec.precision != "mixed" and spec.bf16_below:
-            raise ExplorerError(
-                f"spec.bf16_below {spec.bf16_below} applies to spec.precision mixed only, "
-                f"not {spec.precision!r}",
-                ("spec.bf16_below", "spec.precision"),
-            )
-        if spec.precision == "bf16" and not quiet:
-            logger.warning(
-                "spec.precision bf16 loses the example-specific gradient at high timesteps (at t = 950 its "
-                "scores agree with exact ones at ~0.6-0.75 instead of ~0.995): use it for low timesteps or "
-                "timestep-averaged outputs only (bench/precision_agreement.py)"
-            )
-        if spec.precision != "fp32" and not quiet and self.device.type == "cpu" and not native_bf16():
-            logger.warning(
-                "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX): spec.precision "
-                f"{spec.precision} is emulated here and slower than fp32"
-            )
-        self.projector, self.kronecker = None, None
-        if projector is not None and (
-            spec.projector != "countsketch" or spec.exact_params or spec.exact_layers
-        ):
-            raise ExplorerError(
-                f"a projector override (EK-FAC) replaces the count-sketch of exact gradients, not the "
-                f"{spec.projector!r} projector or calibrated exact parameters: featurize it with the default "
-                "--projector countsketch and without --calibrate",
-                ("spec.projector",),
-            )
-        if projector is not None:
-            self.projector = projector  # the override takes the gradients in self.names order
-        elif spec.projector == "kronecker":  # checks exact_params and exact_layers itself
-            self.kronecker = KroneckerProjector(
-                model.unet,
-                spec.proj_dim,
-                spec.proj_seed,
-                kept_params=spec.exact_params,
-                exact_layers=spec.exact_layers,
-                params=self.names,
-            )
-        else:
-            if spec.exact_layers:
-                raise ExplorerError(
-                    f"exact_layers {list(spec.exact_layers)} apply to the kronecker projector only, not "
-                    f"{spec.projector!r}: calibrate without them (precompute.calibration.calibrate)"
-                )
-            sizes = {name: p.numel() for name, p in self.params.items()}
-            kept, kept_width = kept_mask(self.names, sizes, spec.exact_params, spec.proj_dim)
-            inner = make_projector(
-                spec.projector, self.num_params - kept_width, spec.proj_dim - kept_width, spec.proj_seed
-            )
-            self.projector = PartlyExactProjector(kept, inner) if kept_width else inner
+        spec.check(T)
+        if not quiet:
+            warn_precision(spec, self.device)
+        self.projector, self.kronecker = choose_projector(spec, model.unet, self.params, projector)
 
     def for_region(self, mask: torch.Tensor) -> FeatureComputer:
         """This computer with its output function restricted to a region, mask (H, W) of 0/1 (region

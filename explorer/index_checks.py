@@ -39,6 +39,22 @@ def _show(value) -> str:
 
 def meta_problem(meta: dict) -> str | None:
     """What is wrong with a meta.json's structure (the field and its value), or None."""
+    problem = _scalar_problem(meta) or _spec_problem(meta.get("spec"), meta["num_train_timesteps"])
+    if problem:
+        return problem  # the checks below read spec.buckets
+    buckets = meta["spec"]["buckets"]
+    return (
+        _timesteps_problem(meta.get("timesteps"), buckets, meta["num_train_timesteps"])
+        or _dataset_problem(meta.get("dataset"))
+        or _lambda_problem(meta.get("lambda"), buckets)
+        or _ivf_problem(meta)
+        or method_problem(meta)
+        or _lora_problem(meta.get("lora"))
+        or _files_problem(meta, buckets)
+    )
+
+
+def _scalar_problem(meta: dict) -> str | None:
     missing = object()
     for key, test, what in (
         ("model_hash", lambda v: isinstance(v, str), "a string"),
@@ -60,26 +76,25 @@ def meta_problem(meta: dict) -> str | None:
             return f"{key} is {_show(value)}, must be {what}"
     if meta["center"] and meta["format_version"] < CENTER_FORMAT_VERSION:
         return f"center needs format_version {CENTER_FORMAT_VERSION}, not {meta['format_version']}"
-    problem = _spec_problem(meta.get("spec"), meta["num_train_timesteps"])
-    if problem:
-        return problem
-    spec = meta["spec"]
-    timesteps = meta.get("timesteps")
+    return None
+
+
+def _timesteps_problem(timesteps, buckets: int, num_train_timesteps: int) -> str | None:
     if (
         not isinstance(timesteps, list)
-        or len(timesteps) != spec["buckets"]
+        or len(timesteps) != buckets
         or not all(
-            isinstance(bucket, list)
-            and bucket
-            and all(is_int(t) and t < meta["num_train_timesteps"] for t in bucket)
+            isinstance(bucket, list) and bucket and all(is_int(t) and t < num_train_timesteps for t in bucket)
             for bucket in timesteps
         )
     ):
         return (
-            f"timesteps is {_show(timesteps)}, must list the train timesteps of each of the "
-            f"{spec['buckets']} buckets"
+            f"timesteps is {_show(timesteps)}, must list the train timesteps of each of the {buckets} buckets"
         )
-    dataset = meta.get("dataset")
+    return None
+
+
+def _dataset_problem(dataset) -> str | None:
     if (
         not isinstance(dataset, dict)
         or not isinstance(dataset.get("class_names"), list)
@@ -94,10 +109,13 @@ def meta_problem(meta: dict) -> str | None:
         and is_int(dataset.get("resolution"), 1)
     ):
         return f"dataset is {_show(dataset)}, must give name, size, fingerprint and resolution"
-    lambdas = meta.get("lambda")
+    return None
+
+
+def _lambda_problem(lambdas, buckets: int) -> str | None:
     if (
         not isinstance(lambdas, list)
-        or len(lambdas) != spec["buckets"]
+        or len(lambdas) != buckets
         or not all(
             isinstance(item, dict)
             and _is_number(item.get("value"))
@@ -108,17 +126,19 @@ def meta_problem(meta: dict) -> str | None:
         )
     ):
         return f"lambda is {_show(lambdas)}, must list one {{value, relative, method, gcv_curve}} per bucket"
-    problem = _ivf_problem(meta) or method_problem(meta) or _lora_problem(meta.get("lora"))
-    if problem:
-        return problem
+    return None
+
+
+def _files_problem(meta: dict, buckets: int) -> str | None:
     files, method = meta.get("files"), IndexMethod.from_json(meta.get("method"))
+    every = range(buckets)
     expected = (
-        {bucket_file(b) for b in range(spec["buckets"])}
-        | ({factor_file(b) for b in range(spec["buckets"])} if method.whitened else set())
+        {bucket_file(b) for b in every}
+        | ({factor_file(b) for b in every} if method.whitened else set())
         | {"train_images.npy", "train_labels.npy", "train_ids.npy"}
-        | ({center_file(b) for b in range(spec["buckets"])} if meta["center"] else set())
-        | ({norms_file(b) for b in range(spec["buckets"])} if meta.get("norms") else set())
-        | ({ivfdata_file(b) for b in range(spec["buckets"])} if _on_disk(meta) else set())
+        | ({center_file(b) for b in every} if meta["center"] else set())
+        | ({norms_file(b) for b in every} if meta.get("norms") else set())
+        | ({ivfdata_file(b) for b in every} if _on_disk(meta) else set())
         | method.files()
     )
     if (

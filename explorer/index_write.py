@@ -45,6 +45,63 @@ def sha256_file(path: Path) -> str:
 CAPTIONS_NAME = "train_captions.json"
 
 
+class HashedFiles:
+    """The files of an index directory as they are written, with their sha256 for meta.json."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.hashes = directory, {}
+
+    def record(self, name: str) -> None:
+        self.hashes[name] = sha256_file(self.directory / name)
+
+    def save_npy(self, name: str, array: np.ndarray) -> None:
+        save_npy_atomic(self.directory / name, array)
+        self.record(name)
+
+
+def ivf_params(
+    index_type: str, count: int, nlist: int | None, nprobe: int | None, on_disk: bool
+) -> IVFParams | None:
+    """The IVF settings of an index_type "ivf" build (nlist by explorer.ivf's rule unless given), None for
+    a flat one."""
+    if index_type not in INDEX_TYPES:
+        raise ExplorerError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
+    if index_type != "ivf":
+        if on_disk:
+            raise ExplorerError("ivf_on_disk applies to index_type ivf only", ("ivf_on_disk",))
+        return None
+    return IVFParams(
+        check_ivf_request(count, nlist, nprobe),
+        rule=rule_text(nlist is not None, nprobe is not None),
+        on_disk=on_disk,
+    )
+
+
+def write_buckets(
+    files: HashedFiles,
+    bucket_vectors: list[np.ndarray],
+    factors: list[np.ndarray | None],
+    centers: list[np.ndarray] | None,
+    storage: str,
+    ivf: IVFParams | None,
+    nprobe: int | None,
+) -> None:
+    """Each bucket's FAISS index (serialized in memory, then written: FAISS's own writer reports a full disk
+    as RuntimeError), its whitening factor and its center."""
+    directory = files.directory
+    for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
+        ivfdata = directory / ivfdata_file(bucket) if ivf is not None and ivf.on_disk else None
+        index = build_bucket_index(vectors, storage, ivf, nprobe, ivfdata)
+        if ivfdata is not None:
+            files.record(ivfdata_file(bucket))
+        write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
+        files.record(bucket_file(bucket))
+        if factor is not None:  # methods without a kernel (explorer.index_methods) store none
+            files.save_npy(factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
+        if centers is not None:
+            files.save_npy(center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
+
+
 def write_index(
     directory: str | Path,
     source: FeatureSource,
@@ -74,56 +131,28 @@ def write_index(
     already in `directory`; they are hashed here. meta.json is written here only.
     """
     directory = Path(directory)
-    if index_type not in INDEX_TYPES:
-        raise ExplorerError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
     if storage not in STORAGES:
         raise ExplorerError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
-    ivf = None
-    if index_type == "ivf":
-        nlist = check_ivf_request(len(train_ids), ivf_nlist, ivf_nprobe)
-        ivf = IVFParams(
-            nlist, rule=rule_text(ivf_nlist is not None, ivf_nprobe is not None), on_disk=ivf_on_disk
-        )
-    elif ivf_on_disk:
-        raise ExplorerError("ivf_on_disk applies to index_type ivf only", ("ivf_on_disk",))
+    ivf = ivf_params(index_type, len(train_ids), ivf_nlist, ivf_nprobe, ivf_on_disk)
     directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-
-    def record(name: str) -> None:
-        files[name] = sha256_file(directory / name)
-
-    for bucket, (vectors, factor) in enumerate(zip(bucket_vectors, factors)):
-        ivfdata = directory / ivfdata_file(bucket) if ivf is not None and ivf.on_disk else None
-        index = build_bucket_index(vectors, storage, ivf, ivf_nprobe, ivfdata)
-        if ivfdata is not None:
-            record(ivfdata_file(bucket))
-        # serialize in memory, then write bytes: FAISS's own writer reports a full disk as RuntimeError
-        write_bytes_atomic(directory / bucket_file(bucket), faiss.serialize_index(index).tobytes())
-        record(bucket_file(bucket))
-        if factor is not None:  # methods without a kernel (explorer.index_methods) store none
-            save_npy_atomic(directory / factor_file(bucket), factor.astype(FACTOR_DTYPES[storage]))
-            record(factor_file(bucket))
-        if centers is not None:
-            save_npy_atomic(directory / center_file(bucket), np.asarray(centers[bucket], dtype=np.float64))
-            record(center_file(bucket))
+    files = HashedFiles(directory)
+    write_buckets(files, bucket_vectors, factors, centers, storage, ivf, ivf_nprobe)
     for bucket, array in enumerate(norms or []):  # filled while the bucket vectors were consumed
-        save_npy_atomic(directory / norms_file(bucket), np.asarray(array, dtype=np.float32))
-        record(norms_file(bucket))
+        files.save_npy(norms_file(bucket), np.asarray(array, dtype=np.float32))
     for name, array in (
         ("train_images.npy", train_images.astype(np.uint8)),
         ("train_labels.npy", train_labels.astype(np.int64)),
         ("train_ids.npy", train_ids.astype(np.int64)),
     ):
-        save_npy_atomic(directory / name, array)
-        record(name)
+        files.save_npy(name, array)
     method = method or IndexMethod()
     for name in sorted(method.files()):
         if not (directory / name).is_file():
             raise ExplorerError(f"method {method.name} needs {name} in {str(directory)!r} before the index")
-        record(name)
+        files.record(name)
     if train_captions is not None:  # a text model's training prompts, shown with the influencers
         write_json_atomic(directory / CAPTIONS_NAME, list(train_captions))
-        record(CAPTIONS_NAME)
+        files.record(CAPTIONS_NAME)
     version = (
         CENTER_FORMAT_VERSION
         if centers is not None
@@ -140,7 +169,7 @@ def write_index(
         storage=storage,
         index_type=index_type,
         count=int(len(train_ids)),
-        files=tuple(sorted(files.items())),
+        files=tuple(sorted(files.hashes.items())),
         format_version=version,
         ivf=ivf,
         norms=norms is not None,

@@ -46,6 +46,52 @@ class FeatureSpec:
     def to_dict(self) -> dict:
         return {**asdict(self), **{key: list(getattr(self, key)) for key in NAME_LIST_FIELDS}}
 
+    def check(self, num_train_timesteps: int) -> None:
+        """Refuse a spec whose fields contradict each other, naming them and the fix."""
+        from explorer.projector import PROJECTORS
+
+        if self.projector not in PROJECTORS:
+            raise ExplorerError(
+                f"unknown spec.projector {self.projector!r}: use one of {', '.join(PROJECTORS)}",
+                ("spec.projector",),
+            )
+        if self.precision not in PRECISIONS:
+            raise ExplorerError(
+                f"unknown spec.precision {self.precision!r}: use one of {', '.join(PRECISIONS)}",
+                ("spec.precision",),
+            )
+        check_precision_projector(self)
+        T = num_train_timesteps
+        if self.precision == "mixed" and not 1 <= self.bf16_below <= T:
+            raise ExplorerError(
+                f"spec.precision mixed with spec.bf16_below {self.bf16_below}: calibrate it (which measures "
+                f"where bf16 is safe) or give spec.bf16_below T with 1 <= T <= {T}",
+                ("spec.precision", "spec.bf16_below", "calibrate"),
+            )
+        if self.precision != "mixed" and self.bf16_below:
+            raise ExplorerError(
+                f"spec.bf16_below {self.bf16_below} applies to spec.precision mixed only, "
+                f"not {self.precision!r}",
+                ("spec.bf16_below", "spec.precision"),
+            )
+        if self.exact_layers and self.projector != "kronecker":
+            raise ExplorerError(
+                f"exact_layers {list(self.exact_layers)} apply to the kronecker projector only, not "
+                f"{self.projector!r}: calibrate without them (precompute.calibration.calibrate)"
+            )
+
+
+def check_precision_projector(spec: FeatureSpec) -> None:
+    """Refuse a reduced precision on a projector other than kronecker (the vmap path is the exact fp32
+    reference)."""
+    if spec.precision != "fp32" and spec.projector != "kronecker":
+        raise ExplorerError(
+            f"spec.precision {spec.precision} applies to the kronecker projector only (the "
+            f"{spec.projector!r} path is the exact fp32 reference): use spec.projector kronecker or "
+            "spec.precision fp32",
+            ("spec.precision", "spec.projector"),
+        )
+
 
 NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
 # Arithmetic of the kronecker path's forward and backward. bf16 (autocast: convolutions and matmuls in
