@@ -14,8 +14,8 @@ Two ways to get phi, chosen by spec.projector:
   activations and output gradients separately (explorer.kronecker); the full per-example gradients
   are never formed.
 
-Offline featurization runs these chunks on worker threads (precompute.featurizer); the engine runs them in
-turn.
+Offline featurization runs these chunks on worker threads (precompute.featurize.workers); the engine runs
+them in turn.
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ class FeatureComputer:
     def timestep_features(self, images: torch.Tensor, bucket: int, timestep: int, bf16: bool) -> torch.Tensor:
         """(P, k): kronecker features of images (P, C, H, W) at one timestep of a bucket alone (its R
         noise draws),
-        all in bf16 or all in fp32; what precompute.calibration compares to choose bf16_below."""
+        all in bf16 or all in fp32; what precompute.featurize.calibration compares to choose bf16_below."""
         if self.kronecker is None:
             raise ExplorerError(
                 f"timestep features need the kronecker projector, not {self.spec.projector!r}"

@@ -26,7 +26,7 @@ class FeatureSpec:
     params: tuple[
         str, ...
     ] = ()  # parameter-name prefixes whose gradient is featurized; empty: all (select_params)
-    # From precompute.calibration (both empty unless an index was built with --calibrate):
+    # From precompute.featurize.calibration (both empty unless an index was built with --calibrate):
     exact_params: tuple[
         str, ...
     ] = ()  # parameter tensors kept as exact coordinates in front of the projection
@@ -77,7 +77,7 @@ class FeatureSpec:
         if self.exact_layers and self.projector != "kronecker":
             raise ExplorerError(
                 f"exact_layers {list(self.exact_layers)} apply to the kronecker projector only, not "
-                f"{self.projector!r}: calibrate without them (precompute.calibration.calibrate)"
+                f"{self.projector!r}: calibrate without them (precompute.featurize.calibration.calibrate)"
             )
 
 
@@ -103,7 +103,8 @@ NAME_LIST_FIELDS = ("params", "exact_params", "exact_layers")
 # 0.995 to 0.62 (bench/precision_agreement.py). On a CPU without native bfloat16 it is emulated and slower.
 # mixed runs the timesteps below spec.bf16_below in bf16, where its rounding is small next to what tells the
 # stored
-# bucket features apart (precompute.calibration measures that and picks bf16_below), and the rest in fp32.
+# bucket features apart (precompute.featurize.calibration measures that and picks bf16_below), and the rest
+# in fp32.
 PRECISIONS = ("fp32", "bf16", "mixed")
 
 
