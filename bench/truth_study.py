@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.evaluation.ceiling import ceiling, leave_one_seed_out, signal_share
+from precompute.evaluation.ceiling import ceiling, complete_subsets, leave_one_seed_out, signal_share
 from precompute.evaluation.shipped.ground_truth import draw_levels
 from precompute.evaluation.shipped.truth import Queries
 
@@ -45,13 +45,6 @@ def load_stop(folder: Path) -> dict:
     return runs
 
 
-def complete_subsets(runs: dict) -> tuple[list[int], list[int]]:
-    """The subsets that have every seed any subset has, and those seeds."""
-    seeds = sorted({seed for _, seed in runs})
-    subsets = sorted({j for j, _ in runs if all((j, seed) in runs for seed in seeds)})
-    return subsets, seeds
-
-
 def kind_truth(runs: dict, subsets: list[int], seeds: list[int], kind: str, heldout: int) -> np.ndarray:
     """(S, m, Q, L): the truth of one kind at every draw level."""
     key = KINDS[kind][0]
@@ -74,7 +67,8 @@ def jackknife_se(truth: np.ndarray) -> float | None:
 
 
 def summarize_stop(runs: dict, heldout: int, config: dict) -> dict:
-    subsets, seeds = complete_subsets(runs)
+    keys = np.array(list(runs))  # (models, 2): subset, seed
+    subsets, seeds = complete_subsets(keys[:, 0], keys[:, 1])
     draws = {
         "heldout": draw_levels(config["pairs_per_bucket"]),
         "generated": draw_levels(config["pairs_per_bucket"]),
